@@ -1,0 +1,269 @@
+"""The task embedding artifact: tensors in safetensors, everything else in its JSON header.
+
+A :class:`TaskEmbedding` is the triple of SPEC section 2.8 plus the layout of the vector:
+
+* ``hessian``: one value per filter / unit / channel of every embedded layer (1-D, float32);
+* ``scale``: the prior scale of each entry (ones for Monte Carlo, ``exp(-loglambda2)`` of the
+  layer for the variational method);
+* ``layers``: ordered ``{qualified module name: (start, stop)}`` slices of ``hessian``;
+* ``meta``: JSON-serialisable facts about how it was made (probe, probe fingerprint, method,
+  estimator, samples, seed, batch size, package versions, ...).
+
+Files are safetensors: a little-endian u64 header length, a JSON header, raw tensor bytes. Nothing
+is ever unpickled. Writes go to a temporary name in the destination folder and are renamed into
+place, so a reader never sees a partial artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "t2v-lightning-embedding"
+FORMAT_VERSION = 1
+FILE_SUFFIX = ".safetensors"
+# A header this large cannot belong to an embedding (ours are a few kilobytes to a megabyte).
+_MAX_HEADER_BYTES = 64 * 1024 * 1024
+_TENSOR_NAMES = ("hessian", "scale")
+
+
+class EmbeddingFileError(ValueError):
+    """A file that is not a readable t2v-lightning embedding artifact."""
+
+
+class IncompatibleEmbeddingsError(ValueError):
+    """Two embeddings that were made with different probes or layer layouts."""
+
+
+@dataclass
+class TaskEmbedding:
+    """A Task2Vec embedding: filter-wise Fisher values of a probe network on one task.
+
+    Args:
+        hessian: 1-D tensor, one (positive) Fisher value per filter of each embedded layer.
+        scale: 1-D tensor of the same length: the prior scale of each entry.
+        layers: ordered mapping from qualified module name to the ``(start, stop)`` slice of
+            ``hessian`` that holds its filters. The slices tile ``[0, len(hessian))`` in order.
+        meta: JSON-serialisable description of how the embedding was made.
+
+    Example:
+        >>> import torch
+        >>> emb = TaskEmbedding(torch.ones(3), torch.ones(3), {"fc": (0, 3)}, {"method": "demo"})
+        >>> emb.layer("fc").shape
+        torch.Size([3])
+    """
+
+    hessian: torch.Tensor
+    scale: torch.Tensor
+    layers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.hessian = torch.as_tensor(self.hessian).detach().to("cpu", torch.float32).contiguous()
+        self.scale = torch.as_tensor(self.scale).detach().to("cpu", torch.float32).contiguous()
+        self.layers = {str(k): (int(v[0]), int(v[1])) for k, v in self.layers.items()}
+        self.meta = dict(self.meta)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.hessian.ndim != 1:
+            raise ValueError(f"hessian must be 1-D, got shape {tuple(self.hessian.shape)}")
+        if self.scale.shape != self.hessian.shape:
+            raise ValueError(
+                f"scale has shape {tuple(self.scale.shape)} but hessian has "
+                f"{tuple(self.hessian.shape)}; they must match"
+            )
+        if self.layers:
+            position = 0
+            for name, (start, stop) in self.layers.items():
+                if start != position or stop < start:
+                    raise ValueError(
+                        f"layers must tile the hessian in order; layer {name!r} has slice "
+                        f"({start}, {stop}) but the previous layer ended at {position}"
+                    )
+                position = stop
+            if position != self.hessian.numel():
+                raise ValueError(
+                    f"layers cover {position} entries but hessian has {self.hessian.numel()}"
+                )
+        try:
+            json.dumps(self.meta)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"meta must be JSON-serialisable: {err}") from err
+
+    def __len__(self) -> int:
+        return int(self.hessian.numel())
+
+    def layer(self, name: str) -> torch.Tensor:
+        """The slice of ``hessian`` that belongs to the module ``name``."""
+        if name not in self.layers:
+            raise KeyError(f"no layer {name!r} in this embedding; it has {list(self.layers)}")
+        start, stop = self.layers[name]
+        return self.hessian[start:stop]
+
+    @property
+    def name(self) -> str:
+        """The task name recorded in ``meta`` (empty when none)."""
+        return str(self.meta.get("task_name", ""))
+
+    def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+        """Write the artifact atomically (temporary file in the same folder, then rename).
+
+        Args:
+            path: destination file (``.safetensors`` is conventional).
+            overwrite: when False, refuse to replace an existing file.
+
+        Returns:
+            The destination path.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"cannot write {path}: folder {folder} is not writable")
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "layers": json.dumps([[k, list(v)] for k, v in self.layers.items()]),
+            "meta": json.dumps(self.meta, sort_keys=True),
+        }
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file({"hessian": self.hessian, "scale": self.scale}, tmp_name, metadata=header)
+            os.replace(tmp_name, path)
+        except BaseException:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TaskEmbedding:
+        """Read an artifact written by :meth:`save`; never unpickles anything.
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            EmbeddingFileError: the file is not a valid t2v-lightning artifact (wrong format,
+                truncated, corrupt header, newer format version, bad tensors).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"embedding file {path} does not exist")
+        header, data_start = _read_header(path)
+        meta_block = header.get("__metadata__")
+        if not isinstance(meta_block, dict) or meta_block.get("format") != FORMAT_NAME:
+            raise EmbeddingFileError(
+                f"{path} is a safetensors file but not a t2v-lightning embedding "
+                f"(no '{FORMAT_NAME}' format tag)"
+            )
+        try:
+            version = int(meta_block.get("format_version", "0"))
+        except ValueError as err:
+            raise EmbeddingFileError(f"{path}: unreadable format_version") from err
+        if version > FORMAT_VERSION:
+            raise EmbeddingFileError(
+                f"{path} was written by a newer t2v-lightning (format version {version}; this "
+                f"one reads up to {FORMAT_VERSION}); upgrade t2v-lightning to read it"
+            )
+        if version < 1:
+            raise EmbeddingFileError(f"{path}: invalid format_version {version}")
+        tensors = _read_tensors(path, header, data_start)
+        try:
+            layers_list = json.loads(meta_block.get("layers", "[]"))
+            layers = {str(name): (int(span[0]), int(span[1])) for name, span in layers_list}
+            meta = json.loads(meta_block.get("meta", "{}"))
+            if not isinstance(meta, dict):
+                raise TypeError("meta is not an object")
+            return cls(tensors["hessian"], tensors["scale"], layers, meta)
+        except (ValueError, TypeError, KeyError, IndexError) as err:
+            raise EmbeddingFileError(f"{path}: corrupt embedding: {err}") from err
+
+
+_DTYPES = {"F32": (torch.float32, 4), "F64": (torch.float64, 8), "F16": (torch.float16, 2),
+           "BF16": (torch.bfloat16, 2)}
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw_len = handle.read(8)
+        if len(raw_len) < 8:
+            raise EmbeddingFileError(f"{path} is too short to be a safetensors embedding")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > _MAX_HEADER_BYTES or header_len > size - 8:
+            raise EmbeddingFileError(
+                f"{path} is not a t2v-lightning embedding (header length {header_len} does not "
+                f"fit a file of {size} bytes)"
+            )
+        raw_header = handle.read(header_len)
+    try:
+        header = json.loads(raw_header.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EmbeddingFileError(f"{path} is not a t2v-lightning embedding (bad header)") from err
+    if not isinstance(header, dict):
+        raise EmbeddingFileError(f"{path} is not a t2v-lightning embedding (bad header)")
+    return header, 8 + header_len
+
+
+def _read_tensors(path: Path, header: Mapping[str, Any], data_start: int) -> dict[str, torch.Tensor]:
+    size = path.stat().st_size
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as handle:
+        for name in _TENSOR_NAMES:
+            entry = header.get(name)
+            if not isinstance(entry, dict):
+                raise EmbeddingFileError(f"{path}: tensor {name!r} is missing")
+            try:
+                dtype, itemsize = _DTYPES[str(entry["dtype"])]
+                shape = [int(s) for s in entry["shape"]]
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, ValueError, TypeError) as err:
+                raise EmbeddingFileError(f"{path}: tensor {name!r} has a corrupt entry") from err
+            if len(shape) != 1 or shape[0] < 0:
+                raise EmbeddingFileError(f"{path}: tensor {name!r} must be 1-D, got {shape}")
+            if not 0 <= begin <= end or data_start + end > size or end - begin != shape[0] * itemsize:
+                raise EmbeddingFileError(
+                    f"{path}: tensor {name!r} does not fit the file (truncated or corrupt)"
+                )
+            handle.seek(data_start + begin)
+            buffer = bytearray(handle.read(end - begin))
+            out[name] = torch.frombuffer(buffer, dtype=dtype).clone() if buffer else torch.empty(
+                0, dtype=dtype
+            )
+    return out
+
+
+def check_comparable(a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str] = ("a", "b")) -> None:
+    """Raise :class:`IncompatibleEmbeddingsError` unless ``a`` and ``b`` can be compared.
+
+    Embeddings are comparable when they come from the same probe weights (equal
+    ``meta["probe_fingerprint"]`` where both record one) and share the same layer layout.
+    """
+    label_a = f"{names[0]} ({a.name or a.meta.get('probe', '?')})"
+    label_b = f"{names[1]} ({b.name or b.meta.get('probe', '?')})"
+    fa, fb = a.meta.get("probe_fingerprint"), b.meta.get("probe_fingerprint")
+    if fa is not None and fb is not None and fa != fb:
+        raise IncompatibleEmbeddingsError(
+            f"embeddings {label_a} and {label_b} were made with different probe weights "
+            f"(fingerprints {fa} and {fb}); only embeddings of the same probe can be compared"
+        )
+    if len(a) != len(b) or (a.layers and b.layers and a.layers != b.layers):
+        raise IncompatibleEmbeddingsError(
+            f"embeddings {label_a} and {label_b} have different layer layouts "
+            f"({len(a)} entries in {len(a.layers)} layers vs {len(b)} entries in "
+            f"{len(b.layers)} layers); embed both with the same probe and skip_layers"
+        )
