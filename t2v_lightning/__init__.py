@@ -29,12 +29,12 @@ _EXPORTS: dict[str, str] = {
     "plot_taxonomy_agreement": "t2v_lightning.plot",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from t2v_lightning.embedding import TaskEmbedding
-    from t2v_lightning.probe import get_probe
-    from t2v_lightning.task2vec import Task2Vec
+    from t2v_lightning.embedding import TaskEmbedding  # noqa: F401
+    from t2v_lightning.probe import get_probe  # noqa: F401
+    from t2v_lightning.task2vec import Task2Vec  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

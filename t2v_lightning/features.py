@@ -1,0 +1,133 @@
+"""Running the frozen part of a probe once over the data and keeping its outputs.
+
+Two uses: the prefix of ``skip_layers`` top-level children (its outputs become the inputs of the
+rest of the network), and the penultimate features on which the classifier head is fitted.
+Both run with gradients off, in eval mode, in chunks, and report progress through the logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from t2v_lightning.probe import ProbeError, get_submodule
+
+__all__ = ["DatasetError", "SelectedInputs", "TensorInputs", "run_network", "head_inputs"]
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be embedded (empty, bad labels, non-tensor or non-finite inputs)."""
+
+
+def _as_tensor(value: object, index: int) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    raise DatasetError(
+        f"example {index} of the dataset has an input of type {type(value).__name__}; inputs "
+        "must be tensors (add a transform such as torchvision.transforms.ToTensor())"
+    )
+
+
+class SelectedInputs(Dataset):
+    """The inputs of ``dataset`` at ``indices`` (labels dropped), with their position as id."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> None:
+        self.dataset = dataset
+        self.indices = torch.as_tensor(indices, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        index = int(self.indices[position])
+        item = self.dataset[index]
+        value = item[0] if isinstance(item, (tuple, list)) else item
+        return _as_tensor(value, index), position
+
+
+class TensorInputs(Dataset):
+    """Rows of a tensor, with their position as id."""
+
+    def __init__(self, inputs: torch.Tensor) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        return self.inputs[position], position
+
+
+def _check_finite(inputs: torch.Tensor, positions: torch.Tensor, what: str) -> None:
+    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        rows = (~torch.isfinite(inputs.reshape(inputs.shape[0], -1)).all(-1)).nonzero().flatten()
+        bad = positions[rows.to(positions.device)][:5].tolist()
+        raise DatasetError(f"{what} contains NaN or infinite values (at selected examples {bad})")
+
+
+@torch.no_grad()
+def run_network(
+    network: nn.Module,
+    data: Dataset,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    description: str = "caching",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """Outputs of ``network`` on every item of ``data`` (``(input, id)`` pairs), stacked on CPU.
+
+    Raises:
+        DatasetError: an input is not a tensor or holds NaN / inf (its position is named).
+    """
+    network.eval()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    outputs: list[torch.Tensor] = []
+    total = len(loader)
+    step = max(1, math.ceil(total / 10))
+    for number, (inputs, positions) in enumerate(loader, start=1):
+        if check_inputs:
+            _check_finite(inputs, positions, "the dataset's input")
+        outputs.append(network(inputs.to(device)).float().cpu())
+        if number % step == 0 or number == total:
+            log.info("%s: %d/%d batches", description, number, total)
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def head_inputs(
+    network: nn.Module,
+    head: str,
+    data: Dataset,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """The inputs of the module ``head`` (penultimate features) on every item of ``data``."""
+    captured: list[torch.Tensor] = []
+
+    def grab(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        captured.append(args[0].detach().float().cpu())
+
+    handle = get_submodule(network, head).register_forward_pre_hook(grab)
+    try:
+        run_network(
+            network, data, batch_size, device, num_workers, "penultimate features", check_inputs
+        )
+    finally:
+        handle.remove()
+    features = torch.cat(captured)
+    if features.ndim != 2:
+        raise ProbeError(
+            f"the head {head!r} receives inputs of shape {tuple(features.shape[1:])} per example; "
+            "a classifier head on flat features is needed (pass head=<name> of the linear layer)"
+        )
+    return features

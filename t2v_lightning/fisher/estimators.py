@@ -1,0 +1,689 @@
+r"""Filter-wise diagonal Fisher information of a network, as pure tensor math plus module hooks.
+
+For a probe with weights :math:`w`, examples :math:`x_n` and labels drawn from the model itself,
+
+.. math::
+
+    F = \frac{1}{N} \sum_n \mathbb{E}_{y \sim p_w(y|x_n)}
+        \left[ \nabla_w \log p_w(y|x_n) ^{\odot 2} \right].
+
+Task2Vec keeps one number per filter: the weight-Fisher of each layer reshaped to
+``(out_channels, -1)`` and averaged over each row. Only the per-example squared *row norms*
+:math:`\lVert g_n[o, :] \rVert^2` are needed, and they have closed forms in terms of each layer's
+input :math:`a_n` and output gradient :math:`\delta_n` (SPEC section 3.1):
+
+* linear, 2-D input: :math:`\delta_n[o]^2 \lVert a_n \rVert^2`;
+* linear over a sequence / convolution: :math:`g_n[o] = \sum_p \delta_n[o, p]\, a_n(p)` over
+  output positions :math:`p` (input patches :math:`a_n(p)` for a convolution), either
+  materialised or through the Gram matrix :math:`\langle a_n(p), a_n(q) \rangle`, whichever is
+  cheaper for the layer;
+* batch norm (frozen statistics), group norm, layer norm: :math:`g_n = \sum_p \delta_n \hat x_n`.
+
+So the backward pass computes input gradients only, never weight gradients. The output gradients
+are read with tensor hooks on module outputs (module backward hooks break on the in-place
+activations of real probes), and the per-example weights of the estimators enter the loss as
+:math:`\sqrt{w_n}`, so that :math:`\lVert \sqrt{w_n} g_n \rVert^2 = w_n \lVert g_n \rVert^2`.
+
+Estimators (``estimator=``):
+
+* ``"per_sample"``: labels sampled from the model (``mc_samples`` draws per example);
+* ``"exact"``: :math:`\sum_y p(y|x)\,\lVert g_{x,y} \rVert^2`, one backward pass per class;
+* ``"batch"``: the 2019 reference's estimator, the square of the *mean* gradient of each
+  mini-batch, averaged over batches; its expectation is :math:`F/B` for batch size :math:`B`.
+
+Labels are sampled by example id (:func:`sample_labels`), so results do not depend on batch
+order, batch size or the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "Estimator",
+    "ESTIMATORS",
+    "FisherError",
+    "UnsupportedLayerError",
+    "LayerFisherTaps",
+    "embedded_layers",
+    "sample_labels",
+    "batch_filter_sums",
+    "filter_values",
+]
+
+Estimator = Literal["per_sample", "batch", "exact"]
+ESTIMATORS: tuple[str, ...] = ("per_sample", "batch", "exact")
+
+# Intermediate tensors of one per-example computation are kept under this many elements by
+# splitting the batch (about 256 MiB of float32).
+_CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+
+class FisherError(RuntimeError):
+    """The Fisher pass cannot produce a meaningful value (non-finite logits, unused layers...)."""
+
+
+class UnsupportedLayerError(ValueError):
+    """A module with weights that the filter-wise Fisher has no closed form for."""
+
+
+# --------------------------------------------------------------------------------------------
+# Which layers are embedded
+# --------------------------------------------------------------------------------------------
+
+
+def _is_same_padding_conv(module: nn.Module) -> bool:
+    # timm's Conv2dSame pads inside forward() ("same" padding as in TensorFlow); its
+    # ``padding`` attribute reads 0.
+    return type(module).__name__ == "Conv2dSame"
+
+
+def _is_batchnorm_act(module: nn.Module) -> bool:
+    # timm's BatchNormAct2d: batch norm, then ``drop`` and ``act`` inside the same module.
+    return isinstance(module, _BatchNorm) and hasattr(module, "act")
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    """The closed form that applies to ``module``, or None when it has none."""
+    kind = type(module)
+    if kind is nn.Linear or kind.__name__ == "NonDynamicallyQuantizableLinear":
+        return "linear"
+    if kind in (nn.Conv1d, nn.Conv2d) or _is_same_padding_conv(module):
+        return "conv"
+    if isinstance(module, _BatchNorm):
+        if _is_batchnorm_act(module) and not isinstance(getattr(module, "drop", None), nn.Module):
+            return None
+        return "batchnorm"
+    if kind is nn.GroupNorm:
+        return "groupnorm"
+    if kind is nn.LayerNorm:
+        return "layernorm"
+    return None
+
+
+def embedded_layers(network: nn.Module, head: str | None) -> list[tuple[str, nn.Module]]:
+    """The modules whose weights enter the embedding, in ``named_modules`` order.
+
+    Every module that owns a ``weight`` parameter, except the head (and its submodules). Modules
+    replaced by ``nn.Identity`` (a skipped prefix) own no weight and drop out by themselves.
+
+    Raises:
+        UnsupportedLayerError: a module with a weight has no closed form here (named).
+    """
+    layers: list[tuple[str, nn.Module]] = []
+    for name, module in network.named_modules():
+        if head is not None and (name == head or name.startswith(head + ".")):
+            continue
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        if _layer_kind(module) is None:
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({type(module).__name__}) has weights but no filter-wise Fisher "
+                "here; supported: Linear, Conv1d, Conv2d (incl. timm Conv2dSame), BatchNorm "
+                "(incl. timm BatchNormAct2d), GroupNorm, LayerNorm. Skip it with skip_layers "
+                "or use another probe"
+            )
+        if isinstance(module, _BatchNorm) and not module.track_running_stats:
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({type(module).__name__}) normalises with batch statistics "
+                "(track_running_stats=False), so per-example gradients are not defined"
+            )
+        layers.append((name, module))
+    return layers
+
+
+def num_filters(module: nn.Module) -> int:
+    """Rows of the module's weight reshaped to ``(out_channels, -1)``."""
+    return int(module.weight.shape[0])
+
+
+def row_size(module: nn.Module) -> int:
+    """Entries per row of the module's weight reshaped to ``(out_channels, -1)``."""
+    weight = module.weight
+    return int(weight.numel() // weight.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Label sampling by example id
+# --------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _to_signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _to_signed(0x9E3779B97F4A7C15)
+_MIX1 = _to_signed(0xBF58476D1CE4E5B9)
+_MIX2 = _to_signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    # int64 arithmetic wraps around in torch, which is what the mixer needs.
+    z = x + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def uniform_by_id(ids: torch.Tensor, seed: int, draw: int) -> torch.Tensor:
+    """One U[0, 1) number per id, a pure function of ``(seed, id, draw)`` (float64, CPU)."""
+    ids = ids.detach().to("cpu", torch.int64)
+    key = _splitmix64(torch.full_like(ids, _to_signed(seed)))
+    key = _splitmix64(key ^ ids)
+    key = _splitmix64(key ^ _to_signed(draw))
+    return _shift_right(key, 11).to(torch.float64) * 2.0**-53
+
+
+def sample_labels(probs: torch.Tensor, ids: torch.Tensor, seed: int, draw: int = 0) -> torch.Tensor:
+    """Draw one label per row of ``probs`` (B × C), seeded by each example's id.
+
+    Inverse-CDF sampling with :func:`uniform_by_id`: the label of an example depends only on its
+    predicted distribution, its id, ``seed`` and ``draw``, never on the batch it came in.
+    """
+    u = uniform_by_id(ids, seed, draw).to(probs.device)
+    cdf = probs.detach().to(torch.float64).cumsum(-1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    labels = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return labels.clamp_(max=probs.shape[-1] - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example squared row norms of weight gradients (closed forms)
+# --------------------------------------------------------------------------------------------
+
+
+def _chunks(batch: int, per_example: int) -> Iterator[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
+    for start in range(0, batch, step):
+        yield slice(start, min(batch, start + step))
+
+
+def _linear_sq_norms(inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    if inputs.ndim == 2:
+        return grad.square() * inputs.square().sum(-1, keepdim=True)
+    batch = inputs.shape[0]
+    a = inputs.reshape(batch, -1, inputs.shape[-1])  # B, T, in
+    d = grad.reshape(batch, -1, grad.shape[-1])  # B, T, out
+    positions, fan_in, fan_out = a.shape[1], a.shape[2], d.shape[2]
+    out = torch.empty(batch, fan_out, dtype=a.dtype, device=a.device)
+    if fan_out * fan_in <= positions * (fan_in + fan_out):
+        for part in _chunks(batch, fan_out * fan_in):
+            out[part] = torch.einsum("bto,bti->boi", d[part], a[part]).square().sum(-1)
+    else:
+        for part in _chunks(batch, positions * (positions + fan_out)):
+            gram = torch.einsum("bti,bsi->bts", a[part], a[part])
+            out[part] = torch.einsum("bto,bts,bso->bo", d[part], gram, d[part])
+    return out
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _conv_patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Input patches of a 2-D convolution: B × (C_in·k_h·k_w) × L, padding applied."""
+    kernel = tuple(module.kernel_size)
+    stride = tuple(module.stride)
+    dilation = tuple(module.dilation)
+    padding = module.padding
+    if _is_same_padding_conv(module):
+        pad_h = _same_padding(inputs.shape[-2], kernel[0], stride[0], dilation[0])
+        pad_w = _same_padding(inputs.shape[-1], kernel[1], stride[1], dilation[1])
+        inputs = F.pad(inputs, (*pad_w, *pad_h))
+    elif padding == "same":
+        pads: list[int] = []
+        for k, d in zip(reversed(kernel), reversed(dilation)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        inputs = F.pad(inputs, pads)
+    elif module.padding_mode != "zeros":
+        inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    elif padding != "valid" and any(p != 0 for p in padding):
+        pads = []
+        for p in reversed(padding):
+            pads += [p, p]
+        inputs = F.pad(inputs, pads)
+    return F.unfold(inputs, kernel, dilation=dilation, stride=stride)
+
+
+def _conv_sq_norms(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    if inputs.ndim == 3:  # Conv1d as a 2-D convolution of height 1
+        inputs, grad = inputs.unsqueeze(-2), grad.unsqueeze(-2)
+        module = _Conv1dAs2d(module)
+    batch, out_channels = grad.shape[0], grad.shape[1]
+    groups = module.groups
+    patches = _conv_patches(module, inputs)  # B, G*K, L
+    positions = patches.shape[-1]
+    if positions != grad[0, 0].numel():
+        raise FisherError(
+            f"convolution {type(module).__name__} with input {tuple(inputs.shape[1:])}: its "
+            f"output has {grad[0, 0].numel()} positions but its patches give {positions}; this "
+            "convolution pads or strides in a way the Fisher closed form does not know"
+        )
+    per_group_out = out_channels // groups
+    fan_in = patches.shape[1] // groups
+    patches = patches.reshape(batch, groups, fan_in, positions)
+    deltas = grad.reshape(batch, groups, per_group_out, positions)
+    out = torch.empty(batch, groups, per_group_out, dtype=grad.dtype, device=grad.device)
+    materialised = per_group_out * fan_in * positions
+    via_gram = positions * positions * (fan_in + per_group_out)
+    if materialised <= via_gram:
+        for part in _chunks(batch, groups * per_group_out * fan_in + groups * fan_in * positions):
+            rows = torch.einsum("bgol,bgkl->bgok", deltas[part], patches[part])
+            out[part] = rows.square().sum(-1)
+    else:
+        for part in _chunks(batch, groups * positions * positions * 2):
+            gram = torch.einsum("bgkl,bgkm->bglm", patches[part], patches[part])
+            mixed = torch.einsum("bglm,bgom->bgol", gram, deltas[part])
+            out[part] = (mixed * deltas[part]).sum(-1)
+    return out.reshape(batch, out_channels)
+
+
+class _Conv1dAs2d:
+    """The geometry of a Conv1d seen as a Conv2d with a 1-high kernel (no weights)."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        self.kernel_size = (1, conv.kernel_size[0])
+        self.stride = (1, conv.stride[0])
+        self.dilation = (1, conv.dilation[0])
+        self.padding = conv.padding if isinstance(conv.padding, str) else (0, conv.padding[0])
+        self.padding_mode = conv.padding_mode
+        self.groups = conv.groups
+        pad = conv._reversed_padding_repeated_twice
+        self._reversed_padding_repeated_twice = [pad[0], pad[1], 0, 0]
+
+
+def _sum_over_positions(values: torch.Tensor, channels_dim: int = 1) -> torch.Tensor:
+    """Sum a B × C × ... tensor over everything but batch and channels."""
+    return values.reshape(values.shape[0], values.shape[channels_dim], -1).sum(-1)
+
+
+def _batchnorm_sq_norms(module: _BatchNorm, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    shape = [1, -1] + [1] * (inputs.ndim - 2)
+    mean = module.running_mean.to(inputs.dtype).reshape(shape)  # type: ignore[union-attr]
+    var = module.running_var.to(inputs.dtype).reshape(shape)  # type: ignore[union-attr]
+    normalised = (inputs - mean) * torch.rsqrt(var + module.eps)
+    return _sum_over_positions(grad * normalised).square()
+
+
+def _groupnorm_sq_norms(module: nn.GroupNorm, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    normalised = F.group_norm(inputs, module.num_groups, eps=module.eps)
+    return _sum_over_positions(grad * normalised).square()
+
+
+def _layernorm_sq_norms(module: nn.LayerNorm, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    normalised = F.layer_norm(inputs, module.normalized_shape, eps=module.eps)
+    dims = len(module.normalized_shape)
+    per_example = (grad * normalised).reshape(inputs.shape[0], -1, *inputs.shape[-dims:]).sum(1)
+    rows = per_example.reshape(inputs.shape[0], module.weight.shape[0], -1)
+    return rows.square().sum(-1)
+
+
+def per_example_sq_norms(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """B × out_channels: squared norms of the per-example weight-gradient rows of ``module``.
+
+    Args:
+        module: an embedded layer (see :func:`embedded_layers`).
+        inputs: the layer's input in the forward pass (B × ...).
+        grad: the gradient of the (per-example weighted) loss with respect to the layer's output
+            (for a timm ``BatchNormAct2d``: the batch-norm output, before its activation).
+    """
+    kind = _layer_kind(module)
+    if kind == "linear":
+        return _linear_sq_norms(inputs, grad)
+    if kind == "conv":
+        return _conv_sq_norms(module, inputs, grad)
+    if kind == "batchnorm":
+        return _batchnorm_sq_norms(module, inputs, grad)  # type: ignore[arg-type]
+    if kind == "groupnorm":
+        return _groupnorm_sq_norms(module, inputs, grad)  # type: ignore[arg-type]
+    if kind == "layernorm":
+        return _layernorm_sq_norms(module, inputs, grad)  # type: ignore[arg-type]
+    raise UnsupportedLayerError(f"no filter-wise Fisher for {type(module).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks that read layer inputs and output gradients
+# --------------------------------------------------------------------------------------------
+
+
+class LayerFisherTaps:
+    """Hooks on the embedded layers of a network that turn output gradients into Fisher sums.
+
+    Use as a context manager around forward/backward passes; every hook is removed on exit and
+    the ``requires_grad`` flags of the network's parameters are restored. Inside the context all
+    parameters are frozen, so backward passes compute input gradients only.
+
+    After each backward pass through :meth:`backward`, ``batch_sums[name]`` holds (fp32, one
+    value per filter) the sum over examples of the squared per-example gradient rows of that
+    layer, summed over the backward passes since :meth:`start_batch`.
+
+    Args:
+        network: the network whose layers are tapped (a module, not a DDP wrapper).
+        layers: ``(name, module)`` pairs from :func:`embedded_layers`.
+        grad_scale: the loss is multiplied by this before backward and gradients are divided by
+            it (in fp32) before they are squared; keeps fp16 gradients out of the underflow range.
+    """
+
+    def __init__(
+        self, network: nn.Module, layers: Sequence[tuple[str, nn.Module]], grad_scale: float = 1.0
+    ) -> None:
+        self._network = network
+        self._layers = list(layers)
+        self._grad_scale = float(grad_scale)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._roots: list[torch.Tensor] = []
+        self._calls: dict[str, int] = {}
+        self._fired: set[str] = set()
+        self._saved_flags: list[tuple[nn.Parameter, bool]] = []
+        self.batch_sums: dict[str, torch.Tensor] = {}
+        self._active = True
+
+    # context management ----------------------------------------------------------------------
+    def __enter__(self) -> LayerFisherTaps:
+        self._saved_flags = [(p, p.requires_grad) for p in self._network.parameters()]
+        for param, _ in self._saved_flags:
+            param.requires_grad_(False)
+        try:
+            for name, module in self._layers:
+                self._install(name, module)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for param, flag in self._saved_flags:
+            param.requires_grad_(flag)
+        self._saved_flags.clear()
+        self._inputs.clear()
+        self._roots.clear()
+
+    def _install(self, name: str, module: nn.Module) -> None:
+        if _is_batchnorm_act(module):
+            # The output gradient we need is the batch-norm output's, which is the input of the
+            # module's ``drop`` (then ``act``) submodule.
+            self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+            drop: nn.Module = module.drop
+            self._handles.append(drop.register_forward_pre_hook(self._pre_output_hook(name)))
+        else:
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+
+    def _input_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if not self._active:
+                return
+            self._record_call(name)
+            self._inputs[name] = args[0].detach()
+
+        return hook
+
+    def _pre_output_hook(self, name: str) -> Callable[..., tuple[torch.Tensor, ...] | None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+            if not self._active:
+                return None
+            tapped = self._tap(name, args[0])
+            return None if tapped is args[0] else (tapped, *args[1:])
+
+        return hook
+
+    def _forward_hook(self, name: str) -> Callable[..., torch.Tensor | None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            if not self._active:
+                return None
+            self._record_call(name)
+            self._inputs[name] = args[0].detach()
+            tapped = self._tap(name, output)
+            return None if tapped is output else tapped
+
+        return hook
+
+    def _record_call(self, name: str) -> None:
+        self._calls[name] = self._calls.get(name, 0) + 1
+        if self._calls[name] > 1:
+            raise UnsupportedLayerError(
+                f"layer {name!r} runs more than once per forward pass (shared weights); its "
+                "per-example gradient is not a single closed form. Skip it or use another probe"
+            )
+
+    def _tap(self, name: str, output: torch.Tensor) -> torch.Tensor:
+        """Hook the gradient of ``output``; returns the tensor the network should continue with."""
+        if not isinstance(output, torch.Tensor):
+            raise UnsupportedLayerError(f"layer {name!r} does not return a tensor")
+        if output.requires_grad:
+            output.register_hook(self._grad_hook(name))
+            return output
+        # Nothing before this layer needs a gradient: start the backward graph here. The clone
+        # keeps in-place activations (ReLU(inplace=True)) off the leaf.
+        root = output.detach().requires_grad_()
+        root.register_hook(self._grad_hook(name))
+        self._roots.append(root)
+        return root.clone()
+
+    def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        module = dict(self._layers)[name]
+
+        def hook(grad: torch.Tensor) -> None:
+            inputs = self._inputs[name]
+            with torch.autocast(device_type=grad.device.type, enabled=False):
+                grad32 = grad.float()
+                if self._grad_scale != 1.0:
+                    grad32 = grad32 / self._grad_scale
+                values = per_example_sq_norms(module, inputs.float(), grad32).sum(0)
+            self._fired.add(name)
+            total = self.batch_sums.get(name)
+            self.batch_sums[name] = values if total is None else total + values
+
+        return hook
+
+    # driving ---------------------------------------------------------------------------------
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run forward passes without the taps (for the ``batch`` estimator's weight gradients)."""
+        self._active = False
+        try:
+            yield
+        finally:
+            self._active = True
+
+    def start_batch(self) -> None:
+        """Forget the previous batch's inputs, roots and sums."""
+        self._inputs.clear()
+        self._roots.clear()
+        self._calls.clear()
+        self._fired.clear()
+        self.batch_sums = {}
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool) -> None:
+        """Backpropagate ``loss`` to the tapped layers (input gradients only)."""
+        if not self._roots:
+            raise FisherError(
+                "no embedded layer was reached by the forward pass with a fresh gradient root; "
+                "the input or the network's parameters may require gradients outside the taps"
+            )
+        torch.autograd.grad(
+            loss * self._grad_scale if self._grad_scale != 1.0 else loss,
+            self._roots,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+
+    @property
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        """The tapped ``(name, module)`` pairs, in order."""
+        return list(self._layers)
+
+    @property
+    def grad_scale(self) -> float:
+        """The factor applied to losses before backward."""
+        return self._grad_scale
+
+    def check_all_fired(self) -> None:
+        """Every embedded layer must have received a gradient; name those that did not."""
+        missing = [name for name, _ in self._layers if name not in self._fired]
+        if missing:
+            raise FisherError(
+                f"layers {missing} received no gradient from the logits (not called in forward, "
+                "or called through a functional path that bypasses the module); they cannot be "
+                "embedded"
+            )
+
+
+@contextmanager
+def _trainable(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise FisherError(f"the network must return logits of shape (batch, classes), got {shape}")
+    log_probs = logits.float().log_softmax(-1)
+    if not torch.isfinite(log_probs).all():
+        bad = (~torch.isfinite(log_probs).all(-1)).nonzero().flatten()[:5].tolist()
+        raise FisherError(
+            f"the network produced non-finite logits for examples at batch rows {bad}; check the "
+            "inputs and the probe (and, under fp16, overflow)"
+        )
+    return log_probs
+
+
+def batch_filter_sums(
+    network: nn.Module,
+    taps: LayerFisherTaps,
+    inputs: torch.Tensor,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    estimator: Estimator,
+    seed: int,
+    mc_samples: int = 1,
+    forward_context: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Fisher sums of one batch for every tapped layer.
+
+    Args:
+        network: the network (inside ``taps``' context).
+        taps: the hooks installed on ``network``'s embedded layers.
+        inputs: a batch of inputs.
+        ids: int64 id of each example (label sampling is seeded by it).
+        valid: bool mask; rows that are padding or were already counted contribute nothing.
+        estimator: ``"per_sample"``, ``"exact"`` or ``"batch"``.
+        seed: seed of the label sampling.
+        mc_samples: labels drawn per example (``per_sample``).
+        forward_context: context for the forward pass (autocast of the Trainer's precision).
+
+    Returns:
+        ``(sums, count)``: per layer, fp32 per-filter sums of squared gradient rows (not yet
+        divided by the row size); ``count`` is the number of examples (``per_sample``,
+        ``exact``) or of batches (``batch``) they sum over.
+    """
+    count_valid = int(valid.sum())
+    if count_valid == 0:
+        return {}, 0
+    taps.start_batch()
+    if estimator == "batch":
+        return _batch_gradient_sums(network, taps, inputs, ids, valid, seed, forward_context), 1
+    weight = valid.to(torch.float32).to(inputs.device if inputs.is_floating_point() else "cpu")
+    with forward_context():
+        logits = network(inputs)
+    log_probs = _log_probs(logits)
+    weight = weight.to(log_probs.device)
+    probs = log_probs.detach().exp()
+    if estimator == "exact":
+        classes = probs.shape[1]
+        for label in range(classes):
+            loss = (log_probs[:, label] * (probs[:, label] * weight).sqrt()).sum()
+            taps.backward(loss, retain_graph=label < classes - 1)
+    elif estimator == "per_sample":
+        draw_weight = weight / mc_samples
+        for draw in range(mc_samples):
+            labels = sample_labels(probs, ids, seed, draw)
+            picked = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+            taps.backward((picked * draw_weight.sqrt()).sum(), retain_graph=draw < mc_samples - 1)
+    else:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    taps.check_all_fired()
+    return dict(taps.batch_sums), count_valid
+
+
+def _batch_gradient_sums(
+    network: nn.Module,
+    taps: LayerFisherTaps,
+    inputs: torch.Tensor,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    seed: int,
+    forward_context: Callable[[], AbstractContextManager[object]],
+) -> dict[str, torch.Tensor]:
+    layers = taps.layers
+    weights = [module.weight for _, module in layers]
+    with _trainable(weights), taps.paused():
+        with forward_context():
+            logits = network(inputs)
+        log_probs = _log_probs(logits)
+        labels = sample_labels(log_probs.detach().exp(), ids, seed, 0)
+        mask = valid.to(log_probs.device, torch.float32)
+        picked = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+        loss = (picked * mask).sum() / mask.sum()
+        scale = taps.grad_scale
+        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, weights, allow_unused=True)
+    sums: dict[str, torch.Tensor] = {}
+    for (name, _), grad in zip(layers, grads):
+        if grad is None:
+            raise FisherError(f"layer {name!r} received no gradient from the logits")
+        grad32 = grad.float() / scale if scale != 1.0 else grad.float()
+        sums[name] = grad32.reshape(grad32.shape[0], -1).square().sum(-1)
+    return sums
+
+
+def filter_values(
+    sums: dict[str, torch.Tensor], count: int, layers: Sequence[tuple[str, nn.Module]]
+) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:
+    """Divide the sums by the count and the row sizes; concatenate in layer order.
+
+    Returns:
+        ``(hessian, layers)``: the 1-D filter-wise Fisher and each layer's ``(start, stop)``.
+    """
+    if count <= 0:
+        raise FisherError("no examples were accumulated; the Fisher is undefined")
+    pieces: list[torch.Tensor] = []
+    offsets: dict[str, tuple[int, int]] = {}
+    position = 0
+    for name, module in layers:
+        if name not in sums:
+            raise FisherError(f"no Fisher was accumulated for layer {name!r}")
+        value = sums[name].detach().to("cpu", torch.float64) / (count * row_size(module))
+        pieces.append(value)
+        offsets[name] = (position, position + value.numel())
+        position += value.numel()
+    hessian = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
+    return hessian.to(torch.float32), offsets

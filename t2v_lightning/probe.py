@@ -1,0 +1,366 @@
+"""Probe networks: loading them, finding their classifier head, and splitting off a frozen prefix.
+
+A probe is any ``nn.Module`` classifier. This module reaches into it only through qualified
+module names (``"layer2"``, ``"blocks.3.conv_dw"``), never through positional lists, and never
+changes the module it is given: every function that edits a network works on the caller's copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ProbeError",
+    "get_probe",
+    "probe_name",
+    "find_head",
+    "get_submodule",
+    "set_submodule",
+    "split_prefix",
+    "probe_fingerprint",
+    "load_state_dict_by_order",
+]
+
+# Names given to probes built by ``get_probe``; a weak table so that nothing is stored on modules.
+_PROBE_NAMES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+class ProbeError(ValueError):
+    """A probe that cannot be built, or that cannot be used the way it was asked to be."""
+
+
+def get_probe(
+    name: str,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    weights: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Build a probe network by name.
+
+    Args:
+        name: a torchvision model name (``"resnet18"``, ``"resnet34"``, ...) or ``"timm:<name>"``
+            for a timm model (``"timm:tf_efficientnet_lite0"``).
+        num_classes: outputs of the classifier head; ``None`` keeps the model's own head.
+        pretrained: load the library's pretrained weights (downloads them when not cached).
+        weights: path of a local state dict (or a Lightning checkpoint with a ``state_dict``),
+            loaded with ``torch.load(weights_only=True)``; tensors are matched by name, or by
+            order and shape when the names differ (see :func:`load_state_dict_by_order`). The head
+            is replaced after loading when ``num_classes`` differs from the file's head.
+
+    Returns:
+        The probe in eval mode.
+
+    Example:
+        >>> probe = get_probe("resnet18", num_classes=10)
+        >>> find_head(probe)
+        'fc'
+    """
+    if not isinstance(name, str) or not name:
+        raise ProbeError(f"probe name must be a non-empty string, got {name!r}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ProbeError(f"num_classes must be a positive integer or None, got {num_classes!r}")
+    if pretrained and weights is not None:
+        raise ProbeError("pass either pretrained=True or weights=<path>, not both")
+    if name.startswith("timm:"):
+        model = _timm_model(name[len("timm:") :], pretrained)
+    else:
+        model = _torchvision_model(name, pretrained)
+    if weights is not None:
+        state = read_state_dict(weights)
+        _resize_head_to(model, state)
+        load_state_dict_by_order(model, state, source=str(weights))
+    if num_classes is not None:
+        head_name = find_head(model)
+        head = get_submodule(model, head_name)
+        if not isinstance(head, nn.Linear):
+            raise ProbeError(
+                f"cannot set num_classes: the head {head_name!r} of {name!r} is a "
+                f"{type(head).__name__}, not an nn.Linear"
+            )
+        if head.out_features != num_classes:
+            set_submodule(model, head_name, _fresh_linear(head.in_features, num_classes, head))
+    model.eval()
+    _PROBE_NAMES[model] = name
+    return model
+
+
+def probe_name(probe: nn.Module) -> str:
+    """The name ``probe`` was built with by :func:`get_probe`, else its class name."""
+    return _PROBE_NAMES.get(probe, type(probe).__name__)
+
+
+def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if name not in available:
+        close = [m for m in available if name.lower() in m][:8]
+        hint = f"; did you mean one of {close}?" if close else ""
+        raise ProbeError(
+            f"unknown probe {name!r}: not a torchvision model name (use 'timm:<name>' for timm "
+            f"models){hint}"
+        )
+    return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+
+
+def _timm_model(name: str, pretrained: bool) -> nn.Module:
+    try:
+        import timm
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ProbeError(
+            f"probe 'timm:{name}' needs timm: pip install 't2v-lightning[timm]'"
+        ) from err
+    if not timm.is_model(name):
+        raise ProbeError(f"unknown timm model {name!r} (see timm.list_models())")
+    return timm.create_model(name, pretrained=pretrained)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``path`` without unpickling arbitrary objects.
+
+    Accepts a plain state dict or a Lightning checkpoint (its ``state_dict``). Files that need
+    arbitrary Python objects to load are refused.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ProbeError(f"weights file {str(file)!r} does not exist")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(file)))
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refuses pickled code with an UnpicklingError
+        raise ProbeError(
+            f"cannot read weights file {str(file)!r} safely: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}. Only plain tensors are loaded "
+            "(torch.load(weights_only=True)); re-save the file as a state dict of tensors"
+        ) from err
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ProbeError(f"weights file {str(file)!r} does not hold a state dict of tensors")
+    return dict(obj)
+
+
+def _resize_head_to(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give ``model`` a head with as many outputs as the head stored in ``state``."""
+    head_name = find_head(model)
+    head = get_submodule(model, head_name)
+    if not isinstance(head, nn.Linear):
+        return
+    stored = state.get(f"{head_name}.weight")
+    if stored is None:  # names differ; load_state_dict_by_order checks shapes
+        stored = list(state.values())[-2] if len(state) >= 2 else None
+    if (
+        stored is not None
+        and stored.ndim == 2
+        and stored.shape[1] == head.in_features
+        and stored.shape[0] != head.out_features
+    ):
+        set_submodule(model, head_name, _fresh_linear(head.in_features, stored.shape[0], head))
+
+
+def load_state_dict_by_order(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> None:
+    """Load ``state`` into ``model``: by name when the names match, else by order and shape.
+
+    Matching by order serves weight files exported from another implementation of the same
+    architecture (for instance EfficientNet-Lite0 weights for timm's ``tf_efficientnet_lite0``):
+    both must list the same number of tensors, in the same order, with the same shapes. Every
+    tensor is checked; any mismatch raises :class:`ProbeError` naming it.
+    """
+    target = model.state_dict()
+    if set(target) == set(state):
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(target[key].shape):
+                raise ProbeError(
+                    f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(target[key].shape)}"
+                )
+        model.load_state_dict(dict(state), strict=True)
+        return
+    # num_batches_tracked buffers are bookkeeping that other implementations do not export.
+    target_keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    source_items = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    if len(target_keys) != len(source_items):
+        raise ProbeError(
+            f"{source}: {len(source_items)} tensors, but the model has {len(target_keys)}; names "
+            "differ too, so the weights do not belong to this architecture"
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    for key, (src_key, value) in zip(target_keys, source_items):
+        if tuple(value.shape) != tuple(target[key].shape):
+            raise ProbeError(
+                f"{source}: tensor {src_key!r} (shape {tuple(value.shape)}) falls on the model's "
+                f"{key!r} (shape {tuple(target[key].shape)}) when matched by order"
+            )
+        mapped[key] = value
+    model.load_state_dict(mapped, strict=False)
+
+
+def _fresh_linear(in_features: int, out_features: int, like: nn.Module) -> nn.Linear:
+    reference = next(like.parameters(), None)
+    layer = nn.Linear(in_features, out_features)
+    if reference is not None:
+        layer = layer.to(device=reference.device, dtype=reference.dtype)
+    return layer
+
+
+def get_submodule(root: nn.Module, name: str) -> nn.Module:
+    """``root.get_submodule(name)`` with an error that lists what exists."""
+    try:
+        return root.get_submodule(name)
+    except AttributeError as err:
+        names = [n for n, _ in root.named_modules() if n][:20]
+        raise ProbeError(
+            f"the probe has no module named {name!r}; some of its modules: {names}"
+        ) from err
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (a qualified name) by ``module``."""
+    get_submodule(root, name)
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def find_head(probe: nn.Module, head: str | None = None) -> str:
+    """The qualified name of the classifier head.
+
+    Args:
+        probe: the network.
+        head: an explicit name; checked to exist.
+
+    Returns:
+        ``head`` when given; else the module returned by ``probe.get_classifier()`` (timm),
+        else a module named ``fc``, else ``classifier`` (its last ``nn.Linear`` if it is a
+        container), else the last ``nn.Linear`` of the network.
+    """
+    if head is not None:
+        if not isinstance(head, str) or not head:
+            raise ProbeError(f"head must be a qualified module name, got {head!r}")
+        get_submodule(probe, head)
+        return head
+    by_identity = {id(m): n for n, m in probe.named_modules() if n}
+    get_classifier = getattr(probe, "get_classifier", None)
+    if callable(get_classifier):
+        classifier = get_classifier()
+        if isinstance(classifier, nn.Module) and id(classifier) in by_identity:
+            return by_identity[id(classifier)]
+    names = dict(probe.named_modules())
+    if "fc" in names:
+        return "fc"
+    if "classifier" in names:
+        classifier = names["classifier"]
+        if isinstance(classifier, nn.Linear):
+            return "classifier"
+        inner = [n for n, m in classifier.named_modules() if isinstance(m, nn.Linear)]
+        if inner:
+            return f"classifier.{inner[-1]}"
+    linears = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1]
+    raise ProbeError(
+        "cannot find the classifier head: the probe has no get_classifier(), no module named "
+        "'fc' or 'classifier' and no nn.Linear; pass head='<qualified module name>'"
+    )
+
+
+def split_prefix(network: nn.Module, skip_layers: int) -> tuple[nn.Module, nn.Module, list[str]]:
+    """Split ``network`` after its first ``skip_layers`` top-level children.
+
+    The prefix is an ``nn.Sequential`` of those children (shared, not copied); the tail is a
+    shallow copy of ``network`` in which they are replaced by ``nn.Identity``, so that feeding
+    the prefix's output to the tail runs the rest of the original ``forward``. This holds when
+    the network's forward is a chain of its children, which :func:`check_split` verifies on
+    real inputs (torchvision and timm CNNs, ``nn.Sequential``).
+
+    Returns:
+        ``(prefix, tail, skipped_names)``.
+    """
+    children = list(network.named_children())
+    if not isinstance(skip_layers, int) or isinstance(skip_layers, bool) or skip_layers < 0:
+        raise ProbeError(f"skip_layers must be a non-negative integer, got {skip_layers!r}")
+    if skip_layers >= len(children):
+        raise ProbeError(
+            f"skip_layers={skip_layers} but the probe has only {len(children)} top-level "
+            f"children ({[n for n, _ in children]}); at least the head must remain"
+        )
+    skipped = [n for n, _ in children[:skip_layers]]
+    prefix = nn.Sequential()
+    for child_name, child in children[:skip_layers]:
+        prefix.add_module(child_name, child)
+    if skip_layers == 0:
+        return prefix, network, skipped
+    tail = _shallow_copy(network)
+    for child_name in skipped:
+        setattr(tail, child_name, nn.Identity())
+    return prefix, tail, skipped
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    copy = module.__class__.__new__(module.__class__)
+    copy.__dict__ = module.__dict__.copy()
+    copy._modules = module._modules.copy()  # type: ignore[assignment]
+    return copy
+
+
+@torch.no_grad()
+def check_split(
+    network: nn.Module, prefix: nn.Module, tail: nn.Module, inputs: torch.Tensor
+) -> None:
+    """Check that ``tail(prefix(x))`` reproduces ``network(x)``; raise a clear error if not."""
+    try:
+        whole = network(inputs)
+        split = tail(prefix(inputs))
+    except Exception as err:
+        raise ProbeError(
+            f"skip_layers is not supported for {type(network).__name__}: running the skipped "
+            f"children as a chain fails ({type(err).__name__}: {err}). Use skip_layers=0"
+        ) from err
+    if whole.shape != split.shape or not torch.allclose(whole, split, rtol=1e-4, atol=1e-5):
+        raise ProbeError(
+            f"skip_layers is not supported for {type(network).__name__}: its forward is not a "
+            "chain of its top-level children (the split network computes something else). "
+            "Use skip_layers=0"
+        )
+
+
+def probe_fingerprint(probe: nn.Module, exclude: str | None = None) -> str:
+    """A SHA-256 over the names, shapes and values of the probe's parameters and buffers.
+
+    Args:
+        probe: the network.
+        exclude: a module name whose tensors are left out (the head, which the task replaces).
+    """
+    digest = hashlib.sha256()
+    prefix = f"{exclude}." if exclude else None
+    for name, tensor in list(probe.state_dict().items()):
+        if prefix is not None and name.startswith(prefix):
+            continue
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(str(value.dtype).encode())
+        if value.dtype in (torch.bfloat16,):
+            value = value.float()
+        digest.update(value.numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()[:32]
+
+
+def describe(probe: nn.Module) -> dict[str, Any]:
+    """A short JSON description of a probe for artifact metadata."""
+    return {"probe": probe_name(probe), "probe_class": type(probe).__name__}
