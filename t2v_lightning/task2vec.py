@@ -117,6 +117,14 @@ class Task2Vec:
         estimator: Monte Carlo estimator: ``"per_sample"`` (default), ``"exact"`` or
             ``"batch"`` (the 2019 reference's squared mini-batch gradients).
         mc_samples: labels drawn per example by the ``per_sample`` estimator.
+        variational_epochs: epochs of variance training (``method="variational"``).
+        variational_lr: Adam learning rate of the per-filter log-variances and per-layer log
+            prior variances (``method="variational"``).
+        variational_head_lr: Adam learning rate of the head while the variances train
+            (``method="variational"``).
+        variational_beta: weight of the KL term (``method="variational"``). The variational
+            embedding covers conv and linear layers only (no batch norm), so its ``layers``
+            differ from Monte Carlo's.
         max_samples: number of examples used (``None``: as many as the dataset has).
         skip_layers: the first ``k`` top-level children of the probe run once, are cached and
             are left out of the embedding (ResNet: 6 skips conv1 … layer2).
@@ -155,6 +163,10 @@ class Task2Vec:
         method: Method = "montecarlo",
         estimator: Estimator = "per_sample",
         mc_samples: int = 1,
+        variational_epochs: int = 2,
+        variational_lr: float = 1e-2,
+        variational_head_lr: float = 5e-4,
+        variational_beta: float = 1e-7,
         max_samples: int | None = 10000,
         skip_layers: int = 0,
         balanced_sampling: bool = True,
@@ -180,6 +192,16 @@ class Task2Vec:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if not _is_int(mc_samples) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        if not _is_int(variational_epochs) or variational_epochs < 1:
+            raise ValueError(
+                f"variational_epochs must be a positive integer, got {variational_epochs!r}"
+            )
+        if not variational_lr > 0:
+            raise ValueError(f"variational_lr must be positive, got {variational_lr!r}")
+        if not variational_head_lr >= 0:
+            raise ValueError(f"variational_head_lr must be >= 0, got {variational_head_lr!r}")
+        if not variational_beta >= 0:
+            raise ValueError(f"variational_beta must be >= 0, got {variational_beta!r}")
         if max_samples is not None and (not _is_int(max_samples) or max_samples <= 0):
             raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
         if not _is_int(skip_layers) or skip_layers < 0:
@@ -212,6 +234,10 @@ class Task2Vec:
         self.method = method
         self.estimator = estimator
         self.mc_samples = mc_samples
+        self.variational_epochs = variational_epochs
+        self.variational_lr = float(variational_lr)
+        self.variational_head_lr = float(variational_head_lr)
+        self.variational_beta = float(variational_beta)
         self.max_samples = max_samples
         self.skip_layers = skip_layers
         self.balanced_sampling = balanced_sampling
@@ -356,7 +382,8 @@ class Task2Vec:
         if self.method == "variational":
             from t2v_lightning.fisher.variational import embed_variational
 
-            return embed_variational(self, dataset, task_name)
+            with _quiet_lightning():
+                return embed_variational(self, dataset, task_name)
         with _quiet_lightning():
             return self._embed_montecarlo(dataset, task_name)
 

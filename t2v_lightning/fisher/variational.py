@@ -1,0 +1,709 @@
+r"""The variational Fisher (the paper's method): learn how much noise each filter tolerates.
+
+Every convolution and linear layer after the skipped prefix (not the head) gets a per-filter
+log-variance :math:`\log\sigma^2_o` (shape ``out × 1 × … × 1``, one value per output filter,
+shared by the filter's weights) and a per-layer log prior variance :math:`\log\lambda^2`. The
+network runs with Gaussian weight noise :math:`\tilde w \sim \mathcal N(w, \sigma^2)` through the
+*local reparametrization trick* (Kingma et al., 2015): instead of sampling weights, sample the
+pre-activations,
+
+.. math::
+
+    \text{out} = \text{layer}(x; w) + \sqrt{\text{layer}(x^2 + 0.01;\ \sigma^2)} \odot \varepsilon,
+    \qquad \varepsilon \sim \mathcal N(0, 1)\ \text{of out's shape}
+
+(the ``0.01`` keeps the noise alive where the input is zero, as in the 2019 reference). Because
+:math:`\sigma^2` is constant over a filter, :math:`\text{layer}(x^2 + 0.01; \sigma^2)` is
+:math:`\sigma^2_o` times a convolution of the channel-summed :math:`x^2 + 0.01` with a kernel of
+ones (one channel per group), which :func:`output_variance` computes instead of a full convolution.
+
+The variances minimise, with the probe's weights frozen and the head trained alongside,
+
+.. math::
+
+    L = \text{CE} + \beta\,\text{KL},\quad
+    \text{KL} = \sum \frac{w^2}{\lambda^2} + \sum \frac{\sigma^2}{\lambda^2}
+        + \sum_\text{layers} k_\ell \log\lambda^2_\ell - \sum \log\sigma^2 - k
+
+(sums over all weights of those layers, :math:`\sigma^2` expanded from each filter's value,
+:math:`k_\ell` the weights of layer :math:`\ell`, :math:`k` their total): twice the KL divergence of
+the posterior :math:`\mathcal N(w, \sigma^2)` from the prior :math:`\mathcal N(0, \lambda^2)`, as in
+the reference. Near a minimum, :math:`\mathbb E[\text{CE}] \approx \text{CE}(w) + \tfrac12 \sum_i
+F_{ii} \sigma^2_i`, so the optimum per filter is
+
+.. math::
+
+    \frac{1}{\sigma^2_o} \approx \frac{\bar F_o}{\beta} \cdot \tfrac12 + \frac{1}{\lambda^2},
+
+an increasing function of the filter's mean Fisher :math:`\bar F_o`. The embedding is
+``hessian = exp(-logvar)`` per filter and ``scale = exp(-loglambda2)`` of its layer (SPEC 3.4).
+
+Noise is injected with forward hooks that live for one forward pass (:meth:`VariationalLayers.noisy`)
+and are removed afterwards; no module's ``forward`` is reassigned and nothing is stored on modules
+or parameters. Batch-norm layers get no variance (so the ``layers`` of a variational embedding
+list only convolutions and linear layers, unlike Monte Carlo's) and keep their frozen statistics.
+
+Noise is drawn per global batch: every rank draws the noise of the whole global batch from a
+generator seeded by ``(seed, epoch, step, layer)`` and keeps its own rows, so training on ``W``
+processes with batch ``B`` each follows the same path as one process with batch ``W·B``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from typing_extensions import override
+
+from t2v_lightning.embedding import TaskEmbedding
+from t2v_lightning.fisher.estimators import (
+    FisherError,
+    UnsupportedLayerError,
+    _is_same_padding_conv,
+    _same_padding,
+)
+from t2v_lightning.probe import ProbeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from t2v_lightning.task2vec import Task2Vec
+
+__all__ = [
+    "INPUT_NOISE_FLOOR",
+    "VARIANCE_INIT_SCALE",
+    "FilterVariance",
+    "VariationalLayers",
+    "VariationalFisherModule",
+    "NoiseRun",
+    "embed_variational",
+    "kl_divergence",
+    "output_variance",
+    "variational_layers",
+]
+
+log = logging.getLogger(__name__)
+
+INPUT_NOISE_FLOOR = 0.01
+"""Added to :math:`x^2` in the variance pass (the reference's ``input ** 2 + 1e-2``)."""
+
+VARIANCE_INIT_SCALE = 0.05
+"""Initial :math:`\\sigma^2_o` = this × the variance of filter ``o``'s weights (+1e-8)."""
+
+_LOG_EPS = 1e-8
+
+# A function of (layer index, layer output) returning standard normal noise of the output's shape.
+NoiseSampler = Callable[[int, torch.Tensor], torch.Tensor]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+# --------------------------------------------------------------------------------------------
+# Which layers get variances
+# --------------------------------------------------------------------------------------------
+
+
+def _overrides_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    return type(module).forward is not base.forward
+
+
+def _variance_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv"`` or None when the local reparametrization has no form for it."""
+    kind = type(module)
+    if isinstance(module, nn.Linear):
+        # timm's Linear only casts for torchscript; other subclasses that rewrite forward may
+        # compute something else than x @ W.T + b.
+        trusted = kind.__name__ in ("NonDynamicallyQuantizableLinear",) or (
+            kind.__name__ == "Linear" and kind.__module__.startswith("timm.")
+        )
+        return "linear" if trusted or not _overrides_forward(module, nn.Linear) else None
+    for base in _CONVS:
+        if isinstance(module, base):
+            if _is_same_padding_conv(module) or not _overrides_forward(module, base):
+                return "conv"
+            return None
+    return None
+
+
+def _within(name: str, parent: str) -> bool:
+    return name == parent or name.startswith(parent + ".")
+
+
+def variational_layers(
+    network: nn.Module, head: str | None, exclude: Sequence[str] = ()
+) -> list[tuple[str, nn.Module]]:
+    """The layers that get a variance: every conv and linear layer, in ``named_modules`` order.
+
+    Modules whose ``weight`` has fewer than two dimensions (batch norm, group norm, layer norm)
+    get none, as in the reference. The head and the modules under ``exclude`` (the skipped
+    prefix) are left out; modules replaced by ``nn.Identity`` drop out by themselves.
+
+    Args:
+        network: the network.
+        head: qualified name of the classifier head (left out), or None.
+        exclude: qualified names of modules to leave out with everything below them.
+
+    Raises:
+        UnsupportedLayerError: a module in the range has a weight of two or more dimensions but is
+            not a Linear / Conv1d / Conv2d / Conv3d (nor timm's Conv2dSame), or is a recurrent or
+            attention layer whose weights are used outside submodules; the error names it.
+    """
+    layers: list[tuple[str, nn.Module]] = []
+    for name, module in network.named_modules():
+        if head is not None and _within(name, head):
+            continue
+        if any(_within(name, skipped) for skipped in exclude):
+            continue
+        if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({type(module).__name__}) uses its weights through a functional "
+                "path; the variational Fisher supports Linear, Conv1d/2d/3d (any groups) and "
+                "timm Conv2dSame. Skip it with skip_layers or use another probe"
+            )
+        weight = module._parameters.get("weight")
+        if weight is None or weight.ndim < 2:
+            continue
+        if _variance_kind(module) is None:
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({type(module).__name__}) has a {weight.ndim}-D weight but no "
+                "variational form here; supported: Linear, Conv1d, Conv2d, Conv3d (any groups, "
+                "incl. timm Conv2dSame). Skip it with skip_layers or use another probe"
+            )
+        layers.append((name, module))
+    return layers
+
+
+# --------------------------------------------------------------------------------------------
+# Pure math: the variance of a layer's output and the KL term
+# --------------------------------------------------------------------------------------------
+
+
+def output_variance(module: nn.Module, inputs: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    r""":math:`\text{layer}(x^2 + 0.01;\ \sigma^2)`: the variance of the layer's output under weight noise.
+
+    With one variance per output filter this is :math:`\sigma^2_o` times the layer's receptive
+    field sum of :math:`x^2 + 0.01` (zero padding adds zeros, not 0.01, as in the reference), one
+    channel per group, computed in float32.
+
+    Args:
+        module: a layer accepted by :func:`variational_layers`.
+        inputs: the layer's input (batched or not).
+        variance: ``(out_features,)`` or ``(out_channels,)`` per-filter variances.
+
+    Returns:
+        A float32 tensor of the shape of the layer's output.
+    """
+    kind = _variance_kind(module)
+    variance = variance.float().reshape(-1)
+    squared = inputs.float().square()
+    if kind == "linear":
+        fan_in = squared.shape[-1]
+        field = squared.sum(-1, keepdim=True) + INPUT_NOISE_FLOOR * fan_in
+        return field * variance
+    if kind != "conv":
+        raise UnsupportedLayerError(f"no variational form for {type(module).__name__}")
+    conv = cast(_ConvNd, module)
+    spatial = conv.weight.ndim - 2
+    unbatched = squared.ndim == spatial + 1
+    if unbatched:
+        squared = squared.unsqueeze(0)
+    batch, channels = squared.shape[0], squared.shape[1]
+    groups = int(conv.groups)
+    per_group_in = channels // groups
+    summed = squared.reshape(batch, groups, per_group_in, *squared.shape[2:]).sum(2)
+    summed = summed + INPUT_NOISE_FLOOR * per_group_in
+    if _is_same_padding_conv(conv):
+        pads: list[int] = []
+        for axis in reversed(range(spatial)):
+            pads += _same_padding(
+                summed.shape[2 + axis],
+                conv.kernel_size[axis],
+                conv.stride[axis],
+                conv.dilation[axis],
+            )
+        summed = F.pad(summed, pads)
+    ones = torch.ones(groups, 1, *conv.kernel_size, dtype=summed.dtype, device=summed.device)
+    field = conv._conv_forward(summed, ones, None)  # type: ignore[operator]  # B × groups × out positions
+    per_group_out = variance.numel() // groups
+    shape = (1, groups, per_group_out) + (1,) * spatial
+    result = (field.unsqueeze(2) * variance.reshape(shape)).flatten(1, 2)
+    return result.squeeze(0) if unbatched else result
+
+
+def kl_divergence(
+    weight_sq_sum: torch.Tensor, num_weights: int, logvar: torch.Tensor, loglambda2: torch.Tensor
+) -> torch.Tensor:
+    r"""The KL term of one layer (SPEC 3.4), per-filter variances expanded over their rows.
+
+    .. math::
+
+        \sum_i \frac{w_i^2}{\lambda^2} + \sum_i \frac{\sigma_i^2}{\lambda^2}
+        + k \log\lambda^2 - \sum_i \log\sigma_i^2 - k,
+
+    with :math:`k` = ``num_weights`` and :math:`\sigma^2_i = e^{\text{logvar}_o}` for every weight
+    :math:`i` of filter :math:`o`. Summed over layers this is the ``KL`` of the module docstring.
+
+    Args:
+        weight_sq_sum: :math:`\sum_i w_i^2` of the layer (a scalar tensor).
+        num_weights: :math:`k`, the number of weights of the layer.
+        logvar: per-filter log-variances (any shape with one entry per filter).
+        loglambda2: the layer's log prior variance (a scalar tensor).
+    """
+    row_size = num_weights // logvar.numel()
+    logvar = logvar.float()
+    loglambda2 = loglambda2.float()
+    inv_prior = torch.exp(-loglambda2)
+    trace = row_size * logvar.exp().sum()
+    return (
+        (weight_sq_sum.float() + trace) * inv_prior
+        + num_weights * loglambda2
+        - row_size * logvar.sum()
+        - num_weights
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters and the hooks that use them
+# --------------------------------------------------------------------------------------------
+
+
+class FilterVariance(nn.Module):
+    r"""The variational parameters of one layer: ``logvar`` per filter, ``loglambda2`` per layer.
+
+    Initialised as in the reference: :math:`\sigma^2_o = 0.05\,\mathrm{Var}(w_o) + 10^{-8}` (the
+    unbiased variance of filter ``o``'s weights) and :math:`\lambda^2 = \overline{w^2} + 10^{-8}`.
+    The layer's weights are read once (they are frozen): only :math:`\sum w^2` is kept.
+
+    Args:
+        weight: the layer's weight, ``out × …``.
+        init_scale: the factor on the weights' variance of the initial :math:`\sigma^2`.
+    """
+
+    weight_sq_sum: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, init_scale: float = VARIANCE_INIT_SCALE) -> None:
+        super().__init__()
+        w = weight.detach().to(torch.float64)
+        rows = w.reshape(w.shape[0], -1)
+        row_var = rows.var(dim=1, correction=1 if rows.shape[1] > 1 else 0)
+        shape = (w.shape[0],) + (1,) * (w.ndim - 1)
+        logvar = (init_scale * row_var + _LOG_EPS).log().reshape(shape)
+        loglambda2 = (w.square().mean() + _LOG_EPS).log()
+        device = weight.device
+        self.logvar = nn.Parameter(logvar.to(device, torch.float32))
+        self.loglambda2 = nn.Parameter(loglambda2.to(device, torch.float32))
+        self.register_buffer("weight_sq_sum", w.square().sum().to(device, torch.float32))
+        self.num_weights = int(w.numel())
+
+    def variance(self) -> torch.Tensor:
+        """Per-filter variances, ``(out,)`` float32."""
+        return self.logvar.float().exp().reshape(-1)
+
+    def kl(self) -> torch.Tensor:
+        """This layer's KL term (:func:`kl_divergence`)."""
+        return kl_divergence(self.weight_sq_sum, self.num_weights, self.logvar, self.loglambda2)
+
+
+class NoiseRun:
+    """What one noisy forward pass saw: how many times each layer was called."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.calls: dict[str, int] = dict.fromkeys(names, 0)
+
+    def check_all_called(self) -> None:
+        """Every layer with a variance must have run as a module; name those that did not."""
+        missing = [name for name, count in self.calls.items() if count == 0]
+        if missing:
+            raise FisherError(
+                f"layers {missing} were not called as modules in the forward pass (unused, or "
+                "their weights are used through a functional path), so their variances get no "
+                "gradient; skip them with skip_layers or use another probe"
+            )
+
+
+def standard_noise(index: int, output: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise from the global generator (float32, of ``output``'s shape)."""
+    return torch.randn(output.shape, dtype=torch.float32, device=output.device)
+
+
+class VariationalLayers(nn.Module):
+    """The variational parameters of a network, and the hooks that make its layers noisy.
+
+    Holds one :class:`FilterVariance` per layer of :func:`variational_layers`, but no reference
+    to the layers themselves: :meth:`noisy` finds them by name in the network it is given.
+
+    Args:
+        network: the network (its layers' weights initialise the variances).
+        head: qualified name of the classifier head (left out), or None.
+        exclude: qualified names of modules left out with everything below them.
+        init_scale: see :class:`FilterVariance`.
+
+    Raises:
+        UnsupportedLayerError: see :func:`variational_layers`.
+        ProbeError: no layer gets a variance.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> variational = VariationalLayers(net, head="2")
+        >>> variational.names
+        ['0']
+        >>> with variational.noisy(net) as run:
+        ...     out = net(torch.randn(5, 4))
+        >>> run.calls
+        {'0': 1}
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        head: str | None,
+        exclude: Sequence[str] = (),
+        init_scale: float = VARIANCE_INIT_SCALE,
+    ) -> None:
+        super().__init__()
+        layers = variational_layers(network, head, exclude)
+        if not layers:
+            raise ProbeError(
+                "nothing to embed: no convolution or linear layer after the skipped prefix "
+                "(besides the head)"
+            )
+        self.names = [name for name, _ in layers]
+        self.variances = nn.ModuleList(
+            FilterVariance(cast(torch.Tensor, module.weight), init_scale) for _, module in layers
+        )
+
+    def layer_variances(self) -> list[FilterVariance]:
+        """The :class:`FilterVariance` of each layer, in the order of :attr:`names`."""
+        return [cast(FilterVariance, variance) for variance in self.variances]
+
+    def kl(self) -> torch.Tensor:
+        """The KL term summed over layers (float32, autocast off)."""
+        variances = self.layer_variances()
+        with torch.autocast(device_type=variances[0].logvar.device.type, enabled=False):
+            return torch.stack([variance.kl() for variance in variances]).sum()
+
+    @contextmanager
+    def noisy(self, network: nn.Module, noise: NoiseSampler = standard_noise) -> Iterator[NoiseRun]:
+        """Within the context, the layers of ``network`` add weight noise to their outputs.
+
+        Forward hooks are registered on entry and removed on exit (also on errors); the output of
+        each layer becomes ``output + sqrt(output_variance) * noise(index, output)``.
+
+        Args:
+            network: the network whose layers (found by name) get the noise.
+            noise: a function of (layer index, output) giving standard normal noise.
+
+        Yields:
+            A :class:`NoiseRun` that counts the calls of each layer.
+        """
+        run = NoiseRun(self.names)
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            for index, (name, variance) in enumerate(zip(self.names, self.layer_variances())):
+                layer = network.get_submodule(name)
+                hook = _noise_hook(index, name, variance, noise, run)
+                handles.append(layer.register_forward_hook(hook))
+            yield run
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def embedding_values(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[int, int]]]:
+        """``(hessian, scale, layers)``: ``exp(-logvar)`` per filter, ``exp(-loglambda2)`` of its
+        layer, and each layer's ``(start, stop)`` slice (float64 on CPU)."""
+        hessian: list[torch.Tensor] = []
+        scale: list[torch.Tensor] = []
+        offsets: dict[str, tuple[int, int]] = {}
+        position = 0
+        for name, variance in zip(self.names, self.layer_variances()):
+            logvar = variance.logvar.detach().to("cpu", torch.float64).reshape(-1)
+            loglambda2 = variance.loglambda2.detach().to("cpu", torch.float64)
+            hessian.append(torch.exp(-logvar))
+            scale.append(torch.exp(-loglambda2).expand(logvar.numel()))
+            offsets[name] = (position, position + logvar.numel())
+            position += logvar.numel()
+        return torch.cat(hessian), torch.cat(scale), offsets
+
+
+def _noise_hook(
+    index: int, name: str, variance: FilterVariance, noise: NoiseSampler, run: NoiseRun
+) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        run.calls[name] += 1
+        if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+            raise UnsupportedLayerError(f"layer {name!r} must take and return a tensor")
+        with torch.autocast(device_type=output.device.type, enabled=False):
+            out_var = output_variance(module, args[0], variance.variance())
+            if out_var.shape != output.shape:
+                raise FisherError(
+                    f"layer {name!r} ({type(module).__name__}): its output has shape "
+                    f"{tuple(output.shape)} but the variance pass gives {tuple(out_var.shape)}; "
+                    "it pads or strides in a way the local reparametrization does not know"
+                )
+            std = out_var.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+            noisy = output.float() + std * noise(index, output)
+        return noisy.to(output.dtype)
+
+    return hook
+
+
+# --------------------------------------------------------------------------------------------
+# Noise per global batch
+# --------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """A splitmix64 hash of integers, folded to a non-negative 63-bit seed."""
+    state = 0x243F6A8885A308D3
+    for value in values:
+        state = (state ^ (value & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state & ((1 << 63) - 1)
+
+
+class GlobalBatchNoise:
+    """Noise of one training step: rows ``rank::world_size`` of the global batch's noise.
+
+    With :class:`~torch.utils.data.DistributedSampler`'s layout, row ``j`` of rank ``r``'s batch
+    is row ``j·W + r`` of the global batch, so every rank draws the global batch's noise from a
+    generator seeded by ``(seed, epoch, step, layer)`` and keeps its rows.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        epoch: int,
+        step: int,
+        rank: int,
+        world_size: int,
+        generators: dict[torch.device, torch.Generator],
+    ) -> None:
+        self._key = (seed, epoch, step)
+        self._rank = rank
+        self._world_size = world_size
+        self._generators = generators
+
+    def __call__(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        generator = self._generators.get(output.device)
+        if generator is None:
+            generator = torch.Generator(device=output.device)
+            self._generators[output.device] = generator
+        generator.manual_seed(_mix(*self._key, index))
+        if output.ndim == 0 or self._world_size == 1:
+            return torch.randn(
+                output.shape, generator=generator, dtype=torch.float32, device=output.device
+            )
+        rows = output.shape[0] * self._world_size
+        full = torch.randn(
+            (rows, *output.shape[1:]), generator=generator, dtype=torch.float32, device=output.device
+        )
+        return full[self._rank :: self._world_size]
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning glue
+# --------------------------------------------------------------------------------------------
+
+
+class _LabelledInputs(Dataset):
+    """``(input, label)`` pairs from a dataset of ``(input, position)`` and a label tensor."""
+
+    def __init__(self, data: Dataset, labels: torch.Tensor) -> None:
+        self.data = data
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, index = self.data[position]
+        return inputs, self.labels[int(index)]
+
+
+class VariationalFisherModule(pl.LightningModule):
+    r"""Trains the variances of :class:`VariationalLayers` (and the head) of a frozen network.
+
+    Loss: mean cross-entropy of the noisy network on the task's labels plus ``beta`` × KL. Adam
+    (betas 0.9, 0.999) with ``lr`` on every ``logvar`` and ``loglambda2`` and ``head_lr`` on the
+    head; every other weight of the network is frozen and the network stays in eval mode (frozen
+    batch-norm statistics, no dropout). Under DDP the variances are ordinary trainable
+    parameters, so their gradients are averaged across ranks like any model's.
+
+    Data: each rank reads ``rank, rank + W, …`` of a permutation seeded by ``seed + epoch``
+    (:class:`~torch.utils.data.DistributedSampler`), ``batch_size`` examples per step.
+
+    Args:
+        network: the frozen network (inputs to logits); its head is made trainable.
+        head: qualified name of the head in ``network``.
+        data: a dataset of ``(input, position)``.
+        labels: ``labels[position]`` is the class of the example at ``position``.
+        batch_size: examples per step on each rank.
+        num_workers: data-loading worker processes.
+        lr: Adam learning rate of the log-variances and log prior variances.
+        head_lr: Adam learning rate of the head.
+        beta: weight of the KL term.
+        seed: seed of the shuffling and of the noise.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        head: str,
+        data: Dataset,
+        labels: torch.Tensor,
+        batch_size: int = 100,
+        num_workers: int = 0,
+        lr: float = 1e-2,
+        head_lr: float = 5e-4,
+        beta: float = 1e-7,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.variational = VariationalLayers(network, head)
+        self._head_params = list(network.get_submodule(head).parameters())
+        for param in self._head_params:
+            param.requires_grad_(True)
+        self._data = data
+        self._labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+        self._batch_size = batch_size
+        self._num_workers = num_workers
+        self._lr = lr
+        self._head_lr = head_lr
+        self._beta = beta
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of the noisy network (with noise from the global generator)."""
+        with self.variational.noisy(self.network) as run:
+            logits = self.network(inputs)
+        run.check_all_called()
+        return logits
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self.network.eval()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        noise = GlobalBatchNoise(
+            self._seed,
+            self.current_epoch,
+            batch_idx,
+            self.global_rank,
+            self.trainer.world_size,
+            self._generators,
+        )
+        with self.variational.noisy(self.network, noise) as run:
+            logits = self.network(inputs)
+        run.check_all_called()
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            raise FisherError("the network must return logits of shape (batch, classes)")
+        cross_entropy = F.cross_entropy(logits.float(), labels)
+        kl = self.variational.kl()
+        loss = cross_entropy + self._beta * kl
+        if not torch.isfinite(loss):
+            raise FisherError(
+                f"the variational loss is not finite (cross-entropy {float(cross_entropy)}, KL "
+                f"{float(kl)}) at epoch {self.current_epoch}, step {batch_idx}"
+            )
+        accuracy = (logits.detach().argmax(-1) == labels).float().mean()
+        log_options: dict[str, Any] = {"on_step": False, "on_epoch": True, "sync_dist": True}
+        self.log("variational/loss", loss.detach(), prog_bar=True, **log_options)
+        self.log("variational/cross_entropy", cross_entropy.detach(), **log_options)
+        self.log("variational/kl", kl.detach(), **log_options)
+        self.log("variational/accuracy", accuracy, prog_bar=True, **log_options)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups: list[dict[str, Any]] = [{"params": list(self.variational.parameters()), "lr": self._lr}]
+        if self._head_params:
+            groups.append({"params": self._head_params, "lr": self._head_lr})
+        return torch.optim.Adam(groups, lr=self._lr, betas=(0.9, 0.999))
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = _LabelledInputs(self._data, self._labels)
+        sampler: DistributedSampler[int] = DistributedSampler(
+            dataset,
+            num_replicas=self.trainer.world_size,
+            rank=self.global_rank,
+            shuffle=True,
+            seed=self._seed,
+            drop_last=False,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self._batch_size,
+            sampler=sampler,
+            num_workers=self._num_workers,
+            persistent_workers=False,
+        )
+
+
+def embed_variational(t2v: Task2Vec, dataset: Dataset, task_name: str | None = None) -> TaskEmbedding:
+    """The variational embedding of one task with the settings of ``t2v`` (SPEC 3.4).
+
+    Runs :meth:`Task2Vec.prepare` (labels, selection, working copy, prefix cache, head fitting),
+    then trains the variances of every conv / linear layer after the prefix for
+    ``t2v.variational_epochs`` epochs with a Lightning Trainer made like the Monte Carlo pass.
+
+    Returns:
+        A :class:`TaskEmbedding` with ``hessian = exp(-logvar)`` per filter, ``scale =
+        exp(-loglambda2)`` of its layer, ``layers`` the conv and linear layers only, and ``meta``
+        the preparation's facts plus ``method="variational"`` and its settings.
+    """
+    skipped = [name for name, _ in t2v.probe.named_children()][: t2v.skip_layers]
+    # Fail on an unsupported layer before any data is read (the probe is only inspected).
+    if not variational_layers(t2v.probe, t2v.head, exclude=skipped):
+        raise ProbeError(
+            "nothing to embed: no convolution or linear layer after the skipped prefix (besides "
+            "the head)"
+        )
+    network, inputs, labels, meta = t2v.prepare(dataset, task_name)
+    epochs: int = t2v.variational_epochs
+    module = VariationalFisherModule(
+        network,
+        t2v.head,
+        inputs,
+        labels,
+        batch_size=t2v.batch_size,
+        num_workers=t2v.num_workers,
+        lr=t2v.variational_lr,
+        head_lr=t2v.variational_head_lr,
+        beta=t2v.variational_beta,
+        seed=t2v.seed,
+    )
+    trainer = t2v._trainer("variational", epochs, [])
+    trainer.fit(module)
+    hessian, scale, offsets = module.variational.embedding_values()
+    metrics = trainer.callback_metrics
+    meta.update(
+        method="variational",
+        variational_epochs=epochs,
+        variational_lr=t2v.variational_lr,
+        variational_head_lr=t2v.variational_head_lr,
+        variational_beta=t2v.variational_beta,
+        variance_init_scale=VARIANCE_INIT_SCALE,
+        input_noise_floor=INPUT_NOISE_FLOOR,
+        seed=t2v.seed,
+        num_samples=len(labels),
+        world_size=trainer.world_size,
+        precision=str(trainer.precision),
+    )
+    for key in ("cross_entropy", "kl", "accuracy"):
+        value = metrics.get(f"variational/{key}")
+        meta[f"variational_{key}"] = None if value is None else float(value)
+    return TaskEmbedding(hessian, scale, offsets, meta)
