@@ -1,0 +1,234 @@
+"""TaskDataModule: one task of the dataset registry as a LightningDataModule.
+
+The training split is sampled once, in :meth:`TaskDataModule.setup`, from a generator seeded
+with ``seed``:
+
+* ``balanced_sampling=True`` (the reference's choice): ``max_samples`` indices (all of the
+  split's size when ``None``) drawn *with replacement*, each example weighted by
+  ``1 / (count of its class)``, so every class is drawn equally often in expectation;
+* ``balanced_sampling=False``: a random permutation of the split, cut to ``max_samples``
+  (without replacement).
+
+The drawn indices are kept (``train_dataset`` is a :class:`~torch.utils.data.Subset` of them) and
+``train_dataloader`` serves them in the drawn order without reshuffling, so every pass over the
+data (feature caching, head fitting, the Fisher pass) sees the same examples in the same
+order; on several devices Lightning's distributed sampler shards that fixed list. The validation
+loader serves the task's test split (the held-out fifth for ``digits`` / ``mnist_subset``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from t2v_lightning.data.registry import describe_task, download_dataset, get_entry, get_task
+from t2v_lightning.data.task import (
+    Normalize,
+    Task,
+    check_input_size,
+    check_normalize,
+    get_targets,
+)
+
+
+def sample_indices(
+    targets: list[int], max_samples: int | None, balanced: bool, seed: int
+) -> list[int]:
+    """Seeded indices of the examples to use (see the module docstring).
+
+    Args:
+        targets: the label of every example.
+        max_samples: how many indices; ``None`` for as many as there are examples.
+        balanced: class-balanced draw with replacement, else a permutation cut to size.
+        seed: seed of the generator.
+
+    Example:
+        >>> sample_indices([0, 0, 0, 1], max_samples=3, balanced=False, seed=0)
+        [0, 1, 3]
+    """
+    n = len(targets)
+    if n == 0:
+        raise ValueError("the task has no examples")
+    generator = torch.Generator().manual_seed(seed)
+    size = n if max_samples is None else max_samples
+    if balanced:
+        labels = torch.as_tensor(targets, dtype=torch.long)
+        counts = torch.bincount(labels).double()
+        weights = 1.0 / counts[labels]
+        drawn = torch.multinomial(weights, size, replacement=True, generator=generator)
+        return [int(i) for i in drawn]
+    return [int(i) for i in torch.randperm(n, generator=generator)[: min(size, n)]]
+
+
+class TaskDataModule(pl.LightningDataModule):
+    """One task of the dataset registry: a fixed, seeded sample of its training split.
+
+    ``num_classes``, ``task_name`` and ``task_metadata`` are known right after construction
+    (from the registry's description of the task, which reads no images; iNat reads its
+    annotation files once), so LightningCLI can link ``data.num_classes`` to a model argument.
+
+    Args:
+        name: registered dataset name (``t2v_lightning.data.registry.list_datasets()``), e.g.
+            ``digits``, ``fashion_mnist_tops``, ``split_cifar``, ``cub_inat2018``.
+        root: data folder (torchvision's layout; CUB / iNat as the download scripts lay it out).
+        task_id: task of a multi-task dataset (``split_*``, ``cub``, ``inat2018``,
+            ``cub_inat2018``); ``None`` for single-task datasets.
+        input_size: image side in pixels; ``None`` keeps the native size of the small sets and
+            uses 224 for CUB / iNat.
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes.
+        max_samples: how many training examples to draw; ``None`` for the split's size.
+        balanced_sampling: draw with replacement with weights 1 / class count (the reference);
+            otherwise a seeded subset without replacement.
+        seed: seed of the draw.
+        download: let torchvision fetch missing files of the small benchmarks
+            (in ``prepare_data``).
+        train: serve the training split (``True``) or the test split as ``train_dataset``.
+        normalize: ``imagenet`` (mean/std) or ``none``.
+        classes: optional subset of the task's labels, relabelled ``0 .. C - 1``.
+    """
+
+    def __init__(
+        self,
+        name: str = "digits",
+        root: str = "data",
+        task_id: int | None = None,
+        input_size: int | None = None,
+        batch_size: int = 100,
+        num_workers: int = 0,
+        max_samples: int | None = None,
+        balanced_sampling: bool = True,
+        seed: int = 0,
+        download: bool = False,
+        train: bool = True,
+        normalize: Normalize = "imagenet",
+        classes: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        get_entry(name)  # unknown name: ValueError listing the known ones
+        check_input_size(input_size)
+        check_normalize(normalize)
+        if isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(num_workers, bool) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+        if max_samples is not None and (isinstance(max_samples, bool) or max_samples < 1):
+            raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+        self.save_hyperparameters()
+        self.dataset_name = name
+        self.root = root
+        self.task_id = task_id
+        self.input_size = input_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_samples = max_samples
+        self.balanced_sampling = balanced_sampling
+        self.seed = seed
+        self.download = download
+        self.train = train
+        self.normalize = normalize
+        self.classes = None if classes is None else [int(c) for c in classes]
+        self._info = describe_task(name, root, task_id, self.classes)
+        self._task: Task | None = None
+        self._val_task: Task | None = None
+        self._train_dataset: Subset[Any] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the task."""
+        return self._info.num_classes
+
+    @property
+    def task_name(self) -> str:
+        """Human-readable task name."""
+        return self._info.name
+
+    @property
+    def task_metadata(self) -> dict[str, Any]:
+        """JSON-serialisable metadata (taxonomy for CUB / iNat tasks), plus the sampling."""
+        meta = dict(self._task.metadata if self._task is not None else self._info.metadata)
+        meta.update(
+            max_samples=self.max_samples, balanced_sampling=self.balanced_sampling, seed=self.seed
+        )
+        return meta
+
+    def _build(self, train: bool) -> Task:
+        # With download=True the files are normally fetched in prepare_data (rank 0); passing the
+        # flag on covers use without a Trainer, and is a no-op once the files are there.
+        return get_task(
+            self.dataset_name,
+            self.root,
+            self.task_id,
+            train=train,
+            input_size=self.input_size,
+            download=self.download,
+            normalize=self.normalize,
+            classes=self.classes,
+        )
+
+    @property
+    def task(self) -> Task:
+        """The whole split (before sampling), built on first use."""
+        if self._task is None:
+            self._task = self._build(self.train)
+        return self._task
+
+    def prepare_data(self) -> None:
+        """Download the files (rank 0 only) when ``download=True``."""
+        if self.download and get_entry(self.dataset_name).download is not None:
+            download_dataset(self.dataset_name, self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the task and draw the training sample (once)."""
+        self._sample()
+
+    def _sample(self) -> Subset[Any]:
+        if self._train_dataset is None:
+            task = self.task
+            targets = get_targets(task.dataset)
+            indices = sample_indices(targets, self.max_samples, self.balanced_sampling, self.seed)
+            self._train_dataset = Subset(task.dataset, indices)
+            rank_zero_info(
+                f"{self.task_name}: {len(indices)} of {len(targets)} examples "
+                f"({'class-balanced, with replacement' if self.balanced_sampling else 'subset'},"
+                f" seed {self.seed}), {self.num_classes} classes"
+            )
+        return self._train_dataset
+
+    @property
+    def train_dataset(self) -> Dataset[tuple[torch.Tensor, int]]:
+        """The sampled training examples (drawn on first use)."""
+        return self._sample()
+
+    @property
+    def train_indices(self) -> list[int]:
+        """Indices into ``task.dataset`` of the sampled examples, in serving order."""
+        return list(self._sample().indices)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        """The sampled examples in their drawn order (not reshuffled)."""
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        """The task's test split."""
+        if not get_entry(self.dataset_name).has_test_split:
+            raise ValueError(f"dataset {self.dataset_name!r} has no test split for validation")
+        if self._val_task is None:
+            self._val_task = self._build(False)
+        return DataLoader(
+            self._val_task.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
