@@ -76,7 +76,7 @@ def test_single_task_datasets_take_no_task_id() -> None:
 
 
 def test_describe_matches_the_built_task() -> None:
-    for name in ("digits", "digits_even", "mnist_subset_5_9"):
+    for name in ("digits", "digits_even", "digits_5_9"):
         info = describe_task(name, "x")
         task = get_task(name, "x")
         assert (info.name, info.num_classes) == (task.name, task.num_classes)
