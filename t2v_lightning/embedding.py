@@ -247,23 +247,52 @@ def _read_tensors(path: Path, header: Mapping[str, Any], data_start: int) -> dic
     return out
 
 
+def _describe(embedding: TaskEmbedding, name: str) -> str:
+    if embedding.name:
+        return f"{name} ({embedding.name!r})"
+    probe = embedding.meta.get("probe")
+    return f"{name} (probe {probe!r})" if probe is not None else name
+
+
+def _layout_difference(a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str]) -> str:
+    """Where two layer layouts first differ, in words (empty when neither records layers)."""
+    if not a.layers or not b.layers:
+        return ""
+    layers_a, layers_b = list(a.layers.items()), list(b.layers.items())
+    for position, (entry_a, entry_b) in enumerate(zip(layers_a, layers_b)):
+        if entry_a != entry_b:
+            return (
+                f"; layer #{position} is {entry_a[0]!r} {entry_a[1]} in {names[0]} but "
+                f"{entry_b[0]!r} {entry_b[1]} in {names[1]}"
+            )
+    longer, name = (layers_a, names[0]) if len(layers_a) > len(layers_b) else (layers_b, names[1])
+    extra = longer[min(len(layers_a), len(layers_b))]
+    return f"; {name} has more layers, starting with {extra[0]!r} {extra[1]}"
+
+
 def check_comparable(a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str] = ("a", "b")) -> None:
     """Raise :class:`IncompatibleEmbeddingsError` unless ``a`` and ``b`` can be compared.
 
     Embeddings are comparable when they come from the same probe weights (equal
     ``meta["probe_fingerprint"]`` where both record one) and share the same layer layout.
+    The message names both embeddings (``names`` and their task names) and says what differs.
     """
-    label_a = f"{names[0]} ({a.name or a.meta.get('probe', '?')})"
-    label_b = f"{names[1]} ({b.name or b.meta.get('probe', '?')})"
+    label_a, label_b = _describe(a, names[0]), _describe(b, names[1])
     fa, fb = a.meta.get("probe_fingerprint"), b.meta.get("probe_fingerprint")
     if fa is not None and fb is not None and fa != fb:
+        probes = ""
+        pa, pb = a.meta.get("probe"), b.meta.get("probe")
+        if pa is not None and pb is not None:
+            probes = f", probes {pa!r} and {pb!r}" if pa != pb else f", both probe {pa!r}"
         raise IncompatibleEmbeddingsError(
             f"embeddings {label_a} and {label_b} were made with different probe weights "
-            f"(fingerprints {fa} and {fb}); only embeddings of the same probe can be compared"
+            f"(fingerprints {fa} and {fb}{probes}); only embeddings of the same probe can be "
+            f"compared"
         )
     if len(a) != len(b) or (a.layers and b.layers and a.layers != b.layers):
         raise IncompatibleEmbeddingsError(
             f"embeddings {label_a} and {label_b} have different layer layouts "
             f"({len(a)} entries in {len(a.layers)} layers vs {len(b)} entries in "
-            f"{len(b.layers)} layers); embed both with the same probe and skip_layers"
+            f"{len(b.layers)} layers{_layout_difference(a, b, names)}); embed both with the "
+            f"same probe and skip_layers"
         )
