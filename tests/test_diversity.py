@@ -70,6 +70,7 @@ def test_cross_diversity_coefficient_against_scipy() -> None:
     result = cross_diversity_coefficient(first, second)
     mean, std, low, high = scipy_summary(pairs, 0.95)
     assert result.num_pairs == 20
+    assert t2v_lightning.cross_diversity_coefficient is cross_diversity_coefficient
     assert result.mean == pytest.approx(mean, rel=RTOL)
     assert (result.std, result.ci_low, result.ci_high) == pytest.approx((std, low, high),
                                                                          rel=1e-4)

@@ -116,6 +116,8 @@ def test_alpha_makes_the_complex_expert_win() -> None:
                                [EXPECTED_COMPLEXITY[n] for n in ("simple-near", "complex-far")],
                                rtol=RTOL, atol=1e-7)
     assert t2v_lightning.select_expert is select_expert
+    assert t2v_lightning.trivial_embedding is trivial_embedding
+    assert t2v_lightning.asymmetric_distance is asymmetric_distance
 
 
 def test_select_expert_matches_pairwise_scores_on_random_tasks() -> None:
