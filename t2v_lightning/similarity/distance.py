@@ -26,8 +26,8 @@ float64. The other four need every pair's ``d`` entries; they run over tiles of 
 in the CPU cache, in float32, with formulas that avoid cancellation:
 
 * the per-entry maximum in ``kl`` is the KL in the direction of the larger variance (``kl0 ≥
-  kl1`` exactly when ``v_a ≥ v_b``), so with ``t = |log v_a - log v_b|`` the entry is
-  ``½ (expm1(t) - t)``;
+  kl1`` exactly when ``v_a ≥ v_b``): with ``R = max(v_a / v_b, v_b / v_a)`` the entry is
+  ``½ (R - 1 - log R)``;
 * ``jsd``'s entry is ``½ log cosh(t / 2) = ½ log1p((√v_a - √v_b)² / (2 √v_a √v_b))``;
 * ``entropy``'s mean binary entropy is ``mean(log S - (h_a log h_a + (h_b + ε) log(h_b + ε)) / S)``
   with ``S = h_a + h_b + ε`` (one logarithm per pair and entry);
@@ -252,10 +252,11 @@ def _entropy_kernel(row: _Side, cols: _Side, buffer: torch.Tensor,
 
 
 def _kl_kernel(row: _Side, cols: _Side, buffer: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
-    # max(kl0, kl1) = ½ (expm1(t) - t) with t = |log v_a - log v_b|.
-    t = torch.sub(cols["log_v"], row["log_v"], out=buffer).abs_()
-    excess = torch.expm1(t, out=spare).sub_(t)
-    return 0.5 * excess.sum(dim=1).double()
+    # max(kl0, kl1) = ½ (R - 1 - log R) with R = max(v_a / v_b, v_b / v_a) ≥ 1.
+    ratio = torch.mul(cols["h"], row["v"], out=buffer)  # v_a / v_b = v_a · h_b
+    larger = torch.maximum(ratio, torch.reciprocal(ratio, out=spare), out=buffer)
+    log_larger = torch.log(larger, out=spare)
+    return 0.5 * larger.sub_(1.0).sub_(log_larger).sum(dim=1).double()
 
 
 def _jsd_kernel(row: _Side, cols: _Side, buffer: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
@@ -296,7 +297,7 @@ def _tile_inputs(distance: str, ha: torch.Tensor, hb: torch.Tensor,
         b_eps = b + eps
         return cast(h=a, h_log_h=a * log_ha), cast(h_eps=b_eps, h_eps_log_h_eps=b_eps * b_eps.log())
     if distance == "kl":
-        return cast(log_v=-log_ha), cast(log_v=-log_hb)
+        return cast(v=torch.exp(-log_ha)), cast(h=b)
     # jsd
     sqrt_va, sqrt_vb = torch.exp(-0.5 * log_ha), torch.exp(-0.5 * log_hb)
     return cast(sqrt_v=sqrt_va, two_sqrt_v=2.0 * sqrt_va), cast(sqrt_v=sqrt_vb)
@@ -382,7 +383,7 @@ def pairwise_distances(
     _check_distance(distance)
     same = other_hessians is None
     ha, sa = hessians.detach().cpu().to(torch.float64), scales.detach().cpu().to(torch.float64)
-    if same:
+    if other_hessians is None:
         hb, sb = ha, sa
     else:
         if other_scales is None:
