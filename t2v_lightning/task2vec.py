@@ -15,7 +15,11 @@ One :meth:`Task2Vec.embed` runs, in order (SPEC section 2):
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import os
+import re
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +29,8 @@ import lightning
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -39,7 +45,11 @@ from t2v_lightning.features import (
 )
 from t2v_lightning.fisher.callback import FisherCallback
 from t2v_lightning.fisher.estimators import ESTIMATORS, Estimator, embedded_layers
-from t2v_lightning.fisher.module import FisherPassModule
+from t2v_lightning.fisher.module import (
+    FisherPassCheckpoint,
+    FisherPassModule,
+    restore_fisher_pass,
+)
 from t2v_lightning.head import HeadClassifier
 from t2v_lightning.probe import (
     ProbeError,
@@ -141,8 +151,19 @@ class Task2Vec:
         devices: Lightning devices.
         strategy: Lightning strategy (``"auto"``, ``"ddp"``, ``"ddp_spawn"``, ...).
         precision: Lightning precision (``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``).
+        num_nodes: Lightning nodes (machines) of a multi-node run (``torchrun`` / SLURM).
         num_workers: data-loading worker processes.
         progress_bar: show Lightning progress bars for head fitting and the Fisher pass.
+        checkpoint_dir: folder of the Fisher pass's Lightning checkpoint (``None``: none). The
+            checkpoint is removed when the pass completes.
+        checkpoint_every_n_steps: Fisher-pass batches (per process) between two checkpoints.
+        resume_from: a Fisher-pass checkpoint to resume from, or ``"last"``: the one in
+            ``checkpoint_dir`` if an interrupted pass left one (else start afresh).
+
+    Under DDP (``strategy="ddp"`` or ``"ddp_spawn"``, any ``devices`` / ``num_nodes``) the
+    embedding equals the one-process result: every rank fits the same head on the cached
+    features (DDP then broadcasts rank 0's network), each example id is visited by exactly one
+    rank, and the Fisher sums and counts are summed across ranks.
 
     Example:
         >>> import torch
@@ -181,8 +202,12 @@ class Task2Vec:
         devices: int | str | Sequence[int] = 1,
         strategy: str = "auto",
         precision: str = "32-true",
+        num_nodes: int = 1,
         num_workers: int = 0,
         progress_bar: bool = True,
+        checkpoint_dir: str | None = None,
+        checkpoint_every_n_steps: int = 50,
+        resume_from: str | None = None,
     ) -> None:
         if not isinstance(probe, nn.Module):
             raise TypeError(f"probe must be a torch.nn.Module, got {type(probe).__name__}")
@@ -220,6 +245,14 @@ class Task2Vec:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if not _is_int(num_workers) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        if not _is_int(num_nodes) or num_nodes < 1:
+            raise ValueError(f"num_nodes must be a positive integer, got {num_nodes!r}")
+        if not _is_int(checkpoint_every_n_steps) or checkpoint_every_n_steps < 1:
+            raise ValueError(
+                f"checkpoint_every_n_steps must be a positive integer, got {checkpoint_every_n_steps!r}"
+            )
+        if resume_from == "last" and checkpoint_dir is None:
+            raise ValueError("resume_from='last' needs checkpoint_dir (where the checkpoint is)")
         self.head = find_head(probe, head)
         children = [name for name, _ in probe.named_children()]
         if skip_layers >= len(children):
@@ -252,8 +285,12 @@ class Task2Vec:
         self.devices = devices
         self.strategy = strategy
         self.precision = precision
+        self.num_nodes = num_nodes
         self.num_workers = num_workers
         self.progress_bar = progress_bar
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.resume_from = resume_from
         if method == "variational":
             from t2v_lightning.fisher import variational  # noqa: F401  (fails clearly if absent)
 
@@ -351,18 +388,33 @@ class Task2Vec:
                 )
         return network
 
-    def _trainer(self, phase: str, max_epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-        bar: list[pl.Callback] = [_PhaseProgressBar(phase)] if self.progress_bar else []
+    def _trainer(
+        self, phase: str, max_epochs: int, callbacks: list[pl.Callback], local: bool = False
+    ) -> pl.Trainer:
+        """A Trainer with this object's settings; ``local=True``: this process's device only."""
+        accelerator: str = self.accelerator
+        devices: int | str | Sequence[int] = self.devices
+        strategy, num_nodes, progress_bar = self.strategy, self.num_nodes, self.progress_bar
+        if local:
+            # Every rank runs the same computation on its own device: no process group, no
+            # sharding, the one-process result on every rank.
+            device = self._device()
+            accelerator = device.type if device.type in ("cpu", "cuda", "mps") else accelerator
+            devices = [device.index] if device.type == "cuda" and device.index is not None else 1
+            strategy, num_nodes = "auto", 1
+            progress_bar = progress_bar and rank_zero_only.rank == 0
+        bar: list[pl.Callback] = [_PhaseProgressBar(phase)] if progress_bar else []
         return pl.Trainer(
-            accelerator=self.accelerator,
-            devices=self.devices,
-            strategy=self.strategy,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
             precision=self.precision,  # type: ignore[arg-type]
             max_epochs=max_epochs,
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
-            enable_progress_bar=self.progress_bar,
+            enable_progress_bar=progress_bar,
             num_sanity_val_steps=0,
             callbacks=bar + callbacks,
             log_every_n_steps=1,
@@ -480,7 +532,9 @@ class Task2Vec:
             shuffle=True,
             generator=generator,
         )
-        trainer = self._trainer("head fitting", self.head_epochs, [])
+        # Fitted on every rank alike (not sharded), so that the head, and so the embedding, do
+        # not depend on the number of processes; the Fisher pass then broadcasts rank 0's.
+        trainer = self._trainer("head fitting", self.head_epochs, [], local=True)
         trainer.fit(module, loader)
         with torch.no_grad():
             head.weight.copy_(module.head.weight.to(head.weight))
@@ -490,11 +544,13 @@ class Task2Vec:
         return None if accuracy is None else float(accuracy)
 
     def _embed_montecarlo(self, dataset: Dataset, task_name: str | None) -> TaskEmbedding:
-        network, inputs, _, meta = self.prepare(dataset, task_name)
+        network, inputs, labels, meta = self.prepare(dataset, task_name)
         layers = embedded_layers(network, self.head)
         if not layers:
             raise ProbeError("nothing to embed: no layer with weights after the skipped prefix")
         meta.update(method="montecarlo", batch_size=self.batch_size)
+        # Ties a Fisher-pass checkpoint to the task it was made for.
+        meta["labels_fingerprint"] = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]
         callback = FisherCallback(
             estimator=self.estimator,
             mc_samples=self.mc_samples,
@@ -505,11 +561,52 @@ class Task2Vec:
             meta=meta,
         )
         module = FisherPassModule(network, inputs, self.batch_size, self.num_workers)
-        trainer = self._trainer("Fisher pass", 1, [callback])
-        trainer.fit(module)
-        if callback.embedding is None:
+        callbacks: list[pl.Callback] = [callback]
+        checkpoint = self._fisher_checkpoint(task_name)
+        if checkpoint is not None:
+            callbacks.append(FisherPassCheckpoint(checkpoint, self.checkpoint_every_n_steps))
+        resume = self._resume_path(checkpoint)
+        if resume is not None:
+            skip = restore_fisher_pass(resume, module, callback)
+            module = FisherPassModule(network, inputs, self.batch_size, self.num_workers, skip)
+            rank_zero_info(f"Resuming the Fisher pass from {resume}")
+        trainer = self._trainer("Fisher pass", 1, callbacks)
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            # Spawned workers (ddp_spawn) return nothing to this process: rank 0 writes the
+            # artifact to a temporary file that is read back here.
+            with tempfile.TemporaryDirectory(prefix="t2v-fisher-") as folder:
+                callback.output = os.path.join(folder, "embedding.safetensors")
+                trainer.fit(module)
+                embedding = (
+                    TaskEmbedding.load(callback.output) if os.path.isfile(callback.output) else None
+                )
+        else:
+            trainer.fit(module)
+            embedding = callback.embedding
+        if embedding is None:
             raise RuntimeError("the Fisher pass ended without producing an embedding")
-        return callback.embedding
+        if checkpoint is not None and trainer.is_global_zero and os.path.isfile(checkpoint):
+            os.remove(checkpoint)  # the pass is complete; nothing left to resume
+        return embedding
+
+    def _fisher_checkpoint(self, task_name: str | None) -> str | None:
+        """The Fisher pass's checkpoint file for this task (``None`` without checkpoint_dir)."""
+        if self.checkpoint_dir is None:
+            return None
+        name = "fisher-pass" if task_name is None else f"fisher-pass-{task_name}"
+        return os.path.join(self.checkpoint_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".ckpt")
+
+    def _resume_path(self, checkpoint: str | None) -> str | None:
+        if self.resume_from is None:
+            return None
+        if self.resume_from == "last":
+            if checkpoint is not None and os.path.isfile(checkpoint):
+                return checkpoint
+            rank_zero_info(f"No Fisher-pass checkpoint at {checkpoint}; starting afresh")
+            return None
+        if not os.path.isfile(self.resume_from):
+            raise FileNotFoundError(f"resume_from={self.resume_from!r}: no such checkpoint file")
+        return self.resume_from
 
 
 def _labels_only(batch: list[Any]) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""The Fisher callback for projects that import ``pytorch_lightning`` instead of ``lightning``.
+
+``pytorch_lightning`` and ``lightning.pytorch`` are separate class hierarchies at run time: a
+``pytorch_lightning.Trainer`` only accepts callbacks that are ``pytorch_lightning.Callback``
+instances. This :class:`FisherCallback` is :class:`t2v_lightning.FisherCallback` (same
+arguments, hooks, state and artifact; checkpoints are interchangeable, the ``state_key`` is the
+same) that is also a ``pytorch_lightning.Callback``.
+
+Example:
+    >>> import pytorch_lightning as pl
+    >>> from t2v_lightning.fisher.pl_compat import FisherCallback
+    >>> trainer = pl.Trainer(callbacks=[FisherCallback(at="fit_end", output="task.safetensors")])
+"""
+
+from __future__ import annotations
+
+try:
+    import pytorch_lightning
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "t2v_lightning.fisher.pl_compat needs the pytorch_lightning package; with the unified "
+        "`lightning` package use t2v_lightning.FisherCallback"
+    ) from err
+
+from t2v_lightning.fisher.callback import FisherCallback as _FisherCallback
+
+__all__ = ["FisherCallback"]
+
+
+class FisherCallback(_FisherCallback, pytorch_lightning.Callback):
+    """:class:`t2v_lightning.FisherCallback` for a ``pytorch_lightning.Trainer``.
+
+    The Trainer only calls hooks by name and reads ``state_key`` / ``state_dict``; the two
+    Callback base classes define the same hooks, all no-ops, so the behaviour is exactly that of
+    :class:`t2v_lightning.FisherCallback`.
+    """
