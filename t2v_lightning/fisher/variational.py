@@ -15,7 +15,9 @@ pre-activations,
 (the ``0.01`` keeps the noise alive where the input is zero, as in the 2019 reference). Because
 :math:`\sigma^2` is constant over a filter, :math:`\text{layer}(x^2 + 0.01; \sigma^2)` is
 :math:`\sigma^2_o` times a convolution of the channel-summed :math:`x^2 + 0.01` with a kernel of
-ones (one channel per group), which :func:`output_variance` computes instead of a full convolution.
+ones (one channel per group, :func:`receptive_field_sums`); :func:`add_weight_noise` multiplies
+that small tensor, the per-filter :math:`\sigma_o` and the noise by broadcasting, so the variance
+pass costs a few elementwise operations per layer instead of a second convolution.
 
 The variances minimise, with the probe's weights frozen and the head trained alongside,
 
@@ -79,12 +81,16 @@ __all__ = [
     "INPUT_NOISE_FLOOR",
     "VARIANCE_INIT_SCALE",
     "FilterVariance",
+    "GlobalBatchNoise",
     "VariationalLayers",
     "VariationalFisherModule",
     "NoiseRun",
     "embed_variational",
     "kl_divergence",
     "output_variance",
+    "receptive_field_sums",
+    "standard_noise",
+    "add_weight_noise",
     "variational_layers",
 ]
 
@@ -184,28 +190,27 @@ def variational_layers(
 # --------------------------------------------------------------------------------------------
 
 
-def output_variance(module: nn.Module, inputs: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-    r""":math:`\text{layer}(x^2 + 0.01;\ \sigma^2)`: the variance of the layer's output under weight noise.
+def receptive_field_sums(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    r"""The layer's sums of :math:`x^2 + 0.01` over each output's receptive field, one per group.
 
-    With one variance per output filter this is :math:`\sigma^2_o` times the layer's receptive
-    field sum of :math:`x^2 + 0.01` (zero padding adds zeros, not 0.01, as in the reference), one
-    channel per group, computed in float32.
+    :math:`\text{layer}(x^2 + 0.01;\ \sigma^2)[o] = \sigma^2_o \cdot s[g(o)]`, where :math:`s`
+    runs the layer's geometry (stride, padding, dilation, padding mode, timm's "same" padding)
+    with a kernel of ones over the channel sums of :math:`x^2 + 0.01` of each group :math:`g`.
+    Zero padding adds zeros, not 0.01, as in the reference. Computed in float32.
 
     Args:
         module: a layer accepted by :func:`variational_layers`.
         inputs: the layer's input (batched or not).
-        variance: ``(out_features,)`` or ``(out_channels,)`` per-filter variances.
 
     Returns:
-        A float32 tensor of the shape of the layer's output.
+        Linear: ``(..., 1)``. Convolution: ``(B, groups, *output positions)`` (no batch
+        dimension for unbatched inputs).
     """
     kind = _variance_kind(module)
-    variance = variance.float().reshape(-1)
     squared = inputs.float().square()
     if kind == "linear":
         fan_in = squared.shape[-1]
-        field = squared.sum(-1, keepdim=True) + INPUT_NOISE_FLOOR * fan_in
-        return field * variance
+        return squared.sum(-1, keepdim=True) + INPUT_NOISE_FLOOR * fan_in
     if kind != "conv":
         raise UnsupportedLayerError(f"no variational form for {type(module).__name__}")
     conv = cast(_ConvNd, module)
@@ -229,11 +234,98 @@ def output_variance(module: nn.Module, inputs: torch.Tensor, variance: torch.Ten
             )
         summed = F.pad(summed, pads)
     ones = torch.ones(groups, 1, *conv.kernel_size, dtype=summed.dtype, device=summed.device)
-    field = conv._conv_forward(summed, ones, None)  # type: ignore[operator]  # B × groups × out positions
-    per_group_out = variance.numel() // groups
-    shape = (1, groups, per_group_out) + (1,) * spatial
-    result = (field.unsqueeze(2) * variance.reshape(shape)).flatten(1, 2)
-    return result.squeeze(0) if unbatched else result
+    field = conv._conv_forward(summed, ones, None)  # type: ignore[operator]
+    return field.squeeze(0) if unbatched else field
+
+
+def _grouped(
+    module: nn.Module, field: torch.Tensor, per_filter: torch.Tensor, output_shape: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Views that broadcast a receptive-field sum and a per-filter vector to the layer's output.
+
+    A convolution's output ``(B, out, *positions)`` is viewed as ``(B, groups, out / groups,
+    *positions)``; ``field`` becomes ``(B, groups, 1, *positions)`` and ``per_filter``
+    ``(groups, out / groups, 1, ...)``. Linear layers need no view.
+
+    Returns:
+        ``(field, per_filter, grouped output shape)``.
+
+    Raises:
+        FisherError: the receptive fields do not match the output positions (a layer whose
+            ``forward`` pads or strides in a way the geometry here does not know).
+    """
+    if _variance_kind(module) == "linear":
+        if field.shape[:-1] != output_shape[:-1]:
+            raise FisherError(
+                f"{type(module).__name__}: output {tuple(output_shape)} but input rows "
+                f"{tuple(field.shape[:-1])}"
+            )
+        return field, per_filter, tuple(output_shape)
+    groups = int(cast(_ConvNd, module).groups)
+    spatial = cast(torch.Tensor, module.weight).ndim - 2
+    lead = len(output_shape) - spatial - 1  # 1 batched, 0 unbatched
+    expected = (*output_shape[:lead], groups, *output_shape[lead + 1 :])
+    if tuple(field.shape) != expected:
+        raise FisherError(
+            f"{type(module).__name__}: its output has shape {tuple(output_shape)} but its "
+            f"receptive fields give {tuple(field.shape)}; it pads or strides in a way the local "
+            "reparametrization does not know"
+        )
+    per_group_out = per_filter.numel() // groups
+    grouped = (*output_shape[:lead], groups, per_group_out, *output_shape[lead + 1 :])
+    field = field.unsqueeze(lead + 1)
+    per_filter = per_filter.reshape(groups, per_group_out, *([1] * spatial))
+    return field, per_filter, grouped
+
+
+def output_variance(module: nn.Module, inputs: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    r""":math:`\text{layer}(x^2 + 0.01;\ \sigma^2)`: the variance of the layer's output under weight noise.
+
+    Args:
+        module: a layer accepted by :func:`variational_layers`.
+        inputs: the layer's input (batched or not).
+        variance: ``(out_features,)`` or ``(out_channels,)`` per-filter variances.
+
+    Returns:
+        A float32 tensor of the shape of the layer's output.
+    """
+    field = receptive_field_sums(module, inputs)
+    per_filter = variance.float().reshape(-1)
+    if _variance_kind(module) == "linear":
+        return field * per_filter
+    lead = field.ndim - (cast(torch.Tensor, module.weight).ndim - 2) - 1
+    shape = (*field.shape[:lead], per_filter.numel(), *field.shape[lead + 1 :])
+    field, per_filter, _ = _grouped(module, field, per_filter, torch.Size(shape))
+    return (field * per_filter).reshape(shape)
+
+
+def add_weight_noise(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    output: torch.Tensor,
+    logvar: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    r"""``output + sqrt(layer(x² + 0.01; σ²)) * noise`` in float32.
+
+    The standard deviation :math:`\sigma_o \sqrt{s_{g(o)}}` is never materialised: it is the
+    broadcast product of the per-filter :math:`\sigma` and the small receptive-field sums
+    :math:`s` of :func:`receptive_field_sums`, fused into one ``addcmul``.
+
+    Args:
+        module: a layer accepted by :func:`variational_layers`.
+        inputs: the layer's input.
+        output: the layer's output on ``inputs``.
+        logvar: per-filter log-variances (one entry per filter).
+        noise: standard normal noise of ``output``'s shape.
+    """
+    field = receptive_field_sums(module, inputs)
+    sigma = torch.exp(0.5 * logvar.float().reshape(-1))
+    field, sigma, grouped = _grouped(module, field, sigma, output.shape)
+    noisy = torch.addcmul(
+        output.float().reshape(grouped), noise.reshape(grouped) * sigma, field.sqrt()
+    )
+    return noisy.reshape(output.shape)
 
 
 def kl_divergence(
@@ -439,15 +531,7 @@ def _noise_hook(
         if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
             raise UnsupportedLayerError(f"layer {name!r} must take and return a tensor")
         with torch.autocast(device_type=output.device.type, enabled=False):
-            out_var = output_variance(module, args[0], variance.variance())
-            if out_var.shape != output.shape:
-                raise FisherError(
-                    f"layer {name!r} ({type(module).__name__}): its output has shape "
-                    f"{tuple(output.shape)} but the variance pass gives {tuple(out_var.shape)}; "
-                    "it pads or strides in a way the local reparametrization does not know"
-                )
-            std = out_var.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
-            noisy = output.float() + std * noise(index, output)
+            noisy = add_weight_noise(module, args[0], output, variance.logvar, noise(index, output))
         return noisy.to(output.dtype)
 
     return hook
