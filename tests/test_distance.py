@@ -214,10 +214,29 @@ def test_pairwise_distances_on_tensors() -> None:
                                rtol=1e-12)
     with pytest.raises(ValueError, match="other_scales"):
         pairwise_distances(hessians, scales, hessians)
-    with pytest.raises(ValueError, match="hessians row 1"):
-        bad = hessians.clone()
-        bad[1, 0] = 0.0
+    bad = hessians.clone()
+    bad[1, 0] = 0.0
+    with pytest.raises(ValueError, match=r"hessians row 1.*cosine or entropy"):
+        pairwise_distances(bad, scales, distance="kl")
+    bad[1, 0] = -1.0
+    with pytest.raises(ValueError, match="hessians row 1 has 1 negative"):
         pairwise_distances(bad, scales)
+
+
+@pytest.mark.parametrize("name", ["cosine", "entropy"])
+def test_zero_fisher_values_are_accepted_where_the_distance_is_defined(name: str) -> None:
+    """Dead ReLU channels give filters whose Fisher is exactly zero."""
+    a, b = make_embeddings(2, seed=3)
+    a.hessian[:5] = 0.0
+    b.hessian[3:8] = 0.0
+    ha, hb = a.hessian.double().numpy(), b.hessian.double().numpy()
+    pa, pb = ha / (ha + hb + 1e-8), hb / (ha + hb + 1e-8)
+    if name == "cosine":
+        expected = scipy_cosine(pa, pb)
+    else:
+        entropy = np.array([scipy_entropy([p, 1 - p]) for p in pa])
+        expected = np.log(2) - entropy.mean()
+    np.testing.assert_allclose(task_distance(a, b, name), expected, rtol=1e-5, atol=1e-7)
 
 
 @settings(max_examples=25, deadline=None)
@@ -266,8 +285,9 @@ def test_invalid_hessians_raise_naming_the_embedding(value: float) -> None:
     bad[45] = value
     embeddings[1] = TaskEmbedding(bad, embeddings[1].scale, embeddings[1].layers,
                                   embeddings[1].meta)
+    # zeros are valid for cosine (the default) and entropy; the other distances divide by h
     with pytest.raises(ValueError, match=r"embeddings\[1\] \('t1'\).*index 45 \(layer 'layer2'\)"):
-        pdist(embeddings)
+        pdist(embeddings, "cosine" if value != 0.0 else "kl")
     with pytest.raises(ValueError, match=r"b \('t1'\)"):
         task_distance(embeddings[0], embeddings[1], "kl")
 

@@ -94,9 +94,11 @@ def _check_distance(distance: str) -> None:
 
 
 def _bad_entries_message(values: torch.Tensor, label: str, what: str,
-                         layers: dict[str, tuple[int, int]] | None) -> str:
+                         layers: dict[str, tuple[int, int]] | None,
+                         allow_zero: bool = False) -> str:
     finite = torch.isfinite(values)
-    bad = ~finite | (values <= 0)
+    negative = values < 0 if allow_zero else values <= 0
+    bad = ~finite | negative
     first = int(torch.nonzero(bad)[0, 0])
     where = f"index {first}"
     for name, (start, stop) in (layers or {}).items():
@@ -106,24 +108,40 @@ def _bad_entries_message(values: torch.Tensor, label: str, what: str,
     kinds = []
     if int((~finite).sum()):
         kinds.append(f"{int((~finite).sum())} non-finite")
-    if int((values <= 0).sum()):
-        kinds.append(f"{int((values <= 0).sum())} non-positive")
+    if int(negative.sum()):
+        kinds.append(f"{int(negative.sum())} {'negative' if allow_zero else 'non-positive'}")
+    need = (
+        "finite, non-negative Fisher values"
+        if allow_zero
+        else "finite, strictly positive Fisher values (they divide by them); a zero marks a "
+        "filter that received no gradient (a dead ReLU channel, for instance): use the cosine "
+        "or entropy distance, which accept zeros"
+    )
     return (
         f"{label} has {' and '.join(kinds)} {what} value(s), first at {where}: "
-        f"{float(values[first])!r}. Task2Vec distances need finite, strictly positive Fisher "
-        f"values; a zero usually marks a filter that received no gradient"
+        f"{float(values[first])!r}. This distance needs {need}"
     )
 
 
 def _check_positive(values: torch.Tensor, labels: Sequence[str], what: str,
-                    layers: Sequence[dict[str, tuple[int, int]] | None] | None = None) -> None:
-    """Raise ``ValueError`` naming the first row of ``values`` with a non-finite or ≤ 0 entry."""
-    ok = torch.isfinite(values) & (values > 0)
+                    layers: Sequence[dict[str, tuple[int, int]] | None] | None = None,
+                    allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` naming the first row of ``values`` with a non-finite or ≤ 0 entry.
+
+    With ``allow_zero`` only negative entries are refused: the cosine and entropy distances
+    normalise by ``h_a + h_b + ε`` and are defined for filters whose Fisher is exactly zero.
+    """
+    ok = torch.isfinite(values) & ((values >= 0) if allow_zero else (values > 0))
     if bool(ok.all()):
         return
     row = int(torch.nonzero(~ok.all(dim=1))[0, 0])
     row_layers = layers[row] if layers is not None else None
-    raise ValueError(_bad_entries_message(values[row], labels[row], what, row_layers))
+    raise ValueError(
+        _bad_entries_message(values[row], labels[row], what, row_layers, allow_zero)
+    )
+
+
+_ZERO_TOLERANT = ("cosine", "entropy")
 
 
 def _label(embedding: TaskEmbedding, argument: str, index: int | None) -> str:
@@ -277,16 +295,30 @@ _KERNELS: dict[str, _Kernel] = {
 
 def _tile_inputs(distance: str, ha: torch.Tensor, hb: torch.Tensor,
                  same: bool) -> tuple[_Side, _Side]:
-    """The per-row quantities each kernel reads, rescaled entrywise, in the working precision."""
-    log_center = torch.cat([ha, hb]).log().mean(dim=0) if not same else ha.log().mean(dim=0)
-    log_ha, log_hb = ha.log() - log_center, hb.log() - log_center
+    """The per-row quantities each kernel reads, rescaled entrywise, in the working precision.
+
+    Each dimension is divided by the geometric mean of its positive entries; exact zeros (which
+    only the cosine and entropy distances accept) stay zero and take no part in the scaling.
+    """
+    both = ha if same else torch.cat([ha, hb])
+    positive = both > 0
+    logs = torch.where(positive, both.clamp_min(torch.finfo(both.dtype).tiny).log(), 0.0)
+    counts = positive.sum(dim=0)
+    log_center = torch.where(counts > 0, logs.sum(dim=0) / counts.clamp_min(1), 0.0)
+    unit = torch.exp(-log_center)
+
+    def logs_of(h: torch.Tensor) -> torch.Tensor:
+        scaled = h * unit
+        return torch.where(scaled > 0, scaled.clamp_min(torch.finfo(h.dtype).tiny).log(), 0.0)
+
+    log_ha, log_hb = logs_of(ha), logs_of(hb)
     log_eps = math.log(EPSILON) - log_center
     spread = max(float(log_ha.abs().max()), float(log_hb.abs().max()))
     if distance in ("cosine", "entropy"):
         spread = max(spread, float(log_eps.max()))
     dtype = torch.float32 if spread <= _FLOAT32_LOG_RANGE else torch.float64
     eps = torch.exp(log_eps)  # float64; entries far below the hessians vanish harmlessly
-    a, b = torch.exp(log_ha), torch.exp(log_hb)
+    a, b = ha * unit, hb * unit
 
     def cast(**tensors: torch.Tensor) -> _Side:
         return {k: v.to(dtype).contiguous() for k, v in tensors.items()}
@@ -404,9 +436,10 @@ def pairwise_distances(
         raise ValueError("embeddings have no entries (d = 0)")
     labels_a = [f"hessians row {i}" for i in range(ha.shape[0])]
     labels_b = labels_a if same else [f"other_hessians row {i}" for i in range(hb.shape[0])]
-    _check_positive(ha, labels_a, "hessian")
+    zeros = distance in _ZERO_TOLERANT
+    _check_positive(ha, labels_a, "hessian", allow_zero=zeros)
     if not same:
-        _check_positive(hb, labels_b, "hessian")
+        _check_positive(hb, labels_b, "hessian", allow_zero=zeros)
     if distance == "normalized_cosine":
         _check_positive(sa, [s.replace("hessians", "scales") for s in labels_a], "scale")
         if not same:
@@ -435,7 +468,7 @@ def _validated(items: Sequence[TaskEmbedding], labels: Sequence[str],
                distance: str) -> tuple[torch.Tensor, torch.Tensor]:
     hessians, scales = _stack(items)
     layers = [e.layers for e in items]
-    _check_positive(hessians, labels, "hessian", layers)
+    _check_positive(hessians, labels, "hessian", layers, allow_zero=distance in _ZERO_TOLERANT)
     if distance == "normalized_cosine":
         _check_positive(scales, labels, "scale", layers)
     return hessians, scales
