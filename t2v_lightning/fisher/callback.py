@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -522,6 +523,19 @@ class FisherCallback(Callback):
                 "repeated examples. Give the Fisher pass unique ids per rank (ShardSampler and "
                 "Trainer(use_distributed_sampler=False)) or use FisherCallback(at='fit_end')"
             )
+        if counts is not None and self._at == "train_batch" and trainer.is_global_zero:
+            counted = counts > 0
+            if self._skip is not None:
+                counted |= self._skip
+            missing = int((~counted).sum())
+            if missing:
+                warnings.warn(
+                    f"FisherCallback: {missing} of {counted.numel()} example ids were never "
+                    "counted; the Fisher covers the others only (a run resumed mid-epoch with "
+                    "Trainer.fit(ckpt_path=...) restarts the data at its beginning and stops "
+                    "early; Task2Vec(resume_from=...) resumes a Fisher pass exactly)",
+                    stacklevel=2,
+                )
         hessian, offsets = filter_values(sums, total, self._layers)
         meta = dict(self._meta)
         if self._at == "fit_end":
