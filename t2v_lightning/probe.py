@@ -27,6 +27,8 @@ __all__ = [
     "split_prefix",
     "probe_fingerprint",
     "load_state_dict_by_order",
+    "call_probe",
+    "batch_rows",
 ]
 
 # Names given to probes built by ``get_probe``; a weak table so that nothing is stored on modules.
@@ -35,6 +37,27 @@ _PROBE_NAMES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDiction
 
 class ProbeError(ValueError):
     """A probe that cannot be built, or that cannot be used the way it was asked to be."""
+
+
+def call_probe(network: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> Any:
+    """Run ``network`` on a batch: ``network(**inputs)`` for a mapping of tensors, else ``network(inputs)``.
+
+    A mapping is how tokenised text reaches a transformer probe (``input_ids``,
+    ``attention_mask``, ...): each entry becomes a keyword argument.
+    """
+    if isinstance(inputs, Mapping):
+        return network(**inputs)
+    return network(inputs)
+
+
+def batch_rows(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> int:
+    """Number of examples in a batch of inputs (a tensor, or a mapping of tensors)."""
+    if isinstance(inputs, Mapping):
+        for value in inputs.values():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                return int(value.shape[0])
+        raise ProbeError(f"a batch of mapping inputs holds no tensor (keys: {list(inputs)})")
+    return int(inputs.shape[0])
 
 
 def get_probe(

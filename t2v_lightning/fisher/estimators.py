@@ -31,6 +31,22 @@ Estimators (``estimator=``):
 * ``"batch"``: the 2019 reference's estimator, the square of the *mean* gradient of each
   mini-batch, averaged over batches; its expectation is :math:`F/B` for batch size :math:`B`.
 
+Likelihoods (``likelihood=``): ``"categorical"`` (one class per example, softmax over the
+logits) or ``"bernoulli"`` (multi-label: :math:`K` independent outputs,
+:math:`q_k = \sigma(z_k)`, :math:`\log p(y|x) = \sum_k y_k \log q_k + (1 - y_k) \log(1 - q_k)`).
+The outputs' scores :math:`s_k = \nabla \log p(y_k|x) = (y_k - q_k) \nabla z_k` are independent
+with zero mean, so :math:`\mathbb{E}_y[(\sum_k s_k)^2] = \sum_k \mathbb{E}[s_k^2]` and the
+exact expectation sums the two outcomes of each output:
+
+.. math::
+
+    \sum_k \sum_{y_k \in \{0, 1\}} p(y_k|x) \lVert \nabla \log p(y_k|x) \rVert^2
+    = \sum_k q_k (1 - q_k) \lVert \nabla z_k \rVert^2,
+
+one backward pass per output. ``per_sample`` draws every :math:`y_k` from
+:math:`\text{Bernoulli}(q_k)` (seeded by example id, draw and output) and backpropagates
+:math:`\log p(y|x)`.
+
 Labels are sampled by example id (:func:`sample_labels`), so results do not depend on batch
 order, batch size or the number of processes.
 """
@@ -47,20 +63,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from t2v_lightning.probe import call_probe
+
 __all__ = [
     "Estimator",
     "ESTIMATORS",
+    "Likelihood",
+    "LIKELIHOODS",
     "FisherError",
     "UnsupportedLayerError",
     "LayerFisherTaps",
     "embedded_layers",
     "sample_labels",
+    "sample_multilabels",
     "batch_filter_sums",
     "filter_values",
 ]
 
 Estimator = Literal["per_sample", "batch", "exact"]
 ESTIMATORS: tuple[str, ...] = ("per_sample", "batch", "exact")
+Likelihood = Literal["categorical", "bernoulli"]
+LIKELIHOODS: tuple[str, ...] = ("categorical", "bernoulli")
 
 # Intermediate tensors of one per-example computation are kept under this many elements by
 # splitting the batch (about 256 MiB of float32).
@@ -202,6 +225,25 @@ def sample_labels(probs: torch.Tensor, ids: torch.Tensor, seed: int, draw: int =
     target = (u * cdf[:, -1]).unsqueeze(-1)
     labels = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return labels.clamp_(max=probs.shape[-1] - 1)
+
+
+def sample_multilabels(
+    probs: torch.Tensor, ids: torch.Tensor, seed: int, draw: int = 0
+) -> torch.Tensor:
+    """Draw a 0/1 vector per row of ``probs`` (B × K, independent output probabilities).
+
+    Output ``k`` of draw ``d`` is 1 when :func:`uniform_by_id` with ``draw = d * K + k`` falls
+    below its probability, so each label depends only on its example's id and predicted
+    probability, ``seed``, ``draw`` and ``k``, never on the batch.
+
+    Returns:
+        float32 tensor of shape (B, K) on ``probs``' device.
+    """
+    outputs = probs.shape[-1]
+    u = torch.stack(
+        [uniform_by_id(ids, seed, draw * outputs + k) for k in range(outputs)], dim=-1
+    ).to(probs.device)
+    return (u < probs.detach().to(torch.float64)).to(torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,6 +619,53 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     return log_probs
 
 
+def _bernoulli_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The logits in float32, checked: (batch, outputs), finite."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise FisherError(f"the network must return logits of shape (batch, outputs), got {shape}")
+    logits = logits.float()
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten()[:5].tolist()
+        raise FisherError(
+            f"the network produced non-finite logits for examples at batch rows {bad}; check the "
+            "inputs and the probe (and, under fp16, overflow)"
+        )
+    return logits
+
+
+def _bernoulli_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_k y_k \log \sigma(z_k) + (1 - y_k) \log \sigma(-z_k)` per row (float32)."""
+    return -F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1)
+
+
+def _bernoulli_backwards(
+    taps: LayerFisherTaps,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    estimator: Estimator,
+    seed: int,
+    mc_samples: int,
+) -> None:
+    probs = logits.detach().sigmoid()
+    if estimator == "exact":
+        # Σ_{y∈{0,1}} p(y)·(∂ log p(y)/∂z)² = q(1-q)² + (1-q)q² = q(1-q): one backward per output.
+        variance = probs * (1.0 - probs)
+        outputs = logits.shape[1]
+        for k in range(outputs):
+            loss = (logits[:, k] * (variance[:, k] * weight).sqrt()).sum()
+            taps.backward(loss, retain_graph=k < outputs - 1)
+    elif estimator == "per_sample":
+        draw_weight = weight / mc_samples
+        for draw in range(mc_samples):
+            labels = sample_multilabels(probs, ids, seed, draw)
+            picked = _bernoulli_log_likelihood(logits, labels)
+            taps.backward((picked * draw_weight.sqrt()).sum(), retain_graph=draw < mc_samples - 1)
+    else:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
 def batch_filter_sums(
     network: nn.Module,
     taps: LayerFisherTaps,
@@ -587,19 +676,23 @@ def batch_filter_sums(
     seed: int,
     mc_samples: int = 1,
     forward_context: Callable[[], AbstractContextManager[object]] = nullcontext,
+    likelihood: Likelihood = "categorical",
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Fisher sums of one batch for every tapped layer.
 
     Args:
         network: the network (inside ``taps``' context).
         taps: the hooks installed on ``network``'s embedded layers.
-        inputs: a batch of inputs.
+        inputs: a batch of inputs: a tensor, or a mapping of tensors passed to the network as
+            keyword arguments (``input_ids``, ``attention_mask``, ...).
         ids: int64 id of each example (label sampling is seeded by it).
         valid: bool mask; rows that are padding or were already counted contribute nothing.
         estimator: ``"per_sample"``, ``"exact"`` or ``"batch"``.
         seed: seed of the label sampling.
         mc_samples: labels drawn per example (``per_sample``).
         forward_context: context for the forward pass (autocast of the Trainer's precision).
+        likelihood: ``"categorical"`` (softmax over the logits) or ``"bernoulli"`` (one
+            independent sigmoid per output: multi-label tasks).
 
     Returns:
         ``(sums, count)``: per layer, fp32 per-filter sums of squared gradient rows (not yet
@@ -609,14 +702,24 @@ def batch_filter_sums(
     count_valid = int(valid.sum())
     if count_valid == 0:
         return {}, 0
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
     taps.start_batch()
     if estimator == "batch":
-        return _batch_gradient_sums(network, taps, inputs, ids, valid, seed, forward_context), 1
-    weight = valid.to(torch.float32).to(inputs.device if inputs.is_floating_point() else "cpu")
+        sums = _batch_gradient_sums(
+            network, taps, inputs, ids, valid, seed, forward_context, likelihood
+        )
+        return sums, 1
     with forward_context():
-        logits = network(inputs)
+        logits = call_probe(network, inputs)
+    if likelihood == "bernoulli":
+        logits32 = _bernoulli_logits(logits)
+        weight = valid.to(logits32.device, torch.float32)
+        _bernoulli_backwards(taps, logits32, ids, weight, estimator, seed, mc_samples)
+        taps.check_all_fired()
+        return dict(taps.batch_sums), count_valid
     log_probs = _log_probs(logits)
-    weight = weight.to(log_probs.device)
+    weight = valid.to(log_probs.device, torch.float32)
     probs = log_probs.detach().exp()
     if estimator == "exact":
         classes = probs.shape[1]
@@ -643,16 +746,23 @@ def _batch_gradient_sums(
     valid: torch.Tensor,
     seed: int,
     forward_context: Callable[[], AbstractContextManager[object]],
+    likelihood: Likelihood = "categorical",
 ) -> dict[str, torch.Tensor]:
     layers = taps.layers
     weights = [module.weight for _, module in layers]
     with _trainable(weights), taps.paused():
         with forward_context():
-            logits = network(inputs)
-        log_probs = _log_probs(logits)
-        labels = sample_labels(log_probs.detach().exp(), ids, seed, 0)
-        mask = valid.to(log_probs.device, torch.float32)
-        picked = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+            logits = call_probe(network, inputs)
+        if likelihood == "bernoulli":
+            logits32 = _bernoulli_logits(logits)
+            multilabels = sample_multilabels(logits32.detach().sigmoid(), ids, seed, 0)
+            picked = _bernoulli_log_likelihood(logits32, multilabels)
+            mask = valid.to(logits32.device, torch.float32)
+        else:
+            log_probs = _log_probs(logits)
+            labels = sample_labels(log_probs.detach().exp(), ids, seed, 0)
+            mask = valid.to(log_probs.device, torch.float32)
+            picked = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
         loss = (picked * mask).sum() / mask.sum()
         scale = taps.grad_scale
         grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, weights, allow_unused=True)
