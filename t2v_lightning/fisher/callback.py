@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -69,16 +69,18 @@ from typing_extensions import override
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.estimators import (
     ESTIMATORS,
+    LIKELIHOODS,
     Estimator,
     FisherError,
     LayerFisherTaps,
+    Likelihood,
     batch_filter_sums,
     embedded_layers,
     filter_values,
     num_filters,
 )
 from t2v_lightning.fisher.sharding import CollateWithIds, IdsDataset, ShardSampler
-from t2v_lightning.probe import probe_fingerprint
+from t2v_lightning.probe import batch_rows, call_probe, probe_fingerprint
 
 __all__ = ["FisherCallback", "FisherError", "At", "AT_CHOICES"]
 
@@ -114,14 +116,16 @@ class _BatchLogits(nn.Module):
         self.batch: Any = None
 
     @override
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | None = None, **named: torch.Tensor) -> torch.Tensor:
+        # Mapping inputs (tokenised text) arrive as keyword arguments (see call_probe).
+        batch_inputs: torch.Tensor | dict[str, torch.Tensor] = named if inputs is None else inputs
         if self.logits_fn is not None:
             logits = self.logits_fn(self.module, self.batch)
             source = "logits_fn(module, batch)"
         else:
-            logits = self.module(inputs)
+            logits = call_probe(self.module, batch_inputs)
             source = f"{type(self.module).__name__}.forward(inputs)"
-        rows = inputs.shape[0]
+        rows = batch_rows(batch_inputs)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != rows:
             got = (
                 f"a tensor of shape {tuple(logits.shape)}"
@@ -164,6 +168,9 @@ class FisherCallback(Callback):
             loader's batch size).
         logits_fn: ``"fit_end"``: a function ``(pl_module, batch) -> logits`` for modules whose
             forward does not map the batch's inputs to logits (``None``: ``pl_module(inputs)``).
+        likelihood: ``"categorical"`` (softmax over the logits, one class per example) or
+            ``"bernoulli"`` (multi-label: an independent sigmoid per output; see
+            :mod:`t2v_lightning.fisher.estimators`).
 
     Example:
         >>> callback = FisherCallback(estimator="exact", num_examples=100, head="fc")
@@ -188,8 +195,11 @@ class FisherCallback(Callback):
         at: At = "train_batch",
         batch_size: int | None = None,
         logits_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        likelihood: Likelihood = "categorical",
     ) -> None:
         super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
@@ -216,6 +226,7 @@ class FisherCallback(Callback):
             raise ValueError(f"network must be a submodule path, got {network!r}")
         self._estimator: Estimator = estimator
         self._mc_samples = mc_samples
+        self._likelihood: Likelihood = likelihood
         self._seed = seed
         self._num_examples = num_examples
         self._head = head
@@ -242,6 +253,13 @@ class FisherCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
+        if self._likelihood != "categorical":
+            return self._generate_state_key(
+                estimator=self._estimator,
+                seed=self._seed,
+                mc_samples=self._mc_samples,
+                likelihood=self._likelihood,
+            )
         return self._generate_state_key(
             estimator=self._estimator, seed=self._seed, mc_samples=self._mc_samples
         )
@@ -384,6 +402,7 @@ class FisherCallback(Callback):
                     self._seed,
                     self._mc_samples,
                     forward_context=trainer.precision_plugin.forward_context,
+                    likelihood=self._likelihood,
                 )
         finally:
             for module, training in modes:
@@ -457,12 +476,16 @@ class FisherCallback(Callback):
             return torch.empty(rows, 0, device=device)  # logits_fn reads the batch itself
         if isinstance(batch, torch.Tensor):
             return batch
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        if (
+            isinstance(batch, (tuple, list))
+            and batch
+            and isinstance(batch[0], (torch.Tensor, Mapping))
+        ):
             return batch[0]
         raise FisherError(
             "FisherCallback cannot find the inputs in a training batch of type "
             f"{type(batch).__name__}: batches must be a tensor or (inputs, labels, ...) with a "
-            "tensor first; otherwise pass FisherCallback(logits_fn=lambda module, batch: logits)"
+            "tensor (or a mapping of tensors) first; otherwise pass FisherCallback(logits_fn=lambda module, batch: logits)"
         )
 
     # ------------------------------------------------------------------ end of the pass
@@ -504,9 +527,11 @@ class FisherCallback(Callback):
         checksum = torch.stack(
             [t.detach().to(torch.float64).sum() for t in network.state_dict().values() if t.is_floating_point()]
         )
-        gathered = trainer.strategy.all_gather(checksum.to(trainer.strategy.root_device))
-        gathered = torch.as_tensor(gathered).to("cpu")
-        if not bool((gathered == gathered[0]).all()):
+        # One all-reduce of (c, -c) with max gives the largest and the smallest of each entry.
+        both = torch.cat([checksum, -checksum]).to(trainer.strategy.root_device)
+        extremes = torch.as_tensor(trainer.strategy.reduce(both, reduce_op="max")).to("cpu")
+        largest, smallest = extremes[: checksum.numel()], -extremes[checksum.numel() :]
+        if not bool((largest == smallest).all()):
             raise FisherError(
                 "the ranks hold different weights for the embedded network; the Fisher summed over "
                 "ranks would mix networks (were the weights changed on one rank only?)"
@@ -546,6 +571,7 @@ class FisherCallback(Callback):
         meta.update(
             estimator=self._estimator,
             mc_samples=self._mc_samples if self._estimator == "per_sample" else None,
+            likelihood=self._likelihood,
             seed=self._seed,
             world_size=int(trainer.world_size),
             precision=str(trainer.precision),
@@ -571,6 +597,7 @@ class FisherCallback(Callback):
             "estimator": self._estimator,
             "seed": self._seed,
             "mc_samples": self._mc_samples,
+            "likelihood": self._likelihood,
             "at": self._at,
             "meta": {key: self._meta[key] for key in _IDENTITY_KEYS if key in self._meta},
         }
@@ -587,6 +614,12 @@ class FisherCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("likelihood", "categorical") != self._likelihood:
+            raise ValueError(
+                "cannot resume: the checkpoint's Fisher state has "
+                f"likelihood={state_dict.get('likelihood', 'categorical')!r} but this "
+                f"FisherCallback has {self._likelihood!r}"
+            )
         for key in ("estimator", "seed", "mc_samples"):
             if state_dict.get(key) != getattr(self, f"_{key}"):
                 raise ValueError(
