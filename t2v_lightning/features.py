@@ -3,21 +3,32 @@
 Two uses: the prefix of ``skip_layers`` top-level children (its outputs become the inputs of the
 rest of the network), and the penultimate features on which the classifier head is fitted.
 Both run with gradients off, in eval mode, in chunks, and report progress through the logger.
+
+Inputs are tensors, or mappings of tensors (tokenised text: ``input_ids``, ``attention_mask``)
+that the probe receives as keyword arguments (:func:`~t2v_lightning.probe.call_probe`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from t2v_lightning.probe import ProbeError, get_submodule
+from t2v_lightning.probe import ProbeError, call_probe, get_submodule
 
-__all__ = ["DatasetError", "SelectedInputs", "TensorInputs", "run_network", "head_inputs"]
+__all__ = [
+    "DatasetError",
+    "SelectedInputs",
+    "TensorInputs",
+    "run_network",
+    "head_inputs",
+    "is_mapping_input",
+]
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +37,36 @@ class DatasetError(ValueError):
     """A dataset that cannot be embedded (empty, bad labels, non-tensor or non-finite inputs)."""
 
 
-def _as_tensor(value: object, index: int) -> torch.Tensor:
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def _as_tensor(value: object, index: int) -> Inputs:
     if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping) and value:
+        for key, entry in value.items():
+            if not isinstance(entry, torch.Tensor):
+                raise DatasetError(
+                    f"example {index} of the dataset has a mapping input whose entry {key!r} is "
+                    f"a {type(entry).__name__}; every entry must be a tensor"
+                )
         return value
     raise DatasetError(
         f"example {index} of the dataset has an input of type {type(value).__name__}; inputs "
-        "must be tensors (add a transform such as torchvision.transforms.ToTensor())"
+        "must be tensors (add a transform such as torchvision.transforms.ToTensor()) or "
+        "mappings of tensors passed to the probe as keyword arguments"
     )
+
+
+def is_mapping_input(value: Any) -> bool:
+    """Whether an input (or a batch of inputs) is a mapping of tensors."""
+    return isinstance(value, Mapping)
+
+
+def _to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    if isinstance(inputs, Mapping):
+        return {key: value.to(device) for key, value in inputs.items()}
+    return inputs.to(device)
 
 
 class SelectedInputs(Dataset):
@@ -45,7 +79,7 @@ class SelectedInputs(Dataset):
     def __len__(self) -> int:
         return int(self.indices.numel())
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, position: int) -> tuple[Inputs, int]:
         index = int(self.indices[position])
         item = self.dataset[index]
         value = item[0] if isinstance(item, (tuple, list)) else item
@@ -65,7 +99,11 @@ class TensorInputs(Dataset):
         return self.inputs[position], position
 
 
-def _check_finite(inputs: torch.Tensor, positions: torch.Tensor, what: str) -> None:
+def _check_finite(inputs: Inputs, positions: torch.Tensor, what: str) -> None:
+    if isinstance(inputs, Mapping):
+        for key, value in inputs.items():
+            _check_finite(value, positions, f"{what} {key!r}")
+        return
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         rows = (~torch.isfinite(inputs.reshape(inputs.shape[0], -1)).all(-1)).nonzero().flatten()
         bad = positions[rows.to(positions.device)][:5].tolist()
@@ -95,7 +133,7 @@ def run_network(
     for number, (inputs, positions) in enumerate(loader, start=1):
         if check_inputs:
             _check_finite(inputs, positions, "the dataset's input")
-        outputs.append(network(inputs.to(device)).float().cpu())
+        outputs.append(call_probe(network, _to_device(inputs, device)).float().cpu())
         if number % step == 0 or number == total:
             log.info("%s: %d/%d batches", description, number, total)
     return torch.cat(outputs)

@@ -41,10 +41,17 @@ from t2v_lightning.features import (
     SelectedInputs,
     TensorInputs,
     head_inputs,
+    is_mapping_input,
     run_network,
 )
 from t2v_lightning.fisher.callback import FisherCallback
-from t2v_lightning.fisher.estimators import ESTIMATORS, Estimator, embedded_layers
+from t2v_lightning.fisher.estimators import (
+    ESTIMATORS,
+    LIKELIHOODS,
+    Estimator,
+    Likelihood,
+    embedded_layers,
+)
 from t2v_lightning.fisher.module import (
     FisherPassCheckpoint,
     FisherPassModule,
@@ -127,6 +134,11 @@ class Task2Vec:
         estimator: Monte Carlo estimator: ``"per_sample"`` (default), ``"exact"`` or
             ``"batch"`` (the 2019 reference's squared mini-batch gradients).
         mc_samples: labels drawn per example by the ``per_sample`` estimator.
+        likelihood: ``"categorical"`` (one integer class per example) or ``"bernoulli"``
+            (multi-label: each label is a float 0/1 vector of K outputs; the head has K outputs
+            fitted with binary cross-entropy, and Fisher labels are drawn per output from its
+            sigmoid). ``"bernoulli"`` needs ``balanced_sampling=False`` (class weights are not
+            defined for label vectors) and ``method="montecarlo"``.
         variational_epochs: epochs of variance training (``method="variational"``).
         variational_lr: Adam learning rate of the per-filter log-variances and per-layer log
             prior variances (``method="variational"``).
@@ -184,6 +196,7 @@ class Task2Vec:
         method: Method = "montecarlo",
         estimator: Estimator = "per_sample",
         mc_samples: int = 1,
+        likelihood: Likelihood = "categorical",
         variational_epochs: int = 2,
         variational_lr: float = 1e-2,
         variational_head_lr: float = 5e-4,
@@ -215,6 +228,19 @@ class Task2Vec:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if likelihood == "bernoulli" and balanced_sampling:
+            raise ValueError(
+                "balanced_sampling=True weights examples by 1/(size of their class), which is not "
+                "defined for multi-label tasks (likelihood='bernoulli'); pass "
+                "balanced_sampling=False"
+            )
+        if likelihood == "bernoulli" and method != "montecarlo":
+            raise ValueError(
+                f"likelihood='bernoulli' is implemented for method='montecarlo' only, got "
+                f"method={method!r}"
+            )
         if not _is_int(mc_samples) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         if not _is_int(variational_epochs) or variational_epochs < 1:
@@ -267,6 +293,7 @@ class Task2Vec:
         self.method = method
         self.estimator = estimator
         self.mc_samples = mc_samples
+        self.likelihood: Likelihood = likelihood
         self.variational_epochs = variational_epochs
         self.variational_lr = float(variational_lr)
         self.variational_head_lr = float(variational_head_lr)
@@ -342,9 +369,36 @@ class Task2Vec:
             )
         return labels
 
+    def _read_multilabels(self, dataset: Dataset) -> torch.Tensor:
+        """The (N, K) float 0/1 targets of a multi-label dataset."""
+        try:
+            size = len(dataset)  # type: ignore[arg-type]
+        except TypeError as err:
+            raise DatasetError("the dataset must be a map-style Dataset with a length") from err
+        if size == 0:
+            raise DatasetError("the dataset is empty")
+        loader = DataLoader(
+            dataset,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=_multilabels_only,
+        )
+        labels = torch.cat(list(loader))
+        if labels.ndim != 2 or labels.shape[1] < 1:
+            raise DatasetError(
+                "likelihood='bernoulli' needs each label to be a 0/1 vector of K outputs, got "
+                f"labels of shape {tuple(labels.shape[1:])}"
+            )
+        if not bool(((labels == 0) | (labels == 1)).all()):
+            row = int((~((labels == 0) | (labels == 1))).any(-1).nonzero()[0])
+            raise DatasetError(
+                f"multi-label targets must be 0 or 1; example {row} has {labels[row].tolist()}"
+            )
+        return labels
+
     def _select(self, labels: torch.Tensor) -> torch.Tensor:
         """Indices of the examples used, in the order they are visited (ids = positions)."""
-        size = labels.numel()
+        size = int(labels.shape[0])
         count = size if self.max_samples is None else self.max_samples
         generator = torch.Generator().manual_seed(self.seed)
         if self.balanced_sampling:
@@ -376,6 +430,11 @@ class Task2Vec:
             set_submodule(network, self.head, fresh)
         else:
             outputs = getattr(head, "out_features", None)
+            if self.likelihood == "bernoulli" and outputs is not None and outputs != num_classes:
+                raise ProbeError(
+                    f"reset_head=False keeps the head {self.head!r} with {outputs} outputs, but "
+                    f"the multi-label targets have {num_classes}"
+                )
             if outputs is not None and outputs < num_classes:
                 raise ProbeError(
                     f"reset_head=False keeps the head {self.head!r} with {outputs} outputs, but the "
@@ -449,9 +508,14 @@ class Task2Vec:
         ``inputs`` a dataset of ``(tail input, position)`` over the selected examples and
         ``labels`` their (remapped) labels.
         """
-        labels = self._read_labels(dataset)
+        if self.likelihood == "bernoulli":
+            labels = self._read_multilabels(dataset)
+        else:
+            labels = self._read_labels(dataset)
         selection = self._select(labels)
-        if self.reset_head:
+        if self.likelihood == "bernoulli":
+            remapped, num_classes = labels, int(labels.shape[1])
+        elif self.reset_head:
             classes, remapped = torch.unique(labels, return_inverse=True)
             num_classes = int(classes.numel())
         else:
@@ -464,6 +528,13 @@ class Task2Vec:
         unique, inverse = torch.unique(selection, return_inverse=True)
         prefix, tail, skipped = split_prefix(network, self.skip_layers)
         raw = SelectedInputs(dataset, unique)
+        if self.skip_layers > 0 and is_mapping_input(raw[0][0]):
+            raise DatasetError(
+                f"skip_layers={self.skip_layers} caches the output of the first top-level "
+                "children, which take a single tensor; this dataset's inputs are mappings "
+                f"({sorted(raw[0][0])}) passed to the probe as keyword arguments. Use "
+                "skip_layers=0 (text probes leave their token embeddings out by themselves)"
+            )
         if self.skip_layers > 0:
             first = torch.stack([raw[i][0] for i in range(min(4, len(raw)))]).to(device)
             check_split(network, prefix, tail, first)
@@ -486,7 +557,8 @@ class Task2Vec:
             "skipped": skipped,
             "max_samples": self.max_samples,
             "balanced_sampling": self.balanced_sampling,
-            "dataset_size": int(labels.numel()),
+            "likelihood": self.likelihood,
+            "dataset_size": int(labels.shape[0]),
             "batch_size": self.batch_size,
             "reset_head": self.reset_head,
             "head_epochs": self.head_epochs,
@@ -524,6 +596,7 @@ class Task2Vec:
                 lr=self.head_lr,
                 weight_decay=self.head_weight_decay,
                 init=head,
+                likelihood=self.likelihood,
             )
         generator = torch.Generator().manual_seed(self.seed)
         loader = DataLoader(
@@ -554,6 +627,7 @@ class Task2Vec:
         callback = FisherCallback(
             estimator=self.estimator,
             mc_samples=self.mc_samples,
+            likelihood=self.likelihood,
             seed=self.seed,
             num_examples=len(inputs),  # type: ignore[arg-type]
             head=self.head,
@@ -607,6 +681,25 @@ class Task2Vec:
         if not os.path.isfile(self.resume_from):
             raise FileNotFoundError(f"resume_from={self.resume_from!r}: no such checkpoint file")
         return self.resume_from
+
+
+def _multilabels_only(batch: list[Any]) -> torch.Tensor:
+    rows: list[torch.Tensor] = []
+    for item in batch:
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise DatasetError(
+                f"dataset items must be (input, label) pairs, got {type(item).__name__}"
+            )
+        label = torch.as_tensor(item[1])
+        if label.ndim != 1:
+            raise DatasetError(
+                "likelihood='bernoulli' needs each label to be a 1-D 0/1 vector (K outputs), got "
+                f"shape {tuple(label.shape)}"
+            )
+        rows.append(label.to(torch.float32))
+    if len({row.numel() for row in rows}) > 1:
+        raise DatasetError("multi-label targets must all have the same number of outputs")
+    return torch.stack(rows)
 
 
 def _labels_only(batch: list[Any]) -> torch.Tensor:
