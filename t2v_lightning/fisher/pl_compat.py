@@ -27,7 +27,9 @@ from t2v_lightning.fisher.callback import FisherCallback as _FisherCallback
 __all__ = ["FisherCallback"]
 
 
-class FisherCallback(_FisherCallback, pytorch_lightning.Callback):
+# The two Callback classes annotate their hooks with their own Trainer types, which mypy sees
+# as incompatible signatures; at run time both are no-op hooks with the same parameters.
+class FisherCallback(_FisherCallback, pytorch_lightning.Callback):  # type: ignore[misc]
     """:class:`t2v_lightning.FisherCallback` for a ``pytorch_lightning.Trainer``.
 
     The Trainer only calls hooks by name and reads ``state_key`` / ``state_dict``; the two
