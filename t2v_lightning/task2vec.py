@@ -452,7 +452,9 @@ class Task2Vec:
     ) -> pl.Trainer:
         """A Trainer with this object's settings; ``local=True``: this process's device only."""
         accelerator: str = self.accelerator
-        devices: int | str | Sequence[int] = self.devices
+        devices: list[int] | str | int = (
+            self.devices if isinstance(self.devices, (int, str)) else list(self.devices)
+        )
         strategy, num_nodes, progress_bar = self.strategy, self.num_nodes, self.progress_bar
         if local:
             # Every rank runs the same computation on its own device: no process group, no
@@ -461,7 +463,7 @@ class Task2Vec:
             accelerator = device.type if device.type in ("cpu", "cuda", "mps") else accelerator
             devices = [device.index] if device.type == "cuda" and device.index is not None else 1
             strategy, num_nodes = "auto", 1
-            progress_bar = progress_bar and rank_zero_only.rank == 0
+            progress_bar = progress_bar and getattr(rank_zero_only, "rank", 0) == 0
         bar: list[pl.Callback] = [_PhaseProgressBar(phase)] if progress_bar else []
         return pl.Trainer(
             accelerator=accelerator,
