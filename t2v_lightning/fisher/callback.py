@@ -28,7 +28,9 @@ Two ways to use it (``at=``):
 * ``"fit_end"`` (inside your own Lightning project): when ``fit`` ends, run one extra pass over
   the Trainer's training data with your LightningModule in eval mode, and embed it. Each rank
   visits its share of the dataset's indices (every index once across ranks, whatever the
-  Trainer's sampler); :meth:`FisherCallback.compute` does the same pass on demand.
+  Trainer's sampler); :meth:`FisherCallback.compute` does the same pass on demand. Under DDP
+  every rank first takes rank 0's parameters and buffers (each rank has updated its own
+  batch-norm statistics), so the embedding is that of the model rank 0 checkpoints.
 
 Hooks used: ``setup`` (find the layers, ``"train_batch"``), ``on_train_batch_end`` (one Fisher
 step on the batch, after the LightningModule's own step, ``"train_batch"``), ``on_train_end``
@@ -48,6 +50,8 @@ Checkpoints and DDP: Lightning saves callback state from rank 0 only, so :meth:`
 summed over ranks, the ids counted on any rank. After a restore, rank 0 alone holds the
 restored sums and count (the other ranks start from zero) and every rank skips the ids already
 counted, so the final sum over ranks is exact, even with a different number of processes.
+Before summing, the ranks check that they measured identical weights (a :class:`FisherError`
+otherwise).
 """
 
 from __future__ import annotations
