@@ -32,8 +32,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from t2v_lightning.data.datamodule import TaskDataModule
@@ -211,6 +212,16 @@ def _sibling(datamodule: TaskDataModule, dataset: str, task_id: int | None) -> T
     return type(datamodule)(**settings)
 
 
+class HeadFittingProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, its training bar titled ``head fitting k/N``."""
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_train_epoch_start(trainer, *args, **kwargs)
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        self.train_progress_bar.set_description(f"head fitting {trainer.current_epoch + 1}{epochs}")
+
+
 class EmbeddingTrainer(pl.Trainer):
     """Lightning's Trainer with an ``embed`` entry point (the ``t2v embed`` subcommand)."""
 
@@ -316,7 +327,8 @@ class EmbeddingTrainer(pl.Trainer):
                 data_seed=data.seed,
                 checkpoint=None if ckpt_path is None else os.fspath(ckpt_path),
             )
-            if self.is_global_zero:
+            # Under DDP the embedding Trainers run every rank; all hold the reduced embedding.
+            if getattr(rank_zero_only, "rank", 0) == 0:
                 job.output.parent.mkdir(parents=True, exist_ok=True)
                 embedding.save(job.output, overwrite=True)
                 written.append(job.output)
@@ -421,6 +433,20 @@ class T2VCLI(LightningCLI):
             ids = parse_task_ids(tasks, num_tasks(data["name"], data["root"]))
             if ids and data.get("task_id") not in ids:
                 data["task_id"] = ids[0]
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        # fit trains the head: name its progress bar so (unless bars are off or the user gave one)
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if (
+            self.subcommand == "fit"
+            and config.get("enable_progress_bar") is not False
+            and not any(isinstance(c, ProgressBar) for c in callbacks)
+        ):
+            kwargs.setdefault("callbacks", [*callbacks, HeadFittingProgressBar()])
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         """Say where the head's checkpoint went."""
