@@ -10,16 +10,23 @@ A :class:`TaskEmbedding` is the triple of SPEC section 2.8 plus the layout of th
   estimator, samples, seed, batch size, package versions, ...).
 
 Files are safetensors: a little-endian u64 header length, a JSON header, raw tensor bytes. Nothing
-is ever unpickled. Writes go to a temporary name in the destination folder and are renamed into
-place, so a reader never sees a partial artifact.
+is ever unpickled. Writes go to a temporary name in the destination folder, are flushed to disk
+and renamed into place, so a reader never sees a partial artifact: a process killed while writing
+leaves the previous file (or none) at the destination, plus at most a hidden
+``.<name>.t2v-<host>-<pid>-<token>.tmp`` file that is never read and that the next successful
+save of the same destination removes once its writer is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
+import secrets
+import socket
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +121,25 @@ class TaskEmbedding:
         """The task name recorded in ``meta`` (empty when none)."""
         return str(self.meta.get("task_name", ""))
 
+    def _check_finite(self) -> None:
+        """Refuse NaN / inf values, naming the first entry and its layer."""
+        for label, values in (("hessian", self.hessian), ("scale", self.scale)):
+            bad = (~torch.isfinite(values)).nonzero().flatten()
+            if bad.numel():
+                first = int(bad[0])
+                where = next(
+                    (f" (layer {name!r})" for name, (start, stop) in self.layers.items()
+                     if start <= first < stop),
+                    "",
+                )
+                raise ValueError(
+                    f"the embedding's {label} holds {bad.numel()} non-finite values (first at "
+                    f"index {first}{where}); a Task2Vec embedding must be finite, so it is not "
+                    "written"
+                )
+
     def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
-        """Write the artifact atomically (temporary file in the same folder, then rename).
+        """Write the artifact atomically (temporary file in the same folder, fsync, rename).
 
         Args:
             path: destination file (``.safetensors`` is conventional).
@@ -123,10 +147,16 @@ class TaskEmbedding:
 
         Returns:
             The destination path.
+
+        Raises:
+            ValueError: ``hessian`` or ``scale`` holds NaN or infinite values (named).
+            FileExistsError: the file exists and ``overwrite`` is False.
+            FileNotFoundError, PermissionError: the folder is missing or not writable.
         """
         from safetensors.torch import save_file
 
         path = Path(path)
+        self._check_finite()
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
         folder = path.parent if str(path.parent) else Path(".")
@@ -140,15 +170,21 @@ class TaskEmbedding:
             "layers": json.dumps([[k, list(v)] for k, v in self.layers.items()]),
             "meta": json.dumps(self.meta, sort_keys=True),
         }
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
+        header["checksum"] = _checksum(header["layers"], header["meta"], self.hessian, self.scale)
+        tmp_name = _create_temporary(path)
         try:
+            # safetensors writes files readable by their owner only; keep the umask's mode.
+            mode = os.stat(tmp_name).st_mode & 0o777
             save_file({"hessian": self.hessian, "scale": self.scale}, tmp_name, metadata=header)
+            os.chmod(tmp_name, mode)
+            _fsync(tmp_name)
             os.replace(tmp_name, path)
         except BaseException:
-            if os.path.exists(tmp_name):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
             raise
+        _fsync(folder, directory=True)
+        _remove_stale_temporaries(path)
         return path
 
     @classmethod
@@ -158,11 +194,14 @@ class TaskEmbedding:
         Raises:
             FileNotFoundError: the file does not exist.
             EmbeddingFileError: the file is not a valid t2v-lightning artifact (wrong format,
-                truncated, corrupt header, newer format version, bad tensors).
+                truncated, corrupt header, newer format version, bad tensors, contents that do
+                not match the checksum recorded when it was written).
         """
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"embedding file {path} does not exist")
+        if not path.is_file():
+            raise EmbeddingFileError(f"{path} is not a regular file (a folder or a device?)")
         header, data_start = _read_header(path)
         meta_block = header.get("__metadata__")
         if not isinstance(meta_block, dict) or meta_block.get("format") != FORMAT_NAME:
@@ -172,7 +211,7 @@ class TaskEmbedding:
             )
         try:
             version = int(meta_block.get("format_version", "0"))
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise EmbeddingFileError(f"{path}: unreadable format_version") from err
         if version > FORMAT_VERSION:
             raise EmbeddingFileError(
@@ -182,6 +221,20 @@ class TaskEmbedding:
         if version < 1:
             raise EmbeddingFileError(f"{path}: invalid format_version {version}")
         tensors = _read_tensors(path, header, data_start)
+        recorded = meta_block.get("checksum")
+        if recorded is not None:  # files of other writers may have none
+            try:
+                actual = _checksum(
+                    meta_block.get("layers", "[]"), meta_block.get("meta", "{}"),
+                    tensors["hessian"], tensors["scale"],
+                )
+            except (TypeError, AttributeError) as err:
+                raise EmbeddingFileError(f"{path}: corrupt embedding header") from err
+            if actual != recorded:
+                raise EmbeddingFileError(
+                    f"{path} is corrupt: its contents do not match the checksum recorded when it "
+                    "was written (the file was damaged or edited by hand); embed the task again"
+                )
         try:
             layers_list = json.loads(meta_block.get("layers", "[]"))
             layers = {str(name): (int(span[0]), int(span[1])) for name, span in layers_list}
@@ -189,7 +242,7 @@ class TaskEmbedding:
             if not isinstance(meta, dict):
                 raise TypeError("meta is not an object")
             return cls(tensors["hessian"], tensors["scale"], layers, meta)
-        except (ValueError, TypeError, KeyError, IndexError) as err:
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError) as err:
             raise EmbeddingFileError(f"{path}: corrupt embedding: {err}") from err
 
 
@@ -212,11 +265,87 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         raw_header = handle.read(header_len)
     try:
         header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise EmbeddingFileError(f"{path} is not a t2v-lightning embedding (bad header)") from err
     if not isinstance(header, dict):
         raise EmbeddingFileError(f"{path} is not a t2v-lightning embedding (bad header)")
     return header, 8 + header_len
+
+
+def _checksum(layers: str, meta: str, hessian: torch.Tensor, scale: torch.Tensor) -> str:
+    """SHA-256 of the layers and meta JSON and of the float32 little-endian tensor bytes."""
+    digest = hashlib.sha256()
+    for text in (layers, meta):
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\0")
+    for tensor in (hessian, scale):
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+_TEMPORARY = re.compile(r"^(?P<host>.*)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", socket.gethostname()) or "host"
+
+
+def _create_temporary(path: Path) -> str:
+    """Create an empty temporary file beside ``path``, named after it, this host and process.
+
+    Created with mode ``0o666`` minus the umask, like any file the user writes (``mkstemp`` and
+    safetensors give ``0o600``: the artifact would be unreadable to the user's group).
+    """
+    prefix = f".{path.name}.t2v-{_host()}-{os.getpid()}-"
+    for _ in range(100):
+        name = os.path.join(path.parent, f"{prefix}{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return name
+    raise FileExistsError(f"cannot create a temporary file beside {path}")  # pragma: no cover
+
+
+def _fsync(name: str | os.PathLike[str], directory: bool = False) -> None:
+    """Flush a file (or, best effort, a folder entry) to disk so that a crash keeps it whole."""
+    try:
+        fd = os.open(name, os.O_RDONLY if directory else os.O_RDWR)
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:  # some file systems cannot fsync a folder
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporary files of ``path`` left by writers of this host that no longer run."""
+    prefix = f".{path.name}.t2v-"
+    host, me = _host(), os.getpid()
+    try:
+        candidates = [entry for entry in os.scandir(path.parent) if entry.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in candidates:
+        match = _TEMPORARY.match(entry.name[len(prefix):])
+        if match is None or match.group("host") != host or int(match.group("pid")) == me:
+            continue
+        try:
+            os.kill(int(match.group("pid")), 0)
+            continue  # its writer still runs (perhaps writing this very path): leave it
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
 
 
 def _read_tensors(path: Path, header: Mapping[str, Any], data_start: int) -> dict[str, torch.Tensor]:

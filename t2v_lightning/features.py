@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from t2v_lightning.probe import ProbeError, call_probe, get_submodule
+from t2v_lightning.probe import ProbeError, call_probe, find_nonfinite_layer, get_submodule
 
 __all__ = [
     "DatasetError",
@@ -99,15 +99,26 @@ class TensorInputs(Dataset):
         return self.inputs[position], position
 
 
-def _check_finite(inputs: Inputs, positions: torch.Tensor, what: str) -> None:
+def _nonfinite_rows(values: torch.Tensor) -> torch.Tensor:
+    return (~torch.isfinite(values.reshape(values.shape[0], -1)).all(-1)).nonzero().flatten()
+
+
+def _examples(data: Dataset, positions: torch.Tensor) -> str:
+    """Name examples by their index in the user's dataset where ``data`` knows it."""
+    if isinstance(data, SelectedInputs):
+        return f"dataset indices {data.indices[positions.cpu()][:5].tolist()}"
+    return f"selected examples {positions[:5].tolist()}"
+
+
+def _check_finite(inputs: Inputs, positions: torch.Tensor, what: str, data: Dataset | None = None) -> None:
     if isinstance(inputs, Mapping):
         for key, value in inputs.items():
-            _check_finite(value, positions, f"{what} {key!r}")
+            _check_finite(value, positions, f"{what} {key!r}", data)
         return
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-        rows = (~torch.isfinite(inputs.reshape(inputs.shape[0], -1)).all(-1)).nonzero().flatten()
-        bad = positions[rows.to(positions.device)][:5].tolist()
-        raise DatasetError(f"{what} contains NaN or infinite values (at selected examples {bad})")
+        bad = positions[_nonfinite_rows(inputs).to(positions.device)]
+        where = _examples(data, bad) if data is not None else f"selected examples {bad[:5].tolist()}"
+        raise DatasetError(f"{what} contains NaN or infinite values (at {where})")
 
 
 @torch.no_grad()
@@ -124,6 +135,8 @@ def run_network(
 
     Raises:
         DatasetError: an input is not a tensor or holds NaN / inf (its position is named).
+        ProbeError: the network's output holds NaN / inf on finite inputs (the examples and the
+            first layer whose output is not finite are named).
     """
     network.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -132,11 +145,27 @@ def run_network(
     step = max(1, math.ceil(total / 10))
     for number, (inputs, positions) in enumerate(loader, start=1):
         if check_inputs:
-            _check_finite(inputs, positions, "the dataset's input")
-        outputs.append(call_probe(network, _to_device(inputs, device)).float().cpu())
+            _check_finite(inputs, positions, "the dataset's input", data)
+        output = call_probe(network, _to_device(inputs, device)).float().cpu()
+        if not bool(torch.isfinite(output).all()):
+            rows = _nonfinite_rows(output)
+            layer = find_nonfinite_layer(network, _to_device(_rows_of(inputs, rows[:1]), device))
+            raise ProbeError(
+                f"{description}: the probe's output holds NaN or inf for "
+                f"{_examples(data, positions[rows])} although the inputs are finite; first "
+                f"non-finite layer: {layer or 'unknown'}. Check the probe's weights (and, under "
+                "float16, overflow)"
+            )
+        outputs.append(output)
         if number % step == 0 or number == total:
             log.info("%s: %d/%d batches", description, number, total)
     return torch.cat(outputs)
+
+
+def _rows_of(inputs: Inputs, rows: torch.Tensor) -> Inputs:
+    if isinstance(inputs, Mapping):
+        return {key: value[rows] for key, value in inputs.items()}
+    return inputs[rows]
 
 
 @torch.no_grad()

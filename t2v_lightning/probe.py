@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,8 @@ __all__ = [
     "load_state_dict_by_order",
     "call_probe",
     "batch_rows",
+    "load_tensors_safely",
+    "find_nonfinite_layer",
 ]
 
 # Names given to probes built by ``get_probe``; a weak table so that nothing is stored on modules.
@@ -166,17 +169,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise ProbeError(f"weights file {str(file)!r} does not exist")
     if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return dict(load_file(str(file)))
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # weights_only refuses pickled code with an UnpicklingError
-        raise ProbeError(
-            f"cannot read weights file {str(file)!r} safely: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}. Only plain tensors are loaded "
-            "(torch.load(weights_only=True)); re-save the file as a state dict of tensors"
-        ) from err
+        try:
+            return dict(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ProbeError(
+                f"weights file {str(file)!r} is not a readable safetensors file: {err}"
+            ) from err
+    obj = load_tensors_safely(file, "weights file", ProbeError)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(
@@ -184,6 +186,83 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     ):
         raise ProbeError(f"weights file {str(file)!r} does not hold a state dict of tensors")
     return dict(obj)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def load_tensors_safely(
+    path: str | os.PathLike[str], what: str = "file", error: type[Exception] = ValueError
+) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with a clear error when it is refused.
+
+    Nothing but tensors and plain containers is unpickled: a file that needs other Python
+    objects (classes, functions: the way pickles run code) is refused, and so is a file that is
+    not a PyTorch file at all. Both raise ``error`` with a one-line message naming ``path``.
+    """
+    file = Path(path)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refuses pickled objects with an UnpicklingError
+        with open(file, "rb") as handle:
+            magic = handle.read(4)
+        lines = [_ANSI.sub("", line).strip() for line in str(err).splitlines()]
+        detail = next((line for line in lines if "Unsupported global" in line), "")
+        if detail:
+            raise error(
+                f"{what} {str(file)!r} cannot be read safely: loading it needs to unpickle "
+                f"Python objects ({detail.split('. ')[0].replace('WeightsUnpickler error: ', '')})"
+                ", which can run arbitrary code. Only tensors are read (torch.load("
+                "weights_only=True)): re-save it as a state dict of tensors, or as .safetensors"
+            ) from err
+        if magic[:2] != b"PK" and magic[:1] != b"\x80":
+            raise error(
+                f"{what} {str(file)!r} is not a PyTorch file (torch.save) nor a safetensors file"
+            ) from err
+        reason = next((line for line in reversed(lines) if line), type(err).__name__)
+        raise error(f"cannot read {what} {str(file)!r}: {reason}") from err
+
+
+def find_nonfinite_layer(network: nn.Module, inputs: Any) -> str | None:
+    """The first module (in execution order) whose output holds NaN / inf on ``inputs``.
+
+    A diagnosis for error messages: runs ``network`` once (in the caller's grad mode, so as the
+    failing pass ran), with a forward hook on every leaf module, and describes the first one
+    whose output is not finite (and whether its own parameters are). ``None`` when every output
+    is finite.
+    """
+    found: list[str] = []
+    names = {module: name for name, module in network.named_modules()}
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if found or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return
+        if not bool(torch.isfinite(output).all()):
+            params = [n for n, p in module.named_parameters(recurse=False)
+                      if not bool(torch.isfinite(p).all())]
+            inputs_ok = all(
+                bool(torch.isfinite(a).all()) for a in args
+                if isinstance(a, torch.Tensor) and a.is_floating_point()
+            )
+            why = (
+                f"its {' and '.join(params)} {'hold' if len(params) > 1 else 'holds'} NaN / inf"
+                if params
+                else "its inputs are already not finite" if not inputs_ok
+                else "NaN from finite inputs" if bool(torch.isnan(output).any())
+                else "its output overflows"
+            )
+            found.append(f"{names.get(module, '?')!r} ({type(module).__name__}: {why})")
+
+    handles = [m.register_forward_hook(hook) for m in network.modules()
+               if not list(m.children())]
+    try:
+        call_probe(network, inputs)
+    except Exception:  # the diagnosis must not hide the original error
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
 
 
 def _resize_head_to(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -364,7 +443,10 @@ def check_split(
             f"skip_layers is not supported for {type(network).__name__}: running the skipped "
             f"children as a chain fails ({type(err).__name__}: {err}). Use skip_layers=0"
         ) from err
-    if whole.shape != split.shape or not torch.allclose(whole, split, rtol=1e-4, atol=1e-5):
+    # equal_nan: NaN weights are reported later, by the layer, not as a broken chain.
+    if whole.shape != split.shape or not torch.allclose(
+        whole, split, rtol=1e-4, atol=1e-5, equal_nan=True
+    ):
         raise ProbeError(
             f"skip_layers is not supported for {type(network).__name__}: its forward is not a "
             "chain of its top-level children (the split network computes something else). "

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -49,6 +51,7 @@ from t2v_lightning.fisher.estimators import (
     ESTIMATORS,
     LIKELIHOODS,
     Estimator,
+    FisherError,
     Likelihood,
     embedded_layers,
 )
@@ -491,14 +494,41 @@ class Task2Vec:
 
         Returns:
             The task's :class:`TaskEmbedding`.
-        """
-        if self.method == "variational":
-            from t2v_lightning.fisher.variational import embed_variational
 
+        Raises:
+            DatasetError, ProbeError: bad data or probe (the examples and layers are named).
+            FisherError: the Fisher pass met NaN / inf (examples named by dataset index).
+            SIGTERMException: the process received SIGTERM (Lightning stops after the current
+                batch); its exit status is 143, not 0, and nothing is returned or written.
+        """
+        try:
+            if self.method == "variational":
+                from t2v_lightning.fisher.variational import embed_variational
+
+                with _quiet_lightning():
+                    return embed_variational(self, dataset, task_name)
             with _quiet_lightning():
-                return embed_variational(self, dataset, task_name)
-        with _quiet_lightning():
-            return self._embed_montecarlo(dataset, task_name)
+                return self._embed_montecarlo(dataset, task_name)
+        except SIGTERMException:
+            # Lightning's SystemExit carries no code, so a killed script would exit with 0.
+            raise SIGTERMException(128 + signal.SIGTERM) from None
+        except FisherError as err:
+            if not err.example_ids:
+                raise
+            indices = self._dataset_indices(dataset, err.example_ids)
+            raise FisherError(
+                f"{err} [dataset indices {indices[:5]}]", example_ids=err.example_ids
+            ) from err
+
+    def _dataset_indices(self, dataset: Dataset, ids: Sequence[int]) -> list[int]:
+        """Dataset indices of Fisher-pass example ids (positions in the selection)."""
+        labels = (
+            self._read_multilabels(dataset)
+            if self.likelihood == "bernoulli"
+            else self._read_labels(dataset)
+        )
+        selection = self._select(labels)
+        return [int(selection[i]) for i in ids if 0 <= i < selection.numel()]
 
     def prepare(
         self, dataset: Dataset, task_name: str | None = None

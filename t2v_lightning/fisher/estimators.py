@@ -54,7 +54,7 @@ order, batch size or the number of processes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Literal
 
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from t2v_lightning.probe import call_probe
+from t2v_lightning.probe import call_probe, find_nonfinite_layer
 
 __all__ = [
     "Estimator",
@@ -91,7 +91,39 @@ _CHUNK_ELEMENTS = 64 * 1024 * 1024
 
 
 class FisherError(RuntimeError):
-    """The Fisher pass cannot produce a meaningful value (non-finite logits, unused layers...)."""
+    """The Fisher pass cannot produce a meaningful value (non-finite logits, unused layers...).
+
+    Args:
+        message: what went wrong.
+        example_ids: the ids of the examples involved, when the fault is tied to examples.
+    """
+
+    def __init__(self, message: str, example_ids: Sequence[int] | None = None) -> None:
+        super().__init__(message)
+        self.example_ids: list[int] = [] if example_ids is None else [int(i) for i in example_ids]
+
+
+def _precision_hint(dtype: torch.dtype) -> str:
+    if dtype == torch.float16:
+        return (
+            "; under float16 this is an overflow (values beyond 65504): use precision="
+            "'bf16-mixed' or '32-true'"
+        )
+    return ""
+
+
+def _nonfinite_rows(values: torch.Tensor, ids: torch.Tensor | None) -> list[int]:
+    """Ids (or batch rows when ``ids`` is None) of the rows of ``values`` holding NaN / inf."""
+    rows = (~torch.isfinite(values.reshape(values.shape[0], -1)).all(-1)).nonzero().flatten()
+    if ids is None:
+        return rows.tolist()
+    return ids.detach().cpu()[rows.cpu()].tolist()
+
+
+def _ids_text(bad: list[int], ids: torch.Tensor | None) -> str:
+    what = "example ids" if ids is not None else "batch rows"
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"{what} {bad[:5]}{more}"
 
 
 class UnsupportedLayerError(ValueError):
@@ -438,6 +470,10 @@ class LayerFisherTaps:
         self._fired: set[str] = set()
         self._saved_flags: list[tuple[nn.Parameter, bool]] = []
         self.batch_sums: dict[str, torch.Tensor] = {}
+        # Per layer, the batch rows whose per-example values were NaN / inf (kept on the device,
+        # checked once per batch by check_finite), and the dtype of the gradients seen.
+        self._nonfinite: dict[str, torch.Tensor] = {}
+        self._grad_dtype = torch.float32
         self._active = True
 
     # context management ----------------------------------------------------------------------
@@ -533,7 +569,12 @@ class LayerFisherTaps:
                 grad32 = grad.float()
                 if self._grad_scale != 1.0:
                     grad32 = grad32 / self._grad_scale
-                values = per_example_sq_norms(module, inputs.float(), grad32).sum(0)
+                per_example = per_example_sq_norms(module, inputs.float(), grad32)
+                values = per_example.sum(0)
+            bad = ~torch.isfinite(per_example).all(-1)
+            seen = self._nonfinite.get(name)
+            self._nonfinite[name] = bad if seen is None else seen | bad
+            self._grad_dtype = grad.dtype
             self._fired.add(name)
             total = self.batch_sums.get(name)
             self.batch_sums[name] = values if total is None else total + values
@@ -556,6 +597,7 @@ class LayerFisherTaps:
         self._roots.clear()
         self._calls.clear()
         self._fired.clear()
+        self._nonfinite = {}
         self.batch_sums = {}
 
     def backward(self, loss: torch.Tensor, retain_graph: bool) -> None:
@@ -592,6 +634,34 @@ class LayerFisherTaps:
                 "embedded"
             )
 
+    def check_finite(self, ids: torch.Tensor | None = None) -> None:
+        """Raise :class:`FisherError` if a per-example value of this batch was NaN or infinite.
+
+        The message names the layers (the backward pass meets the one nearest the output first;
+        the layers before it inherit its NaN / inf) and the examples (``ids`` of the batch rows).
+        """
+        names = [name for name, _ in self._layers if name in self._nonfinite]
+        if not names:
+            return
+        flags = torch.stack([self._nonfinite[name].any() for name in names]).cpu()
+        if not bool(flags.any()):
+            return
+        broken = [name for name, flag in zip(names, flags.tolist()) if flag]
+        rows = self._nonfinite[broken[-1]].nonzero().flatten().cpu()
+        bad = rows.tolist() if ids is None else ids.detach().cpu()[rows].tolist()
+        raise FisherError(
+            f"non-finite per-example gradients (NaN or inf) at layer {broken[-1]!r} for "
+            f"{_ids_text(bad, ids)}; {len(broken)} layer(s) affected: {broken[:5]}. The squared "
+            "gradients overflow, or the probe's weights or activations hold NaN / inf"
+            + _precision_hint(self._grad_dtype)
+            + (
+                f" (or a smaller grad_scale than {self._grad_scale:g})"
+                if self._grad_dtype == torch.float16 and self._grad_scale != 1.0
+                else ""
+            ),
+            example_ids=bad if ids is not None else None,
+        )
+
 
 @contextmanager
 def _trainable(params: Sequence[nn.Parameter]) -> Iterator[None]:
@@ -605,33 +675,63 @@ def _trainable(params: Sequence[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+def _check_finite_logits(
+    logits: torch.Tensor, ids: torch.Tensor | None, what: str = "logits"
+) -> None:
+    """Raise :class:`FisherError` naming the examples whose ``what`` hold NaN or inf."""
+    if torch.isfinite(logits).all():
+        return
+    bad = _nonfinite_rows(logits, ids)
+    raise FisherError(
+        f"the network produced non-finite {what} (NaN or inf) for {_ids_text(bad, ids)}; the "
+        "probe's weights or its head may hold NaN / inf, or its activations overflow"
+        + _precision_hint(logits.dtype),
+        example_ids=bad if ids is not None else None,
+    )
+
+
+def _check_logits(
+    network: nn.Module,
+    taps: LayerFisherTaps,
+    inputs: torch.Tensor | Mapping[str, torch.Tensor],
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    forward_context: Callable[[], AbstractContextManager[object]],
+) -> None:
+    """Non-finite logits: raise naming the examples and the first layer that went non-finite."""
+    if not isinstance(logits, torch.Tensor) or bool(torch.isfinite(logits).all()):
+        return
+    try:
+        _check_finite_logits(logits, ids)
+    except FisherError as err:
+        row = _nonfinite_rows(logits, None)[:1]
+        one = (
+            {key: value[row] for key, value in inputs.items()}
+            if isinstance(inputs, Mapping) else inputs[row]
+        )
+        with taps.paused(), forward_context():
+            layer = find_nonfinite_layer(network, one)
+        where = f"; first non-finite layer: {layer}" if layer else ""
+        raise FisherError(f"{err}{where}", example_ids=err.example_ids) from None
+
+
+def _log_probs(logits: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise FisherError(f"the network must return logits of shape (batch, classes), got {shape}")
+    _check_finite_logits(logits, ids)
     log_probs = logits.float().log_softmax(-1)
-    if not torch.isfinite(log_probs).all():
-        bad = (~torch.isfinite(log_probs).all(-1)).nonzero().flatten()[:5].tolist()
-        raise FisherError(
-            f"the network produced non-finite logits for examples at batch rows {bad}; check the "
-            "inputs and the probe (and, under fp16, overflow)"
-        )
+    _check_finite_logits(log_probs, ids, "log-probabilities")
     return log_probs
 
 
-def _bernoulli_logits(logits: torch.Tensor) -> torch.Tensor:
+def _bernoulli_logits(logits: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """The logits in float32, checked: (batch, outputs), finite."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise FisherError(f"the network must return logits of shape (batch, outputs), got {shape}")
-    logits = logits.float()
-    if not torch.isfinite(logits).all():
-        bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten()[:5].tolist()
-        raise FisherError(
-            f"the network produced non-finite logits for examples at batch rows {bad}; check the "
-            "inputs and the probe (and, under fp16, overflow)"
-        )
-    return logits
+    _check_finite_logits(logits, ids)
+    return logits.float()
 
 
 def _bernoulli_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -712,13 +812,15 @@ def batch_filter_sums(
         return sums, 1
     with forward_context():
         logits = call_probe(network, inputs)
+    _check_logits(network, taps, inputs, logits, ids, forward_context)
     if likelihood == "bernoulli":
-        logits32 = _bernoulli_logits(logits)
+        logits32 = _bernoulli_logits(logits, ids)
         weight = valid.to(logits32.device, torch.float32)
         _bernoulli_backwards(taps, logits32, ids, weight, estimator, seed, mc_samples)
         taps.check_all_fired()
+        taps.check_finite(ids)
         return dict(taps.batch_sums), count_valid
-    log_probs = _log_probs(logits)
+    log_probs = _log_probs(logits, ids)
     weight = valid.to(log_probs.device, torch.float32)
     probs = log_probs.detach().exp()
     if estimator == "exact":
@@ -735,6 +837,7 @@ def batch_filter_sums(
     else:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     taps.check_all_fired()
+    taps.check_finite(ids)
     return dict(taps.batch_sums), count_valid
 
 
@@ -753,13 +856,14 @@ def _batch_gradient_sums(
     with _trainable(weights), taps.paused():
         with forward_context():
             logits = call_probe(network, inputs)
+        _check_logits(network, taps, inputs, logits, ids, forward_context)
         if likelihood == "bernoulli":
-            logits32 = _bernoulli_logits(logits)
+            logits32 = _bernoulli_logits(logits, ids)
             multilabels = sample_multilabels(logits32.detach().sigmoid(), ids, seed, 0)
             picked = _bernoulli_log_likelihood(logits32, multilabels)
             mask = valid.to(logits32.device, torch.float32)
         else:
-            log_probs = _log_probs(logits)
+            log_probs = _log_probs(logits, ids)
             labels = sample_labels(log_probs.detach().exp(), ids, seed, 0)
             mask = valid.to(log_probs.device, torch.float32)
             picked = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
@@ -772,6 +876,17 @@ def _batch_gradient_sums(
             raise FisherError(f"layer {name!r} received no gradient from the logits")
         grad32 = grad.float() / scale if scale != 1.0 else grad.float()
         sums[name] = grad32.reshape(grad32.shape[0], -1).square().sum(-1)
+    finite = torch.stack([torch.isfinite(value).all() for value in sums.values()]).cpu()
+    if not bool(finite.all()):
+        broken = [name for name, ok in zip(sums, finite.tolist()) if not ok]
+        batch_ids = ids[valid.cpu()].tolist()
+        raise FisherError(
+            f"non-finite mini-batch gradient (NaN or inf) at layer {broken[-1]!r} for the batch of "
+            f"example ids {batch_ids[:5]}{'...' if len(batch_ids) > 5 else ''}; {len(broken)} "
+            f"layer(s) affected: {broken[:5]}. The squared gradients overflow, or the probe's "
+            "weights or activations hold NaN / inf" + _precision_hint(grads[0].dtype),
+            example_ids=batch_ids,
+        )
     return sums
 
 
@@ -792,6 +907,13 @@ def filter_values(
         if name not in sums:
             raise FisherError(f"no Fisher was accumulated for layer {name!r}")
         value = sums[name].detach().to("cpu", torch.float64) / (count * row_size(module))
+        if not bool(torch.isfinite(value.to(torch.float32)).all()):
+            bad = (~torch.isfinite(value.to(torch.float32))).nonzero().flatten()
+            raise FisherError(
+                f"the Fisher of layer {name!r} is not finite in float32 at {bad.numel()} of its "
+                f"{value.numel()} filters (first: filter {int(bad[0])}); no embedding is made. "
+                "Its squared gradients overflow (weights of extreme scale?) or hold NaN"
+            )
         pieces.append(value)
         offsets[name] = (position, position + value.numel())
         position += value.numel()
