@@ -292,3 +292,17 @@ def test_bad_multi_label_targets_are_refused(labels: Callable[[int], object], me
     t2v = Task2Vec(sequential_cnn(), likelihood="bernoulli", balanced_sampling=False, **FAST)
     with pytest.raises(DatasetError, match=message):
         t2v.embed(data)
+
+
+def test_fisher_callback_records_the_likelihood_and_refuses_a_mismatched_resume() -> None:
+    from t2v_lightning import FisherCallback
+
+    categorical = FisherCallback(estimator="exact")
+    bernoulli = FisherCallback(estimator="exact", likelihood="bernoulli")
+    # categorical checkpoints keep their key; a Bernoulli state never loads into it
+    assert categorical.state_key == "FisherCallback{'estimator': 'exact', 'seed': 0, 'mc_samples': 1}"
+    assert "'likelihood': 'bernoulli'" in bernoulli.state_key
+    with pytest.raises(ValueError, match="likelihood='bernoulli' but this FisherCallback has 'categorical'"):
+        categorical.load_state_dict(bernoulli.state_dict())
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        FisherCallback(likelihood="gaussian")  # type: ignore[arg-type]

