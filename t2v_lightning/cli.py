@@ -21,7 +21,9 @@ import argparse
 import csv
 import inspect
 import os
+import pickle
 import re
+import signal
 import sys
 import time
 import warnings
@@ -31,14 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from t2v_lightning.data.datamodule import TaskDataModule
 from t2v_lightning.data.registry import get_entry, num_tasks
+from t2v_lightning.fisher.estimators import FisherError
+from t2v_lightning.probe import load_tensors_safely
 from t2v_lightning.probe_classifier import ProbeClassifier
 
 __all__ = [
@@ -222,6 +226,17 @@ class HeadFittingProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description(f"head fitting {trainer.current_epoch + 1}{epochs}")
 
 
+def _check_writable(path: Path) -> None:
+    """Raise unless ``path``'s folder exists and is writable, or can be created."""
+    existing = Path(os.path.abspath(path.parent))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: folder {existing} is not writable")
+
+
 class EmbeddingTrainer(pl.Trainer):
     """Lightning's Trainer with an ``embed`` entry point (the ``t2v embed`` subcommand)."""
 
@@ -295,6 +310,7 @@ class EmbeddingTrainer(pl.Trainer):
                 rank_zero_info(f"skipping {_task_label(job.dataset, job.task_id)}: "
                                f"{job.output} exists")
                 continue
+            _check_writable(job.output)  # before any work, not after an hour of it
             todo.append(job)
         rank_zero_info(f"embedding {len(todo)} task(s) ({len(jobs) - len(todo)} already done)")
         for logger in self.loggers:
@@ -354,7 +370,7 @@ class T2VCLI(LightningCLI):
     """LightningCLI for :class:`ProbeClassifier` and ``TaskDataModule`` with an ``embed`` command.
 
     ``data.num_classes`` is linked to ``model.num_classes``. The Trainer defaults to 10 epochs
-    (the reference's head fitting), seed 0, and a CSV logger under ``logs/``.
+    (the reference's head fitting), seed 0, and a CSV logger under ``lightning_logs/``.
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
@@ -366,7 +382,7 @@ class T2VCLI(LightningCLI):
                 "max_epochs": 10,
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": "logs"},
+                    "init_args": {"save_dir": ".", "name": "lightning_logs"},
                 },
             },
             seed_everything_default=0,
@@ -406,7 +422,7 @@ class T2VCLI(LightningCLI):
         ckpt_path = self.config["embed"].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        checkpoint = load_tensors_safely(ckpt_path, "checkpoint")
         stored = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
         model = self.config["embed"]["model"]
         for key in _PROBE_IDENTITY:
@@ -547,10 +563,10 @@ def save_distance_figure(
 # ------------------------------------------------------------------------------ entry point
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,  # includes ProbeError, DatasetError, EmbeddingFileError
-    FileNotFoundError,  # includes DatasetNotFoundError
-    FileExistsError,
-    PermissionError,
+    OSError,  # missing files and data (DatasetNotFoundError), permissions, a full disk
     ImportError,
+    pickle.UnpicklingError,  # a checkpoint that needs arbitrary objects (weights_only=True)
+    FisherError,  # NaN / inf in the Fisher pass: the message names the layer and examples
 )
 
 
@@ -618,7 +634,8 @@ def main(args: Sequence[str] | None = None) -> None:
         if os.environ.get("T2V_DEBUG"):
             raise
         command = " ".join(["t2v", *[a for a in argv[:1] if a in T2VCLI.subcommands()]])
-        sys.stderr.write(f"{command}: error: {err.message}\n(see: {command} --help)\n")
+        message = " ".join(line.strip() for line in err.message.splitlines() if line.strip())
+        sys.stderr.write(f"{command}: error: {message}\n(see: {command} --help)\n")
         raise SystemExit(2) from None
     except _USER_ERRORS as err:
         if os.environ.get("T2V_DEBUG"):
@@ -629,6 +646,13 @@ def main(args: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.stderr.write("t2v: interrupted\n")
         raise SystemExit(130) from None
+    except SIGTERMException:
+        # Lightning stops after the current batch; its SystemExit carries no exit status.
+        sys.stderr.write(
+            "t2v: terminated (SIGTERM); artifacts already written are complete, the task in "
+            "progress was not written. Rerun the same command to continue\n"
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,7 +57,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)  # logs/ and embeddings/ land here
+    monkeypatch.chdir(tmp_path)  # lightning_logs/ and embeddings/ land here
     return tmp_path
 
 
@@ -135,7 +135,7 @@ def test_fit_then_embed_from_the_checkpoint_writes_the_fitted_heads_embedding(
                             "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1"],
                            capsys)
     assert code == 0, err
-    checkpoints = sorted(workdir.glob("logs/**/checkpoints/*.ckpt"))
+    checkpoints = sorted(workdir.glob("lightning_logs/**/checkpoints/*.ckpt"))
     assert len(checkpoints) == 1
     checkpoint = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
     # only the head is stored (the probe is rebuilt and checked by fingerprint)

@@ -45,11 +45,21 @@ def test_the_probe_recognises_imagenet_photos(lite0: torch.nn.Module) -> None:
                                       "boathouse", "stupa"}
 
 
-def test_default_tasks_add_fashion_mnist_when_found(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo, "fashion_available", lambda root: False)
-    assert demo.default_tasks("data") == list(demo.DEMO_TASKS)
-    monkeypatch.setattr(demo, "fashion_available", lambda root: True)
-    tasks = demo.default_tasks("data")
+def test_default_tasks_add_fashion_mnist_when_its_files_are_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from t2v_lightning.data import small
+    from tests.test_data_small import write_idx
+
+    monkeypatch.setattr(small, "SYSTEM_DATA_DIRS", {})  # ignore a Debian install on this host
+    assert demo.default_tasks(str(tmp_path)) == list(demo.DEMO_TASKS)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    labels = (np.arange(20) % 10).astype(np.uint8)
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((20, 28, 28), dtype=np.uint8))
+    write_idx(raw / "t10k-labels-idx1-ubyte", labels)
+    tasks = demo.default_tasks(str(tmp_path))
     assert len(tasks) == 12 and set(demo.FASHION_TASKS) <= set(tasks)
     assert not any(t.endswith("_even") for t in tasks)
 
