@@ -541,7 +541,7 @@ def distance_main(argv: Sequence[str]) -> None:
     width = max(len(n) for n in names)
     print(f"nearest task by {options.distance} distance:")
     for name, other, distance in nearest_tasks(names, matrix):
-        print(f"  {name:<{width}}  ->  {other}  ({distance:.4f})")
+        print(f"  {name:<{width}}  ->  {other:<{width}}  {distance:.4f}")
     for label, path in (("matrix", options.csv), ("figure", options.out)):
         if path:
             print(f"{label}: {path}")
