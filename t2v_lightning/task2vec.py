@@ -489,7 +489,10 @@ class Task2Vec:
         """Embed one task.
 
         Args:
-            dataset: a map-style dataset of ``(input tensor, int label)``.
+            dataset: a map-style dataset of ``(input, label)``. The input is a tensor, or a
+                mapping of tensors (tokenised text: ``input_ids``, ``attention_mask``) that the
+                probe receives as keyword arguments; the label is an int class, or a float 0/1
+                vector with ``likelihood="bernoulli"``.
             task_name: recorded in the embedding's metadata.
 
         Returns:
