@@ -150,6 +150,24 @@ class GramConv(nn.Module):
         return self.fc(x.mean((-2, -1)))
 
 
+class PointwiseConvs(nn.Module):
+    """1×1 convolutions: stride 1, stride 2 (odd input size), grouped, and 1×1 with padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 8, 1)
+        self.conv_b = nn.Conv2d(8, 6, 1, stride=2)
+        self.conv_c = nn.Conv2d(6, 6, 1, groups=3, bias=False)
+        self.conv_d = nn.Conv2d(6, 4, 1, stride=(2, 1), padding=1, groups=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.conv_a(x))
+        x = torch.tanh(self.conv_b(x))
+        x = torch.tanh(self.conv_c(x))
+        return self.fc(self.conv_d(x).mean((-2, -1)))
+
+
 def test_exact_matches_brute_force_on_conv_batchnorm_net(tiny_convnet: nn.Module) -> None:
     inputs = torch.randn(6, 3, 8, 8)
     reference = brute_force_fisher(tiny_convnet, inputs, "fc")
@@ -169,8 +187,13 @@ def test_exact_matches_brute_force_on_mlp(tiny_mlp: nn.Module) -> None:
 
 @pytest.mark.parametrize(
     ("network", "shape"),
-    [(StridedDilated, (3, 3, 9, 12)), (WideSequence, (3, 40)), (GramConv, (3, 3, 9, 9))],
-    ids=["strided-dilated-grouped-reflect-conv1d-norms", "linear-gram", "conv-gram"],
+    [
+        (StridedDilated, (3, 3, 9, 12)),
+        (WideSequence, (3, 40)),
+        (GramConv, (3, 3, 9, 9)),
+        (PointwiseConvs, (3, 3, 7, 9)),
+    ],
+    ids=["strided-dilated-grouped-reflect-conv1d-norms", "linear-gram", "conv-gram", "pointwise"],
 )
 def test_exact_matches_brute_force_on_layer_variants(network: type[nn.Module], shape: tuple[int, ...]) -> None:
     torch.manual_seed(1)
