@@ -98,6 +98,7 @@ def get_probe(
         raise ProbeError(f"num_classes must be a positive integer or None, got {num_classes!r}")
     if pretrained and weights is not None:
         raise ProbeError("pass either pretrained=True or weights=<path>, not both")
+    model: nn.Module
     if name.startswith("text:"):
         from t2v_lightning.text import text_probe  # optional dependencies (transformers)
 

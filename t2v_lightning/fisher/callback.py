@@ -351,7 +351,11 @@ class FisherCallback(Callback):
         self.accumulate(trainer, pl_module, inputs, ids)
 
     def accumulate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: torch.Tensor, ids: torch.Tensor
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        inputs: torch.Tensor | Mapping[str, torch.Tensor],
+        ids: torch.Tensor,
     ) -> None:
         """One Fisher step on a batch of inputs with their example ids."""
         network = self._network(pl_module)
@@ -382,7 +386,7 @@ class FisherCallback(Callback):
         trainer: pl.Trainer,
         forward: nn.Module,
         network: nn.Module,
-        inputs: torch.Tensor,
+        inputs: torch.Tensor | Mapping[str, torch.Tensor],
         ids: torch.Tensor,
     ) -> None:
         valid = self._valid(ids)
@@ -475,7 +479,9 @@ class FisherCallback(Callback):
             return sharded, num_examples
         return _running_ids(loader, rank, world), None
 
-    def _inputs_of(self, batch: Any, rows: int, device: torch.device) -> torch.Tensor:
+    def _inputs_of(
+        self, batch: Any, rows: int, device: torch.device
+    ) -> torch.Tensor | Mapping[str, torch.Tensor]:
         if self._logits_fn is not None:
             return torch.empty(rows, 0, device=device)  # logits_fn reads the batch itself
         if isinstance(batch, torch.Tensor):

@@ -799,7 +799,7 @@ def _bernoulli_backwards(
 def batch_filter_sums(
     network: nn.Module,
     taps: LayerFisherTaps,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Mapping[str, torch.Tensor],
     ids: torch.Tensor,
     valid: torch.Tensor,
     estimator: Estimator,
@@ -874,7 +874,7 @@ def batch_filter_sums(
 def _batch_gradient_sums(
     network: nn.Module,
     taps: LayerFisherTaps,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Mapping[str, torch.Tensor],
     ids: torch.Tensor,
     valid: torch.Tensor,
     seed: int,
