@@ -35,7 +35,9 @@ from typing import Any
 import torch
 
 FORMAT_NAME = "t2v-lightning-embedding"
-FORMAT_VERSION = 1
+# 2: the header holds a SHA-256 ``checksum`` of the layers, meta and tensors, and a file of
+# version 2 or later without one is corrupt. Version 1 files (no checksum) are still read.
+FORMAT_VERSION = 2
 FILE_SUFFIX = ".safetensors"
 # A header this large cannot belong to an embedding (ours are a few kilobytes to a megabyte).
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -222,7 +224,9 @@ class TaskEmbedding:
             raise EmbeddingFileError(f"{path}: invalid format_version {version}")
         tensors = _read_tensors(path, header, data_start)
         recorded = meta_block.get("checksum")
-        if recorded is not None:  # files of other writers may have none
+        if recorded is None and version >= 2:
+            raise EmbeddingFileError(f"{path}: corrupt embedding header (no checksum)")
+        if recorded is not None:
             try:
                 actual = _checksum(
                     meta_block.get("layers", "[]"), meta_block.get("meta", "{}"),

@@ -183,8 +183,8 @@ def test_every_truncation_is_refused(tmp_path: Path, artifact: bytes) -> None:
         assert load_outcome(path) is None, f"a file cut to {size} of {len(artifact)} bytes loaded"
 
 
-def test_every_single_byte_change_is_refused_or_harmless(tmp_path: Path, artifact: bytes) -> None:
-    """Flip each byte in turn: refused (checksum, sizes, JSON), or unchanged (header padding)."""
+def test_every_single_byte_change_is_refused(tmp_path: Path, artifact: bytes) -> None:
+    """Flip each byte in turn: refused (checksum, sizes, JSON, a required key renamed)."""
     path = tmp_path / "flipped.safetensors"
     harmless = 0
     for position in range(len(artifact)):
@@ -195,9 +195,7 @@ def test_every_single_byte_change_is_refused_or_harmless(tmp_path: Path, artifac
         if loaded is not None:
             assert same_embedding(loaded, small_embedding()), f"byte {position} changed the embedding"
             harmless += 1
-    header_len = struct.unpack("<Q", artifact[:8])[0]
-    padding = len(json.dumps(json.loads(artifact[8 : 8 + header_len]))) - header_len
-    assert harmless <= 8 + abs(padding)  # only padding spaces may flip to other blanks
+    assert harmless == 0  # padding spaces would flip to "!", and every key is required
 
 
 def test_checksum_catches_an_edited_value(tmp_path: Path, artifact: bytes) -> None:
@@ -210,8 +208,25 @@ def test_checksum_catches_an_edited_value(tmp_path: Path, artifact: bytes) -> No
         TaskEmbedding.load(path)
 
 
+def test_version_1_artifacts_without_checksum_still_load(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    embedding = small_embedding()
+    header = {
+        "format": FORMAT_NAME,
+        "layers": json.dumps([[k, list(v)] for k, v in embedding.layers.items()]),
+        "meta": json.dumps(embedding.meta, sort_keys=True),
+    }
+    tensors = {"hessian": embedding.hessian, "scale": embedding.scale}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={**header, "format_version": "1"})
+    assert same_embedding(TaskEmbedding.load(tmp_path / "v1.safetensors"), embedding)
+    save_file(tensors, str(tmp_path / "v2.safetensors"), metadata={**header, "format_version": "2"})
+    with pytest.raises(EmbeddingFileError, match="no checksum"):
+        TaskEmbedding.load(tmp_path / "v2.safetensors")
+
+
 def test_absurd_sizes_are_refused_without_allocating(tmp_path: Path) -> None:
-    meta = {"format": FORMAT_NAME, "format_version": "1", "layers": "[]", "meta": "{}"}
+    meta = {"format": FORMAT_NAME, "format_version": "1", "layers": "[]", "meta": "{}"}  # no checksum
     cases = {
         "header_beyond_file": struct.pack("<Q", 2**63) + b"{}",
         "header_over_cap": struct.pack("<Q", 64 * 1024 * 1024 + 1) + b"{" * 100,
