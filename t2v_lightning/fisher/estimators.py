@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -196,14 +196,22 @@ def embedded_layers(network: nn.Module, head: str | None) -> list[tuple[str, nn.
     return layers
 
 
+def layer_weight(module: nn.Module) -> nn.Parameter:
+    """The ``weight`` parameter of an embedded layer."""
+    weight = module._parameters.get("weight")
+    if weight is None:
+        raise UnsupportedLayerError(f"{type(module).__name__} has no weight parameter")
+    return weight
+
+
 def num_filters(module: nn.Module) -> int:
     """Rows of the module's weight reshaped to ``(out_channels, -1)``."""
-    return int(module.weight.shape[0])
+    return int(layer_weight(module).shape[0])
 
 
 def row_size(module: nn.Module) -> int:
     """Entries per row of the module's weight reshaped to ``(out_channels, -1)``."""
-    weight = module.weight
+    weight = layer_weight(module)
     return int(weight.numel() // weight.shape[0])
 
 
@@ -342,7 +350,7 @@ def _im2col(
     return view.reshape(batch, channels * kernel[0] * kernel[1], out_h * out_w)
 
 
-def _conv_patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def _conv_patches(module: Any, inputs: torch.Tensor) -> torch.Tensor:
     """Input patches of a 2-D convolution: B × (C_in·k_h·k_w) × L, padding applied."""
     kernel = tuple(module.kernel_size)
     stride = tuple(module.stride)
@@ -368,7 +376,7 @@ def _conv_patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return _im2col(inputs, kernel, dilation, stride)
 
 
-def _conv_sq_norms(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _conv_sq_norms(module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     if inputs.ndim == 3:  # Conv1d as a 2-D convolution of height 1
         inputs, grad = inputs.unsqueeze(-2), grad.unsqueeze(-2)
         module = _Conv1dAs2d(module)
@@ -404,7 +412,7 @@ def _conv_sq_norms(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) 
 class _Conv1dAs2d:
     """The geometry of a Conv1d seen as a Conv2d with a 1-high kernel (no weights)."""
 
-    def __init__(self, conv: nn.Module) -> None:
+    def __init__(self, conv: Any) -> None:
         self.kernel_size = (1, conv.kernel_size[0])
         self.stride = (1, conv.stride[0])
         self.dilation = (1, conv.dilation[0])
@@ -437,7 +445,7 @@ def _layernorm_sq_norms(module: nn.LayerNorm, inputs: torch.Tensor, grad: torch.
     normalised = F.layer_norm(inputs, module.normalized_shape, eps=module.eps)
     dims = len(module.normalized_shape)
     per_example = (grad * normalised).reshape(inputs.shape[0], -1, *inputs.shape[-dims:]).sum(1)
-    rows = per_example.reshape(inputs.shape[0], module.weight.shape[0], -1)
+    rows = per_example.reshape(inputs.shape[0], num_filters(module), -1)
     return rows.square().sum(-1)
 
 
@@ -534,7 +542,7 @@ class LayerFisherTaps:
             # The output gradient we need is the batch-norm output's, which is the input of the
             # module's ``drop`` (then ``act``) submodule.
             self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
-            drop: nn.Module = module.drop
+            drop = module.get_submodule("drop")
             self._handles.append(drop.register_forward_pre_hook(self._pre_output_hook(name)))
         else:
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
@@ -882,7 +890,7 @@ def _batch_gradient_sums(
     likelihood: Likelihood = "categorical",
 ) -> dict[str, torch.Tensor]:
     layers = taps.layers
-    weights = [module.weight for _, module in layers]
+    weights = [layer_weight(module) for _, module in layers]
     with _trainable(weights), taps.paused():
         with forward_context():
             logits = call_probe(network, inputs)
