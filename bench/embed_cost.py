@@ -1,0 +1,116 @@
+"""Cost of a whole ``Task2Vec.embed`` against one plain forward+backward pass over its examples.
+
+``embed`` reads the labels, selects the examples, copies the probe, runs the skipped prefix once
+(``skip_layers``), computes the penultimate features, fits the head on them (``--head-epochs``)
+and runs the Fisher pass, each through a Lightning Trainer. The limit it is measured against is
+one plain training pass over the same examples (forward, cross-entropy, backward into every
+weight). ``Task2Vec.prepare`` (everything before the Fisher pass) is also timed alone, so that the
+Fisher phase can be read as ``embed - prepare``.
+
+Runs are taken in alternating order (plain, prepare, embed, then the reverse) in one process;
+every figure is the best of ``--repeats``.
+
+    python bench/embed_cost.py                         # ResNet-18, 300 × 3×32×32, skip 0 and 6
+    python bench/embed_cost.py --threads 1 --model resnet34
+    python bench/embed_cost.py --accelerator gpu --size 224 --examples 2000
+
+Target: whole embed <= 1.5x the plain pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--examples", type=int, default=300)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--head-epochs", type=int, default=10)
+    parser.add_argument("--estimator", default="per_sample")
+    parser.add_argument("--skip", type=int, nargs="+", default=[0, 6], help="skip_layers values")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from t2v_lightning import Task2Vec, get_probe
+    from t2v_lightning.task2vec import _quiet_lightning
+
+    logging.getLogger("t2v_lightning").setLevel(logging.WARNING)
+    torch.manual_seed(0)
+    device = torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu")
+    probe = get_probe(args.model, num_classes=args.classes)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.examples, 3, args.size, args.size, generator=generator)
+    labels = torch.arange(args.examples) % args.classes
+    dataset = TensorDataset(images, labels)
+    network = get_probe(args.model, num_classes=args.classes).to(device).eval()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def plain() -> None:
+        for start in range(0, args.examples, args.batch):
+            x = images[start : start + args.batch].to(device)
+            y = labels[start : start + args.batch].to(device)
+            network.zero_grad(set_to_none=True)
+            F.cross_entropy(network(x), y).backward()
+        sync()
+
+    def t2v(skip: int) -> Task2Vec:
+        return Task2Vec(
+            probe, estimator=args.estimator, max_samples=args.examples, skip_layers=skip,
+            batch_size=args.batch, head_epochs=args.head_epochs, accelerator=args.accelerator,
+            progress_bar=False,
+        )
+
+    runs = {"plain": plain}
+    for skip in args.skip:
+        runs[f"prepare skip {skip}"] = lambda skip=skip: t2v(skip).prepare(dataset)  # type: ignore[misc]
+        runs[f"embed skip {skip}"] = lambda skip=skip: t2v(skip).embed(dataset)  # type: ignore[misc]
+    plain()  # warm-up
+    load_before = os.getloadavg()[0]
+    best = dict.fromkeys(runs, float("inf"))
+    for repeat in range(args.repeats):
+        for name in list(runs) if repeat % 2 == 0 else list(reversed(runs)):
+            start = time.perf_counter()
+            with _quiet_lightning():
+                runs[name]()
+            best[name] = min(best[name], time.perf_counter() - start)
+    print(
+        f"{args.model}, {args.examples} examples of 3x{args.size}x{args.size}, batch {args.batch}, "
+        f"{args.classes} classes, head {args.head_epochs} epochs, {args.estimator}, "
+        f"{args.accelerator}, {torch.get_num_threads()} threads, best of {args.repeats}, load "
+        f"average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(f"{'run':<18}{'seconds':>9}{'x plain':>9}")
+    for name, seconds in best.items():
+        print(f"{name:<18}{seconds:>9.2f}{seconds / best['plain']:>9.2f}")
+    for skip in args.skip:
+        fisher = best[f"embed skip {skip}"] - best[f"prepare skip {skip}"]
+        print(f"Fisher phase skip {skip}: {fisher:.2f} s ({fisher / best['plain']:.2f}x plain)")
+    print("target: whole embed <= 1.5x")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "load_average": load_before, "seconds": best}, handle,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
