@@ -87,11 +87,25 @@ class _PhaseProgressBar(TQDMProgressBar):
         super().__init__()
         self._phase = phase
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        super().on_train_epoch_start(trainer, *args, **kwargs)
+    def _description(self, trainer: pl.Trainer) -> str:
         epochs = trainer.max_epochs or 1
         suffix = f" {trainer.current_epoch + 1}/{epochs}" if epochs > 1 else ""
-        self.train_progress_bar.set_description(f"{self._phase}{suffix}")
+        return f"{self._phase}{suffix}"
+
+    def init_train_tqdm(self) -> Any:
+        bar = super().init_train_tqdm()
+        bar.set_description(self._phase, refresh=False)
+        return bar
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        # Lightning's version titles the bar "Epoch N" and draws it once before we can retitle.
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        total = self.total_train_batches
+        self.train_progress_bar.reset()
+        self.train_progress_bar.total = None if total == float("inf") else total
+        self.train_progress_bar.initial = 0
+        self.train_progress_bar.set_description(self._description(trainer))
 
 
 @contextmanager
