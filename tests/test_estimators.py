@@ -168,6 +168,27 @@ class PointwiseConvs(nn.Module):
         return self.fc(self.conv_d(x).mean((-2, -1)))
 
 
+class DepthwiseConvs(nn.Module):
+    """Depthwise convolutions with 25-tap kernels (one channel per group): padded, strided +
+    dilated + reflect, and a depthwise Conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 4, 1)
+        self.dw_a = nn.Conv2d(4, 4, 5, padding=2, groups=4)
+        self.dw_b = nn.Conv2d(
+            4, 4, (5, 5), stride=2, padding=(1, 2), dilation=(1, 2), groups=4,
+            padding_mode="reflect", bias=False,
+        )
+        self.dw_1d = nn.Conv1d(4, 4, 25, padding=12, groups=4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.dw_a(torch.tanh(self.expand(x))))
+        x = torch.tanh(self.dw_b(x)).mean(-2)
+        return self.fc(self.dw_1d(x).mean(-1))
+
+
 def test_exact_matches_brute_force_on_conv_batchnorm_net(tiny_convnet: nn.Module) -> None:
     inputs = torch.randn(6, 3, 8, 8)
     reference = brute_force_fisher(tiny_convnet, inputs, "fc")
@@ -192,8 +213,12 @@ def test_exact_matches_brute_force_on_mlp(tiny_mlp: nn.Module) -> None:
         (WideSequence, (3, 40)),
         (GramConv, (3, 3, 9, 9)),
         (PointwiseConvs, (3, 3, 7, 9)),
+        (DepthwiseConvs, (3, 3, 9, 11)),
     ],
-    ids=["strided-dilated-grouped-reflect-conv1d-norms", "linear-gram", "conv-gram", "pointwise"],
+    ids=[
+        "strided-dilated-grouped-reflect-conv1d-norms", "linear-gram", "conv-gram", "pointwise",
+        "depthwise",
+    ],
 )
 def test_exact_matches_brute_force_on_layer_variants(network: type[nn.Module], shape: tuple[int, ...]) -> None:
     torch.manual_seed(1)

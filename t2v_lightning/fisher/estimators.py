@@ -352,6 +352,12 @@ def _im2col(
 
 def _conv_patches(module: Any, inputs: torch.Tensor) -> torch.Tensor:
     """Input patches of a 2-D convolution: B × (C_in·k_h·k_w) × L, padding applied."""
+    padded = _conv_padded(module, inputs)
+    return _im2col(padded, tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride))
+
+
+def _conv_padded(module: Any, inputs: torch.Tensor) -> torch.Tensor:
+    """The input of a 2-D convolution with its padding applied (zeros, reflect, "same"...)."""
     kernel = tuple(module.kernel_size)
     stride = tuple(module.stride)
     dilation = tuple(module.dilation)
@@ -373,7 +379,30 @@ def _conv_patches(module: Any, inputs: torch.Tensor) -> torch.Tensor:
         for p in reversed(padding):
             pads += [p, p]
         inputs = F.pad(inputs, pads)
-    return _im2col(inputs, kernel, dilation, stride)
+    return inputs
+
+
+def _depthwise_sq_norms(module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    r"""Depthwise convolution (one input and one output channel per group), without patches.
+
+    :math:`g_n[c, (i, j)] = \sum_p \delta_n[c, p]\, x_n[c, s p + d (i, j)]`: one product and sum
+    over output positions per kernel offset, on strided views of the padded input. Same values
+    as the patch form, without its k_h·k_w copies of the input or B·C tiny matrix products.
+    """
+    padded = _conv_padded(module, inputs)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    out_h, out_w = grad.shape[-2], grad.shape[-1]
+    out = torch.zeros(grad.shape[0], grad.shape[1], dtype=grad.dtype, device=grad.device)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            top, left = i * dilation[0], j * dilation[1]
+            view = padded[
+                ...,
+                top : top + stride[0] * (out_h - 1) + 1 : stride[0],
+                left : left + stride[1] * (out_w - 1) + 1 : stride[1],
+            ]
+            out += (view * grad).sum((-2, -1)).square()
+    return out
 
 
 def _conv_sq_norms(module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -382,6 +411,19 @@ def _conv_sq_norms(module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> tor
         module = _Conv1dAs2d(module)
     batch, out_channels = grad.shape[0], grad.shape[1]
     groups = module.groups
+    kernel_area = module.kernel_size[0] * module.kernel_size[1]
+    # Measured on CPU (EfficientNet-Lite0 shapes, 1 thread): 1.7-2.3x faster than patches for
+    # 5x5 depthwise kernels, no gain or slower for some 3x3 ones.
+    if groups > 1 and groups == out_channels == inputs.shape[1] and kernel_area >= 25:
+        padded_size = _conv_padded(module, inputs[:1, :1]).shape[-2:]
+        expected = [
+            (size - dilation * (k - 1) - 1) // stride + 1
+            for size, k, stride, dilation in zip(
+                padded_size, module.kernel_size, module.stride, module.dilation
+            )
+        ]
+        if expected == list(grad.shape[-2:]):
+            return _depthwise_sq_norms(module, inputs, grad)
     patches = _conv_patches(module, inputs)  # B, G*K, L
     positions = patches.shape[-1]
     if positions != grad[0, 0].numel():
