@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every benchmark behind the README's "Performance" section, one after the other (CPU, one torch
+# thread per process: steadier on a shared machine). Results: bench/results/*.txt / *.json / *.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=bench/results
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1
+{ date -u; uname -srm; lscpu | grep -E "Model name|^CPU\(s\)" || true; "$PY" -c "import torch; print('torch', torch.__version__)"; } > "$OUT/machine.txt"
+"$PY" bench/fisher_cost.py --threads 1 --rounds 2 --repeats 2 --json "$OUT/fisher_resnet18.json" | tee "$OUT/fisher_resnet18.txt"
+"$PY" bench/fisher_cost.py --model resnet34 --threads 1 --rounds 2 --repeats 1 --json "$OUT/fisher_resnet34.json" | tee "$OUT/fisher_resnet34.txt"
+"$PY" bench/fisher_cost.py --model timm:tf_efficientnet_lite0 --size 224 --examples 100 --batch 50 \
+    --threads 1 --rounds 1 --repeats 1 --measure plain per_sample batch variational \
+    --json "$OUT/fisher_lite0.json" | tee "$OUT/fisher_lite0.txt"
+"$PY" bench/embed_cost.py --threads 1 --repeats 2 --json "$OUT/embed_resnet18.json" | tee "$OUT/embed_resnet18.txt"
+"$PY" bench/noise_per_second.py --threads 1 --json "$OUT/noise.json" | tee "$OUT/noise.txt"
+"$PY" bench/fisher_cost.py --rounds 2 --repeats 1 --measure plain per_sample batch | tee "$OUT/fisher_resnet18_all_threads.txt"
+"$PY" bench/distances.py | tee "$OUT/distances.txt"
