@@ -340,12 +340,7 @@ class Task2Vec:
 
     # ---------------------------------------------------------------------------- data
     def _read_labels(self, dataset: Dataset) -> torch.Tensor:
-        try:
-            size = len(dataset)  # type: ignore[arg-type]
-        except TypeError as err:
-            raise DatasetError("the dataset must be a map-style Dataset with a length") from err
-        if size == 0:
-            raise DatasetError("the dataset is empty")
+        size = _dataset_size(dataset)
         targets = getattr(dataset, "targets", None)
         labels: torch.Tensor | None = None
         if targets is not None:
@@ -388,12 +383,7 @@ class Task2Vec:
 
     def _read_multilabels(self, dataset: Dataset) -> torch.Tensor:
         """The (N, K) float 0/1 targets of a multi-label dataset."""
-        try:
-            size = len(dataset)  # type: ignore[arg-type]
-        except TypeError as err:
-            raise DatasetError("the dataset must be a map-style Dataset with a length") from err
-        if size == 0:
-            raise DatasetError("the dataset is empty")
+        _dataset_size(dataset)
         loader = DataLoader(
             dataset,  # type: ignore[arg-type]
             batch_size=self.batch_size,
@@ -751,6 +741,17 @@ def _multilabels_only(batch: list[Any]) -> torch.Tensor:
     if len({row.numel() for row in rows}) > 1:
         raise DatasetError("multi-label targets must all have the same number of outputs")
     return torch.stack(rows)
+
+
+def _dataset_size(dataset: Dataset) -> int:
+    """The length of a map-style dataset; empty or unsized datasets are refused."""
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise DatasetError("the dataset must be a map-style Dataset with a length") from err
+    if size == 0:
+        raise DatasetError("the dataset is empty")
+    return size
 
 
 def _labels_only(batch: list[Any]) -> torch.Tensor:

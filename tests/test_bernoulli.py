@@ -21,9 +21,10 @@ from t2v_lightning.fisher.estimators import (
     LayerFisherTaps,
     batch_filter_sums,
     embedded_layers,
-    filter_values,
     sample_multilabels,
 )
+from tests.test_estimators import estimate as closed_form_estimate
+from tests.test_estimators import relative_error
 
 EXACT_RTOL = 1e-5  # float32 closed forms against float32 per-example autograd loops
 # Measured relative L2 errors (4 seeds): per_sample with 300 draws 0.025-0.048; batch estimator
@@ -89,34 +90,9 @@ def estimate(
     batch_size: int | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    layers = embedded_layers(network, head)
-    ids = torch.arange(inputs.shape[0])
-    batch_size = batch_size or inputs.shape[0]
-    totals: dict[str, torch.Tensor] = {}
-    count = 0
-    with LayerFisherTaps(network, layers) as taps:
-        for start in range(0, inputs.shape[0], batch_size):
-            part = slice(start, start + batch_size)
-            sums, n = batch_filter_sums(
-                network,
-                taps,
-                inputs[part],
-                ids[part],
-                torch.ones(ids[part].numel(), dtype=torch.bool),
-                estimator,  # type: ignore[arg-type]
-                seed,
-                mc_samples,
-                likelihood="bernoulli",
-            )
-            for name, value in sums.items():
-                totals[name] = totals.get(name, 0) + value.double()
-            count += n
-    hessian, _ = filter_values(totals, count, layers)
-    return hessian.double()
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return closed_form_estimate(
+        network, inputs, head, estimator, mc_samples, seed, batch_size, likelihood="bernoulli"
+    )
 
 
 def test_the_two_references_agree(tiny_mlp: nn.Module) -> None:

@@ -69,7 +69,9 @@ def estimate(
     seed: int = 0,
     batch_size: int | None = None,
     ids: torch.Tensor | None = None,
+    likelihood: str = "categorical",
 ) -> torch.Tensor:
+    """The filter-wise Fisher through the closed forms, batch by batch (float64)."""
     layers = embedded_layers(network, head)
     ids = torch.arange(inputs.shape[0]) if ids is None else ids
     batch_size = batch_size or inputs.shape[0]
@@ -87,6 +89,7 @@ def estimate(
                 estimator,  # type: ignore[arg-type]
                 seed,
                 mc_samples,
+                likelihood=likelihood,  # type: ignore[arg-type]
             )
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0) + value.double()
