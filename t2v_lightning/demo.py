@@ -15,8 +15,10 @@ It writes to ``demo_output/``: one embedding artifact per task, ``distance_matri
 ``distance_matrix.png`` (clustered, cosine distance), and prints each task's nearest other task.
 
 Speed: the images are resized to 64x64, each task uses 500 class-balanced examples, and
-``skip_layers=3`` runs the stem and all MBConv blocks once (cached), so the Fisher pass only
-covers the last 1x1 convolution and its batch norm (1,280 + 1,280 values per task).
+``skip_layers=2`` runs the stem (``conv_stem``, ``bn1``) once (cached); the Fisher pass covers
+every MBConv block and the last 1x1 convolution: 96 layers, 41,952 values per task. About
+80 s for 10 tasks on 2 CPU cores (``--skip_layers 3`` embeds only the last convolution and its
+batch norm, in about 20 s).
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ def run_demo(
     data_root: str = "data",
     input_size: int = 64,
     max_samples: int = 500,
-    skip_layers: int = 3,
+    skip_layers: int = 2,
     head_epochs: int = 10,
     batch_size: int = 100,
     seed: int = 0,
@@ -275,7 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_root", default="data", help="data folder")
     parser.add_argument("--input_size", type=int, default=64, help="image side (pixels)")
     parser.add_argument("--max_samples", type=int, default=500, help="examples per task")
-    parser.add_argument("--skip_layers", type=int, default=3,
+    parser.add_argument("--skip_layers", type=int, default=2,
                         help="top-level children of the probe cached and left out")
     parser.add_argument("--head_epochs", type=int, default=10, help="epochs of head fitting")
     parser.add_argument("--seed", type=int, default=0, help="seed")

@@ -76,8 +76,10 @@ def test_the_demo_pipeline_writes_artifacts_matrix_figure_and_neighbours(
     embeddings = [TaskEmbedding.load(tmp_path / f"{t}.safetensors") for t in tasks]
     names = [e.name for e in embeddings]
     assert names == ["Digits 0-4", "Digits 5-9", "MNIST subset 0-4"]
-    assert all(e.meta["probe"] == demo.PROBE and e.meta["skip_layers"] == 3 for e in embeddings)
-    assert list(embeddings[0].layers) == ["conv_head", "bn2"]
+    assert all(e.meta["probe"] == demo.PROBE and e.meta["skip_layers"] == 2 for e in embeddings)
+    layers = list(embeddings[0].layers)
+    assert len(layers) == 96 and len(embeddings[0]) == 41952
+    assert layers[:2] == ["blocks.0.0.conv_dw", "blocks.0.0.bn1"] and layers[-2:] == ["conv_head", "bn2"]
     rows = list(csv.reader((tmp_path / "distance_matrix.csv").open()))
     assert rows[0] == ["task", *names]
     matrix = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]], dtype=torch.float64)
