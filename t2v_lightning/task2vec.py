@@ -566,27 +566,28 @@ class Task2Vec:
         network.to(device)
         unique, inverse = torch.unique(selection, return_inverse=True)
         prefix, tail, skipped = split_prefix(network, self.skip_layers)
-        raw = SelectedInputs(dataset, unique)
-        if self.skip_layers > 0 and is_mapping_input(raw[0][0]):
-            raise DatasetError(
-                f"skip_layers={self.skip_layers} caches the output of the first top-level "
-                "children, which take a single tensor; this dataset's inputs are mappings "
-                f"({sorted(raw[0][0])}) passed to the probe as keyword arguments. Use "
-                "skip_layers=0 (text probes leave their token embeddings out by themselves)"
-            )
+        # Each distinct example runs through the network once (the selection may repeat some).
+        distinct: Dataset = SelectedInputs(dataset, unique)
         if self.skip_layers > 0:
-            # mapping inputs were refused above: these are tensors
-            rows = [raw[i][0] for i in range(min(4, len(raw)))]
-            first = torch.stack(rows).to(device)  # type: ignore[arg-type]
+            sample = distinct[0][0]
+            if is_mapping_input(sample):
+                raise DatasetError(
+                    f"skip_layers={self.skip_layers} caches the output of the first top-level "
+                    "children, which take a single tensor; this dataset's inputs are mappings "
+                    f"({sorted(sample)}) passed to the probe as keyword arguments. Use "
+                    "skip_layers=0 (text probes leave their token embeddings out by themselves)"
+                )
+            rows = [distinct[i][0] for i in range(min(4, len(distinct)))]  # type: ignore[arg-type]
+            first = torch.stack(rows).to(device)
             check_split(network, prefix, tail, first)
-            cached = run_network(prefix, raw, self.batch_size, device, self.num_workers, "prefix")
+            cached = run_network(
+                prefix, distinct, self.batch_size, device, self.num_workers, "prefix"
+            )
+            distinct = TensorInputs(cached)
             tail_inputs: Dataset = TensorInputs(cached[inverse])
         else:
             tail_inputs = SelectedInputs(dataset, selection)
-        features = head_inputs(
-            tail, self.head, TensorInputs(cached) if self.skip_layers > 0 else raw,
-            self.batch_size, device, self.num_workers,
-        )
+        features = head_inputs(tail, self.head, distinct, self.batch_size, device, self.num_workers)
         head_accuracy = self._fit_head(tail, features[inverse], selected_labels, num_classes)
         meta = {
             "probe": probe_name(self.probe),
