@@ -363,3 +363,46 @@ def test_non_finite_logits_are_reported() -> None:
     inputs[1, 0] = float("nan")
     with pytest.raises(FisherError, match=r"non-finite logits.*\[1\]"):
         estimate(model, inputs, "1")
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation", "padding", "size"),
+    [(3, 1, 1, 1, (9, 11)), (3, 2, 1, 1, (10, 9)), (5, 2, (1, 2), (1, 2), (11, 12)), (3, 2, 2, 0, (12, 13))],
+)
+def test_depthwise_forms_match_per_example_autograd(
+    kernel: int, stride: int, dilation: int | tuple[int, int], padding: int | tuple[int, int],
+    size: tuple[int, int],
+) -> None:
+    """Both depthwise forms (the grouped convolution used on the CPU, the per-offset sum used
+    elsewhere) against each example's weight gradient from autograd."""
+    from t2v_lightning.fisher.estimators import _depthwise_sq_norms
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(5, 5, kernel, stride=stride, dilation=dilation, padding=padding, groups=5)
+    inputs = torch.randn(3, 5, *size)
+    grad = torch.randn_like(conv(inputs))
+    expected = torch.stack([
+        torch.autograd.grad((conv(inputs[n : n + 1]) * grad[n : n + 1]).sum(), conv.weight)[0]
+        .reshape(5, -1).square().sum(-1)
+        for n in range(inputs.shape[0])
+    ])
+    for by_offsets in (False, True):
+        got = _depthwise_sq_norms(conv, inputs, grad, by_offsets=by_offsets)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_with_a_large_running_mean_matches_brute_force() -> None:
+    """The batch-norm form subtracts the mean after summing; a mean of 30 standard deviations
+    stays within 1e-4 of the brute-force Fisher."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(30.0)
+        model[1].running_mean.fill_(30.0)
+        model[1].running_var.fill_(1.0)
+    inputs = torch.randn(5, 3, 8, 8)
+    reference = brute_force_fisher(model, inputs, "5")
+    layers = embedded_layers(model, "5")
+    got = estimate(model, inputs, "5")
+    torch.testing.assert_close(got, as_vector(reference, layers), rtol=1e-4, atol=0)
