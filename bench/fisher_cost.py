@@ -17,7 +17,10 @@ Every measurement runs in fresh subprocesses, taken in alternating order over ``
 rounds (plain, fisher..., then the reverse), and each figure is the best of all its timed passes:
 on a shared machine both sides of a ratio see the same conditions. The peak resident memory
 (CPU; ``ru_maxrss``, model and data included) or peak allocated memory (CUDA) belongs to that
-measurement alone.
+measurement alone. A last subprocess times ``per_sample`` and ``batch`` back to back with the plain
+pass, ``--paired-rounds`` times in alternating order, and prints the median of the per-round
+ratios with their range ("paired"): the shared machine's speed drifts from one subprocess to the
+next, and two passes run next to each other see nearly the same machine.
 
     python bench/fisher_cost.py                                   # ResNet-18, 300 × 3×32×32
     python bench/fisher_cost.py --model resnet34 --threads 1
@@ -37,6 +40,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 MEASUREMENTS = ("plain", "per_sample", "batch", "exact", "variational", "lightning_per_sample")
 
@@ -135,6 +139,10 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
             )
             trainer.fit(module)
 
+    if args.only == "paired":
+        for p in network.parameters():
+            p.requires_grad_(True)  # the taps freeze them inside their context and restore them
+        return _paired_ratios(args, plain, fisher, sync)
     for p in network.parameters():
         p.requires_grad_(args.only == "plain")
     run = {
@@ -168,6 +176,45 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+PAIRED = ("per_sample", "batch")
+
+
+def _paired_ratios(args: argparse.Namespace, plain: Any, fisher: Any, sync: Any) -> dict[str, Any]:
+    """Ratios to the plain pass timed back to back in one process, round after round.
+
+    A shared machine's speed drifts between (and within) subprocesses; a pass and the plain pass
+    run next to each other see nearly the same machine, so the median of their per-round ratios
+    is steadier than a ratio of two separate bests.
+    """
+    import statistics
+
+    import torch
+
+    run = {"plain": plain, **{name: (lambda name=name: fisher(name)) for name in PAIRED}}
+    for name in run:  # warm-up
+        _paired_call(run[name], sync)
+    ratios: dict[str, list[float]] = {name: [] for name in PAIRED}
+    for round_ in range(args.paired_rounds):
+        order = list(run) if round_ % 2 == 0 else list(reversed(run))
+        seconds = {name: _paired_call(run[name], sync) for name in order}
+        for name in PAIRED:
+            ratios[name].append(seconds[name] / seconds["plain"])
+    return {
+        "ratios": {name: statistics.median(values) for name, values in ratios.items()},
+        "spread": {name: [min(values), max(values)] for name, values in ratios.items()},
+        "rounds": args.paired_rounds,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _paired_call(run: Any, sync: Any) -> float:
+    sync()
+    start = time.perf_counter()
+    run()
+    sync()
+    return time.perf_counter() - start
+
+
 def _load_average() -> str:
     try:
         return ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -190,8 +237,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating subprocess rounds")
     parser.add_argument("--measure", nargs="+", choices=MEASUREMENTS,
                         default=[m for m in MEASUREMENTS if m != "lightning_per_sample"])
+    parser.add_argument("--paired-rounds", type=int, default=6,
+                        help="rounds of the paired measurement (0: skip it)")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--only", choices=MEASUREMENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=(*MEASUREMENTS, "paired"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
         print(json.dumps(_measure(args)))
@@ -212,6 +261,17 @@ def main() -> None:
             result = json.loads(output.strip().splitlines()[-1])
             if name not in results or result["seconds"] < results[name]["seconds"]:
                 results[name] = result
+    paired: dict[str, Any] = {}
+    if args.paired_rounds > 0:
+        command = [sys.executable, __file__, "--only", "paired"] + [
+            f"--{key.replace('_', '-')}={value}"
+            for key, value in vars(args).items()
+            if key not in ("only", "measure", "json", "channels_last")
+        ] + (["--channels-last"] if args.channels_last else [])
+        output = subprocess.run(
+            command, check=True, capture_output=True, text=True, env=dict(os.environ)
+        ).stdout
+        paired = json.loads(output.strip().splitlines()[-1])
     plain = results["plain"]
     threads = int(plain["threads"])
     print(
@@ -221,18 +281,27 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, best of {args.rounds}x{args.repeats}; load average "
         f"{load_before} -> {_load_average()}"
     )
-    print(f"{'pass':<22}{'seconds':>9}{'x plain':>9}{'images/s':>10}{'peak MiB':>10}")
+    print(f"{'pass':<22}{'seconds':>9}{'x plain':>9}{'images/s':>10}{'peak MiB':>10}"
+          f"{'paired x plain (range)':>26}")
     for name in names:
         result = results[name]
         ratio = result["seconds"] / plain["seconds"]
+        pair = ""
+        if name in paired.get("ratios", {}):
+            low, high = paired["spread"][name]
+            pair = f"{paired['ratios'][name]:.2f} ({low:.2f}-{high:.2f})"
         print(f"{name:<22}{result['seconds']:>9.2f}{ratio:>9.2f}"
-              f"{args.examples / result['seconds']:>10.0f}{result['peak_mib']:>10.0f}")
+              f"{args.examples / result['seconds']:>10.0f}{result['peak_mib']:>10.0f}{pair:>26}")
+    if paired:
+        print(f"paired: median over {paired['rounds']} rounds of (pass / plain pass) timed back to "
+              "back in one process")
     print("targets: per_sample <= 1.5x, batch <= 1.1x (exact: one backward per class; "
           "variational: one of its epochs)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "only"},
-                       "load_average": load_before, "results": results}, handle, indent=1)
+                       "load_average": load_before, "results": results, "paired": paired},
+                      handle, indent=1)
 
 
 if __name__ == "__main__":
