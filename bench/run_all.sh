@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1
 "$PY" bench/fisher_cost.py --threads 1 --rounds 2 --repeats 2 --json "$OUT/fisher_resnet18.json" | tee "$OUT/fisher_resnet18.txt"
 "$PY" bench/fisher_cost.py --model resnet34 --threads 1 --rounds 2 --repeats 1 --json "$OUT/fisher_resnet34.json" | tee "$OUT/fisher_resnet34.txt"
 "$PY" bench/fisher_cost.py --model timm:tf_efficientnet_lite0 --size 224 --examples 100 --batch 50 \
-    --threads 1 --rounds 1 --repeats 1 --measure plain per_sample batch variational \
+    --threads 1 --rounds 1 --repeats 1 --paired-rounds 4 --measure plain per_sample batch variational \
     --json "$OUT/fisher_lite0.json" | tee "$OUT/fisher_lite0.txt"
 "$PY" bench/embed_cost.py --threads 1 --repeats 2 --json "$OUT/embed_resnet18.json" | tee "$OUT/embed_resnet18.txt"
 "$PY" bench/noise_per_second.py --threads 1 --json "$OUT/noise.json" | tee "$OUT/noise.txt"

@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end on tiny settings and report what the README quotes.
+
+They are measurement tools, not tests of speed: these runs only check that each script still
+works against the current library and writes the figures (ratios, noise curves) it promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_fisher_cost_prints_ratios_and_paired_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "cost.json"
+    text = _run("fisher_cost.py", "--examples", "20", "--batch", "10", "--size", "32",
+                "--threads", "1", "--rounds", "1", "--repeats", "1", "--paired-rounds", "2",
+                "--measure", "plain", "per_sample", "batch", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"plain", "per_sample", "batch"}
+    for name in ("per_sample", "batch"):
+        ratio = report["paired"]["ratios"][name]
+        low, high = report["paired"]["spread"][name]
+        assert 0 < low <= ratio <= high
+        assert name in text
+    assert "paired: median over 2 rounds" in text
+
+
+def test_noise_per_second_compares_both_scales(tmp_path: Path) -> None:
+    out = tmp_path / "noise.json"
+    figure = tmp_path / "noise.png"
+    text = _run("noise_per_second.py", "--max-per-sample", "200", "--max-batch", "200",
+                "--batch", "100", "--threads", "1", "--json", str(out), "--figure", str(figure))
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"batch", "batch_as_stored", "per_sample"}
+    assert [r["examples"] for r in report["results"]["per_sample"]] == [100, 200]
+    for rows in report["results"].values():
+        assert all(0 <= r["noise"] <= 2 and r["seconds"] > 0 for r in rows)
+    # Same embeddings, two scales: the noise differs only through the cosine distance's epsilon.
+    stored = [r["noise"] for r in report["results"]["batch_as_stored"]]
+    scaled = [r["noise"] for r in report["results"]["batch"]]
+    assert stored != scaled and stored == pytest.approx(scaled, rel=0.5)
+    assert set(report["matches"]) == {"batch", "batch_as_stored"}
+    assert figure.stat().st_size > 10_000
+    assert "batch x B at 200 examples" in text
