@@ -27,6 +27,7 @@ import re
 import secrets
 import socket
 import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,12 +404,47 @@ def _layout_difference(a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str
     return f"; {name} has more layers, starting with {extra[0]!r} {extra[1]}"
 
 
-def check_comparable(a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str] = ("a", "b")) -> None:
+class EmbeddingScaleWarning(UserWarning):
+    """Two embeddings compared were made at different scales (see :func:`scale_of`)."""
+
+
+def scale_of(embedding: TaskEmbedding) -> str | None:
+    """What an embedding's values estimate, from its meta; ``None`` when the meta does not say.
+
+    ``per_sample`` and ``exact`` estimate the Fisher F; ``batch`` estimates F divided by its
+    batch size; the variational method stores inverse variances, another quantity altogether.
+    """
+    meta = embedding.meta
+    if meta.get("method") == "variational":
+        return "variational (inverse weight-noise variances)"
+    estimator = meta.get("estimator")
+    if estimator == "batch":
+        size = meta.get("batch_size")
+        return f"F / {size} (batch estimator)" if size else "F / batch size (batch estimator)"
+    if estimator in ("per_sample", "exact"):
+        return "F (per-example estimator)"
+    return None
+
+
+def scale_difference(a: TaskEmbedding, b: TaskEmbedding) -> tuple[str, str] | None:
+    """The two scales (:func:`scale_of`) when both are known and differ, else ``None``."""
+    scale_a, scale_b = scale_of(a), scale_of(b)
+    if scale_a is None or scale_b is None or scale_a == scale_b:
+        return None
+    return scale_a, scale_b
+
+
+def check_comparable(
+    a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str] = ("a", "b"), warn_scale: bool = True
+) -> None:
     """Raise :class:`IncompatibleEmbeddingsError` unless ``a`` and ``b`` can be compared.
 
     Embeddings are comparable when they come from the same probe weights (equal
     ``meta["probe_fingerprint"]`` where both record one) and share the same layer layout.
     The message names both embeddings (``names`` and their task names) and says what differs.
+    With ``warn_scale``, an :class:`EmbeddingScaleWarning` says when their values estimate
+    different quantities (:func:`scale_of`): comparable, but most distances then mix the tasks'
+    difference with the estimators'.
     """
     label_a, label_b = _describe(a, names[0]), _describe(b, names[1])
     fa, fb = a.meta.get("probe_fingerprint"), b.meta.get("probe_fingerprint")
@@ -428,4 +464,15 @@ def check_comparable(a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str] 
             f"({len(a)} entries in {len(a.layers)} layers vs {len(b)} entries in "
             f"{len(b.layers)} layers{_layout_difference(a, b, names)}); embed both with the "
             f"same probe and skip_layers"
+        )
+    difference = scale_difference(a, b) if warn_scale else None
+    if difference is not None:
+        warnings.warn(
+            f"embeddings {label_a} and {label_b} estimate different quantities: "
+            f"{difference[0]} and {difference[1]}. The cosine, entropy, kl, asymmetric_kl and "
+            "jsd distances depend on the scale (the cosine's ε = 1e-8 is absolute), so their "
+            "values mix the tasks' difference with the estimators'; embed every task the same "
+            "way (normalized_cosine and correlation are scale-free)",
+            EmbeddingScaleWarning,
+            stacklevel=3,
         )

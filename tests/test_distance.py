@@ -319,3 +319,32 @@ def test_argument_errors() -> None:
         pdist([embeddings[0], torch.ones(60)])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="b must be a TaskEmbedding"):
         task_distance(embeddings[0], None)  # type: ignore[arg-type]
+
+
+def test_embeddings_of_different_scales_warn_once_per_call() -> None:
+    """per_sample (F) against batch (F / B) or variational: comparable, with one warning that
+    names both scales; per_sample against exact (both F): no warning."""
+    import warnings
+
+    from t2v_lightning.embedding import EmbeddingScaleWarning
+
+    items = make_embeddings(4)
+    for item, meta in zip(items, (
+        {"method": "montecarlo", "estimator": "per_sample"},
+        {"method": "montecarlo", "estimator": "batch", "batch_size": 100},
+        {"method": "montecarlo", "estimator": "batch", "batch_size": 100},
+        {"method": "montecarlo", "estimator": "exact"},
+    )):
+        item.meta.update(meta)
+    with pytest.warns(EmbeddingScaleWarning, match=r"F \(per-example estimator\) and F / 100") as caught:
+        matrix = pdist(items, "cosine")
+    assert len([w for w in caught if issubclass(w.category, EmbeddingScaleWarning)]) == 1
+    assert matrix.shape == (4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmbeddingScaleWarning)
+        task_distance(items[0], items[3], "cosine")
+        task_distance(items[1], items[2], "cosine")
+        task_distance(items[0], make_embeddings(1)[0], "cosine")  # no estimator recorded
+    items[3].meta["method"] = "variational"
+    with pytest.warns(EmbeddingScaleWarning, match="variational"):
+        task_distance(items[0], items[3], "normalized_cosine")

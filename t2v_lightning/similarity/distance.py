@@ -49,7 +49,7 @@ from typing import Literal, get_args
 
 import torch
 
-from t2v_lightning.embedding import TaskEmbedding, check_comparable
+from t2v_lightning.embedding import TaskEmbedding, check_comparable, scale_difference
 
 __all__ = [
     "DISTANCES",
@@ -183,8 +183,11 @@ def check_embeddings(
             raise TypeError(
                 f"{argument}[{index}] must be a TaskEmbedding, got {type(item).__name__}"
             )
+    warned = False  # one scale warning per call is enough
     for index in range(1, len(items)):
-        check_comparable(items[0], items[index], names=(f"{argument}[0]", f"{argument}[{index}]"))
+        check_comparable(items[0], items[index], names=(f"{argument}[0]", f"{argument}[{index}]"),
+                         warn_scale=not warned)
+        warned = warned or scale_difference(items[0], items[index]) is not None
     return items
 
 
