@@ -19,8 +19,10 @@ estimates F. The ``cosine`` distance is not scale-free: its ``ε = 1e-8`` in ``h
 is absolute, so at F / B it flattens ``batch``'s smallest filters to zero on both sides, and
 those are where the seed-to-seed noise lives (filters that only rare examples activate: on the
 default task 1% of the filters carry 59% of ``per_sample``'s distance). The comparison is
-therefore made with ``batch``'s embedding multiplied by B, an estimate of F like ``per_sample``'s;
-the noise of ``batch``'s embedding as it is stored (F / B) is printed beside it.
+therefore made with ``batch``'s embedding multiplied by B, an estimate of F like ``per_sample``'s.
+Two more comparisons are printed beside it: both estimators at the scale F / B (``per_sample``'s
+embedding divided by B, so ε flattens the same filters on both sides), and each at the scale it
+is stored (``batch`` at F / B, ``per_sample`` at F: ε then helps ``batch`` only).
 
 Prints the table, how many examples and seconds ``per_sample`` needs to reach ``batch``'s noise at
 its largest checkpoint (log-log interpolation), and writes a figure of noise against time.
@@ -42,6 +44,7 @@ import os
 import platform
 import time
 from datetime import date
+from typing import Any
 
 
 def _checkpoints(limit: int, batch: int) -> list[int]:
@@ -62,6 +65,24 @@ def _crossing(rows: list[dict[str, float]], noise: float) -> dict[str, float] | 
     return None
 
 
+def _concentration(a: Any, b: Any) -> dict[str, float]:
+    """How much of the cosine distance between two embeddings a few filters carry.
+
+    The distance compares ``h_a / (h_a + h_b + ε)`` with ``h_b / (h_a + h_b + ε)`` entry by
+    entry; each filter's share is its squared difference of the two over their sum.
+    """
+    total = (a + b + 1e-8).double()
+    contribution = ((a.double() - b.double()) / total).square()
+    ordered = contribution.sort(descending=True).values
+    share = {f"top_{percent}%": float(ordered[: max(1, round(ordered.numel() * percent / 100))]
+                                      .sum() / ordered.sum())
+             for percent in (1, 5)}
+    middle = ((a + b) / 2).double()
+    ranks = middle.argsort().argsort().double() / max(1, middle.numel() - 1)
+    share["smallest_quarter"] = float(contribution[ranks < 0.25].sum() / contribution.sum())
+    return share
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet18")
@@ -71,6 +92,8 @@ def main() -> None:
     parser.add_argument("--max-per-sample", type=int, default=10000)
     parser.add_argument("--max-batch", type=int, default=10000)
     parser.add_argument("--seeds", type=int, nargs=2, default=[0, 1])
+    parser.add_argument("--probe-seed", type=int, default=0,
+                        help="seed of the probe's random weights (another probe, another curve)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--figure", default=os.path.join(os.path.dirname(__file__), "results",
@@ -108,6 +131,7 @@ def main() -> None:
         return images, labels
 
     images, labels = draw(99, 0, 1000)
+    torch.manual_seed(args.probe_seed)  # the probe's random weights and its head's fitting
     probe = get_probe(args.model, num_classes=args.classes)
     with _quiet_lightning():
         network, _, _, _ = Task2Vec(
@@ -153,6 +177,7 @@ def main() -> None:
         return out
 
     results: dict[str, list[dict[str, float]]] = {}
+    concentration: dict[str, float] = {}
     for estimator, limit in (("batch", args.max_batch), ("per_sample", args.max_per_sample)):
         scale = float(args.batch) if estimator == "batch" else 1.0
         first = curve(estimator, args.seeds[0], limit, scale)
@@ -161,41 +186,56 @@ def main() -> None:
             {"examples": n, "seconds": (t0 + t1) / 2, "noise": task_distance(a, b, "cosine")}
             for (n, t0, a), (_, t1, b) in zip(first, second)
         ]
-        if estimator == "batch":
-            # The same embeddings at the scale batch stores them (F / B).
-            results["batch_as_stored"] = [
-                {**row, "noise": task_distance(
-                    TaskEmbedding(a.hessian / scale, a.scale, a.layers, meta),
-                    TaskEmbedding(b.hessian / scale, b.scale, b.layers, meta), "cosine")}
-                for row, (_, _, a), (_, _, b) in zip(results["batch"], first, second)
-            ]
+        # The same embeddings at the scale batch stores them (F / B).
+        divisor = scale if estimator == "batch" else float(args.batch)
+        results[f"{estimator}_over_B"] = [
+            {**row, "noise": task_distance(
+                TaskEmbedding(a.hessian / divisor, a.scale, a.layers, meta),
+                TaskEmbedding(b.hessian / divisor, b.scale, b.layers, meta), "cosine")}
+            for row, (_, _, a), (_, _, b) in zip(results[estimator], first, second)
+        ]
+        if estimator == "per_sample" and first:
+            concentration = _concentration(first[-1][2].hessian, second[-1][2].hessian)
 
     print(
-        f"{args.model}, synthetic {args.classes}-class task of 3x{args.size}x{args.size}, batch "
+        f"{args.model} (random weights, seed {args.probe_seed}), synthetic {args.classes}-class "
+        f"task of 3x{args.size}x{args.size}, batch "
         f"{args.batch}, {args.device}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}), load average "
         f"{os.getloadavg()[0]:.1f}, {date.today()}"
     )
     print(f"{'estimator':<16}{'examples':>9}{'seconds':>9}{'cosine noise':>14}")
-    names = {"batch": "batch x B", "batch_as_stored": "batch (F/B)", "per_sample": "per_sample"}
+    names = {"batch": "batch x B", "batch_over_B": "batch (F/B)", "per_sample": "per_sample",
+             "per_sample_over_B": "per_sample / B"}
     for estimator, rows in results.items():
         for row in rows:
             print(f"{names[estimator]:<16}{row['examples']:>9d}{row['seconds']:>9.1f}"
                   f"{row['noise']:>14.2e}")
+    if results.get("per_sample"):
+        print(f"per_sample at {results['per_sample'][-1]['examples']} examples: the top 1% of the "
+              f"filters carry {concentration['top_1%']:.0%} of the squared differences behind the "
+              f"distance, the top 5% "
+              f"{concentration['top_5%']:.0%}; the quarter of filters with the smallest Fisher "
+              f"{concentration['smallest_quarter']:.0%}")
     matches: dict[str, dict[str, float] | None] = {}
-    for reference in ("batch", "batch_as_stored"):
+    comparisons = (
+        ("per_sample", "batch", "both at the scale of F"),
+        ("per_sample_over_B", "batch_over_B", "both at the scale of F / B"),
+        ("per_sample", "batch_over_B", "each at the scale it is stored"),
+    )
+    for ours, reference, words in comparisons:
         target = results[reference][-1]
-        match = _crossing(results["per_sample"], target["noise"])
-        matches[reference] = match
-        print(f"{names[reference]} at {target['examples']} examples: noise {target['noise']:.2e} "
-              f"in {target['seconds']:.1f} s")
+        match = _crossing(results[ours], target["noise"])
+        matches[f"{ours} vs {reference}"] = match
+        print(f"{names[reference]} at {target['examples']} examples ({words}): noise "
+              f"{target['noise']:.2e} in {target['seconds']:.1f} s")
         if match is None:
-            print("  per_sample does not reach it within the measured range")
+            print(f"  {names[ours]} does not reach it within the measured range")
         else:
-            first = match["examples"] == results["per_sample"][0]["examples"]
-            print(f"  per_sample reaches it {'by' if first else 'at ~'}{match['examples']:.0f} examples, "
-                  f"~{match['seconds']:.1f} s ({match['seconds'] / target['seconds']:.2f}x batch's "
-                  "time; target <= 0.33x)")
+            first = match["examples"] == results[ours][0]["examples"]
+            print(f"  {names[ours]} reaches it {'by ' if first else 'at ~'}"
+                  f"{match['examples']:.0f} examples, ~{match['seconds']:.1f} s "
+                  f"({match['seconds'] / target['seconds']:.2f}x batch's time; target <= 0.33x)")
     target = results["batch"][-1]
 
     import matplotlib
@@ -205,10 +245,10 @@ def main() -> None:
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for estimator, rows in results.items():
-        style = "o--" if estimator == "batch_as_stored" else "o-"
+        style = "o--" if estimator.endswith("_over_B") else "o-"
         axis.loglog([r["seconds"] for r in rows], [r["noise"] for r in rows], style,
                     label=names[estimator])
-        for r in rows if estimator != "batch_as_stored" else []:
+        for r in rows if not estimator.endswith("_over_B") else []:
             axis.annotate(f"{r['examples']}", (r["seconds"], r["noise"]), fontsize=7,
                           textcoords="offset points", xytext=(3, 3))
     axis.axhline(target["noise"], color="grey", linestyle=":", linewidth=1)
@@ -224,7 +264,8 @@ def main() -> None:
     print(f"figure: {args.figure}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "results": results, "matches": matches}, handle,
+            json.dump({"args": vars(args), "results": results, "matches": matches,
+                       "per_sample_concentration": concentration}, handle,
                       indent=1)
 
 

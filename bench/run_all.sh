@@ -15,5 +15,7 @@ export HF_HUB_OFFLINE=1
     --json "$OUT/fisher_lite0.json" | tee "$OUT/fisher_lite0.txt"
 "$PY" bench/embed_cost.py --threads 1 --repeats 2 --json "$OUT/embed_resnet18.json" | tee "$OUT/embed_resnet18.txt"
 "$PY" bench/noise_per_second.py --threads 1 --json "$OUT/noise.json" | tee "$OUT/noise.txt"
+"$PY" bench/noise_per_second.py --threads 1 --probe-seed 1 --figure "$OUT/noise_vs_time_probe_seed1.png" \
+    --json "$OUT/noise_probe_seed1.json" | tee "$OUT/noise_probe_seed1.txt"
 "$PY" bench/fisher_cost.py --rounds 2 --repeats 1 --measure plain per_sample batch | tee "$OUT/fisher_resnet18_all_threads.txt"
 "$PY" bench/distances.py | tee "$OUT/distances.txt"
