@@ -17,7 +17,7 @@ It writes to ``demo_output/``: one embedding artifact per task, ``distance_matri
 Speed: the images are resized to 64x64, each task uses 500 class-balanced examples, and
 ``skip_layers=2`` runs the stem (``conv_stem``, ``bn1``) once (cached); the Fisher pass covers
 every MBConv block and the last 1x1 convolution: 96 layers, 41,952 values per task. About
-80 s for 10 tasks on 2 CPU cores (``--skip_layers 3`` embeds only the last convolution and its
+60 s for 10 tasks on 2 CPU cores (``--skip_layers 3`` embeds only the last convolution and its
 batch norm, in about 20 s).
 """
 
