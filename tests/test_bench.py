@@ -59,3 +59,13 @@ def test_noise_per_second_compares_both_scales(tmp_path: Path) -> None:
     assert len(report["matches"]) == 3
     assert figure.stat().st_size > 10_000
     assert "batch x B at 200 examples" in text
+
+
+def test_depthwise_forms_agree_and_are_timed() -> None:
+    pytest.importorskip("timm")
+    text = _run("depthwise_forms.py", "--batch", "2", "--size", "64", "--repeats", "1",
+                "--threads", "1")
+    for form in ("grouped convolution", "per-offset sum", "patches"):
+        assert form in text
+    error = float(text.rsplit("patch form: ", 1)[1].split()[0])
+    assert error < 1e-5
