@@ -156,13 +156,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = [_timed(run, sync) for _ in range(args.repeats)]
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
         if device.type == "cuda"
@@ -192,11 +186,11 @@ def _paired_ratios(args: argparse.Namespace, plain: Any, fisher: Any, sync: Any)
 
     run = {"plain": plain, **{name: (lambda name=name: fisher(name)) for name in PAIRED}}
     for name in run:  # warm-up
-        _paired_call(run[name], sync)
+        _timed(run[name], sync)
     ratios: dict[str, list[float]] = {name: [] for name in PAIRED}
     for round_ in range(args.paired_rounds):
         order = list(run) if round_ % 2 == 0 else list(reversed(run))
-        seconds = {name: _paired_call(run[name], sync) for name in order}
+        seconds = {name: _timed(run[name], sync) for name in order}
         for name in PAIRED:
             ratios[name].append(seconds[name] / seconds["plain"])
     return {
@@ -207,12 +201,27 @@ def _paired_ratios(args: argparse.Namespace, plain: Any, fisher: Any, sync: Any)
     }
 
 
-def _paired_call(run: Any, sync: Any) -> float:
+def _timed(run: Any, sync: Any) -> float:
+    """Wall time of one call of ``run`` (device work included)."""
     sync()
     start = time.perf_counter()
     run()
     sync()
     return time.perf_counter() - start
+
+
+def _in_subprocess(args: argparse.Namespace, only: str) -> dict[str, Any]:
+    """Run one measurement (``--only``) in a fresh Python process with the same options."""
+    command = [sys.executable, __file__, "--only", only] + [
+        f"--{key.replace('_', '-')}={value}"
+        for key, value in vars(args).items()
+        if key not in ("only", "measure", "json", "channels_last")
+    ] + (["--channels-last"] if args.channels_last else [])
+    output = subprocess.run(
+        command, check=True, capture_output=True, text=True, env=dict(os.environ)
+    ).stdout
+    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+    return result
 
 
 def _load_average() -> str:
@@ -250,28 +259,10 @@ def main() -> None:
     load_before = _load_average()
     for round_ in range(args.rounds):
         for name in names if round_ % 2 == 0 else list(reversed(names)):
-            command = [sys.executable, __file__, "--only", name] + [
-                f"--{key.replace('_', '-')}={value}"
-                for key, value in vars(args).items()
-                if key not in ("only", "measure", "json", "channels_last")
-            ] + (["--channels-last"] if args.channels_last else [])
-            output = subprocess.run(
-                command, check=True, capture_output=True, text=True, env=dict(os.environ)
-            ).stdout
-            result = json.loads(output.strip().splitlines()[-1])
+            result = _in_subprocess(args, name)
             if name not in results or result["seconds"] < results[name]["seconds"]:
                 results[name] = result
-    paired: dict[str, Any] = {}
-    if args.paired_rounds > 0:
-        command = [sys.executable, __file__, "--only", "paired"] + [
-            f"--{key.replace('_', '-')}={value}"
-            for key, value in vars(args).items()
-            if key not in ("only", "measure", "json", "channels_last")
-        ] + (["--channels-last"] if args.channels_last else [])
-        output = subprocess.run(
-            command, check=True, capture_output=True, text=True, env=dict(os.environ)
-        ).stdout
-        paired = json.loads(output.strip().splitlines()[-1])
+    paired = _in_subprocess(args, "paired") if args.paired_rounds > 0 else {}
     plain = results["plain"]
     threads = int(plain["threads"])
     print(
