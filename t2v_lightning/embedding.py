@@ -426,7 +426,7 @@ def scale_of(embedding: TaskEmbedding) -> str | None:
     return None
 
 
-def scale_difference(a: TaskEmbedding, b: TaskEmbedding) -> tuple[str, str] | None:
+def _scale_difference(a: TaskEmbedding, b: TaskEmbedding) -> tuple[str, str] | None:
     """The two scales (:func:`scale_of`) when both are known and differ, else ``None``."""
     scale_a, scale_b = scale_of(a), scale_of(b)
     if scale_a is None or scale_b is None or scale_a == scale_b:
@@ -436,7 +436,7 @@ def scale_difference(a: TaskEmbedding, b: TaskEmbedding) -> tuple[str, str] | No
 
 def check_comparable(
     a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str] = ("a", "b"), warn_scale: bool = True
-) -> None:
+) -> bool:
     """Raise :class:`IncompatibleEmbeddingsError` unless ``a`` and ``b`` can be compared.
 
     Embeddings are comparable when they come from the same probe weights (equal
@@ -445,6 +445,9 @@ def check_comparable(
     With ``warn_scale``, an :class:`EmbeddingScaleWarning` says when their values estimate
     different quantities (:func:`scale_of`): comparable, but most distances then mix the tasks'
     difference with the estimators'.
+
+    Returns:
+        Whether that warning was given.
     """
     label_a, label_b = _describe(a, names[0]), _describe(b, names[1])
     fa, fb = a.meta.get("probe_fingerprint"), b.meta.get("probe_fingerprint")
@@ -465,7 +468,7 @@ def check_comparable(
             f"{len(b.layers)} layers{_layout_difference(a, b, names)}); embed both with the "
             f"same probe and skip_layers"
         )
-    difference = scale_difference(a, b) if warn_scale else None
+    difference = _scale_difference(a, b) if warn_scale else None
     if difference is not None:
         warnings.warn(
             f"embeddings {label_a} and {label_b} estimate different quantities: "
@@ -476,3 +479,4 @@ def check_comparable(
             EmbeddingScaleWarning,
             stacklevel=3,
         )
+    return difference is not None

@@ -49,7 +49,7 @@ from typing import Literal, get_args
 
 import torch
 
-from t2v_lightning.embedding import TaskEmbedding, check_comparable, scale_difference
+from t2v_lightning.embedding import TaskEmbedding, check_comparable
 
 __all__ = [
     "DISTANCES",
@@ -185,9 +185,10 @@ def check_embeddings(
             )
     warned = False  # one scale warning per call is enough
     for index in range(1, len(items)):
-        check_comparable(items[0], items[index], names=(f"{argument}[0]", f"{argument}[{index}]"),
-                         warn_scale=not warned)
-        warned = warned or scale_difference(items[0], items[index]) is not None
+        warned = check_comparable(
+            items[0], items[index], names=(f"{argument}[0]", f"{argument}[{index}]"),
+            warn_scale=not warned,
+        ) or warned
     return items
 
 
