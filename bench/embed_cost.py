@@ -35,6 +35,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--head-epochs", type=int, default=10)
     parser.add_argument("--estimator", default="per_sample")
+    parser.add_argument("--keep-head", action="store_true",
+                        help="reset_head=False: keep the probe's head (no fresh head)")
+    parser.add_argument("--all-examples", action="store_true",
+                        help="every example once (max_samples=None, balanced_sampling=False)")
     parser.add_argument("--skip", type=int, nargs="+", default=[0, 6], help="skip_layers values")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu")
@@ -49,7 +53,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from t2v_lightning import Task2Vec, get_probe
-    from t2v_lightning.task2vec import _quiet_lightning
+    from t2v_lightning.trainers import quiet_lightning
 
     logging.getLogger("t2v_lightning").setLevel(logging.WARNING)
     torch.manual_seed(0)
@@ -75,9 +79,11 @@ def main() -> None:
 
     def t2v(skip: int) -> Task2Vec:
         return Task2Vec(
-            probe, estimator=args.estimator, max_samples=args.examples, skip_layers=skip,
-            batch_size=args.batch, head_epochs=args.head_epochs, accelerator=args.accelerator,
-            progress_bar=False,
+            probe, estimator=args.estimator, skip_layers=skip, batch_size=args.batch,
+            head_epochs=args.head_epochs, accelerator=args.accelerator, progress_bar=False,
+            reset_head=not args.keep_head,
+            max_samples=None if args.all_examples else args.examples,
+            balanced_sampling=not args.all_examples,
         )
 
     runs = {"plain": plain}
@@ -90,12 +96,14 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name in list(runs) if repeat % 2 == 0 else list(reversed(runs)):
             start = time.perf_counter()
-            with _quiet_lightning():
+            with quiet_lightning():
                 runs[name]()
             best[name] = min(best[name], time.perf_counter() - start)
     print(
         f"{args.model}, {args.examples} examples of 3x{args.size}x{args.size}, batch {args.batch}, "
-        f"{args.classes} classes, head {args.head_epochs} epochs, {args.estimator}, "
+        f"{args.classes} classes, head {args.head_epochs} epochs"
+        f"{' (probe head kept)' if args.keep_head else ''}"
+        f"{', all examples' if args.all_examples else ''}, {args.estimator}, "
         f"{args.accelerator}, {torch.get_num_threads()} threads, best of {args.repeats}, load "
         f"average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )

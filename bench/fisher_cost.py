@@ -121,22 +121,18 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
             optimiser.step()
 
     def lightning_pass() -> None:
-        import lightning.pytorch as pl
-
         from t2v_lightning.features import TensorInputs
         from t2v_lightning.fisher.callback import FisherCallback
-        from t2v_lightning.fisher.module import FisherPassModule
-        from t2v_lightning.task2vec import _quiet_lightning
+        from t2v_lightning.fisher.montecarlo import FisherPassModule
+        from t2v_lightning.trainers import TrainerSpec, quiet_lightning
 
-        with _quiet_lightning():
+        with quiet_lightning():
             callback = FisherCallback(num_examples=args.examples, head=head, network="network")
             module = FisherPassModule(network, TensorInputs(inputs), args.batch)
-            trainer = pl.Trainer(
-                accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1,
-                logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, callbacks=[callback],
+            trainer = TrainerSpec(
+                accelerator="gpu" if device.type == "cuda" else "cpu", progress_bar=False,
                 precision="bf16-mixed" if args.precision == "bf16" else "32-true",
-            )
+            ).build("Fisher pass", 1, [callback])
             trainer.fit(module)
 
     if args.only == "paired":

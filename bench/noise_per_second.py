@@ -116,7 +116,7 @@ def main() -> None:
         filter_values,
     )
     from t2v_lightning.similarity.distance import task_distance
-    from t2v_lightning.task2vec import _quiet_lightning
+    from t2v_lightning.trainers import quiet_lightning
 
     logging.getLogger("t2v_lightning").setLevel(logging.WARNING)
     device = torch.device(args.device)
@@ -133,7 +133,7 @@ def main() -> None:
     images, labels = draw(99, 0, 1000)
     torch.manual_seed(args.probe_seed)  # the probe's random weights and its head's fitting
     probe = get_probe(args.model, num_classes=args.classes)
-    with _quiet_lightning():
+    with quiet_lightning():
         network, _, _, _ = Task2Vec(
             probe, max_samples=1000, batch_size=args.batch, accelerator=args.device,
             progress_bar=False,

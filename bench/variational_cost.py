@@ -48,7 +48,7 @@ def main() -> None:
     from torch.utils.data import TensorDataset
 
     from t2v_lightning import Task2Vec, get_probe
-    from t2v_lightning.task2vec import _quiet_lightning
+    from t2v_lightning.trainers import quiet_lightning
 
     logging.getLogger("t2v_lightning").setLevel(logging.WARNING)
     torch.manual_seed(0)
@@ -77,7 +77,7 @@ def main() -> None:
         order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
         for name in order:
             starts = {clock: read() for clock, read in clocks.items()}
-            with _quiet_lightning():
+            with quiet_lightning():
                 runs[name]()
             for clock, read in clocks.items():
                 best[clock][name] = min(best[clock][name], read() - starts[clock])

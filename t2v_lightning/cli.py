@@ -18,7 +18,6 @@ Options are the typed ``__init__`` arguments of :class:`ProbeClassifier` (``--mo
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import os
 import pickle
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
@@ -44,6 +43,8 @@ from t2v_lightning.data.registry import get_entry, num_tasks
 from t2v_lightning.fisher.estimators import FisherError
 from t2v_lightning.probe import load_tensors_safely
 from t2v_lightning.probe_classifier import ProbeClassifier
+from t2v_lightning.similarity.report import nearest_tasks, write_distance_csv
+from t2v_lightning.trainers import PhaseProgressBar
 
 __all__ = [
     "EmbeddingJob",
@@ -214,16 +215,6 @@ def _sibling(datamodule: TaskDataModule, dataset: str, task_id: int | None) -> T
     settings = {k: v for k, v in datamodule.hparams.items() if k in accepted and k != "self"}
     settings.update(name=dataset, task_id=task_id)
     return type(datamodule)(**settings)
-
-
-class HeadFittingProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, its training bar titled ``head fitting k/N``."""
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        super().on_train_epoch_start(trainer, *args, **kwargs)
-        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
-        self.train_progress_bar.set_description(f"head fitting {trainer.current_epoch + 1}{epochs}")
 
 
 def _check_writable(path: Path) -> None:
@@ -461,7 +452,7 @@ class T2VCLI(LightningCLI):
             and config.get("enable_progress_bar") is not False
             and not any(isinstance(c, ProgressBar) for c in callbacks)
         ):
-            kwargs.setdefault("callbacks", [*callbacks, HeadFittingProgressBar()])
+            kwargs.setdefault("callbacks", [*callbacks, PhaseProgressBar("head fitting")])
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
@@ -498,31 +489,6 @@ def task_names(embeddings: Sequence[Any], files: Sequence[str | os.PathLike[str]
     for name in names:
         counts[name] = counts.get(name, 0) + 1
     return [f"{n} ({Path(f).stem})" if counts[n] > 1 else n for n, f in zip(names, files)]
-
-
-def write_distance_csv(path: str | os.PathLike[str], names: Sequence[str], matrix: Any) -> None:
-    """Write a square matrix as CSV with the task names as header row and first column."""
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["task", *names])
-        for name, row in zip(names, matrix.tolist()):
-            writer.writerow([name, *(f"{value:.6g}" for value in row)])
-
-
-def nearest_tasks(names: Sequence[str], matrix: Any) -> list[tuple[str, str, float]]:
-    """For each task, its nearest other task and their distance."""
-    rows: list[tuple[str, str, float]] = []
-    values = matrix.tolist()
-    for i, name in enumerate(names):
-        others = [(values[i][j], j) for j in range(len(names)) if j != i]
-        if not others:
-            continue
-        distance, j = min(others)
-        rows.append((name, names[j], float(distance)))
-    return rows
 
 
 def distance_main(argv: Sequence[str]) -> None:

@@ -114,8 +114,7 @@ def load_probe() -> torch.nn.Module:
     order and raises :class:`~t2v_lightning.probe.ProbeError` at the first tensor whose shape
     differs (or if the counts differ).
     """
-    from t2v_lightning.probe import get_probe
-    from t2v_lightning.probe_classifier import resolve_weights
+    from t2v_lightning.probe import get_probe, resolve_weights
 
     return get_probe(PROBE, weights=resolve_weights(WEIGHTS))
 
@@ -216,10 +215,10 @@ def run_demo(
         ``names``, ``files``, ``matrix`` (cosine distances), ``nearest``, ``probe_check``,
         ``seconds`` and the paths ``csv`` and ``figure``.
     """
-    from t2v_lightning.cli import nearest_tasks, write_distance_csv
     from t2v_lightning.data.registry import get_task
     from t2v_lightning.plot import plot_distance_matrix
     from t2v_lightning.similarity.distance import pdist
+    from t2v_lightning.similarity.report import nearest_tasks, write_distance_csv
     from t2v_lightning.task2vec import Task2Vec
 
     start = time.perf_counter()

@@ -39,7 +39,6 @@ FORMAT_NAME = "t2v-lightning-embedding"
 # 2: the header holds a SHA-256 ``checksum`` of the layers, meta and tensors, and a file of
 # version 2 or later without one is corrupt. Version 1 files (no checksum) are still read.
 FORMAT_VERSION = 2
-FILE_SUFFIX = ".safetensors"
 # A header this large cannot belong to an embedding (ours are a few kilobytes to a megabyte).
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 _TENSOR_NAMES = ("hessian", "scale")

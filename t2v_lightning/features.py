@@ -19,11 +19,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from t2v_lightning.probe import ProbeError, call_probe, find_nonfinite_layer, get_submodule
+from t2v_lightning.probe import (
+    ProbeError,
+    call_probe,
+    find_nonfinite_layer,
+    get_submodule,
+    nonfinite_rows,
+)
 
 __all__ = [
     "DatasetError",
     "SelectedInputs",
+    "check_finite",
     "TensorInputs",
     "run_network",
     "head_inputs",
@@ -99,10 +106,6 @@ class TensorInputs(Dataset):
         return self.inputs[position], position
 
 
-def _nonfinite_rows(values: torch.Tensor) -> torch.Tensor:
-    return (~torch.isfinite(values.reshape(values.shape[0], -1)).all(-1)).nonzero().flatten()
-
-
 def _examples(data: Dataset, positions: torch.Tensor) -> str:
     """Name examples by their index in the user's dataset where ``data`` knows it."""
     if isinstance(data, SelectedInputs):
@@ -110,13 +113,23 @@ def _examples(data: Dataset, positions: torch.Tensor) -> str:
     return f"selected examples {positions[:5].tolist()}"
 
 
-def _check_finite(inputs: Inputs, positions: torch.Tensor, what: str, data: Dataset | None = None) -> None:
+def check_finite(
+    inputs: Inputs, positions: torch.Tensor, what: str, data: Dataset | None = None
+) -> None:
+    """Raise :class:`DatasetError` naming the examples of a batch whose inputs hold NaN / inf.
+
+    Args:
+        inputs: a batch of inputs (a tensor or a mapping of tensors).
+        positions: the position of each row in ``data``.
+        what: how to name the inputs in the message.
+        data: the dataset the positions index (names dataset indices where it knows them).
+    """
     if isinstance(inputs, Mapping):
         for key, value in inputs.items():
-            _check_finite(value, positions, f"{what} {key!r}", data)
+            check_finite(value, positions, f"{what} {key!r}", data)
         return
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-        bad = positions[_nonfinite_rows(inputs).to(positions.device)]
+        bad = positions[nonfinite_rows(inputs).to(positions.device)]
         where = _examples(data, bad) if data is not None else f"selected examples {bad[:5].tolist()}"
         raise DatasetError(f"{what} contains NaN or infinite values (at {where})")
 
@@ -145,10 +158,10 @@ def run_network(
     step = max(1, math.ceil(total / 10))
     for number, (inputs, positions) in enumerate(loader, start=1):
         if check_inputs:
-            _check_finite(inputs, positions, "the dataset's input", data)
+            check_finite(inputs, positions, "the dataset's input", data)
         output = call_probe(network, _to_device(inputs, device)).float().cpu()
         if not bool(torch.isfinite(output).all()):
-            rows = _nonfinite_rows(output)
+            rows = nonfinite_rows(output)
             layer = find_nonfinite_layer(network, _to_device(_rows_of(inputs, rows[:1]), device))
             raise ProbeError(
                 f"{description}: the probe's output holds NaN or inf for "

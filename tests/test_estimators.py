@@ -20,6 +20,7 @@ from t2v_lightning.fisher.estimators import (
     filter_values,
     sample_labels,
 )
+from tests.reference import as_vector, brute_force_fisher
 
 EXACT_RTOL = 1e-5  # float32 closed forms against a float32 per-example loop
 # Measured relative L2 errors (4 seeds): 100 draws 0.011-0.036; 4,000 draws ~0.003;
@@ -27,37 +28,6 @@ EXACT_RTOL = 1e-5  # float32 closed forms against a float32 per-example loop
 MC_RTOL = 0.08  # per_sample with 100 draws per example, relative L2 error of the vector
 MC_RTOL_SLOW = 0.012  # per_sample with 4,000 draws per example
 BATCH_RTOL = 0.12  # batch estimator × batch size, 200 resampled batches
-
-
-def brute_force_fisher(
-    network: nn.Module, inputs: torch.Tensor, head: str | None
-) -> dict[str, torch.Tensor]:
-    """Exact filter-wise Fisher: one example and one class at a time (float64 accumulation)."""
-    layers = embedded_layers(network, head)
-    weights = [module.weight for _, module in layers]
-    flags = [p.requires_grad for p in network.parameters()]
-    for p in network.parameters():
-        p.requires_grad_(False)
-    for w in weights:
-        w.requires_grad_(True)
-    totals = {name: torch.zeros(m.weight.shape[0], dtype=torch.float64) for name, m in layers}
-    try:
-        for n in range(inputs.shape[0]):
-            log_probs = network(inputs[n : n + 1]).log_softmax(-1)[0]
-            for label in range(log_probs.numel()):
-                grads = torch.autograd.grad(log_probs[label], weights, retain_graph=True)
-                prob = float(log_probs[label].detach().exp())
-                for (name, _), grad in zip(layers, grads):
-                    rows = grad.double().reshape(grad.shape[0], -1)
-                    totals[name] += prob * rows.square().mean(-1)
-    finally:
-        for p, flag in zip(network.parameters(), flags):
-            p.requires_grad_(flag)
-    return {name: value / inputs.shape[0] for name, value in totals.items()}
-
-
-def as_vector(values: dict[str, torch.Tensor], layers: list[tuple[str, nn.Module]]) -> torch.Tensor:
-    return torch.cat([values[name].double() for name, _ in layers])
 
 
 def estimate(
@@ -234,7 +204,7 @@ def test_exact_matches_brute_force_on_layer_variants(network: type[nn.Module], s
 
 
 def test_exact_matches_brute_force_on_timm_same_padding_and_batchnorm_act() -> None:
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import BatchNormAct2d, Conv2dSame
 
     torch.manual_seed(2)
@@ -253,7 +223,6 @@ def test_exact_matches_brute_force_on_timm_same_padding_and_batchnorm_act() -> N
     layers = embedded_layers(model, "fc")
     got = estimate(model, inputs, "fc")
     torch.testing.assert_close(got, as_vector(reference, layers), rtol=EXACT_RTOL, atol=0)
-    assert timm is not None
 
 
 def test_per_sample_converges_to_exact(tiny_convnet: nn.Module) -> None:

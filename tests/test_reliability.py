@@ -48,9 +48,10 @@ from t2v_lightning.fisher.estimators import (
     embedded_layers,
     filter_values,
 )
+from t2v_lightning.labels import select_examples
 from t2v_lightning.probe import ProbeError, get_probe, read_state_dict
 from tests.conftest import TinyConvNet, ToyImages, randomise_batchnorm
-from tests.test_estimators import brute_force_fisher
+from tests.reference import brute_force_fisher
 
 REPO = Path(__file__).resolve().parents[1]
 # Closed forms against the float32 per-example loop (as in test_estimators).
@@ -608,7 +609,10 @@ def test_head_weights_of_absurd_scale_are_reported() -> None:
     options = {**TASK2VEC, "head_epochs": 0, "reset_head": False}
     with torch.no_grad():
         probe.fc.weight.fill_(float("inf"))
-    with pytest.raises(ProbeError, match=r"'fc' \(Linear: its weight holds NaN / inf\)"):
+    # Without head fitting no feature pass runs: the Fisher pass is the first to see the logits.
+    with pytest.raises(
+        FisherError, match=r"'fc' \(Linear: its weight holds NaN / inf\).*dataset indices"
+    ):
         Task2Vec(probe, **options).embed(ToyImages(24))
     with torch.no_grad():  # finite logits, but squared gradients beyond float32
         probe.fc.weight.fill_(1e30)
@@ -685,7 +689,7 @@ def test_nan_logits_in_the_fisher_pass_name_the_dataset_examples() -> None:
     with pytest.raises(FisherError, match=rf"non-finite logits.*first non-finite layer: '4' \(_Poison: NaN from finite inputs\).*dataset indices \[{marked}") as info:
         t2v.embed(data)
     labels = torch.as_tensor([data[i][1] for i in range(len(data))])
-    selection = t2v._select(labels)
+    selection = select_examples(labels, 48, balanced=True, seed=1)
     assert set(selection[info.value.example_ids].tolist()) == {marked}
     # the first failing batch names all of its rows that drew the marked example
     assert 1 <= len(info.value.example_ids) <= int((selection == marked).sum())

@@ -114,7 +114,7 @@ def test_checkpoint_is_a_lightning_checkpoint_with_the_callback_state(
     assert state["num_samples"] == int(state["seen"].sum()) == 4 * BATCH
     assert bool(state["seen"][: 4 * BATCH].all())
     assert all(value.dtype == torch.float64 for value in state["sum_sq_grad"].values())
-    assert state["meta"]["dataset_size"] == NUM_EXAMPLES
+    assert state["identity"]["dataset_size"] == NUM_EXAMPLES
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(

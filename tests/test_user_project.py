@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from t2v_lightning import TaskEmbedding
 from t2v_lightning.fisher.estimators import FisherError, embedded_layers
-from tests.test_estimators import as_vector, brute_force_fisher
+from tests.reference import as_vector, brute_force_fisher
 
 RTOL = 1e-5
 NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]

@@ -33,6 +33,7 @@ from t2v_lightning.data.task import (
     check_normalize,
     get_targets,
 )
+from t2v_lightning.labels import select_examples
 
 
 def sample_indices(
@@ -50,18 +51,9 @@ def sample_indices(
         >>> sample_indices([0, 0, 0, 1], max_samples=3, balanced=False, seed=0)
         [0, 1, 3]
     """
-    n = len(targets)
-    if n == 0:
-        raise ValueError("the task has no examples")
-    generator = torch.Generator().manual_seed(seed)
-    size = n if max_samples is None else max_samples
-    if balanced:
-        labels = torch.as_tensor(targets, dtype=torch.long)
-        counts = torch.bincount(labels).double()
-        weights = 1.0 / counts[labels]
-        drawn = torch.multinomial(weights, size, replacement=True, generator=generator)
-        return [int(i) for i in drawn]
-    return [int(i) for i in torch.randperm(n, generator=generator)[: min(size, n)]]
+    labels = torch.as_tensor(targets, dtype=torch.long)
+    drawn = select_examples(labels, max_samples, balanced, seed, shuffle=True)
+    return [int(i) for i in drawn]
 
 
 class TaskDataModule(pl.LightningDataModule):

@@ -20,7 +20,9 @@ from typing import Any, Literal, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
+
+from t2v_lightning.labels import read_labels
 
 Normalize = Literal["imagenet", "none"]
 """How images are normalised after conversion to ``[0, 1]``: ImageNet mean/std or not at all."""
@@ -219,13 +221,9 @@ def get_targets(dataset: Dataset[Any]) -> list[int]:
     Uses ``dataset.targets`` when present, looks through :class:`torch.utils.data.Subset`, and
     otherwise iterates the dataset (slow for image files).
     """
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return [int(t) for t in targets]
-    if isinstance(dataset, Subset):
-        parent = get_targets(dataset.dataset)
-        return [parent[i] for i in dataset.indices]
-    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return []
+    return read_labels(dataset, check=False).tolist()
 
 
 def class_mapping(classes: Sequence[int] | Mapping[int, int]) -> dict[int, int]:

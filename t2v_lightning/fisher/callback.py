@@ -93,20 +93,6 @@ log = logging.getLogger(__name__)
 At = Literal["train_batch", "fit_end"]
 AT_CHOICES: tuple[str, ...] = ("train_batch", "fit_end")
 
-# Keys of the artifact's meta that must agree between a checkpoint and the run resuming it.
-_IDENTITY_KEYS = (
-    "probe_fingerprint",
-    "head",
-    "num_classes",
-    "skip_layers",
-    "max_samples",
-    "balanced_sampling",
-    "dataset_size",
-    "task_name",
-    "labels_fingerprint",
-)
-
-
 class _BatchLogits(nn.Module):
     """The forward of the ``"fit_end"`` pass: ``module(inputs)`` or ``logits_fn(module, batch)``.
 
@@ -164,6 +150,9 @@ class FisherCallback(Callback):
             as :attr:`embedding`).
         overwrite: replace an existing file at ``output``.
         meta: extra JSON-serialisable facts recorded in the artifact.
+        identity: JSON-serialisable facts that a checkpoint and the run resuming from it must
+            share (the task, the probe, the sampling); a checkpoint made with other values is
+            refused. ``None``: none beyond the callback's own settings.
         grad_scale: factor on the loss before backward (gradients are divided by it, in fp32,
             before squaring); ``None`` picks 1024 under fp16 precision and 1 otherwise.
         at: ``"train_batch"`` (accumulate on every training batch of ``(inputs, ids)``) or
@@ -195,6 +184,7 @@ class FisherCallback(Callback):
         output: str | os.PathLike[str] | None = None,
         overwrite: bool = True,
         meta: dict[str, Any] | None = None,
+        identity: dict[str, Any] | None = None,
         grad_scale: float | None = None,
         at: At = "train_batch",
         batch_size: int | None = None,
@@ -238,6 +228,7 @@ class FisherCallback(Callback):
         self._output = output
         self._overwrite = overwrite
         self._meta = dict(meta or {})
+        self._identity = dict(identity or {})
         self._grad_scale = grad_scale
         self._at: At = at
         self._batch_size = batch_size
@@ -609,7 +600,7 @@ class FisherCallback(Callback):
             "mc_samples": self._mc_samples,
             "likelihood": self._likelihood,
             "at": self._at,
-            "meta": {key: self._meta[key] for key in _IDENTITY_KEYS if key in self._meta},
+            "identity": dict(self._identity),
         }
         if self._at != "train_batch" or not self._layers:
             return state
@@ -636,12 +627,13 @@ class FisherCallback(Callback):
                     f"cannot resume: the checkpoint's Fisher state has {key}={state_dict.get(key)!r}"
                     f" but this FisherCallback has {getattr(self, f'_{key}')!r}"
                 )
-        stored_meta = state_dict.get("meta") or {}
-        for key in _IDENTITY_KEYS:
-            if key in stored_meta and key in self._meta and stored_meta[key] != self._meta[key]:
+        # Checkpoints of earlier versions keep the identity under "meta".
+        stored = state_dict.get("identity", state_dict.get("meta")) or {}
+        for key, value in self._identity.items():
+            if key in stored and stored[key] != value:
                 raise ValueError(
-                    f"cannot resume: the checkpoint was made for {key}={stored_meta[key]!r}, this "
-                    f"run has {key}={self._meta[key]!r} (another task, probe or setting)"
+                    f"cannot resume: the checkpoint was made for {key}={stored[key]!r}, this "
+                    f"run has {key}={value!r} (another task, probe or setting)"
                 )
         if "sum_sq_grad" not in state_dict:
             return  # a "fit_end" callback's state: nothing accumulated to restore
@@ -695,21 +687,11 @@ def _broadcast_from_rank_zero(trainer: pl.Trainer, module: nn.Module) -> None:
             torch.distributed.broadcast(tensor.data, src=0)
 
 
-def _batch_rows(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, (tuple, list)) and batch:
-        return _batch_rows(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_rows(next(iter(batch.values())))
-    raise FisherError(f"cannot tell the number of examples in a batch of type {type(batch).__name__}")
-
-
 def _running_ids(loader: Iterable[Any], rank: int, world: int) -> Iterator[tuple[Any, torch.Tensor]]:
     """Iterable datasets have no indices: number each rank's examples ``k * world + rank``."""
     position = 0
     for batch in loader:
-        rows = _batch_rows(batch)
+        rows = batch_rows(batch)
         ids = torch.arange(position, position + rows, dtype=torch.int64) * world + rank
         position += rows
         yield batch, ids

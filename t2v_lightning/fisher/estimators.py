@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from t2v_lightning.probe import call_probe, find_nonfinite_layer
+from t2v_lightning.probe import call_probe, find_nonfinite_layer, nonfinite_rows
 
 __all__ = [
     "Estimator",
@@ -78,6 +78,7 @@ __all__ = [
     "sample_multilabels",
     "batch_filter_sums",
     "filter_values",
+    "hash_seed",
 ]
 
 Estimator = Literal["per_sample", "batch", "exact"]
@@ -112,9 +113,9 @@ def _precision_hint(dtype: torch.dtype) -> str:
     return ""
 
 
-def _nonfinite_rows(values: torch.Tensor, ids: torch.Tensor | None) -> list[int]:
+def _nonfinite_ids(values: torch.Tensor, ids: torch.Tensor | None) -> list[int]:
     """Ids (or batch rows when ``ids`` is None) of the rows of ``values`` holding NaN / inf."""
-    rows = (~torch.isfinite(values.reshape(values.shape[0], -1)).all(-1)).nonzero().flatten()
+    rows = nonfinite_rows(values)
     if ids is None:
         return rows.tolist()
     return ids.detach().cpu()[rows.cpu()].tolist()
@@ -243,6 +244,14 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     z = (z ^ _shift_right(z, 30)) * _MIX1
     z = (z ^ _shift_right(z, 27)) * _MIX2
     return z ^ _shift_right(z, 31)
+
+
+def hash_seed(*values: int) -> int:
+    """A splitmix64 hash of integers, folded to a non-negative 63-bit seed (for a Generator)."""
+    state = torch.tensor(_to_signed(0x243F6A8885A308D3), dtype=torch.int64)
+    for value in values:
+        state = _splitmix64(state ^ _to_signed(value))
+    return int(state) & ((1 << 63) - 1)
 
 
 def uniform_by_id(ids: torch.Tensor, seed: int, draw: int) -> torch.Tensor:
@@ -798,7 +807,7 @@ def _check_finite_logits(
     """Raise :class:`FisherError` naming the examples whose ``what`` hold NaN or inf."""
     if torch.isfinite(logits).all():
         return
-    bad = _nonfinite_rows(logits, ids)
+    bad = _nonfinite_ids(logits, ids)
     raise FisherError(
         f"the network produced non-finite {what} (NaN or inf) for {_ids_text(bad, ids)}; the "
         "probe's weights or its head may hold NaN / inf, or its activations overflow"
@@ -821,7 +830,7 @@ def _check_logits(
     try:
         _check_finite_logits(logits, ids)
     except FisherError as err:
-        row = _nonfinite_rows(logits, None)[:1]
+        row = _nonfinite_ids(logits, None)[:1]
         one = (
             {key: value[row] for key, value in inputs.items()}
             if isinstance(inputs, Mapping) else inputs[row]

@@ -55,7 +55,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -71,11 +72,10 @@ from t2v_lightning.fisher.estimators import (
     UnsupportedLayerError,
     _is_same_padding_conv,
     _same_padding,
+    hash_seed,
 )
+from t2v_lightning.prepare import PreparedTask, artifact_meta
 from t2v_lightning.probe import ProbeError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from t2v_lightning.task2vec import Task2Vec
 
 __all__ = [
     "INPUT_NOISE_FLOOR",
@@ -85,6 +85,8 @@ __all__ = [
     "VariationalLayers",
     "VariationalFisherModule",
     "NoiseRun",
+    "VariationalSettings",
+    "check_variational_probe",
     "embed_variational",
     "kl_divergence",
     "output_variance",
@@ -541,22 +543,6 @@ def _noise_hook(
 # Noise per global batch
 # --------------------------------------------------------------------------------------------
 
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """A splitmix64 hash of integers, folded to a non-negative 63-bit seed."""
-    state = 0x243F6A8885A308D3
-    for value in values:
-        state = (state ^ (value & _MASK64)) & _MASK64
-        state = (state + 0x9E3779B97F4A7C15) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    return state & ((1 << 63) - 1)
-
-
 class GlobalBatchNoise:
     """Noise of one training step: rows ``rank::world_size`` of the global batch's noise.
 
@@ -584,7 +570,7 @@ class GlobalBatchNoise:
         if generator is None:
             generator = torch.Generator(device=output.device)
             self._generators[output.device] = generator
-        generator.manual_seed(_mix(*self._key, index))
+        generator.manual_seed(hash_seed(*self._key, index))
         if output.ndim == 0 or self._world_size == 1:
             return torch.randn(
                 output.shape, generator=generator, dtype=torch.float32, device=output.device
@@ -737,57 +723,105 @@ class VariationalFisherModule(pl.LightningModule):
         )
 
 
-def embed_variational(t2v: Task2Vec, dataset: Dataset, task_name: str | None = None) -> TaskEmbedding:
-    """The variational embedding of one task with the settings of ``t2v`` (SPEC 3.4).
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    Runs :meth:`Task2Vec.prepare` (labels, selection, working copy, prefix cache, head fitting),
-    then trains the variances of every conv / linear layer after the prefix for
-    ``t2v.variational_epochs`` epochs with a Lightning Trainer made like the Monte Carlo pass.
 
-    Returns:
-        A :class:`TaskEmbedding` with ``hessian = exp(-logvar)`` per filter, ``scale =
-        exp(-loglambda2)`` of its layer, ``layers`` the conv and linear layers only, and ``meta``
-        the preparation's facts plus ``method="variational"`` and its settings.
+@dataclass(frozen=True)
+class VariationalSettings:
+    """The options of the variational method (SPEC 3.4).
+
+    Args:
+        epochs: epochs of variance training.
+        lr: Adam learning rate of the per-filter log-variances and per-layer log prior
+            variances.
+        head_lr: Adam learning rate of the head while the variances train.
+        beta: weight of the KL term.
     """
-    skipped = [name for name, _ in t2v.probe.named_children()][: t2v.skip_layers]
-    # Fail on an unsupported layer before any data is read (the probe is only inspected).
-    if not variational_layers(t2v.probe, t2v.head, exclude=skipped):
+
+    epochs: int = 2
+    lr: float = 1e-2
+    head_lr: float = 5e-4
+    beta: float = 1e-7
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.epochs) or self.epochs < 1:
+            raise ValueError(f"variational_epochs must be a positive integer, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"variational_lr must be positive, got {self.lr!r}")
+        if not self.head_lr >= 0:
+            raise ValueError(f"variational_head_lr must be >= 0, got {self.head_lr!r}")
+        if not self.beta >= 0:
+            raise ValueError(f"variational_beta must be >= 0, got {self.beta!r}")
+
+
+def check_variational_probe(probe: nn.Module, head: str, skip_layers: int) -> None:
+    """Fail on an unsupported layer before any data is read (the probe is only inspected).
+
+    Raises:
+        UnsupportedLayerError: a layer after the prefix has no variational form.
+        ProbeError: no convolution or linear layer after the prefix besides the head.
+    """
+    skipped = [name for name, _ in probe.named_children()][:skip_layers]
+    if not variational_layers(probe, head, exclude=skipped):
         raise ProbeError(
             "nothing to embed: no convolution or linear layer after the skipped prefix (besides "
             "the head)"
         )
-    network, inputs, labels, meta = t2v.prepare(dataset, task_name)
-    epochs: int = t2v.variational_epochs
+
+
+def embed_variational(
+    prepared: PreparedTask, trainer: pl.Trainer, settings: VariationalSettings
+) -> TaskEmbedding:
+    """The variational embedding of a prepared task (SPEC 3.4).
+
+    Trains the variances of every conv / linear layer after the prefix for ``settings.epochs``
+    epochs in ``trainer``.
+
+    Args:
+        prepared: the task (network with its head, inputs, labels, meta).
+        trainer: a Trainer of ``settings.epochs`` epochs
+            (:meth:`~t2v_lightning.trainers.TrainerSpec.build`).
+        settings: the method's options.
+
+    Returns:
+        A :class:`TaskEmbedding` with ``hessian = exp(-logvar)`` per filter, ``scale =
+        exp(-loglambda2)`` of its layer, ``layers`` the conv and linear layers only, and ``meta``
+        the task's facts plus ``method="variational"`` and its settings.
+    """
+    task = prepared.settings
     module = VariationalFisherModule(
-        network,
-        t2v.head,
-        inputs,
-        labels,
-        batch_size=t2v.batch_size,
-        num_workers=t2v.num_workers,
-        lr=t2v.variational_lr,
-        head_lr=t2v.variational_head_lr,
-        beta=t2v.variational_beta,
-        seed=t2v.seed,
+        prepared.network,
+        task.head,
+        prepared.inputs,
+        prepared.labels,
+        batch_size=task.batch_size,
+        num_workers=task.num_workers,
+        lr=settings.lr,
+        head_lr=settings.head_lr,
+        beta=settings.beta,
+        seed=task.seed,
     )
-    trainer = t2v._trainer("variational", epochs, [])
     trainer.fit(module)
     hessian, scale, offsets = module.variational.embedding_values()
     metrics = trainer.callback_metrics
-    meta.update(
-        method="variational",
-        variational_epochs=epochs,
-        variational_lr=t2v.variational_lr,
-        variational_head_lr=t2v.variational_head_lr,
-        variational_beta=t2v.variational_beta,
-        variance_init_scale=VARIANCE_INIT_SCALE,
-        input_noise_floor=INPUT_NOISE_FLOOR,
-        seed=t2v.seed,
-        num_samples=len(labels),
-        world_size=trainer.world_size,
-        precision=str(trainer.precision),
-    )
+    losses = {}
     for key in ("cross_entropy", "kl", "accuracy"):
         value = metrics.get(f"variational/{key}")
-        meta[f"variational_{key}"] = None if value is None else float(value)
+        losses[f"variational_{key}"] = None if value is None else float(value)
+    meta = artifact_meta(
+        prepared.meta,
+        "variational",
+        variational_epochs=settings.epochs,
+        variational_lr=settings.lr,
+        variational_head_lr=settings.head_lr,
+        variational_beta=settings.beta,
+        variance_init_scale=VARIANCE_INIT_SCALE,
+        input_noise_floor=INPUT_NOISE_FLOOR,
+        seed=task.seed,
+        num_samples=len(prepared.labels),
+        world_size=trainer.world_size,
+        precision=str(trainer.precision),
+        **losses,
+    )
     return TaskEmbedding(hessian, scale, offsets, meta)

@@ -1,0 +1,39 @@
+"""Reading a distance matrix: each task's nearest other task, and the matrix as CSV.
+
+What ``t2v distance`` and the demo report from a matrix of :func:`~t2v_lightning.pdist`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["nearest_tasks", "write_distance_csv"]
+
+
+def write_distance_csv(path: str | os.PathLike[str], names: Sequence[str], matrix: Any) -> None:
+    """Write a square matrix as CSV with the task names as header row and first column."""
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["task", *names])
+        for name, row in zip(names, matrix.tolist()):
+            writer.writerow([name, *(f"{value:.6g}" for value in row)])
+
+
+def nearest_tasks(names: Sequence[str], matrix: Any) -> list[tuple[str, str, float]]:
+    """For each task, its nearest other task and their distance."""
+    rows: list[tuple[str, str, float]] = []
+    values = matrix.tolist()
+    for i, name in enumerate(names):
+        others = [(values[i][j], j) for j in range(len(names)) if j != i]
+        if not others:
+            continue
+        distance, j = min(others)
+        rows.append((name, names[j], float(distance)))
+    return rows

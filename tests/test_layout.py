@@ -1,0 +1,123 @@
+"""The package's import graph is a DAG: no cycles, and the lower layers never import the entries.
+
+Read with ``ast`` from the sources: imports inside functions and under ``if TYPE_CHECKING:``
+count, so a cycle hidden behind a lazy import fails here too. The one exception is the package's
+``__init__``, a facade whose ``TYPE_CHECKING`` imports only serve type checkers.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import t2v_lightning
+
+PACKAGE = Path(t2v_lightning.__file__).parent
+
+# The entry points: nothing below them may import them.
+ENTRIES = {"t2v_lightning.cli", "t2v_lightning.demo", "t2v_lightning.probe_classifier",
+           "t2v_lightning.task2vec"}
+# Modules that only the entries (and each other) build on: the Fisher methods, the preparation,
+# the labels, the Trainers, the artifact and the probe.
+CORE = ("t2v_lightning.fisher", "t2v_lightning.prepare", "t2v_lightning.labels",
+                 "t2v_lightning.trainers", "t2v_lightning.embedding", "t2v_lightning.probe",
+                 "t2v_lightning.features", "t2v_lightning.head", "t2v_lightning.data",
+                 "t2v_lightning.similarity")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports_of(path: Path, modules: set[str], type_checking: bool = True) -> set[str]:
+    """The package's modules that ``path`` imports (``type_checking``: also those under
+    ``if TYPE_CHECKING:``)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if not type_checking and isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name in modules)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in modules else node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return {name for name in found if name in modules}
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    modules = set(paths)
+    return {
+        name: imports_of(path, modules, type_checking=name != "t2v_lightning") - {name}
+        for name, path in paths.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return [*path[path.index(target):], target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_graph_is_read_from_the_sources() -> None:
+    graph = import_graph()
+    assert "t2v_lightning.fisher.montecarlo" in graph["t2v_lightning.task2vec"]
+    assert "t2v_lightning.prepare" in graph["t2v_lightning.fisher.variational"]
+
+
+def test_find_cycle_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    assert find_cycle(import_graph()) is None
+
+
+def test_the_core_never_imports_an_entry_point() -> None:
+    upward = {
+        (name, target)
+        for name, targets in import_graph().items()
+        if any(name == core or name.startswith(core + ".") for core in CORE)
+        for target in targets
+        if target in ENTRIES
+    }
+    assert not upward
