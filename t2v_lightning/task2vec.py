@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -162,7 +162,18 @@ class Task2Vec:
             raise TypeError(f"probe must be a torch.nn.Module, got {type(probe).__name__}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        given = {name: value for name, value in locals().items() if value is not None}
+        chosen: dict[str, Any] = {
+            "estimator": estimator,
+            "mc_samples": mc_samples,
+            "checkpoint_dir": checkpoint_dir,
+            "checkpoint_every_n_steps": checkpoint_every_n_steps,
+            "resume_from": resume_from,
+            "variational_epochs": variational_epochs,
+            "variational_lr": variational_lr,
+            "variational_head_lr": variational_head_lr,
+            "variational_beta": variational_beta,
+        }
+        given = {name: value for name, value in chosen.items() if value is not None}
         for other, names in _OPTIONS.items():
             ignored = [name for name in names if other != method and name in given]
             if ignored:
@@ -216,8 +227,9 @@ class Task2Vec:
         """Labels, selection, working network with its fitted head, and the network's inputs.
 
         The shared first half of every method (:func:`~t2v_lightning.prepare.prepare_task`), on
-        the device of this object's Trainers. The result also unpacks as ``network, inputs,
-        labels, meta``.
+        the device of this object's Trainers (a Trainer is built to find it; :meth:`embed` runs
+        the method in that same Trainer). The result also unpacks as ``network, inputs, labels,
+        meta``.
         """
         with quiet_lightning():
             trainer = self._pass_trainer()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ def _weight_grads(
 ) -> Iterator[tuple[list[tuple[str, nn.Module]], list[torch.Tensor]]]:
     """Within the context only the embedded layers' weights require gradients."""
     layers = embedded_layers(network, head)
-    weights = [module.weight for _, module in layers]
+    weights = [cast(torch.Tensor, module.weight) for _, module in layers]
     flags = [p.requires_grad for p in network.parameters()]
     network.requires_grad_(False)
     for weight in weights:
@@ -72,7 +73,8 @@ def _expectation(
 ) -> dict[str, torch.Tensor]:
     """``(1/N) Σ_n Σ_y p(y|x_n) · rowmean(grad_w log p(y|x_n))²`` per layer."""
     with _weight_grads(network, head) as (layers, weights):
-        totals = {name: torch.zeros(m.weight.shape[0], dtype=torch.float64) for name, m in layers}
+        totals = {name: torch.zeros(len(weight), dtype=torch.float64)
+                  for (name, _), weight in zip(layers, weights)}
         rows = _rows(inputs)
         for n in range(rows):
             logits = _logits(network, _example(inputs, n))[0]

@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The benchmark scripts, even on tiny settings, take a minute: `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 
 def _run(script: str, *args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}

@@ -28,6 +28,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from t2v_lightning import FisherCallback, Task2Vec, TaskEmbedding
 
+# Two-process runs take tens of seconds each: `make test-all` (-m "slow or not slow") runs them.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 RTOL = 1e-5
 NUM_EXAMPLES = 40  # per rank: 20, i.e. 5 batches of 4 (the user-project data has 41: padding)

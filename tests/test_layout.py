@@ -46,8 +46,8 @@ def imports_of(path: Path, modules: set[str], type_checking: bool = True) -> set
 
     def visit(node: ast.AST) -> None:
         if not type_checking and isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
+            for branch in node.orelse:
+                visit(branch)
             return
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name in modules)

@@ -532,6 +532,7 @@ def _temporaries(left: dict[str, Any]) -> list[str]:
     return [name for name in left if name.startswith(".out.safetensors.t2v-") and name.endswith(".tmp")]
 
 
+@pytest.mark.slow  # the killed_runs fixture runs five embedding processes
 def test_sigterm_during_the_fisher_pass_writes_nothing_and_exits_143(killed_runs) -> None:
     _, results = killed_runs
     run = results["fisher_term"]
@@ -539,12 +540,14 @@ def test_sigterm_during_the_fisher_pass_writes_nothing_and_exits_143(killed_runs
     assert run["left"] == {}
 
 
+@pytest.mark.slow  # the killed_runs fixture runs five embedding processes
 def test_sigkill_during_the_fisher_pass_writes_nothing(killed_runs) -> None:
     run = killed_runs[1]["fisher_kill"]
     assert run["marker"] and run["signal"] == signal.SIGKILL
     assert run["left"] == {}
 
 
+@pytest.mark.slow  # the killed_runs fixture runs five embedding processes
 def test_kill_during_the_write_leaves_only_an_ignored_hidden_temporary(killed_runs) -> None:
     _, results = killed_runs
     run = results["write_term"]
@@ -555,6 +558,7 @@ def test_kill_during_the_write_leaves_only_an_ignored_hidden_temporary(killed_ru
     assert run["left"][temporary]["loads"] == "EmbeddingFileError"  # half written
 
 
+@pytest.mark.slow  # the killed_runs fixture runs five embedding processes
 def test_kill_during_an_overwrite_keeps_the_previous_artifact(killed_runs) -> None:
     workdir, results = killed_runs
     run = results["write_kill"]
@@ -564,6 +568,7 @@ def test_kill_during_an_overwrite_keeps_the_previous_artifact(killed_runs) -> No
     assert len(_temporaries(run["left"])) == 1
 
 
+@pytest.mark.slow  # the killed_runs fixture runs five embedding processes
 def test_rerun_after_a_kill_gives_the_uninterrupted_artifact(killed_runs) -> None:
     workdir, results = killed_runs
     reference = results["reference"]["left"]["out.safetensors"]
