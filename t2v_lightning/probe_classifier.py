@@ -21,6 +21,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self, override
 
 from t2v_lightning.fisher.estimators import Estimator
+from t2v_lightning.fisher.montecarlo import MonteCarloSettings
+from t2v_lightning.fisher.variational import VariationalSettings
 from t2v_lightning.probe import (
     PACKAGED_WEIGHTS,
     ProbeError,
@@ -285,12 +287,11 @@ class ProbeClassifier(pl.LightningModule):
             spec = TrainerSpec.from_trainer(trainer)
         # The options of the chosen method, and those of the other one that differ from their
         # defaults (Task2Vec refuses them, naming the option).
-        monte_carlo = {"estimator": (self.estimator, "per_sample"),
-                       "mc_samples": (self.mc_samples, 1)}
-        variational = {"variational_epochs": (self.variational_epochs, 2),
-                       "variational_lr": (self.variational_lr, 1e-2),
-                       "variational_head_lr": (self.variational_head_lr, 5e-4),
-                       "variational_beta": (self.variational_beta, 1e-7)}
+        monte_carlo = {name: (getattr(self, name), getattr(MonteCarloSettings, name))
+                       for name in ("estimator", "mc_samples")}
+        variational = {f"variational_{name}": (getattr(self, f"variational_{name}"),
+                                               getattr(VariationalSettings, name))
+                       for name in ("epochs", "lr", "head_lr", "beta")}
         chosen, other = (monte_carlo, variational) if self.method == "montecarlo" else (
             variational, monte_carlo)
         options: dict[str, Any] = {name: value for name, (value, _) in chosen.items()}

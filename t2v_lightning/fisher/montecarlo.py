@@ -6,8 +6,8 @@
 math (:mod:`t2v_lightning.fisher.estimators`) after every batch. :class:`MonteCarloSettings` holds
 the method's own options.
 
-The module learns nothing: its training step is empty. What it owns is the data layout of the
-pass: every example id in ``[0, num_examples)`` goes to exactly one rank
+The module learns nothing: its training step only checks the batch's inputs for NaN / inf (the
+callback does the Fisher step after it). What it owns is the data layout of the pass: every example id in ``[0, num_examples)`` goes to exactly one rank
 (:class:`~t2v_lightning.fisher.sharding.ShardSampler`: rank ``r`` takes ids ``r, r + W, r + 2W,
 ...``) and shorter shards are padded with ids ``>= num_examples`` that the callback ignores, so
 that all ranks run the same number of steps without counting any example twice.
