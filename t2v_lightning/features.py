@@ -75,6 +75,7 @@ class SelectedInputs(Dataset):
     def __init__(self, dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> None:
         self.dataset = dataset
         self.indices = torch.as_tensor(indices, dtype=torch.int64)
+        self._first: tuple[int, tuple[int, ...], torch.dtype] | None = None  # shape of the first
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -83,7 +84,12 @@ class SelectedInputs(Dataset):
         index = int(self.indices[position])
         item = self.dataset[index]
         value = item[0] if isinstance(item, (tuple, list)) else item
-        return _as_tensor(value, index), position
+        inputs = _as_tensor(value, index)
+        if isinstance(inputs, torch.Tensor):  # a stack of mixed shapes would name no example
+            from t2v_lightning.input_checks import check_same_shape
+
+            self._first = check_same_shape(inputs, index, self._first)
+        return inputs, position
 
 
 class TensorInputs(Dataset):

@@ -61,6 +61,7 @@ from t2v_lightning.fisher.module import (
     restore_fisher_pass,
 )
 from t2v_lightning.head import HeadClassifier
+from t2v_lightning.input_checks import check_inputs_fit
 from t2v_lightning.probe import (
     ProbeError,
     check_split,
@@ -71,6 +72,7 @@ from t2v_lightning.probe import (
     set_submodule,
     split_prefix,
 )
+from t2v_lightning.safety import check_seed, keyboard_interrupts_kept
 
 __all__ = ["Task2Vec", "DatasetError"]
 
@@ -284,8 +286,7 @@ class Task2Vec:
             raise ValueError(f"head_weight_decay must be >= 0, got {head_weight_decay!r}")
         if head_optimizer not in ("adam", "sgd"):
             raise ValueError(f"head_optimizer must be 'adam' or 'sgd', got {head_optimizer!r}")
-        if not _is_int(seed):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        check_seed(seed)
         if not _is_int(num_workers) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         if not _is_int(num_nodes) or num_nodes < 1:
@@ -409,8 +410,8 @@ class Task2Vec:
         count = size if self.max_samples is None else self.max_samples
         generator = torch.Generator().manual_seed(self.seed)
         if self.balanced_sampling:
-            per_class = torch.bincount(labels)
-            weights = 1.0 / per_class[labels].to(torch.float64)
+            classes = torch.unique(labels, return_inverse=True)[1]  # labels may be 0 and 2**40
+            weights = 1.0 / torch.bincount(classes)[classes].to(torch.float64)
             return torch.multinomial(weights, count, replacement=True, generator=generator)
         if count >= size:
             return torch.arange(size)
@@ -507,14 +508,15 @@ class Task2Vec:
             FisherError: the Fisher pass met NaN / inf (examples named by dataset index).
             SIGTERMException: the process received SIGTERM (Lightning stops after the current
                 batch); its exit status is 143, not 0, and nothing is returned or written.
+            KeyboardInterrupt: Ctrl-C (Lightning's ``SystemExit(1)`` is turned back into it).
         """
         try:
             if self.method == "variational":
                 from t2v_lightning.fisher.variational import embed_variational
 
-                with _quiet_lightning():
+                with _quiet_lightning(), keyboard_interrupts_kept():
                     return embed_variational(self, dataset, task_name)
-            with _quiet_lightning():
+            with _quiet_lightning(), keyboard_interrupts_kept():
                 return self._embed_montecarlo(dataset, task_name)
         except SIGTERMException:
             # Lightning's SystemExit carries no code, so a killed script would exit with 0.
@@ -565,6 +567,7 @@ class Task2Vec:
         device = self._device()
         network.to(device)
         unique, inverse = torch.unique(selection, return_inverse=True)
+        check_inputs_fit(network, dataset, int(unique[0]), device)  # dtype, rank, channels
         prefix, tail, skipped = split_prefix(network, self.skip_layers)
         # Each distinct example runs through the network once (the selection may repeat some).
         distinct: Dataset = SelectedInputs(dataset, unique)

@@ -33,6 +33,7 @@ from t2v_lightning.data.task import (
     check_normalize,
     get_targets,
 )
+from t2v_lightning.safety import check_seed
 
 
 def sample_indices(
@@ -57,8 +58,8 @@ def sample_indices(
     size = n if max_samples is None else max_samples
     if balanced:
         labels = torch.as_tensor(targets, dtype=torch.long)
-        counts = torch.bincount(labels).double()
-        weights = 1.0 / counts[labels]
+        classes = torch.unique(labels, return_inverse=True)[1]  # labels may be 0 and 2**40
+        weights = 1.0 / torch.bincount(classes).double()[classes]
         drawn = torch.multinomial(weights, size, replacement=True, generator=generator)
         return [int(i) for i in drawn]
     return [int(i) for i in torch.randperm(n, generator=generator)[: min(size, n)]]
@@ -118,6 +119,7 @@ class TaskDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
         if max_samples is not None and (isinstance(max_samples, bool) or max_samples < 1):
             raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+        check_seed(seed)
         self.save_hyperparameters()
         self.dataset_name = name
         self.root = root

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from t2v_lightning.fisher.sharding import IdsDataset, ShardSampler
+from t2v_lightning.probe import load_tensors_safely
 
 __all__ = ["FisherPassModule", "FisherPassCheckpoint", "ShardSampler", "restore_fisher_pass"]
 
@@ -173,7 +174,7 @@ def restore_fisher_pass(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensors_safely(path, "Fisher-pass checkpoint")  # one line if refused
     states = checkpoint.get("callbacks", {}) if isinstance(checkpoint, dict) else {}
     key = callback.state_key
     if key not in states:

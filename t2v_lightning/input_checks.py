@@ -1,0 +1,144 @@
+"""Checking a dataset's inputs against the probe before any work is done.
+
+A probe's first layer fixes what each example must look like: a ``Conv2d`` with 3 input
+channels takes float tensors of shape ``(3, H, W)``, a ``Linear`` with 64 inputs takes
+``(64,)``. Inputs of another dtype (``uint8`` images), rank (2-D images) or channel count would
+otherwise fail deep inside torch with a message that names neither the example nor the shape
+that was expected. :func:`check_inputs_fit` names both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from t2v_lightning.features import DatasetError
+from t2v_lightning.probe import call_probe
+
+__all__ = ["check_inputs_fit", "check_same_shape", "expected_example_shape"]
+
+_CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
+_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *_CONVS)
+
+
+def expected_example_shape(layer: nn.Module) -> tuple[int, str] | None:
+    """``(number of dimensions, shape in words)`` of one example for ``layer``, if it says."""
+    for kind, spatial in _CONVS.items():
+        if isinstance(layer, kind):
+            channels = int(getattr(layer, "in_channels", 0))
+            return spatial + 1, f"({channels}, {_SPATIAL[spatial]})"
+    if isinstance(layer, nn.Linear):
+        return 1, f"({layer.in_features},)"
+    return None
+
+
+def _first_layer(
+    network: nn.Module, inputs: torch.Tensor
+) -> tuple[str, nn.Module, bool, Exception | None]:
+    """The first convolution or linear layer ``network`` applies to ``inputs`` (one batch).
+
+    Returns ``(name, layer, direct, error)``: whether the layer received ``inputs`` as they are
+    (not reshaped by earlier modules), and the error the forward pass raised, if any (the
+    layer is found even when the pass fails, since its pre-hook runs before it does).
+    """
+    found: list[tuple[str, nn.Module, bool]] = []
+    handles = []
+    for name, candidate in network.named_modules():
+        if isinstance(candidate, _LAYERS):
+            def hook(layer: nn.Module, args: Any, name: str = name) -> None:
+                if not found:
+                    first = args[0] if args else None
+                    direct = isinstance(first, torch.Tensor) and first.shape == inputs.shape
+                    found.append((name, layer, direct))
+
+            handles.append(candidate.register_forward_pre_hook(hook))
+    error: Exception | None = None
+    try:
+        with torch.no_grad():
+            call_probe(network, inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        error = err
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not found:
+        return "", nn.Identity(), False, error
+    return found[0][0], found[0][1], found[0][2], error
+
+
+def check_inputs_fit(
+    network: nn.Module, dataset: Dataset, index: int, device: torch.device
+) -> None:
+    """Raise :class:`DatasetError` unless example ``index`` of ``dataset`` fits ``network``.
+
+    The example must be a floating-point tensor whose shape matches the first layer the network
+    applies (``(C, H, W)`` with the right ``C`` for a ``Conv2d``); the network is run on it once
+    (eval mode, no gradients). Mapping inputs (tokenised text) are not checked here.
+
+    Raises:
+        DatasetError: naming the dataset index, the input's shape and dtype, and the expected
+            example shape.
+    """
+    item = dataset[index]  # type: ignore[index]
+    value = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(value, torch.Tensor) or isinstance(value, Mapping):
+        return
+    where = f"dataset index {index}: the input (shape {tuple(value.shape)}, dtype {value.dtype})"
+    if not value.is_floating_point():
+        raise DatasetError(
+            f"{where} is not a float tensor; probes take float inputs (convert uint8 images "
+            "with torchvision.transforms.ToTensor(), or .float() / 255, and normalise them)"
+        )
+    was_training = network.training
+    network.eval()
+    try:
+        name, layer, direct, error = _first_layer(network, value.unsqueeze(0).to(device))
+    finally:
+        network.train(was_training)
+    expected = expected_example_shape(layer)
+    if expected is not None and direct:  # the layer sees the example as the dataset gives it
+        ndim, shape = expected
+        if isinstance(layer, nn.Linear):
+            wrong = value.ndim < 1 or value.shape[-1] != layer.in_features
+        else:
+            wrong = value.ndim != ndim or value.shape[0] != getattr(layer, "in_channels", 0)
+        if wrong:
+            raise DatasetError(
+                f"{where} does not fit the probe: its first layer {name!r} "
+                f"({type(layer).__name__}) takes examples of shape {shape}"
+            )
+    if error is not None:
+        detail = " ".join(str(error).split())[:300]
+        wanted = f" (its first layer {name!r} takes examples of shape {expected[1]})" if (
+            expected is not None) else ""
+        raise DatasetError(f"{where} does not fit the probe{wanted}: {detail}") from error
+
+
+def check_same_shape(
+    value: torch.Tensor, index: int, first: tuple[int, tuple[int, ...], torch.dtype] | None
+) -> tuple[int, tuple[int, ...], torch.dtype]:
+    """Raise :class:`DatasetError` unless ``value`` has the shape and dtype of the first input.
+
+    Args:
+        value: the input of dataset index ``index``.
+        index: its index in the user's dataset.
+        first: ``(index, shape, dtype)`` of the first input seen, or None (``value`` is it).
+
+    Returns:
+        ``first``, or the description of ``value`` when it is the first.
+    """
+    if first is None:
+        return index, tuple(value.shape), value.dtype
+    first_index, shape, dtype = first
+    if tuple(value.shape) != shape or value.dtype != dtype:
+        raise DatasetError(
+            f"dataset index {index}: the input has shape {tuple(value.shape)} and dtype "
+            f"{value.dtype}, but dataset index {first_index} has shape {shape} and dtype {dtype}; "
+            "every input must have the same shape (resize the images to one size)"
+        )
+    return first
