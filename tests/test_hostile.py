@@ -35,12 +35,14 @@ import torch
 
 pytest.importorskip("timm")
 
+import t2v_lightning.embedding as embedding_module
 from t2v_lightning import Task2Vec
 from t2v_lightning.data.datamodule import TaskDataModule, sample_indices
 from t2v_lightning.embedding import EmbeddingFileError, TaskEmbedding
 from t2v_lightning.features import DatasetError
 from t2v_lightning.fisher.callback import FisherCallback
 from t2v_lightning.similarity.distance import pdist
+from t2v_lightning.similarity.diversity import embed_batches
 from tests.conftest import TinyConvNet, ToyImages, randomise_batchnorm
 from tests.test_reliability_cli import DIGITS, PROBE, one_line_error, run_cli
 
@@ -235,6 +237,30 @@ def test_two_runs_writing_the_same_output_never_lose_a_result_silently(workdir: 
     assert "'same.safetensors' already exists" in one_line_error(loser)
     TaskEmbedding.load(workdir / "same.safetensors")
     assert hidden(workdir) == []
+
+
+def test_without_hard_links_the_destination_is_reserved_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """File systems without hard links: an exclusive create, then the rename."""
+
+    def no_links(source: Any, destination: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = small_embedding(1).save(tmp_path / "a.safetensors", overwrite=False)
+    assert TaskEmbedding.load(path).name == "t1"
+    real_write = embedding_module._write_safetensors
+
+    def write_then_race(tensors: Any, filename: str, metadata: Any) -> None:
+        real_write(tensors, filename, metadata)
+        (tmp_path / "b.safetensors").write_bytes(b"written by another run")
+
+    monkeypatch.setattr(embedding_module, "_write_safetensors", write_then_race)
+    with pytest.raises(FileExistsError, match="appeared while this one was being made"):
+        small_embedding(2).save(tmp_path / "b.safetensors", overwrite=False)
+    assert (tmp_path / "b.safetensors").read_bytes() == b"written by another run"
+    assert hidden(tmp_path) == []
 
 
 # ============================================================================================
@@ -518,6 +544,9 @@ def test_seeds_beyond_64_bits_are_refused_by_name(
         Task2Vec(TinyConvNet(), seed=2**70)
     with pytest.raises(ValueError, match=r"seed=18446744073709551616 is out of range"):
         TaskDataModule("digits", seed=2**64)
+    with pytest.raises(ValueError, match=r"seed=-9223372036854775809 is out of range"):
+        embed_batches(Task2Vec(TinyConvNet()), ToyImages(n=8), batch_size=4, num_batches=1,
+                      seed=-(2**63) - 1)
     no_work(monkeypatch)
     for option in ("--data.seed", "--model.seed"):
         code, err = run_cli(["embed", *PROBE, *DIGITS, option, str(2**70)], capsys)
