@@ -570,7 +570,8 @@ class _Images(torch.utils.data.Dataset):
         (torch.rand(1, 8, 8), r"shape \(1, 8, 8\).*first layer 'conv1' \(Conv2d\) takes examples "
                               r"of shape \(3, H, W\)"),
         (torch.rand(8, 8), r"shape \(8, 8\).*takes examples of shape \(3, H, W\)"),
-        ((torch.rand(3, 8, 8) * 255).to(torch.uint8), r"dtype torch.uint8\) is not a float tensor"),
+        ((torch.rand(3, 8, 8) * 255).to(torch.uint8), r"dtype torch.uint8\) is not a float tensor; the probe takes "
+                                                     r"float inputs of shape \(3, H, W\)"),
     ],
     ids=["one_channel", "two_dimensional", "uint8"],
 )
@@ -581,6 +582,25 @@ def test_inputs_of_the_wrong_shape_name_the_index_and_the_expected_shape(
                    head_epochs=0, progress_bar=False, accelerator="cpu")
     with pytest.raises(DatasetError, match="dataset index 0: the input " + "(.|\n)*" + expected):
         t2v.embed(_Images([image.clone() for _ in range(8)]))
+
+
+def test_integer_inputs_of_a_probe_that_starts_with_a_lookup_table_are_accepted() -> None:
+    """Token ids are integers: only a convolution or linear layer that receives them refuses."""
+
+    class TokenIds(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            return torch.tensor([index % 10, (3 * index) % 10, 1]), index % 2
+
+    torch.manual_seed(0)
+    probe = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(),
+                                torch.nn.Linear(12, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    embedding = Task2Vec(probe, max_samples=None, balanced_sampling=False, batch_size=4,
+                         head_epochs=0, skip_layers=1, progress_bar=False,
+                         accelerator="cpu").embed(TokenIds())
+    assert list(embedding.layers) == ["2"]
 
 
 def test_one_input_of_another_shape_is_named() -> None:
