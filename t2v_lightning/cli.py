@@ -40,9 +40,11 @@ from typing_extensions import override
 
 from t2v_lightning.data.datamodule import TaskDataModule
 from t2v_lightning.data.registry import get_entry, num_tasks
+from t2v_lightning.embedding import artifact_damage
 from t2v_lightning.fisher.estimators import FisherError
-from t2v_lightning.probe import load_tensors_safely
+from t2v_lightning.outputs import check_new_outputs, check_output_path, write_atomically
 from t2v_lightning.probe_classifier import ProbeClassifier
+from t2v_lightning.safety import check_checkpoint_path, interrupted, trainer_options_checked
 from t2v_lightning.similarity.report import nearest_tasks, write_distance_csv
 from t2v_lightning.trainers import PhaseProgressBar
 
@@ -292,15 +294,22 @@ class EmbeddingTrainer(pl.Trainer):
         if ckpt_path is not None:
             model.load_head(ckpt_path)
         todo: list[EmbeddingJob] = []
+        damaged: set[Path] = set()  # existing artifacts that do not load: replaced
         for job in jobs:
+            check_output_path(job.output, "--output")  # a device, FIFO or folder; too long a name
             if job.output.exists() and not overwrite:
                 if not several:
                     raise FileExistsError(
                         f"{job.output} already exists; pass --overwrite to replace it"
                     )
-                rank_zero_info(f"skipping {_task_label(job.dataset, job.task_id)}: "
-                               f"{job.output} exists")
-                continue
+                damage = artifact_damage(job.output)
+                if damage is None:
+                    rank_zero_info(f"skipping {_task_label(job.dataset, job.task_id)}: "
+                                   f"{job.output} exists")
+                    continue
+                rank_zero_info(f"{job.output} is damaged ({damage}); embedding "
+                               f"{_task_label(job.dataset, job.task_id)} again")
+                damaged.add(job.output)
             _check_writable(job.output)  # before any work, not after an hour of it
             todo.append(job)
         rank_zero_info(f"embedding {len(todo)} task(s) ({len(jobs) - len(todo)} already done)")
@@ -337,7 +346,8 @@ class EmbeddingTrainer(pl.Trainer):
             # Under DDP the embedding Trainers run every rank; all hold the reduced embedding.
             if getattr(rank_zero_only, "rank", 0) == 0:
                 job.output.parent.mkdir(parents=True, exist_ok=True)
-                embedding.save(job.output, overwrite=True)
+                # Without --overwrite, a file that appeared meanwhile (another run) is kept.
+                embedding.save(job.output, overwrite=overwrite or job.output in damaged)
                 written.append(job.output)
             metrics = {"embed/seconds": seconds, "embed/entries": float(len(embedding))}
             accuracy = embedding.meta.get("head_train_accuracy")
@@ -407,13 +417,18 @@ class T2VCLI(LightningCLI):
         # LightningCLI replaces every model argument by the checkpoint's. For embed only the
         # probe's identity comes from the checkpoint; skip_layers, method, estimator... stay
         # the user's (they choose how to measure the fitted model, not what it is).
-        if self.config.get("subcommand") != "embed":
+        # Every checkpoint is a local file read with weights_only=True before Lightning sees it
+        # (Lightning loads URLs with weights_only=False).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        checkpoint = check_checkpoint_path(ckpt_path) if ckpt_path else None
+        if subcommand != "embed":
+            if ckpt_path and "weights_only" in self.config[subcommand]:
+                self.config[subcommand]["weights_only"] = True
             super()._parse_ckpt_path()
             return
-        ckpt_path = self.config["embed"].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if checkpoint is None:
             return
-        checkpoint = load_tensors_safely(ckpt_path, "checkpoint")
         stored = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
         model = self.config["embed"]["model"]
         for key in _PROBE_IDENTITY:
@@ -453,7 +468,8 @@ class T2VCLI(LightningCLI):
             and not any(isinstance(c, ProgressBar) for c in callbacks)
         ):
             kwargs.setdefault("callbacks", [*callbacks, PhaseProgressBar("head fitting")])
-        return super().instantiate_trainer(**kwargs)
+        with trainer_options_checked():
+            return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         """Say where the head's checkpoint went."""
@@ -479,6 +495,8 @@ def _distance_parser() -> argparse.ArgumentParser:
                         "here (.png, .pdf, .svg)")
     parser.add_argument("--csv", default=None, help="write the distance matrix here as CSV")
     parser.add_argument("--title", default=None, help="title of the figure")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing --out / --csv files")
     return parser
 
 
@@ -494,16 +512,21 @@ def task_names(embeddings: Sequence[Any], files: Sequence[str | os.PathLike[str]
 def distance_main(argv: Sequence[str]) -> None:
     """``t2v distance FILES... [--distance cosine] [--out matrix.png] [--csv matrix.csv]``."""
     from t2v_lightning.embedding import TaskEmbedding
-    from t2v_lightning.similarity.distance import pdist
+    from t2v_lightning.similarity.distance import check_distance_defined, pdist
 
     options = _distance_parser().parse_args(list(argv))
+    check_new_outputs({"--csv": options.csv, "--out": options.out}, options.files,
+                      options.overwrite, refused_suffix=".safetensors")  # never over an artifact
     embeddings = [TaskEmbedding.load(f) for f in options.files]
+    for embedding, file in zip(embeddings, options.files):
+        check_distance_defined(embedding, options.distance, file)
     names = task_names(embeddings, options.files)
     matrix = pdist(embeddings, options.distance)
     if options.csv:
-        write_distance_csv(options.csv, names, matrix)
+        write_distance_csv(options.csv, names, matrix, overwrite=options.overwrite)
     if options.out:
-        save_distance_figure(options.out, matrix, names, options.distance, options.title)
+        save_distance_figure(options.out, matrix, names, options.distance, options.title,
+                             overwrite=options.overwrite)
     width = max(len(n) for n in names)
     print(f"nearest task by {options.distance} distance:")
     for name, other, distance in nearest_tasks(names, matrix):
@@ -515,15 +538,17 @@ def distance_main(argv: Sequence[str]) -> None:
 
 def save_distance_figure(
     path: str | os.PathLike[str], matrix: Any, names: Sequence[str], distance: str,
-    title: str | None = None,
+    title: str | None = None, overwrite: bool = True,
 ) -> None:
-    """Draw the clustered distance matrix and save it to ``path``."""
+    """Draw the clustered distance matrix and save it to ``path`` (atomically)."""
     from t2v_lightning.plot import plot_distance_matrix
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure = plot_distance_matrix(matrix, labels=list(names), title=title or f"{distance} distance")
-    figure.savefig(path, dpi=150)
+    file_format = path.suffix.lstrip(".").lower() or None  # the temporary's suffix is .tmp
+    write_atomically(path, lambda name: figure.savefig(name, dpi=150, format=file_format),
+                     overwrite, what="--out")
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -619,6 +644,11 @@ def main(args: Sequence[str] | None = None) -> None:
             "progress was not written. Rerun the same command to continue\n"
         )
         raise SystemExit(128 + signal.SIGTERM) from None
+    except SystemExit as exit_:
+        if not interrupted(exit_):  # Lightning exits with 1 after catching Ctrl-C
+            raise
+        sys.stderr.write("t2v: interrupted\n")
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

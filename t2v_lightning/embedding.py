@@ -19,13 +19,9 @@ save of the same destination removes once its writer is gone.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import re
-import secrets
-import socket
 import struct
 import warnings
 from collections.abc import Mapping
@@ -35,6 +31,8 @@ from typing import Any
 
 import torch
 
+from t2v_lightning.outputs import host_name
+
 FORMAT_NAME = "t2v-lightning-embedding"
 # 2: the header holds a SHA-256 ``checksum`` of the layers, meta and tensors, and a file of
 # version 2 or later without one is corrupt. Version 1 files (no checksum) are still read.
@@ -42,6 +40,8 @@ FORMAT_VERSION = 2
 # A header this large cannot belong to an embedding (ours are a few kilobytes to a megabyte).
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 _TENSOR_NAMES = ("hessian", "scale")
+# The header keys of a version-1 artifact (version 2 added "checksum").
+_VERSION_1_KEYS = frozenset({"format", "format_version", "layers", "meta"})
 
 
 class EmbeddingFileError(ValueError):
@@ -143,29 +143,28 @@ class TaskEmbedding:
     def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
         """Write the artifact atomically (temporary file in the same folder, fsync, rename).
 
+        The bytes depend only on the embedding: header keys are sorted, so the same embedding
+        written by two processes gives the same file.
+
         Args:
             path: destination file (``.safetensors`` is conventional).
-            overwrite: when False, refuse to replace an existing file.
+            overwrite: when False, refuse to replace an existing file, also one that appears
+                while this one is written (another process writing the same path).
 
         Returns:
             The destination path.
 
         Raises:
-            ValueError: ``hessian`` or ``scale`` holds NaN or infinite values (named).
+            ValueError: ``hessian`` or ``scale`` holds NaN or infinite values (named), or
+                ``path`` exists and is not a regular file (a folder, a device, a FIFO).
             FileExistsError: the file exists and ``overwrite`` is False.
             FileNotFoundError, PermissionError: the folder is missing or not writable.
+            OSError: the disk is full (the message names the file; nothing is left at it).
         """
-        from safetensors.torch import save_file
+        from t2v_lightning.outputs import write_atomically
 
         path = Path(path)
         self._check_finite()
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-        folder = path.parent if str(path.parent) else Path(".")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(f"cannot write {path}: folder {folder} is not writable")
         header = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
@@ -173,21 +172,11 @@ class TaskEmbedding:
             "meta": json.dumps(self.meta, sort_keys=True),
         }
         header["checksum"] = _checksum(header["layers"], header["meta"], self.hessian, self.scale)
-        tmp_name = _create_temporary(path)
-        try:
-            # safetensors writes files readable by their owner only; keep the umask's mode.
-            mode = os.stat(tmp_name).st_mode & 0o777
-            save_file({"hessian": self.hessian, "scale": self.scale}, tmp_name, metadata=header)
-            os.chmod(tmp_name, mode)
-            _fsync(tmp_name)
-            os.replace(tmp_name, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-            raise
-        _fsync(folder, directory=True)
-        _remove_stale_temporaries(path)
-        return path
+        tensors = {"hessian": self.hessian, "scale": self.scale}
+        return write_atomically(
+            path, lambda name: _write_safetensors(tensors, name, metadata=header), overwrite,
+            what="embedding file",
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TaskEmbedding:
@@ -222,6 +211,15 @@ class TaskEmbedding:
             )
         if version < 1:
             raise EmbeddingFileError(f"{path}: invalid format_version {version}")
+        extra = sorted(set(meta_block) - _VERSION_1_KEYS)
+        if version == 1 and extra:
+            # Version 1 headers hold exactly these keys; a checksum (or a renamed one) means a
+            # later version whose format_version was edited to turn the checksum off.
+            raise EmbeddingFileError(
+                f"{path} is corrupt: it says format version 1 but carries fields of a later "
+                f"version ({', '.join(map(repr, extra))}); the file was damaged or edited by "
+                "hand; embed the task again"
+            )
         tensors = _read_tensors(path, header, data_start)
         recorded = meta_block.get("checksum")
         if recorded is None and version >= 2:
@@ -248,6 +246,20 @@ class TaskEmbedding:
             return cls(tensors["hessian"], tensors["scale"], layers, meta)
         except (ValueError, TypeError, KeyError, IndexError, RecursionError) as err:
             raise EmbeddingFileError(f"{path}: corrupt embedding: {err}") from err
+
+
+def artifact_damage(path: str | os.PathLike[str]) -> str | None:
+    """Why the artifact at ``path`` cannot be read (``None`` when it loads, checksum included).
+
+    A sweep that skips the tasks already written checks each existing file with this first: an
+    empty or truncated artifact (a full disk, a copy cut short) is embedded again, not counted
+    as done.
+    """
+    try:
+        TaskEmbedding.load(path)
+    except (EmbeddingFileError, OSError) as err:
+        return str(err)
+    return None
 
 
 _DTYPES = {"F32": (torch.float32, 4), "F64": (torch.float64, 8), "F16": (torch.float16, 2),
@@ -287,69 +299,37 @@ def _checksum(layers: str, meta: str, hessian: torch.Tensor, scale: torch.Tensor
     return "sha256:" + digest.hexdigest()
 
 
-_TEMPORARY = re.compile(r"^(?P<host>.*)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+_host = host_name  # the host part of temporary file names
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.]+", "_", socket.gethostname()) or "host"
+def _write_safetensors(
+    tensors: Mapping[str, torch.Tensor], filename: str, metadata: Mapping[str, str]
+) -> None:
+    """Write a safetensors file whose bytes depend only on its contents.
 
-
-def _create_temporary(path: Path) -> str:
-    """Create an empty temporary file beside ``path``, named after it, this host and process.
-
-    Created with mode ``0o666`` minus the umask, like any file the user writes (``mkstemp`` and
-    safetensors give ``0o600``: the artifact would be unreadable to the user's group).
+    The safetensors library writes the metadata keys in a different order in every process;
+    here every JSON object has sorted keys and compact separators. Layout (the safetensors
+    format): little-endian u64 header length, the JSON header padded with spaces to a multiple
+    of 8 bytes, then each tensor's little-endian bytes in the order of their names.
     """
-    prefix = f".{path.name}.t2v-{_host()}-{os.getpid()}-"
-    for _ in range(100):
-        name = os.path.join(path.parent, f"{prefix}{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return name
-    raise FileExistsError(f"cannot create a temporary file beside {path}")  # pragma: no cover
-
-
-def _fsync(name: str | os.PathLike[str], directory: bool = False) -> None:
-    """Flush a file (or, best effort, a folder entry) to disk so that a crash keeps it whole."""
-    try:
-        fd = os.open(name, os.O_RDONLY if directory else os.O_RDWR)
-    except OSError:
-        if directory:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:  # some file systems cannot fsync a folder
-            raise
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Remove temporary files of ``path`` left by writers of this host that no longer run."""
-    prefix = f".{path.name}.t2v-"
-    host, me = _host(), os.getpid()
-    try:
-        candidates = [entry for entry in os.scandir(path.parent) if entry.name.startswith(prefix)]
-    except OSError:
-        return
-    for entry in candidates:
-        match = _TEMPORARY.match(entry.name[len(prefix):])
-        if match is None or match.group("host") != host or int(match.group("pid")) == me:
-            continue
-        try:
-            os.kill(int(match.group("pid")), 0)
-            continue  # its writer still runs (perhaps writing this very path): leave it
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError, OSError):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(entry.path)
+    entries: dict[str, Any] = {"__metadata__": dict(metadata)}
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        blob = tensor.numpy().astype("<f4").tobytes()
+        entries[name] = {"dtype": "F32", "shape": list(tensor.shape),
+                         "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    header = raw.encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    with open(filename, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)))
+        handle.write(header)
+        for blob in blobs:
+            handle.write(blob)
 
 
 def _read_tensors(path: Path, header: Mapping[str, Any], data_start: int) -> dict[str, torch.Tensor]:

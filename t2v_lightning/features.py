@@ -31,6 +31,7 @@ __all__ = [
     "DatasetError",
     "SelectedInputs",
     "check_finite",
+    "check_same_shape",
     "TensorInputs",
     "run_network",
     "head_inputs",
@@ -82,6 +83,7 @@ class SelectedInputs(Dataset):
     def __init__(self, dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> None:
         self.dataset = dataset
         self.indices = torch.as_tensor(indices, dtype=torch.int64)
+        self._first: tuple[int, tuple[int, ...], torch.dtype] | None = None  # shape of the first
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -90,7 +92,10 @@ class SelectedInputs(Dataset):
         index = int(self.indices[position])
         item = self.dataset[index]
         value = item[0] if isinstance(item, (tuple, list)) else item
-        return _as_tensor(value, index), position
+        inputs = _as_tensor(value, index)
+        if isinstance(inputs, torch.Tensor):  # a stack of mixed shapes would name no example
+            self._first = check_same_shape(inputs, index, self._first)
+        return inputs, position
 
 
 class TensorInputs(Dataset):
@@ -211,3 +216,28 @@ def head_inputs(
             "a classifier head on flat features is needed (pass head=<name> of the linear layer)"
         )
     return features
+
+
+def check_same_shape(
+    value: torch.Tensor, index: int, first: tuple[int, tuple[int, ...], torch.dtype] | None
+) -> tuple[int, tuple[int, ...], torch.dtype]:
+    """Raise :class:`DatasetError` unless ``value`` has the shape and dtype of the first input.
+
+    Args:
+        value: the input of dataset index ``index``.
+        index: its index in the user's dataset.
+        first: ``(index, shape, dtype)`` of the first input seen, or None (``value`` is it).
+
+    Returns:
+        ``first``, or the description of ``value`` when it is the first.
+    """
+    if first is None:
+        return index, tuple(value.shape), value.dtype
+    first_index, shape, dtype = first
+    if tuple(value.shape) != shape or value.dtype != dtype:
+        raise DatasetError(
+            f"dataset index {index}: the input has shape {tuple(value.shape)} and dtype "
+            f"{value.dtype}, but dataset index {first_index} has shape {shape} and dtype {dtype}; "
+            "every input must have the same shape (resize the images to one size)"
+        )
+    return first

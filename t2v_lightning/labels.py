@@ -203,8 +203,8 @@ def select_examples(
     count = size if max_samples is None else max_samples
     generator = torch.Generator().manual_seed(seed)
     if balanced:
-        per_class = torch.bincount(labels)
-        weights = 1.0 / per_class[labels].to(torch.float64)
+        classes = torch.unique(labels, return_inverse=True)[1]  # labels may be 0 and 2**40
+        weights = 1.0 / torch.bincount(classes)[classes].to(torch.float64)
         return torch.multinomial(weights, count, replacement=True, generator=generator)
     if count >= size and not shuffle:
         return torch.arange(size)

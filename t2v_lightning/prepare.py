@@ -38,6 +38,7 @@ from t2v_lightning.features import (
 )
 from t2v_lightning.fisher.estimators import LIKELIHOODS, Likelihood
 from t2v_lightning.head import HeadClassifier
+from t2v_lightning.input_checks import check_inputs_fit
 from t2v_lightning.labels import read_labels, read_multilabels, select_examples
 from t2v_lightning.probe import (
     ProbeError,
@@ -49,6 +50,7 @@ from t2v_lightning.probe import (
     set_submodule,
     split_prefix,
 )
+from t2v_lightning.safety import check_seed
 from t2v_lightning.trainers import TrainerSpec
 
 __all__ = ["PreparedTask", "TaskSettings", "artifact_meta", "check_probe", "prepare_task"]
@@ -117,8 +119,7 @@ class TaskSettings:
             raise ValueError(f"head_weight_decay must be >= 0, got {self.head_weight_decay!r}")
         if self.head_optimizer not in ("adam", "sgd"):
             raise ValueError(f"head_optimizer must be 'adam' or 'sgd', got {self.head_optimizer!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_seed(self.seed)
         if not _is_int(self.num_workers) or self.num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
 
@@ -312,6 +313,7 @@ def prepare_task(
     network = _working_copy(probe, settings, num_classes)
     network.to(device)
     unique, inverse = torch.unique(selection, return_inverse=True)
+    check_inputs_fit(network, dataset, int(unique[0]), device)  # dtype, rank, channels
     prefix, tail, skipped = split_prefix(network, settings.skip_layers)
     # Each distinct example runs through the network once (the selection may repeat some).
     distinct: Dataset = SelectedInputs(dataset, unique)

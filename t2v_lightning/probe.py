@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import pickle
 import re
+import warnings
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -258,25 +260,57 @@ def load_tensors_safely(
     """
     file = Path(path)
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols of files it then refuses or reads anyway
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refuses pickled objects with an UnpicklingError
         with open(file, "rb") as handle:
             magic = handle.read(4)
-        lines = [_ANSI.sub("", line).strip() for line in str(err).splitlines()]
-        detail = next((line for line in lines if "Unsupported global" in line), "")
-        if detail:
-            raise error(
-                f"{what} {str(file)!r} cannot be read safely: loading it needs to unpickle "
-                f"Python objects ({detail.split('. ')[0].replace('WeightsUnpickler error: ', '')})"
-                ", which can run arbitrary code. Only tensors are read (torch.load("
-                "weights_only=True)): re-save it as a state dict of tensors, or as .safetensors"
-            ) from err
         if magic[:2] != b"PK" and magic[:1] != b"\x80":
             raise error(
                 f"{what} {str(file)!r} is not a PyTorch file (torch.save) nor a safetensors file"
             ) from err
-        reason = next((line for line in reversed(lines) if line), type(err).__name__)
+        lines = [_ANSI.sub("", line).strip() for line in str(err).splitlines()]
+        detail = _refused_global(lines)
+        if detail is None and isinstance(err, pickle.UnpicklingError) and lines and lines[0].startswith(
+            "Weights only load failed"
+        ):
+            detail = next((line.rstrip(".") for line in lines[1:]
+                           if line and not line.startswith(_TORCH_BOILERPLATE)), "refused")
+        if detail is not None:
+            raise error(
+                f"{what} {str(file)!r} cannot be read safely: loading it needs to unpickle "
+                f"Python objects ({detail}), which can run arbitrary code. Only tensors are read "
+                "(torch.load(weights_only=True)): re-save it as a state dict of tensors, or as "
+                ".safetensors"
+            ) from err
+        reason = next(
+            (line for line in lines if line and not line.startswith(_TORCH_BOILERPLATE)),
+            type(err).__name__,
+        )
         raise error(f"cannot read {what} {str(file)!r}: {reason}") from err
+
+
+# Lines of torch's weights_only message that say nothing about the file.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation of torch.load",
+                      "Please file an issue")
+_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)|global:?\s+([\w.]+)", re.IGNORECASE)
+
+
+def _refused_global(lines: list[str]) -> str | None:
+    """The Python object a refused pickle asked for (``posix.system``), else ``None``.
+
+    ``torch.load(weights_only=True)`` refuses a pickle that names a class or function (the
+    GLOBAL / STACK_GLOBAL / REDUCE instructions through which pickles run code); the wording
+    of its message changes between torch versions.
+    """
+    for line in lines:
+        if "GLOBAL" in line or ("global" in line.lower() and "unsupported" in line.lower()):
+            match = _GLOBAL.search(line)
+            name = (match.group(1) or match.group(2)) if match else None
+            return f"it asks for {name}" if name else line.rstrip(".")
+    return None
 
 
 def find_nonfinite_layer(network: nn.Module, inputs: Any) -> str | None:

@@ -33,6 +33,7 @@ from t2v_lightning.probe import (
     probe_fingerprint,
     resolve_weights,
 )
+from t2v_lightning.safety import check_seed
 from t2v_lightning.task2vec import Method, Task2Vec
 from t2v_lightning.trainers import TrainerSpec
 
@@ -102,6 +103,7 @@ class ProbeClassifier(pl.LightningModule):
             raise ValueError(f"head_lr must be positive, got {head_lr!r}")
         if not head_weight_decay >= 0:
             raise ValueError(f"head_weight_decay must be >= 0, got {head_weight_decay!r}")
+        check_seed(seed)
         self.save_hyperparameters()
         self.skip_layers = skip_layers
         self.method: Method = method

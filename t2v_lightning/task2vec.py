@@ -32,6 +32,7 @@ from t2v_lightning.fisher.variational import (
     embed_variational,
 )
 from t2v_lightning.prepare import PreparedTask, TaskSettings, check_probe, prepare_task
+from t2v_lightning.safety import keyboard_interrupts_kept
 from t2v_lightning.trainers import TrainerSpec, quiet_lightning
 
 __all__ = ["Task2Vec", "DatasetError"]
@@ -231,7 +232,7 @@ class Task2Vec:
         the method in that same Trainer). The result also unpacks as ``network, inputs, labels,
         meta``.
         """
-        with quiet_lightning():
+        with quiet_lightning(), keyboard_interrupts_kept():
             trainer = self._pass_trainer()
             return self._prepare(dataset, task_name, trainer.strategy.root_device)
 
@@ -253,11 +254,12 @@ class Task2Vec:
             FisherError: the Fisher pass met NaN / inf (examples named by dataset index).
             SIGTERMException: the process received SIGTERM (Lightning stops after the current
                 batch); its exit status is 143, not 0, and nothing is returned or written.
+            KeyboardInterrupt: Ctrl-C (Lightning's ``SystemExit(1)`` is turned back into it).
         """
         try:
             if isinstance(self.settings, VariationalSettings):
                 check_variational_probe(self.probe, self.head, self.task.skip_layers)
-            with quiet_lightning():
+            with quiet_lightning(), keyboard_interrupts_kept():
                 # One Trainer runs the method; its device is where the preparation runs too.
                 trainer = self._pass_trainer()
                 prepared = self._prepare(dataset, task_name, trainer.strategy.root_device)

@@ -217,7 +217,8 @@ def test_embed_over_a_task_range_skips_what_exists_and_shards(
     assert sorted(p.name for p in (workdir / "shard").iterdir()) == ["toy_cli_tasks_001.safetensors"]
 
     # a checkpoint's head belongs to one task
-    code, _, err = run_cli([*common, "--tasks", "0-1", "--ckpt_path", str(files[0])], capsys)
+    torch.save({"state_dict": {}}, workdir / "head.ckpt")
+    code, _, err = run_cli([*common, "--tasks", "0-1", "--ckpt_path", "head.ckpt"], capsys)
     assert code == 2 and "one task" in err
 
 

@@ -24,3 +24,20 @@ def test_quick_start_runs_as_written(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     exec(compile(blocks[0], str(README), "exec"), namespace)
     written = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert written == ["digits_0_4.safetensors", "digits_5_9.safetensors", "digits_even.safetensors"]
+
+
+def test_every_test_named_in_the_what_happens_table_exists() -> None:
+    """Each row of "What happens when…" names tests that exist: ``file.py::name``, then
+    ``::name`` in the row's last file named (``test_reliability.py`` before any)."""
+    text = README.read_text()
+    table = text.split("## What happens when", 1)[1].split("\n## ", 1)[0]
+    tests = README.parent / "tests"
+    named = 0
+    for row in (line for line in table.splitlines() if line.startswith("| ")):
+        current = "test_reliability.py"
+        for file, name in re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)", row.split(" | ")[-1]):
+            current = file or current
+            source = (tests / current).read_text()
+            assert re.search(rf"^def {name}\(", source, flags=re.MULTILINE), f"{current}::{name}"
+            named += 1
+    assert named > 40

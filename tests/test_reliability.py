@@ -397,8 +397,7 @@ _DRIVER = textwrap.dedent(
     import torch
 
     torch.set_num_threads(1)
-    import safetensors.torch
-
+    import t2v_lightning.embedding as embedding_module
     from t2v_lightning import Task2Vec
     from t2v_lightning.embedding import EmbeddingFileError, TaskEmbedding
     from t2v_lightning.fisher.callback import FisherCallback
@@ -418,7 +417,7 @@ _DRIVER = textwrap.dedent(
 
             FisherCallback.on_train_batch_end = slow
         elif pause == "write":  # half of the temporary file written, not yet renamed
-            real = safetensors.torch.save_file
+            real = embedding_module._write_safetensors
 
             def slow_save(tensors, filename, metadata=None):
                 real(tensors, filename, metadata=metadata)
@@ -431,7 +430,7 @@ _DRIVER = textwrap.dedent(
                 with open(filename, "wb") as handle:
                     handle.write(data)
 
-            safetensors.torch.save_file = slow_save
+            embedding_module._write_safetensors = slow_save
         torch.manual_seed(0)
         probe = randomise_batchnorm(TinyConvNet()).eval()
         t2v = Task2Vec(probe, max_samples=16, batch_size=4, head_epochs=1, progress_bar=False,

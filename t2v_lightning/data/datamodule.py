@@ -34,6 +34,7 @@ from t2v_lightning.data.task import (
     get_targets,
 )
 from t2v_lightning.labels import select_examples
+from t2v_lightning.safety import check_seed
 
 
 def sample_indices(
@@ -110,6 +111,7 @@ class TaskDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
         if max_samples is not None and (isinstance(max_samples, bool) or max_samples < 1):
             raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+        check_seed(seed)
         self.save_hyperparameters()
         self.dataset_name = name
         self.root = root

@@ -120,10 +120,20 @@ def check_normalize(normalize: str) -> None:
         raise ValueError(f"normalize={normalize!r} is not one of {list(choices)}")
 
 
+# An image side above this would need gigabytes per image (4096 px: 200 MB as float32 RGB).
+MAX_INPUT_SIZE = 4096
+
+
 def check_input_size(input_size: int | None) -> None:
-    """Raise a ValueError naming the argument when ``input_size`` is not a positive int."""
+    """Raise a ValueError naming the argument unless ``input_size`` is None or 1..4096."""
     if input_size is not None and (isinstance(input_size, bool) or input_size < 1):
         raise ValueError(f"input_size must be a positive int or None, got {input_size!r}")
+    if input_size is not None and input_size > MAX_INPUT_SIZE:
+        raise ValueError(
+            f"input_size={input_size} is too large: at most {MAX_INPUT_SIZE} pixels per side (one "
+            f"image of {input_size} x {input_size} would take "
+            f"{3 * 4 * input_size**2 / 2**30:.0f} GiB)"
+        )
 
 
 class ImageTransform:

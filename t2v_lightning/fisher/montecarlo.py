@@ -49,7 +49,7 @@ from t2v_lightning.fisher.callback import FisherCallback
 from t2v_lightning.fisher.estimators import ESTIMATORS, Estimator, embedded_layers
 from t2v_lightning.fisher.sharding import IdsDataset, ShardSampler
 from t2v_lightning.prepare import PreparedTask, artifact_meta
-from t2v_lightning.probe import ProbeError
+from t2v_lightning.probe import ProbeError, load_tensors_safely
 from t2v_lightning.trainers import add_callbacks
 
 __all__ = [
@@ -198,7 +198,7 @@ def restore_fisher_pass(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensors_safely(path, "Fisher-pass checkpoint")  # one line if refused
     states = checkpoint.get("callbacks", {}) if isinstance(checkpoint, dict) else {}
     key = callback.state_key
     if key not in states:

@@ -56,6 +56,7 @@ __all__ = [
     "EPSILON",
     "Distance",
     "cdist",
+    "check_distance_defined",
     "check_embeddings",
     "pairwise_distances",
     "pdist",
@@ -142,6 +143,39 @@ def _check_positive(values: torch.Tensor, labels: Sequence[str], what: str,
 
 
 _ZERO_TOLERANT = ("cosine", "entropy")
+
+
+def _check_not_all_zero(values: torch.Tensor, labels: Sequence[str], distance: str) -> None:
+    """Refuse an all-zero hessian for the cosine distance (it would be NaN), naming it.
+
+    The cosine distance normalises each filter by ``h_a + h_b + ε``; a vector that is zero
+    everywhere has no direction, so every distance to it is 0/0.
+    """
+    if distance != "cosine" or values.numel() == 0:
+        return
+    zero = ~(values != 0).any(dim=1)
+    if bool(zero.any()):
+        row = int(torch.nonzero(zero)[0, 0])
+        raise ValueError(
+            f"{labels[row]} is zero everywhere (its Fisher vanished: a probe whose embedded "
+            "layers do not affect its output, or a head that predicts one class with certainty); "
+            "the cosine distance to it is undefined (0/0): embed the task again or leave it out"
+        )
+
+
+def check_distance_defined(embedding: TaskEmbedding, distance: str, label: str) -> None:
+    """Raise ``ValueError`` naming ``label`` when ``distance`` is undefined for ``embedding``.
+
+    Args:
+        embedding: one embedding.
+        distance: one of :data:`DISTANCES`.
+        label: how to name it (a file name, say).
+    """
+    _check_distance(distance)
+    hessian = embedding.hessian.to(torch.float64)[None, :]
+    _check_positive(hessian, [label], "hessian", [embedding.layers],
+                    allow_zero=distance in _ZERO_TOLERANT)
+    _check_not_all_zero(hessian, [label], distance)
 
 
 def _label(embedding: TaskEmbedding, argument: str, index: int | None) -> str:
@@ -442,8 +476,10 @@ def pairwise_distances(
     labels_b = labels_a if same else [f"other_hessians row {i}" for i in range(hb.shape[0])]
     zeros = distance in _ZERO_TOLERANT
     _check_positive(ha, labels_a, "hessian", allow_zero=zeros)
+    _check_not_all_zero(ha, labels_a, distance)
     if not same:
         _check_positive(hb, labels_b, "hessian", allow_zero=zeros)
+        _check_not_all_zero(hb, labels_b, distance)
     if distance == "normalized_cosine":
         _check_positive(sa, [s.replace("hessians", "scales") for s in labels_a], "scale")
         if not same:
@@ -473,6 +509,7 @@ def _validated(items: Sequence[TaskEmbedding], labels: Sequence[str],
     hessians, scales = _stack(items)
     layers = [e.layers for e in items]
     _check_positive(hessians, labels, "hessian", layers, allow_zero=distance in _ZERO_TOLERANT)
+    _check_not_all_zero(hessians, labels, distance)
     if distance == "normalized_cosine":
         _check_positive(scales, labels, "scale", layers)
     return hessians, scales

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from t2v_lightning.embedding import TaskEmbedding
+from t2v_lightning.safety import check_seed
 from t2v_lightning.similarity.distance import Distance, _check_distance, cdist, pdist
 
 __all__ = [
@@ -210,8 +211,7 @@ def embed_batches(
         )
     batch_size = _positive_int(batch_size, "batch_size")
     num_batches = _positive_int(num_batches, "num_batches")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     try:
         size = len(dataset)  # type: ignore[arg-type]
     except TypeError as err:

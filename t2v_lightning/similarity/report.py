@@ -11,19 +11,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from t2v_lightning.outputs import write_atomically
+
 __all__ = ["nearest_tasks", "write_distance_csv"]
 
 
-def write_distance_csv(path: str | os.PathLike[str], names: Sequence[str], matrix: Any) -> None:
-    """Write a square matrix as CSV with the task names as header row and first column."""
+def write_distance_csv(
+    path: str | os.PathLike[str], names: Sequence[str], matrix: Any, overwrite: bool = True
+) -> None:
+    """Write a square matrix as CSV with the task names as header row and first column.
+
+    Written atomically (:func:`~t2v_lightning.outputs.write_atomically`); with
+    ``overwrite=False`` an existing file is not replaced.
+    """
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["task", *names])
-        for name, row in zip(names, matrix.tolist()):
-            writer.writerow([name, *(f"{value:.6g}" for value in row)])
+
+    def write(name: str) -> None:
+        with open(name, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["task", *names])
+            for task, row in zip(names, matrix.tolist()):
+                writer.writerow([task, *(f"{value:.6g}" for value in row)])
+
+    write_atomically(path, write, overwrite, what="--csv")
 
 
 def nearest_tasks(names: Sequence[str], matrix: Any) -> list[tuple[str, str, float]]:
