@@ -8,7 +8,8 @@ weight). ``Task2Vec.prepare`` (everything before the Fisher pass) is also timed 
 Fisher phase can be read as ``embed - prepare``.
 
 Runs are taken in alternating order (plain, prepare, embed, then the reverse) in one process;
-every figure is the best of ``--repeats``.
+every figure is the best of ``--repeats``, and beside it the median (and range) over repeats of
+the run's ratio to the plain pass of the same repeat.
 
     python bench/embed_cost.py                         # ResNet-18, 300 × 3×32×32, skip 0 and 6
     python bench/embed_cost.py --threads 1 --model resnet34
@@ -23,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import time
 
 
@@ -92,13 +94,20 @@ def main() -> None:
         runs[f"embed skip {skip}"] = lambda skip=skip: t2v(skip).embed(dataset)  # type: ignore[misc]
     plain()  # warm-up
     load_before = os.getloadavg()[0]
-    best = dict.fromkeys(runs, float("inf"))
+    timings: dict[str, list[float]] = {name: [] for name in runs}
     for repeat in range(args.repeats):
         for name in list(runs) if repeat % 2 == 0 else list(reversed(runs)):
             start = time.perf_counter()
             with quiet_lightning():
                 runs[name]()
-            best[name] = min(best[name], time.perf_counter() - start)
+            timings[name].append(time.perf_counter() - start)
+    best = {name: min(seconds) for name, seconds in timings.items()}
+    # Each repeat's ratio to the plain pass of the same repeat: steadier when the machine's
+    # speed drifts (a shared machine), reported as the median and the range.
+    paired = {
+        name: sorted(t / p for t, p in zip(seconds, timings["plain"]))
+        for name, seconds in timings.items()
+    }
     print(
         f"{args.model}, {args.examples} examples of 3x{args.size}x{args.size}, batch {args.batch}, "
         f"{args.classes} classes, head {args.head_epochs} epochs"
@@ -107,17 +116,20 @@ def main() -> None:
         f"{args.accelerator}, {torch.get_num_threads()} threads, best of {args.repeats}, load "
         f"average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
-    print(f"{'run':<18}{'seconds':>9}{'x plain':>9}")
+    print(f"{'run':<18}{'seconds':>9}{'x plain':>9}   paired x plain (range)")
     for name, seconds in best.items():
-        print(f"{name:<18}{seconds:>9.2f}{seconds / best['plain']:>9.2f}")
+        ratios = paired[name]
+        median = statistics.median(ratios)
+        print(f"{name:<18}{seconds:>9.2f}{seconds / best['plain']:>9.2f}   "
+              f"{median:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})")
     for skip in args.skip:
         fisher = best[f"embed skip {skip}"] - best[f"prepare skip {skip}"]
         print(f"Fisher phase skip {skip}: {fisher:.2f} s ({fisher / best['plain']:.2f}x plain)")
     print("target: whole embed <= 1.5x")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "load_average": load_before, "seconds": best}, handle,
-                      indent=1)
+            json.dump({"args": vars(args), "load_average": load_before, "seconds": best,
+                       "timings": timings}, handle, indent=1)
 
 
 if __name__ == "__main__":
