@@ -34,7 +34,7 @@ CACHE/<key>/embeddings/sources``.
 
 Usage::
 
-    python bench/model_selection.py                 # the full zoo (about 15-25 min on 2 cores)
+    python bench/model_selection.py                 # the full zoo (47 min on 2 shared cores)
     python bench/model_selection.py --quick         # 2 experts, 2 targets, tiny: a smoke test
 """
 
@@ -380,6 +380,17 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
     folder = cache / settings.key()
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "settings.json", asdict(settings))
+    timings_path = folder / "timings.json"
+    timings: dict[str, float] = (
+        json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    )
+
+    def spent(phase: str, since: float) -> float:
+        """Add the seconds since ``since`` to the phase's build time (kept with the cache)."""
+        seconds = time.perf_counter() - since
+        timings[phase] = timings.get(phase, 0.0) + seconds
+        _write_json(timings_path, timings)
+        return seconds
     probe = get_probe("efficientnet_lite0")
     mean, std = probe_normalization(probe)
     prefix = frozen_prefix(probe)
@@ -396,7 +407,7 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
                 x, y = prefix_features(prefix, images)
                 _save_tensors(path, {"x": x, "y": y})
                 log.info("prefix features %s.%s: %d images, %.1f s", name, part, len(y),
-                         time.perf_counter() - start)
+                         spent("prefix_features", start))
             stored = _load_tensors(path)
             cached[f"{name}.{part}"] = (stored["x"], stored["y"])
 
@@ -413,7 +424,7 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
             fine_tune(tail, x, y, settings)
             _save_tensors(path, tail.state_dict())
             log.info("expert %s: fine-tuned on %d images, %.1f s", spec.name, len(y),
-                     time.perf_counter() - start)
+                     spent("fine_tuning", start))
         tails[spec.name] = tail.eval()
 
     # 3. ground truth: linear classifiers on each expert's frozen features
@@ -435,7 +446,7 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
                 tail_features(tails[name], x_test), y_test.numpy(), settings.linear_c)
         _write_json(errors_path, errors)
         log.info("errors on %s (%d train, %d test images): %.1f s", spec.name, len(y_train),
-                 len(y_test), time.perf_counter() - start)
+                 len(y_test), spent("linear_probes", start))
 
     # 4. Task2Vec embeddings of every source and target with the ImageNet probe
     task2vec = Task2Vec(probe, max_samples=settings.embed_samples,
@@ -453,10 +464,10 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
                                       input_size=settings.input_size)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 embedding.save(path)
-                log.info("embedded %s: %.1f s", spec.name, time.perf_counter() - start)
+                log.info("embedded %s: %.1f s", spec.name, spent("task2vec", start))
             paths[kind][spec.name] = path
     return {"errors": errors, "sources": paths["sources"], "targets": paths["targets"],
-            "folder": folder}
+            "folder": folder, "build_seconds": timings}
 
 
 # ------------------------------------------------------------------------------ the report
@@ -602,6 +613,14 @@ def diagnosis(errors: Mapping[str, Mapping[str, float]], sources: Mapping[str, T
     return out
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (reports do not name the machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", default=str(ROOT / "bench" / "cache" / "model_selection"),
@@ -636,8 +655,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plot(result, built["errors"], figure)
     report = {
         "settings": asdict(settings),
-        "cache": str(built["folder"]),
+        "cache": _shown(built["folder"]),
         "seconds": seconds,
+        "build_seconds": built["build_seconds"],
+        "load_average": os.getloadavg(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
                    f"{torch.__version__}, {options.threads} threads",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -660,8 +681,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"\nmean test error: Task2Vec pick {100 * m['errors']['task2vec']:.2f}%, always ImageNet "
           f"{100 * m['errors']['imagenet']:.2f}%, chance {100 * m['errors']['chance']:.2f}%, "
           f"oracle {100 * m['errors']['oracle']:.2f}%")
-    print(f"{len(sources)} experts + ImageNet, {len(targets)} targets; whole run {seconds:.0f} s; "
-          f"report in {output}, cache in {built['folder']}")
+    build = ", ".join(f"{k} {v:.0f} s" for k, v in built["build_seconds"].items())
+    print(f"{len(sources)} experts + ImageNet, {len(targets)} targets; this run {seconds:.0f} s "
+          f"(load average {os.getloadavg()[0]:.1f}); building the cache took {build}; report in "
+          f"{output}, cache in {built['folder']}")
     return report
 
 
