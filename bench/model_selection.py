@@ -486,12 +486,14 @@ def _nanmean(values: Sequence[float]) -> float:
 
 def evaluate(errors: Mapping[str, Mapping[str, float]], source_embeddings: Mapping[str, TaskEmbedding],
              target_embeddings: Mapping[str, TaskEmbedding], alpha: float = DEFAULT_ALPHA,
-             distance: str = "cosine") -> dict[str, Any]:
+             distance: str = "cosine", datasets: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Compare the Task2Vec pick with always-ImageNet, chance and the oracle on every target.
 
     Errors are fractions; every ``*_minus_best`` is in percentage points over the oracle (the
     best of all candidates, ImageNet included); ``*_relative`` is that excess over the oracle's
-    error, in percent (the paper's measure).
+    error, in percent (the paper's measure). With ``datasets`` (task name: dataset), also
+    ``same_dataset``: the mean error of the experts trained on the target's dataset (a random
+    pick that only matches the domain).
     """
     rows = []
     for target, embedding in target_embeddings.items():
@@ -506,6 +508,9 @@ def evaluate(errors: Mapping[str, Mapping[str, float]], source_embeddings: Mappi
         scores = [float(ranking.scores[ranking.names.index(e)]) for e in experts]
         values = {"task2vec": row_errors[pick], "imagenet": row_errors[IMAGENET],
                   "chance": chance, "oracle": best}
+        if datasets is not None:
+            same = [row_errors[e] for e in experts if datasets[e] == datasets[target]]
+            values["same_dataset"] = float(np.mean(same)) if same else float("nan")
         rows.append({
             "target": target,
             "pick": pick,
@@ -519,8 +524,8 @@ def evaluate(errors: Mapping[str, Mapping[str, float]], source_embeddings: Mappi
             "ranked": ranking.ranked_names,
         })
     mean = {
-        "errors": {k: float(np.mean([r["errors"][k] for r in rows])) for k in rows[0]["errors"]},
-        "minus_best": {k: float(np.mean([r["minus_best"][k] for r in rows]))
+        "errors": {k: _nanmean([r["errors"][k] for r in rows]) for k in rows[0]["errors"]},
+        "minus_best": {k: _nanmean([r["minus_best"][k] for r in rows])
                        for k in rows[0]["minus_best"]},
         "relative": {k: _nanmean([r["relative"][k] for r in rows])
                      for k in rows[0]["relative"]},
@@ -645,7 +650,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     built = run(Path(options.cache), settings, sources, targets, options.data_root)
     source_embeddings = {n: TaskEmbedding.load(p) for n, p in built["sources"].items()}
     target_embeddings = {n: TaskEmbedding.load(p) for n, p in built["targets"].items()}
-    result = evaluate(built["errors"], source_embeddings, target_embeddings, options.alpha)
+    datasets = {spec.name: spec.dataset for spec in (*sources, *targets)}
+    result = evaluate(built["errors"], source_embeddings, target_embeddings, options.alpha,
+                      datasets=datasets)
     checks = diagnosis(built["errors"], source_embeddings, target_embeddings)
     seconds = time.perf_counter() - start
     output = Path(options.output)
@@ -680,7 +687,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     m = result["mean"]
     print(f"\nmean test error: Task2Vec pick {100 * m['errors']['task2vec']:.2f}%, always ImageNet "
           f"{100 * m['errors']['imagenet']:.2f}%, chance {100 * m['errors']['chance']:.2f}%, "
-          f"oracle {100 * m['errors']['oracle']:.2f}%")
+          f"oracle {100 * m['errors']['oracle']:.2f}%; a random expert of the target's dataset "
+          f"{100 * m['errors']['same_dataset']:.2f}% (pick − best: Task2Vec "
+          f"{m['minus_best']['task2vec']:+.2f}, same dataset {m['minus_best']['same_dataset']:+.2f} "
+          f"points)")
     build = ", ".join(f"{k} {v:.0f} s" for k, v in built["build_seconds"].items())
     print(f"{len(sources)} experts + ImageNet, {len(targets)} targets; this run {seconds:.0f} s "
           f"(load average {os.getloadavg()[0]:.1f}); building the cache took {build}; report in "
