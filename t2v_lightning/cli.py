@@ -7,7 +7,9 @@
   the task's embedding artifact; over several datasets or task ids it loads the probe once,
   writes one artifact per task and skips the tasks whose artifact exists;
 * ``t2v distance FILES...``: the distance matrix between artifacts, as CSV and as a clustered
-  figure.
+  figure;
+* ``t2v select --target T --experts DIR_OR_FILES...``: the experts ranked for a target task by
+  the asymmetric distance (SPEC section 4).
 
 Options are the typed ``__init__`` arguments of :class:`ProbeClassifier` (``--model.*``),
 :class:`~t2v_lightning.data.datamodule.TaskDataModule` (``--data.*``) and Lightning's Trainer
@@ -18,6 +20,7 @@ Options are the typed ``__init__`` arguments of :class:`ProbeClassifier` (``--mo
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
 import os
 import pickle
@@ -29,7 +32,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
@@ -54,8 +57,10 @@ __all__ = [
     "T2VCLI",
     "distance_main",
     "embedding_jobs",
+    "expert_files",
     "main",
     "parse_task_ids",
+    "select_main",
 ]
 
 DEFAULT_OUTPUT = "embeddings/{task}.safetensors"
@@ -551,6 +556,118 @@ def save_distance_figure(
                      overwrite, what="--out")
 
 
+# ------------------------------------------------------------------------------ select
+class _SelectArgumentError(ValueError):
+    """A mistake in the ``t2v select`` command line (reported in one line by ``main``)."""
+
+
+class _SelectParser(argparse.ArgumentParser):
+    @override
+    def error(self, message: str) -> NoReturn:
+        raise _SelectArgumentError(f"select: {message} (see: t2v select --help)")
+
+
+def _select_parser() -> argparse.ArgumentParser:
+    from t2v_lightning.similarity.distance import DISTANCES
+    from t2v_lightning.similarity.selection import DEFAULT_ALPHA
+
+    parser = _SelectParser(
+        prog="t2v select",
+        description="Rank pretrained experts for a target task by the asymmetric Task2Vec "
+        "distance d(target, source) - alpha * d(source, trivial), from the embeddings of the "
+        "target task and of each expert's training task (same probe). The first row is the "
+        "pick.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--target", required=True, help="embedding artifact of the target task")
+    parser.add_argument("--experts", required=True, nargs="+", metavar="DIR_OR_FILE",
+                        help="artifacts of the experts' training tasks, or folders of them "
+                        "(every *.safetensors inside; the target itself is left out)")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                        help=f"weight of the source's complexity (default: {DEFAULT_ALPHA})")
+    parser.add_argument("--distance", default="cosine", choices=DISTANCES,
+                        help="symmetric distance d (default: cosine)")
+    parser.add_argument("--csv", default=None, help="also write the ranking here as CSV")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
+    return parser
+
+
+def expert_files(
+    sources: Sequence[str | os.PathLike[str]], exclude: str | os.PathLike[str] | None = None
+) -> list[Path]:
+    """The artifacts named by ``sources``: files as given, folders as their ``*.safetensors``.
+
+    Args:
+        sources: files and folders.
+        exclude: a file left out wherever it appears (the target).
+
+    Raises:
+        FileNotFoundError: a source that does not exist.
+        ValueError: a folder without artifacts, or nothing left.
+    """
+    skipped = os.path.realpath(exclude) if exclude is not None else None
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found = sorted(path.glob("*.safetensors"))
+            if not found:
+                raise ValueError(f"expert folder {path} holds no .safetensors artifacts")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"expert artifact {path} does not exist")
+    unique = list(dict.fromkeys(os.path.realpath(f) for f in files))
+    kept = [Path(f) for f in unique if f != skipped]
+    if not kept:
+        raise ValueError("no expert artifacts besides the target")
+    by_real = {os.path.realpath(f): f for f in files}
+    return [by_real[str(f)] for f in kept]
+
+
+def select_main(argv: Sequence[str]) -> None:
+    """``t2v select --target T.safetensors --experts DIR_OR_FILES... [--alpha 0.15] [--csv F]``."""
+    from t2v_lightning.embedding import TaskEmbedding
+    from t2v_lightning.similarity.selection import ranked_experts, select_expert
+
+    options = _select_parser().parse_args(list(argv))
+    files = expert_files(options.experts, exclude=options.target)
+    csv_path = Path(options.csv) if options.csv else None
+    check_new_outputs({"--csv": csv_path}, [options.target, *files], options.overwrite,
+                      refused_suffix=".safetensors")  # never over an artifact
+    target = TaskEmbedding.load(options.target)
+    experts = [TaskEmbedding.load(f) for f in files]
+    names = task_names(experts, files)
+    ranking = select_expert(target, dict(zip(names, experts)), options.alpha, options.distance)
+    rows = ranked_experts(ranking)
+    if csv_path is not None:
+
+        def write(name: str) -> None:
+            with open(name, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["rank", "expert", "file", "asymmetric_distance", "distance",
+                                 "distance_to_trivial"])
+                for row in rows:
+                    writer.writerow([row.rank, row.name, str(files[row.index]),
+                                     f"{row.score:.6g}", f"{row.distance:.6g}",
+                                     f"{row.complexity:.6g}"])
+
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(csv_path, write, options.overwrite, what="--csv")
+    width = max(len("expert"), *(len(n) for n in names))
+    target_name = target.name or Path(options.target).stem
+    print(f"experts for {target_name}, best first ({options.distance} distance, "
+          f"alpha={options.alpha:g}):")
+    print(f"  {'rank':>4}  {'expert':<{width}}  {'asymmetric':>10}  {'distance':>8}  "
+          f"{'to trivial':>10}")
+    for row in rows:
+        print(f"  {row.rank:>4}  {row.name:<{width}}  {row.score:>10.4f}  {row.distance:>8.4f}  "
+              f"{row.complexity:>10.4f}")
+    if csv_path is not None:
+        print(f"ranking: {csv_path}")
+
+
 # ------------------------------------------------------------------------------ entry point
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,  # includes ProbeError, DatasetError, EmbeddingFileError
@@ -615,6 +732,8 @@ def main(args: Sequence[str] | None = None) -> None:
     try:
         if argv and argv[0] == "distance":
             distance_main(argv[1:])
+        elif argv and argv[0] == "select":
+            select_main(argv[1:])
         else:
             if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
                 sys.argv[1:] = _expand_shorthands(argv)

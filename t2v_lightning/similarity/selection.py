@@ -39,8 +39,10 @@ from t2v_lightning.similarity.distance import (
 __all__ = [
     "DEFAULT_ALPHA",
     "ExpertRanking",
+    "RankedExpert",
     "asymmetric_distance",
     "complexity",
+    "ranked_experts",
     "select_expert",
     "trivial_embedding",
 ]
@@ -202,3 +204,50 @@ def select_expert(
     scores = distances - alpha * complexities
     order = torch.sort(scores, stable=True).indices.tolist()
     return ExpertRanking(order, scores, names, distances, complexities)
+
+
+@dataclass(frozen=True)
+class RankedExpert:
+    """One row of a ranking, as ``t2v select`` prints it.
+
+    Attributes:
+        rank: 1 for the selected expert.
+        index: the candidate's index in the candidates given to :func:`select_expert`.
+        name: the candidate's name.
+        score: the asymmetric distance ``d(target, candidate) − α · d(candidate, t0)``.
+        distance: ``d(target, candidate)``.
+        complexity: ``d(candidate, t0(candidate))``, the distance to the trivial embedding.
+    """
+
+    rank: int
+    index: int
+    name: str
+    score: float
+    distance: float
+    complexity: float
+
+
+def ranked_experts(ranking: ExpertRanking) -> list[RankedExpert]:
+    """The rows of ``ranking``, best first.
+
+    Example:
+        >>> import torch
+        >>> from t2v_lightning import TaskEmbedding, select_expert
+        >>> def emb(values, name):
+        ...     return TaskEmbedding(torch.tensor(values), torch.ones(3), meta={"task_name": name})
+        >>> ranking = select_expert(emb([1.0, 2.0, 3.0], "target"),
+        ...                         [emb([3.0, 2.0, 1.0], "far"), emb([1.0, 2.0, 2.9], "near")])
+        >>> [(row.rank, row.name) for row in ranked_experts(ranking)]
+        [(1, 'near'), (2, 'far')]
+    """
+    return [
+        RankedExpert(
+            rank=position + 1,
+            index=index,
+            name=ranking.names[index],
+            score=float(ranking.scores[index]),
+            distance=float(ranking.distances[index]),
+            complexity=float(ranking.complexities[index]),
+        )
+        for position, index in enumerate(ranking.order)
+    ]
