@@ -17,10 +17,11 @@ import torch
 
 pytest.importorskip("timm")
 
-from t2v_lightning.cli import embedding_jobs, main, parse_task_ids
+from t2v_lightning.cli import embedding_jobs, parse_task_ids
 from t2v_lightning.data.registry import register_dataset
 from t2v_lightning.data.task import ImageTensorDataset, ImageTransform, Task
 from t2v_lightning.embedding import TaskEmbedding
+from tests.cli_runner import run_t2v as run_cli
 
 PROBE = ["--model.probe", "timm:test_efficientnet"]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -40,19 +41,6 @@ def _toy_tasks(root: str, task_id: int | None, train: bool, input_size: int | No
     data = ImageTensorDataset(images, labels, ImageTransform(input_size, normalize))  # type: ignore[arg-type]
     return Task(data, classes, f"Toy task {task_id}",
                 {"dataset": TOY, "task_id": task_id, "class_names": [str(c) for c in range(classes)]})
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``t2v ARGS`` in this process: (exit status, stdout, stderr)."""
-    code = 0
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["t2v", *args])
-        try:
-            main()
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

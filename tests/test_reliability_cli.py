@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from t2v_lightning.cli import EmbeddingTrainer, main
 from t2v_lightning.fisher.estimators import FisherError
+from tests.cli_runner import run_t2v
 
 PROBE = ["--model.probe", "timm:test_efficientnet"]
 DIGITS = ["--data.name", "digits", "--data.max_samples", "8", "--data.input_size", "16",
@@ -31,14 +32,8 @@ DIGITS = ["--data.name", "digits", "--data.max_samples", "8", "--data.input_size
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """``t2v ARGS`` in this process: (exit status, stderr)."""
-    code = 0
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["t2v", *args])
-        try:
-            main()
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-    return code, capsys.readouterr().err
+    code, _, err = run_t2v(args, capsys)
+    return code, err
 
 
 def one_line_error(err: str) -> str:

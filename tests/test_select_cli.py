@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from t2v_lightning.cli import main
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.similarity.selection import ranked_experts, select_expert
+from tests.cli_runner import run_t2v as run_cli
 
 META = {"probe": "toy", "probe_fingerprint": "fp"}
 EXPERTS = ("mnist", "fashion", "digits", "letters", "cifar")
@@ -59,19 +58,6 @@ def zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray
         artifact(values[name], name).save(tmp_path / "experts" / f"{name}.safetensors")
     artifact(values["target"], "target task").save(tmp_path / "target.safetensors")
     return {k: v.astype(np.float64) for k, v in values.items()}
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``t2v ARGS`` in this process: (exit status, stdout, stderr)."""
-    code = 0
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["t2v", *args])
-        try:
-            main()
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def printed_rows(out: str) -> list[list[str]]:
