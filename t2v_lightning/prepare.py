@@ -50,14 +50,10 @@ from t2v_lightning.probe import (
     set_submodule,
     split_prefix,
 )
-from t2v_lightning.safety import check_seed
+from t2v_lightning.safety import check_seed, is_int
 from t2v_lightning.trainers import TrainerSpec
 
 __all__ = ["PreparedTask", "TaskSettings", "artifact_meta", "check_probe", "prepare_task"]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -103,15 +99,15 @@ class TaskSettings:
                 "defined for multi-label tasks (likelihood='bernoulli'); pass "
                 "balanced_sampling=False"
             )
-        if self.max_samples is not None and (not _is_int(self.max_samples) or self.max_samples <= 0):
+        if self.max_samples is not None and (not is_int(self.max_samples) or self.max_samples <= 0):
             raise ValueError(
                 f"max_samples must be a positive integer or None, got {self.max_samples!r}"
             )
-        if not _is_int(self.skip_layers) or self.skip_layers < 0:
+        if not is_int(self.skip_layers) or self.skip_layers < 0:
             raise ValueError(f"skip_layers must be a non-negative integer, got {self.skip_layers!r}")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not _is_int(self.head_epochs) or self.head_epochs < 0:
+        if not is_int(self.head_epochs) or self.head_epochs < 0:
             raise ValueError(f"head_epochs must be a non-negative integer, got {self.head_epochs!r}")
         if not self.head_lr > 0:
             raise ValueError(f"head_lr must be positive, got {self.head_lr!r}")
@@ -120,7 +116,7 @@ class TaskSettings:
         if self.head_optimizer not in ("adam", "sgd"):
             raise ValueError(f"head_optimizer must be 'adam' or 'sgd', got {self.head_optimizer!r}")
         check_seed(self.seed)
-        if not _is_int(self.num_workers) or self.num_workers < 0:
+        if not is_int(self.num_workers) or self.num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
 
 

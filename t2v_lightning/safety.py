@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ __all__ = [
     "check_checkpoint_path",
     "check_seed",
     "interrupted",
+    "is_int",
     "keyboard_interrupts_kept",
     "trainer_options_checked",
 ]
@@ -84,12 +86,16 @@ def check_checkpoint_path(
     return dict(checkpoint)
 
 
+def is_int(value: object) -> bool:
+    """Whether ``value`` is a Python ``int`` (``True`` and ``False`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_seed(seed: Any, name: str = "seed") -> None:
     """Raise a ValueError naming ``name`` unless ``seed`` is an integer torch can seed with."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        if not hasattr(seed, "__index__") or isinstance(seed, bool):
-            raise ValueError(f"{name} must be an integer, got {seed!r}")
-        seed = seed.__index__()
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise ValueError(f"{name} must be an integer, got {seed!r}")
+    seed = operator.index(seed)
     low, high = SEED_RANGE
     if not low <= seed <= high:
         raise ValueError(

@@ -32,7 +32,7 @@ from t2v_lightning.fisher.variational import (
     embed_variational,
 )
 from t2v_lightning.prepare import PreparedTask, TaskSettings, check_probe, prepare_task
-from t2v_lightning.safety import keyboard_interrupts_kept
+from t2v_lightning.safety import is_int, keyboard_interrupts_kept
 from t2v_lightning.trainers import TrainerSpec, quiet_lightning
 
 __all__ = ["Task2Vec", "DatasetError"]
@@ -187,7 +187,7 @@ class Task2Vec:
                 f"likelihood='bernoulli' is implemented for method='montecarlo' only, got "
                 f"method={method!r}"
             )
-        if not isinstance(skip_layers, int) or isinstance(skip_layers, bool) or skip_layers < 0:
+        if not is_int(skip_layers) or skip_layers < 0:
             raise ValueError(f"skip_layers must be a non-negative integer, got {skip_layers!r}")
         self.method: Method = method
         self.probe = probe

@@ -23,6 +23,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from t2v_lightning.safety import is_int
+
 __all__ = ["PhaseProgressBar", "TrainerSpec", "add_callbacks", "quiet_lightning", "QUIET_WARNINGS"]
 
 QUIET_WARNINGS: tuple[str, ...] = (
@@ -93,10 +95,6 @@ class PhaseProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description(self._description(trainer))
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class TrainerSpec:
     """The placement of the library's Trainers.
@@ -118,7 +116,7 @@ class TrainerSpec:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        if not _is_int(self.num_nodes) or self.num_nodes < 1:
+        if not is_int(self.num_nodes) or self.num_nodes < 1:
             raise ValueError(f"num_nodes must be a positive integer, got {self.num_nodes!r}")
 
     @classmethod

@@ -50,6 +50,7 @@ from t2v_lightning.fisher.estimators import ESTIMATORS, Estimator, embedded_laye
 from t2v_lightning.fisher.sharding import IdsDataset, ShardSampler
 from t2v_lightning.prepare import PreparedTask, artifact_meta
 from t2v_lightning.probe import ProbeError, load_tensors_safely
+from t2v_lightning.safety import is_int
 from t2v_lightning.trainers import add_callbacks
 
 __all__ = [
@@ -232,10 +233,6 @@ RESUME_IDENTITY = (
 """Facts of the artifact's meta that a Fisher-pass checkpoint and the run resuming it share."""
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class MonteCarloSettings:
     """The options of the Monte Carlo method (SPEC 3.1-3.3).
@@ -259,9 +256,9 @@ class MonteCarloSettings:
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if not _is_int(self.mc_samples) or self.mc_samples < 1:
+        if not is_int(self.mc_samples) or self.mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {self.mc_samples!r}")
-        if not _is_int(self.checkpoint_every_n_steps) or self.checkpoint_every_n_steps < 1:
+        if not is_int(self.checkpoint_every_n_steps) or self.checkpoint_every_n_steps < 1:
             raise ValueError(
                 "checkpoint_every_n_steps must be a positive integer, got "
                 f"{self.checkpoint_every_n_steps!r}"

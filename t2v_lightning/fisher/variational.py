@@ -76,6 +76,7 @@ from t2v_lightning.fisher.estimators import (
 )
 from t2v_lightning.prepare import PreparedTask, artifact_meta
 from t2v_lightning.probe import ProbeError
+from t2v_lightning.safety import is_int
 
 __all__ = [
     "INPUT_NOISE_FLOOR",
@@ -723,10 +724,6 @@ class VariationalFisherModule(pl.LightningModule):
         )
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class VariationalSettings:
     """The options of the variational method (SPEC 3.4).
@@ -745,7 +742,7 @@ class VariationalSettings:
     beta: float = 1e-7
 
     def __post_init__(self) -> None:
-        if not _is_int(self.epochs) or self.epochs < 1:
+        if not is_int(self.epochs) or self.epochs < 1:
             raise ValueError(f"variational_epochs must be a positive integer, got {self.epochs!r}")
         if not self.lr > 0:
             raise ValueError(f"variational_lr must be positive, got {self.lr!r}")
