@@ -20,7 +20,6 @@ Options are the typed ``__init__`` arguments of :class:`ProbeClassifier` (``--mo
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import os
 import pickle
@@ -48,7 +47,7 @@ from t2v_lightning.fisher.estimators import FisherError
 from t2v_lightning.outputs import check_new_outputs, check_output_path, write_atomically
 from t2v_lightning.probe_classifier import ProbeClassifier
 from t2v_lightning.safety import check_checkpoint_path, interrupted, trainer_options_checked
-from t2v_lightning.similarity.report import nearest_tasks, write_distance_csv
+from t2v_lightning.similarity.report import nearest_tasks, write_csv, write_distance_csv
 from t2v_lightning.trainers import PhaseProgressBar
 
 __all__ = [
@@ -618,12 +617,15 @@ def expert_files(
             files.append(path)
         else:
             raise FileNotFoundError(f"expert artifact {path} does not exist")
-    unique = list(dict.fromkeys(os.path.realpath(f) for f in files))
-    kept = [Path(f) for f in unique if f != skipped]
+    # One entry per real file, in the order first met, spelled as last given.
+    kept: dict[str, Path] = {}
+    for file in files:
+        real = os.path.realpath(file)
+        if real != skipped:
+            kept[real] = file
     if not kept:
         raise ValueError("no expert artifacts besides the target")
-    by_real = {os.path.realpath(f): f for f in files}
-    return [by_real[str(f)] for f in kept]
+    return list(kept.values())
 
 
 def select_main(argv: Sequence[str]) -> None:
@@ -642,19 +644,11 @@ def select_main(argv: Sequence[str]) -> None:
     ranking = select_expert(target, dict(zip(names, experts)), options.alpha, options.distance)
     rows = ranked_experts(ranking)
     if csv_path is not None:
-
-        def write(name: str) -> None:
-            with open(name, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["rank", "expert", "file", "asymmetric_distance", "distance",
-                                 "distance_to_trivial"])
-                for row in rows:
-                    writer.writerow([row.rank, row.name, str(files[row.index]),
-                                     f"{row.score:.6g}", f"{row.distance:.6g}",
-                                     f"{row.complexity:.6g}"])
-
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(csv_path, write, options.overwrite, what="--csv")
+        header = ["rank", "expert", "file", "asymmetric_distance", "distance",
+                  "distance_to_trivial"]
+        table = [[row.rank, row.name, str(files[row.index]), f"{row.score:.6g}",
+                  f"{row.distance:.6g}", f"{row.complexity:.6g}"] for row in rows]
+        write_csv(csv_path, [header, *table], options.overwrite)
     width = max(len("expert"), *(len(n) for n in names))
     target_name = target.name or Path(options.target).stem
     print(f"experts for {target_name}, best first ({options.distance} distance, "

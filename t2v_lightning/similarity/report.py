@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from t2v_lightning.outputs import write_atomically
 
-__all__ = ["nearest_tasks", "write_distance_csv"]
+__all__ = ["nearest_tasks", "write_csv", "write_distance_csv"]
 
 
-def write_distance_csv(
-    path: str | os.PathLike[str], names: Sequence[str], matrix: Any, overwrite: bool = True
+def write_csv(
+    path: str | os.PathLike[str], rows: Iterable[Sequence[Any]], overwrite: bool = True,
+    what: str = "--csv",
 ) -> None:
-    """Write a square matrix as CSV with the task names as header row and first column.
+    """Write ``rows`` (the header first) as CSV, creating the folder, atomically.
 
-    Written atomically (:func:`~t2v_lightning.outputs.write_atomically`); with
-    ``overwrite=False`` an existing file is not replaced.
+    Written through :func:`~t2v_lightning.outputs.write_atomically`; with ``overwrite=False``
+    an existing file is not replaced. ``what`` names the destination in messages.
     """
     path = Path(path)
     if path.parent and not path.parent.is_dir():
@@ -31,11 +32,22 @@ def write_distance_csv(
     def write(name: str) -> None:
         with open(name, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["task", *names])
-            for task, row in zip(names, matrix.tolist()):
-                writer.writerow([task, *(f"{value:.6g}" for value in row)])
+            for row in rows:
+                writer.writerow(row)
 
-    write_atomically(path, write, overwrite, what="--csv")
+    write_atomically(path, write, overwrite, what=what)
+
+
+def write_distance_csv(
+    path: str | os.PathLike[str], names: Sequence[str], matrix: Any, overwrite: bool = True
+) -> None:
+    """Write a square matrix as CSV with the task names as header row and first column.
+
+    Written atomically (:func:`write_csv`); with ``overwrite=False`` an existing file is not
+    replaced.
+    """
+    rows = [[task, *(f"{value:.6g}" for value in row)] for task, row in zip(names, matrix.tolist())]
+    write_csv(path, [["task", *names], *rows], overwrite)
 
 
 def nearest_tasks(names: Sequence[str], matrix: Any) -> list[tuple[str, str, float]]:
