@@ -31,8 +31,6 @@ from typing import Any
 
 import torch
 
-from t2v_lightning.outputs import host_name
-
 FORMAT_NAME = "t2v-lightning-embedding"
 # 2: the header holds a SHA-256 ``checksum`` of the layers, meta and tensors, and a file of
 # version 2 or later without one is corrupt. Version 1 files (no checksum) are still read.
@@ -297,9 +295,6 @@ def _checksum(layers: str, meta: str, hessian: torch.Tensor, scale: torch.Tensor
     for tensor in (hessian, scale):
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
     return "sha256:" + digest.hexdigest()
-
-
-_host = host_name  # the host part of temporary file names
 
 
 def _write_safetensors(

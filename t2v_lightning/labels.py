@@ -9,6 +9,7 @@ data modules of :mod:`t2v_lightning.data` both choose their examples here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,6 +91,20 @@ def _stored_targets(dataset: Dataset, size: int) -> torch.Tensor | None:
     return labels
 
 
+def _read_all(
+    dataset: Dataset, collate: Callable[[list[Any]], torch.Tensor], batch_size: int,
+    num_workers: int,
+) -> torch.Tensor:
+    """Every item's label, as ``collate`` takes it out of a batch, concatenated in order."""
+    loader = DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+    )
+    return torch.cat(list(loader))
+
+
 def read_labels(
     dataset: Dataset, batch_size: int = 100, num_workers: int = 0, check: bool = True
 ) -> torch.Tensor:
@@ -111,13 +126,7 @@ def read_labels(
     size = _dataset_size(dataset)
     labels = _stored_targets(dataset, size)
     if labels is None:
-        loader = DataLoader(
-            dataset,  # type: ignore[arg-type]
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_labels_only,
-        )
-        labels = torch.cat(list(loader))
+        labels = _read_all(dataset, _labels_only, batch_size, num_workers)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise DatasetError(
             f"labels must be integers (class indices), got dtype {labels.dtype} (first "
@@ -149,13 +158,7 @@ def read_multilabels(dataset: Dataset, batch_size: int = 100, num_workers: int =
             entries other than 0 and 1 (the first offending example is named).
     """
     _dataset_size(dataset)
-    loader = DataLoader(
-        dataset,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_multilabels_only,
-    )
-    labels = torch.cat(list(loader))
+    labels = _read_all(dataset, _multilabels_only, batch_size, num_workers)
     if labels.ndim != 2 or labels.shape[1] < 1:
         raise DatasetError(
             "likelihood='bernoulli' needs each label to be a 0/1 vector of K outputs, got "

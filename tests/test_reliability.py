@@ -49,6 +49,7 @@ from t2v_lightning.fisher.estimators import (
     filter_values,
 )
 from t2v_lightning.labels import select_examples
+from t2v_lightning.outputs import host_name
 from t2v_lightning.probe import ProbeError, get_probe, read_state_dict
 from tests.conftest import TinyConvNet, ToyImages, randomise_batchnorm
 from tests.reference import brute_force_fisher
@@ -366,7 +367,7 @@ def test_save_refuses_non_finite_values_and_leaves_nothing(tmp_path: Path) -> No
 def test_save_keeps_the_umask_mode_and_cleans_stale_temporaries(tmp_path: Path) -> None:
     """Temporary files of dead writers of this host go; a live writer's and others' stay."""
     name = "a.safetensors"
-    host = embedding_module._host()
+    host = host_name()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     stale = tmp_path / f".{name}.t2v-{host}-{int(dead.stdout)}-0123abcd.tmp"
