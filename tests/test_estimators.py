@@ -7,6 +7,8 @@ with the closed forms under test.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -358,6 +360,61 @@ def test_depthwise_forms_match_per_example_autograd(
     for by_offsets in (False, True):
         got = _depthwise_sq_norms(conv, inputs, grad, by_offsets=by_offsets)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "kernel", "stride", "dilation", "padding", "groups", "mode"),
+    [
+        (64, (8, 8), 3, 1, 1, 1, 1, "zeros"),  # a ResNet layer-1 convolution at 32 px
+        (64, (5, 7), 3, 2, 1, 1, 1, "zeros"),  # strided, odd and unequal sides
+        (64, (5, 4), (3, 2), (1, 2), (2, 1), (2, 1), 2, "zeros"),  # grouped, dilated, asymmetric
+        (64, (5, 6), 3, 1, 1, 1, 2, "reflect"),
+        (64, (6, 6), 3, 1, 1, "same", 1, "zeros"),
+    ],
+)
+def test_padded_gram_form_matches_per_example_autograd(
+    channels: int, size: tuple[int, int], kernel: Any, stride: Any, dilation: Any, padding: Any,
+    groups: int, mode: str,
+) -> None:
+    """The Gram-of-the-padded-input form against each example's weight gradient from autograd,
+    on convolutions for which the cost rule picks it (so ``_conv_sq_norms`` runs it too)."""
+    from t2v_lightning.fisher.estimators import (
+        _conv_sq_norms,
+        _padded_gram_sq_norms,
+        _prefers_padded_gram,
+    )
+
+    torch.manual_seed(5)
+    conv = nn.Conv2d(
+        channels, 2 * channels, kernel, stride=stride, dilation=dilation, padding=padding,
+        groups=groups, padding_mode=mode,
+    )
+    inputs = torch.randn(4, channels, *size)
+    grad = torch.randn_like(conv(inputs))
+    expected = torch.stack([
+        torch.autograd.grad((conv(inputs[n : n + 1]) * grad[n : n + 1]).sum(), conv.weight)[0]
+        .reshape(2 * channels, -1).square().sum(-1)
+        for n in range(inputs.shape[0])
+    ])
+    assert _prefers_padded_gram(conv, inputs, grad)
+    torch.testing.assert_close(_padded_gram_sq_norms(conv, inputs, grad), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_conv_sq_norms(conv, inputs, grad), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_gram_rule_keeps_the_patch_forms_where_they_are_cheaper() -> None:
+    """Pointwise convolutions, a 7x7 stem over 224 px and a 1-position output keep the patch
+    forms (measured faster there)."""
+    from t2v_lightning.fisher.estimators import _prefers_padded_gram
+
+    cases = [
+        (nn.Conv2d(64, 128, 1), (8, 8)),
+        (nn.Conv2d(3, 64, 7, stride=2, padding=3), (224, 224)),
+        (nn.Conv2d(512, 512, 3, padding=1), (1, 1)),
+        (nn.Conv2d(128, 128, 3, padding=1), (28, 28)),
+    ]
+    for conv, size in cases:
+        inputs = torch.zeros(1, conv.in_channels, *size)
+        assert not _prefers_padded_gram(conv, inputs, conv(inputs)), conv
 
 
 def test_batchnorm_with_a_large_running_mean_matches_brute_force() -> None:
