@@ -14,8 +14,12 @@ the run's ratio to the plain pass of the same repeat.
     python bench/embed_cost.py                         # ResNet-18, 300 × 3×32×32, skip 0 and 6
     python bench/embed_cost.py --threads 1 --model resnet34
     python bench/embed_cost.py --accelerator gpu --size 224 --examples 2000
+    python bench/embed_cost.py --examples 1000 --head-epochs 0 --keep-head --all-examples \
+        --skip 0 --repeats 5 --estimator batch      # nothing but the Fisher pass
 
-Target: whole embed <= 1.5x the plain pass.
+Targets: whole embed <= 1.5x the plain pass with head fitting; without it (``--head-epochs 0
+--keep-head --all-examples``, where an embed is one Trainer and the Fisher pass) <= 1.25x for
+``per_sample`` and <= 1.15x for ``batch``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ import logging
 import os
 import statistics
 import time
+
+
+def target(args: argparse.Namespace) -> float:
+    """The ratio a whole embed should stay under in the setting of ``args``."""
+    if args.head_epochs == 0 and args.keep_head:
+        return {"per_sample": 1.25, "batch": 1.15}.get(args.estimator, 1.5)
+    return 1.5
 
 
 def main() -> None:
@@ -55,7 +66,12 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from t2v_lightning import Task2Vec, get_probe
-    from t2v_lightning.trainers import quiet_lightning
+    try:
+        from t2v_lightning.trainers import quiet_lightning
+    except ImportError:  # trees before the restructure (before/after runs with PYTHONPATH)
+        from t2v_lightning.task2vec import (  # type: ignore[attr-defined,no-redef]
+            _quiet_lightning as quiet_lightning,
+        )
 
     logging.getLogger("t2v_lightning").setLevel(logging.WARNING)
     torch.manual_seed(0)
@@ -125,7 +141,7 @@ def main() -> None:
     for skip in args.skip:
         fisher = best[f"embed skip {skip}"] - best[f"prepare skip {skip}"]
         print(f"Fisher phase skip {skip}: {fisher:.2f} s ({fisher / best['plain']:.2f}x plain)")
-    print("target: whole embed <= 1.5x")
+    print(f"target: whole embed <= {target(args)}x")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "load_average": load_before, "seconds": best,

@@ -14,6 +14,11 @@ export HF_HUB_OFFLINE=1
     --threads 1 --rounds 1 --repeats 1 --paired-rounds 4 --measure plain per_sample batch variational \
     --json "$OUT/fisher_lite0.json" | tee "$OUT/fisher_lite0.txt"
 "$PY" bench/embed_cost.py --threads 1 --repeats 2 --json "$OUT/embed_resnet18.json" | tee "$OUT/embed_resnet18.txt"
+for estimator in per_sample batch; do
+    "$PY" bench/embed_cost.py --examples 1000 --head-epochs 0 --keep-head --all-examples --skip 0 \
+        --repeats 9 --estimator "$estimator"
+    "$PY" bench/step_cost.py --estimator "$estimator"
+done | tee "$OUT/embed_resnet18_fisher_only_rerun.txt"
 "$PY" bench/noise_per_second.py --threads 1 --json "$OUT/noise.json" | tee "$OUT/noise.txt"
 "$PY" bench/noise_per_second.py --threads 1 --probe-seed 1 --figure "$OUT/noise_vs_time_probe_seed1.png" \
     --json "$OUT/noise_probe_seed1.json" | tee "$OUT/noise_probe_seed1.txt"

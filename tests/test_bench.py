@@ -72,3 +72,12 @@ def test_depthwise_forms_agree_and_are_timed() -> None:
         assert form in text
     error = float(text.rsplit("patch form: ", 1)[1].split()[0])
     assert error < 1e-5
+
+
+def test_step_cost_reports_both_steps_and_the_ratio() -> None:
+    text = _run("step_cost.py", "--batch", "4", "--size", "32", "--pairs", "3", "--threads", "1",
+                "--estimator", "per_sample")
+    assert "per_sample, 1 threads, 3 pairs" in text
+    low, high = (float(value) for value in text.split("quartiles ")[1].rstrip(")\n").split("-"))
+    median = float(text.split("ratio median ")[1].split()[0])
+    assert 0 < low <= median <= high

@@ -15,8 +15,9 @@ input :math:`a_n` and output gradient :math:`\delta_n` (SPEC section 3.1):
 * linear, 2-D input: :math:`\delta_n[o]^2 \lVert a_n \rVert^2`;
 * linear over a sequence / convolution: :math:`g_n[o] = \sum_p \delta_n[o, p]\, a_n(p)` over
   output positions :math:`p` (input patches :math:`a_n(p)` for a convolution), either
-  materialised or through the Gram matrix :math:`\langle a_n(p), a_n(q) \rangle`, whichever is
-  cheaper for the layer;
+  materialised or through the Gram matrix :math:`\langle a_n(p), a_n(q) \rangle` (for a
+  convolution, from copied patches or from the Gram of the padded input summed over the kernel
+  offsets), whichever is cheaper for the layer;
 * batch norm (frozen statistics), group norm, layer norm: :math:`g_n = \sum_p \delta_n \hat x_n`.
 
 So the backward pass computes input gradients only, never weight gradients. The output gradients
