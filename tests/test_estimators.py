@@ -402,8 +402,9 @@ def test_padded_gram_form_matches_per_example_autograd(
 
 
 def test_padded_gram_rule_keeps_the_patch_forms_where_they_are_cheaper() -> None:
-    """Pointwise convolutions, a 7x7 stem over 224 px and a 1-position output keep the patch
-    forms (measured faster there)."""
+    """Pointwise convolutions, a 7x7 stem over 224 px, a 1-position output and a 28 px map keep
+    the patch forms (measured faster there), and so does every convolution off the CPU (not
+    measured there)."""
     from t2v_lightning.fisher.estimators import _prefers_padded_gram
 
     cases = [
@@ -415,6 +416,12 @@ def test_padded_gram_rule_keeps_the_patch_forms_where_they_are_cheaper() -> None
     for conv, size in cases:
         inputs = torch.zeros(1, conv.in_channels, *size)
         assert not _prefers_padded_gram(conv, inputs, conv(inputs)), conv
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    inputs = torch.zeros(1, 64, 8, 8)
+    assert _prefers_padded_gram(conv, inputs, conv(inputs))
+    off_cpu = conv.to("meta")
+    meta_inputs = inputs.to("meta")
+    assert not _prefers_padded_gram(off_cpu, meta_inputs, off_cpu(meta_inputs))
 
 
 def test_batchnorm_with_a_large_running_mean_matches_brute_force() -> None:

@@ -16,8 +16,8 @@ input :math:`a_n` and output gradient :math:`\delta_n` (SPEC section 3.1):
 * linear over a sequence / convolution: :math:`g_n[o] = \sum_p \delta_n[o, p]\, a_n(p)` over
   output positions :math:`p` (input patches :math:`a_n(p)` for a convolution), either
   materialised or through the Gram matrix :math:`\langle a_n(p), a_n(q) \rangle` (for a
-  convolution, from copied patches or from the Gram of the padded input summed over the kernel
-  offsets), whichever is cheaper for the layer;
+  convolution, from copied patches or, on the CPU, from the Gram of the padded input summed over
+  the kernel offsets), whichever is cheaper for the layer;
 * batch norm (frozen statistics), group norm, layer norm: :math:`g_n = \sum_p \delta_n \hat x_n`.
 
 So the backward pass computes input gradients only, never weight gradients. The output gradients
@@ -502,12 +502,13 @@ def _prefers_padded_gram(module: Any, inputs: torch.Tensor, grad: torch.Tensor) 
     A cost in multiply-adds per example and group, each copied patch element counted as 16 of
     them (more when the output is narrower than 8 positions, where the copy moves short runs).
     Fitted on the 3x3 convolutions of ResNet-18/34/50 at 32, 64 and 224 px (CPU, 1 thread): it
-    picks the faster form wherever the two differ by more than 15%.
+    picks the faster form wherever the two differ by more than 15%. CPU only: on other devices,
+    where copies are cheap and it has not been measured, the patch forms stay.
     """
     kernel_area = module.kernel_size[0] * module.kernel_size[1]
     out_h, out_w = grad.shape[-2], grad.shape[-1]
     positions = out_h * out_w
-    if kernel_area == 1 or positions < 2:
+    if grad.device.type != "cpu" or kernel_area == 1 or positions < 2:
         return False
     padded_h, padded_w = _conv_padded(module, inputs[:1, :1]).shape[-2:]
     if _output_size((padded_h, padded_w), module) != [out_h, out_w]:
