@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from t2v_lightning.embedding import TaskEmbedding
+from t2v_lightning.safety import is_int
 from t2v_lightning.similarity.distance import Distance, pdist
 
 __all__ = [
@@ -305,7 +306,7 @@ def taxonomy_agreement(
     paths = _paths(hierarchy, n)
     if max_k is None:
         max_k = n - 1
-    if isinstance(max_k, bool) or not isinstance(max_k, int) or not 1 <= max_k <= n - 1:
+    if not is_int(max_k) or not 1 <= max_k <= n - 1:
         raise ValueError(f"max_k must be an integer in [1, {n - 1}], got {max_k!r}")
     taxonomic = taxonomic_distances(paths)
     chance_value = taxonomic.sum() / (n * (n - 1))

@@ -33,7 +33,7 @@ from t2v_lightning.probe import (
     probe_fingerprint,
     resolve_weights,
 )
-from t2v_lightning.safety import check_seed
+from t2v_lightning.safety import check_seed, is_int
 from t2v_lightning.task2vec import Method, Task2Vec
 from t2v_lightning.trainers import TrainerSpec
 
@@ -95,7 +95,7 @@ class ProbeClassifier(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if not is_int(num_classes) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if head_optimizer not in ("adam", "sgd"):
             raise ValueError(f"head_optimizer must be 'adam' or 'sgd', got {head_optimizer!r}")

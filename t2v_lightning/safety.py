@@ -18,7 +18,7 @@ import signal
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = [
     "check_checkpoint_path",
@@ -86,7 +86,7 @@ def check_checkpoint_path(
     return dict(checkpoint)
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     """Whether ``value`` is a Python ``int`` (``True`` and ``False`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -32,6 +32,7 @@ from t2v_lightning.data.task import (
     check_normalize,
     class_mapping,
 )
+from t2v_lightning.safety import is_int
 
 _REGISTRY: dict[str, DatasetEntry] = {**small.dataset_entries(), **cub_inat.dataset_entries()}
 
@@ -123,7 +124,7 @@ def num_tasks(name: str, root: str) -> int:
 
 
 def _check_task_id(name: str, entry: DatasetEntry, task_id: int | None) -> int | None:
-    if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int)):
+    if task_id is not None and not is_int(task_id):
         raise ValueError(f"task_id must be an int or None, got {task_id!r}")
     if entry.max_tasks is None:
         if task_id not in (None, 0):

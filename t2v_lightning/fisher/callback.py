@@ -85,6 +85,7 @@ from t2v_lightning.fisher.estimators import (
 )
 from t2v_lightning.fisher.sharding import CollateWithIds, IdsDataset, ShardSampler
 from t2v_lightning.probe import batch_rows, call_probe, probe_fingerprint
+from t2v_lightning.safety import is_int
 
 __all__ = ["FisherCallback", "FisherError", "At", "AT_CHOICES"]
 
@@ -196,12 +197,12 @@ class FisherCallback(Callback):
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
+        if not is_int(mc_samples) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        if not is_int(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if num_examples is not None and (
-            not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1
+            not is_int(num_examples) or num_examples < 1
         ):
             raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
         if grad_scale is not None and not grad_scale > 0:
@@ -209,7 +210,7 @@ class FisherCallback(Callback):
         if at not in AT_CHOICES:
             raise ValueError(f"at must be one of {AT_CHOICES}, got {at!r}")
         if batch_size is not None and (
-            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+            not is_int(batch_size) or batch_size < 1
         ):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if logits_fn is not None and not callable(logits_fn):

@@ -155,7 +155,7 @@ class FisherPassCheckpoint(Callback):
 
     def __init__(self, path: str | os.PathLike[str], every_n_steps: int) -> None:
         super().__init__()
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+        if not is_int(every_n_steps) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
         self.path = Path(path)
         self.every_n_steps = every_n_steps

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from t2v_lightning.embedding import TaskEmbedding
-from t2v_lightning.safety import check_seed
+from t2v_lightning.safety import check_seed, is_int
 from t2v_lightning.similarity.distance import Distance, _check_distance, cdist, pdist
 
 __all__ = [
@@ -168,7 +168,7 @@ class SupportsEmbed(Protocol):
 
 
 def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
 
