@@ -9,13 +9,18 @@ Fisher phase can be read as ``embed - prepare``.
 
 Runs are taken in alternating order (plain, prepare, embed, then the reverse) in one process;
 every figure is the best of ``--repeats``, and beside it the median (and range) over repeats of
-the run's ratio to the plain pass of the same repeat.
+the run's ratio to the plain pass of the same repeat, and the median number of minor page faults
+of a run. With glibc's default malloc, memory freed at the end of a step is often given back to
+the system and faulted in again by the next step, by each pass to a different degree from run to
+run; ``--steady-allocator`` runs the benchmark again with ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` set so that freed memory stays in the process (both passes alike).
 
     python bench/embed_cost.py                         # ResNet-18, 300 × 3×32×32, skip 0 and 6
     python bench/embed_cost.py --threads 1 --model resnet34
     python bench/embed_cost.py --accelerator gpu --size 224 --examples 2000
     python bench/embed_cost.py --examples 1000 --head-epochs 0 --keep-head --all-examples \
         --skip 0 --repeats 5 --estimator batch      # nothing but the Fisher pass
+    python bench/embed_cost.py ... --steady-allocator   # the same without heap trimming
 
 Targets: whole embed <= 1.5x the plain pass with head fitting; without it (``--head-epochs 0
 --keep-head --all-examples``, where an embed is one Trainer and the Fisher pass) <= 1.25x for
@@ -28,8 +33,19 @@ import argparse
 import json
 import logging
 import os
+import resource
 import statistics
+import sys
 import time
+
+# glibc reads these at start-up: a fixed mmap threshold above any tensor of the benchmark, and a
+# trim threshold that is never reached.
+STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def target(args: argparse.Namespace) -> float:
@@ -56,8 +72,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--steady-allocator", action="store_true",
+                        help="run with glibc's malloc keeping freed memory (no heap trimming)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
+    steady = all(os.environ.get(key) == value for key, value in STEADY_ALLOCATOR.items())
+    if args.steady_allocator and not steady:
+        # The settings only take effect at start-up: run this script again with them.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_ALLOCATOR})
 
     import torch
     import torch.nn.functional as F
@@ -111,12 +133,15 @@ def main() -> None:
     plain()  # warm-up
     load_before = os.getloadavg()[0]
     timings: dict[str, list[float]] = {name: [] for name in runs}
+    faults: dict[str, list[int]] = {name: [] for name in runs}
     for repeat in range(args.repeats):
         for name in list(runs) if repeat % 2 == 0 else list(reversed(runs)):
+            faults_before = minor_faults()
             start = time.perf_counter()
             with quiet_lightning():
                 runs[name]()
             timings[name].append(time.perf_counter() - start)
+            faults[name].append(minor_faults() - faults_before)
     best = {name: min(seconds) for name, seconds in timings.items()}
     # Each repeat's ratio to the plain pass of the same repeat: steadier when the machine's
     # speed drifts (a shared machine), reported as the median and the range.
@@ -130,14 +155,16 @@ def main() -> None:
         f"{' (probe head kept)' if args.keep_head else ''}"
         f"{', all examples' if args.all_examples else ''}, {args.estimator}, "
         f"{args.accelerator}, {torch.get_num_threads()} threads, best of {args.repeats}, load "
-        f"average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
+        f"{'steady allocator (no heap trimming)' if steady else 'default allocator'}"
     )
-    print(f"{'run':<18}{'seconds':>9}{'x plain':>9}   paired x plain (range)")
+    print(f"{'run':<18}{'seconds':>9}{'x plain':>9}   paired x plain (range)   page faults")
     for name, seconds in best.items():
         ratios = paired[name]
         median = statistics.median(ratios)
         print(f"{name:<18}{seconds:>9.2f}{seconds / best['plain']:>9.2f}   "
-              f"{median:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})")
+              f"{median:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}){'':>10}"
+              f"{statistics.median(faults[name]):>9.0f}")
     for skip in args.skip:
         fisher = best[f"embed skip {skip}"] - best[f"prepare skip {skip}"]
         print(f"Fisher phase skip {skip}: {fisher:.2f} s ({fisher / best['plain']:.2f}x plain)")
@@ -145,7 +172,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "load_average": load_before, "seconds": best,
-                       "timings": timings}, handle, indent=1)
+                       "timings": timings, "page_faults": faults, "steady_allocator": steady},
+                      handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -579,6 +579,7 @@ def probe_fingerprint(probe: nn.Module, exclude: str | None = None) -> str:
         digest.update(str(value.dtype).encode())
         if value.dtype in (torch.bfloat16,):
             value = value.float()
-        digest.update(value.numpy().tobytes() if value.numel() else b"")
+        # The array's buffer is hashed in place (no copy of the weights into a bytes object).
+        digest.update(value.numpy() if value.numel() else b"")
     return digest.hexdigest()[:32]
 

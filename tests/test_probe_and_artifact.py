@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import struct
 
@@ -46,6 +47,24 @@ def test_unknown_probe_names_are_refused() -> None:
         get_probe("resnet19")
     with pytest.raises(ProbeError, match="unknown timm model"):
         get_probe("timm:definitely_not_a_model")
+
+
+def test_probe_fingerprint_is_the_documented_sha256_of_names_shapes_dtypes_and_bytes() -> None:
+    # Artifacts and Fisher-pass checkpoints store this value: it must not drift with the code.
+    probe = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    probe[1].register_buffer("empty", torch.zeros(0))
+    probe[1].register_buffer("brain_floats", torch.randn(3).to(torch.bfloat16))
+    digest = hashlib.sha256()
+    for name, tensor in probe.state_dict().items():
+        if name.startswith("2."):
+            continue
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(str(tensor.dtype).encode())
+        value = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+        digest.update(value.contiguous().numpy().tobytes())
+    assert probe_fingerprint(probe, exclude="2") == digest.hexdigest()[:32]
+    assert probe_fingerprint(probe) != probe_fingerprint(probe, exclude="2")
 
 
 def test_local_weights_load_by_name_and_by_order(tmp_path) -> None:
