@@ -20,7 +20,6 @@ from t2v_lightning.fisher.estimators import (
     batch_filter_sums,
     embedded_layers,
     filter_values,
-    layer_weight,
     sample_labels,
 )
 from tests.reference import as_vector, brute_force_fisher
@@ -253,20 +252,6 @@ def test_batch_estimator_times_batch_size_converges_to_exact(tiny_mlp: nn.Module
     ids = torch.arange(batch * repeats)
     got = estimate(tiny_mlp, many, "5", "batch", batch_size=batch, ids=ids)
     assert relative_error(got * batch, exact) < BATCH_RTOL
-
-
-def test_batch_estimator_leaves_its_mini_batch_gradients_to_the_caller(tiny_mlp: nn.Module) -> None:
-    # The Fisher callback holds them until its next batch (as a training loop holds .grad).
-    inputs, ids = torch.randn(6, 12), torch.arange(6)
-    layers = embedded_layers(tiny_mlp, "5")
-    with LayerFisherTaps(tiny_mlp, layers) as taps:
-        sums, count = batch_filter_sums(
-            tiny_mlp, taps, inputs, ids, torch.ones(6, dtype=torch.bool), "batch", 0
-        )
-    assert count == 1 and len(taps.weight_gradients) == len(layers)
-    for (name, module), grad in zip(layers, taps.weight_gradients):
-        assert grad is not None and grad.shape == layer_weight(module).shape
-        torch.testing.assert_close(sums[name], grad.reshape(grad.shape[0], -1).square().sum(1))
 
 
 def test_sampled_labels_do_not_depend_on_batching() -> None:

@@ -244,7 +244,6 @@ class FisherCallback(Callback):
         self._restored: dict[str, Any] | None = None
         self._strategy: Any = None
         self._rank = 0
-        self._held: tuple[torch.Tensor | None, ...] = ()  # see _accumulate
         self.embedding: TaskEmbedding | None = None
 
     @property
@@ -306,7 +305,6 @@ class FisherCallback(Callback):
         self._strategy = trainer.strategy
         self._rank = int(trainer.global_rank)
         self.embedding = None
-        self._held = ()
         if self._restored is not None:
             restored, self._restored = self._restored, None
             self._apply_restored(restored)
@@ -383,7 +381,6 @@ class FisherCallback(Callback):
         inputs: torch.Tensor | Mapping[str, torch.Tensor],
         ids: torch.Tensor,
     ) -> None:
-        self._held = ()  # the previous batch's gradients go before this batch's forward pass
         valid = self._valid(ids)
         if not bool(valid.any()):
             return
@@ -410,13 +407,6 @@ class FisherCallback(Callback):
         finally:
             for module, training in modes:
                 module.training = training
-        # The ``batch`` estimator's gradients on the CPU are held until the next batch, as a
-        # training loop holds ``.grad`` until its next ``zero_grad``: freed at the end of every
-        # step, they let glibc's malloc give the step's whole working set back to the system and
-        # page-fault it in again on the next step (bench/embed_cost.py counts the faults).
-        gradients = taps.weight_gradients
-        if all(grad is None or grad.device.type == "cpu" for grad in gradients):
-            self._held = gradients
         for name, value in sums.items():
             self.sum_sq_grad[name] += value.detach().to("cpu", torch.float64)
         self.num_samples += count
@@ -550,7 +540,6 @@ class FisherCallback(Callback):
             )
 
     def _finish(self, trainer: pl.Trainer, network: nn.Module) -> TaskEmbedding:
-        self._held = ()
         self._check_same_network(trainer, network)
         sums, total, counts = self._reduced()
         if counts is not None and bool((counts > 1).any()):

@@ -679,9 +679,6 @@ class LayerFisherTaps:
         self._nonfinite: dict[str, torch.Tensor] = {}
         self._grad_dtype = torch.float32
         self._active = True
-        # The ``batch`` estimator's mini-batch gradients of the last batch (a caller may hold
-        # them until its next batch, as a training loop holds ``.grad``).
-        self.weight_gradients: tuple[torch.Tensor | None, ...] = ()
 
     # context management ----------------------------------------------------------------------
     def __enter__(self) -> LayerFisherTaps:
@@ -1077,7 +1074,6 @@ def _batch_gradient_sums(
         loss = (picked * mask).sum() / mask.sum()
         scale = taps.grad_scale
         grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, weights, allow_unused=True)
-    taps.weight_gradients = grads
     sums: dict[str, torch.Tensor] = {}
     for (name, _), grad in zip(layers, grads):
         if grad is None:
