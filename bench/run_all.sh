@@ -15,8 +15,10 @@ export HF_HUB_OFFLINE=1
     --json "$OUT/fisher_lite0.json" | tee "$OUT/fisher_lite0.txt"
 "$PY" bench/embed_cost.py --threads 1 --repeats 2 --json "$OUT/embed_resnet18.json" | tee "$OUT/embed_resnet18.txt"
 for estimator in per_sample batch; do
-    "$PY" bench/embed_cost.py --examples 1000 --head-epochs 0 --keep-head --all-examples --skip 0 \
-        --repeats 9 --estimator "$estimator"
+    for allocator in "" --steady-allocator; do
+        "$PY" bench/embed_cost.py --examples 1000 --head-epochs 0 --keep-head --all-examples --skip 0 \
+            --repeats 9 --estimator "$estimator" $allocator
+    done
     "$PY" bench/step_cost.py --estimator "$estimator"
 done | tee "$OUT/embed_resnet18_fisher_only_rerun.txt"
 "$PY" bench/noise_per_second.py --threads 1 --json "$OUT/noise.json" | tee "$OUT/noise.txt"

@@ -81,3 +81,20 @@ def test_step_cost_reports_both_steps_and_the_ratio() -> None:
     low, high = (float(value) for value in text.split("quartiles ")[1].rstrip(")\n").split("-"))
     median = float(text.split("ratio median ")[1].split()[0])
     assert 0 < low <= median <= high
+
+
+@pytest.mark.parametrize("allocator", [[], ["--steady-allocator"]])
+def test_embed_cost_reports_ratios_and_page_faults(tmp_path: Path, allocator: list[str]) -> None:
+    output = tmp_path / "embed.json"
+    text = _run("embed_cost.py", "--examples", "20", "--batch", "10", "--head-epochs", "0",
+                "--keep-head", "--all-examples", "--skip", "0", "--repeats", "2", "--threads", "1",
+                "--estimator", "batch", "--json", str(output), *allocator)
+    steady = bool(allocator)
+    assert ("steady allocator (no heap trimming)" in text) is steady
+    assert "target: whole embed <= 1.15x" in text and "page faults" in text
+    results = json.loads(output.read_text())
+    assert results["steady_allocator"] is steady
+    assert set(results["page_faults"]) == {"plain", "prepare skip 0", "embed skip 0"}
+    assert all(len(runs) == 2 and min(runs) >= 0 for runs in results["page_faults"].values())
+    if steady:  # freed memory stays in the process: the plain pass faults in (almost) nothing new
+        assert min(results["page_faults"]["plain"]) < 1000
