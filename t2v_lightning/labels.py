@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from t2v_lightning.features import DatasetError
 
@@ -75,7 +75,14 @@ def _multilabels_only(batch: list[Any]) -> torch.Tensor:
 
 
 def _stored_targets(dataset: Dataset, size: int) -> torch.Tensor | None:
-    """``dataset.targets`` (looking through ``Subset``) as a 1-D tensor, else None."""
+    """``dataset.targets`` (looking through ``Subset``) as a 1-D tensor, else None.
+
+    A plain :class:`~torch.utils.data.TensorDataset` (not a subclass, which may change its
+    items) gives its second tensor: its items' labels are that tensor's rows.
+    """
+    if type(dataset) is TensorDataset and len(dataset.tensors) >= 2:
+        column = dataset.tensors[1]
+        return column if column.ndim == 1 and column.numel() == size else None
     targets = getattr(dataset, "targets", None)
     if targets is None and isinstance(dataset, Subset):
         parent = _stored_targets(dataset.dataset, len(dataset.dataset))  # type: ignore[arg-type]

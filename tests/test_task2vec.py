@@ -13,7 +13,7 @@ from t2v_lightning.features import DatasetError
 from t2v_lightning.fisher.estimators import embedded_layers
 from t2v_lightning.fisher.montecarlo import MonteCarloSettings
 from t2v_lightning.fisher.variational import VariationalSettings
-from t2v_lightning.labels import select_examples
+from t2v_lightning.labels import read_labels, select_examples
 from t2v_lightning.probe import ProbeError
 from tests.conftest import ToyImages, randomise_batchnorm
 from tests.reference import brute_force_fisher
@@ -140,6 +140,28 @@ def test_balanced_sampling_draws_classes_evenly() -> None:
     # each class ~1000 draws; 4 standard deviations of a binomial(3000, 1/3) is ~104
     assert (counts - 1000).abs().max() < 104
     assert selection.numel() == 3000
+
+
+class ShiftedLabels(torch.utils.data.TensorDataset):
+    """A TensorDataset subclass whose items are not its tensors' rows."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, label = super().__getitem__(index)
+        return inputs, label + 1
+
+
+def test_labels_of_a_tensor_dataset_are_read_as_its_items_give_them(monkeypatch) -> None:
+    inputs, labels = torch.randn(7, 2), torch.tensor([0, 2, 1, 2, 0, 1, 1])
+    plain = torch.utils.data.TensorDataset(inputs, labels)
+    shifted = ShiftedLabels(inputs, labels)
+    assert torch.equal(read_labels(shifted), labels + 1)  # a subclass: item by item
+    with monkeypatch.context() as patch:  # a plain one: taken from the tensor, no item read
+        patch.setattr("t2v_lightning.labels._read_all", lambda *args: pytest.fail("items read"))
+        assert torch.equal(read_labels(plain), labels)
+    column = torch.utils.data.TensorDataset(inputs, labels.unsqueeze(1))  # (N, 1): read per item
+    assert torch.equal(read_labels(column), labels)
+    with pytest.raises(DatasetError, match="labels must be integers"):
+        read_labels(torch.utils.data.TensorDataset(inputs, labels.float()))
 
 
 def test_max_samples_without_balancing_uses_distinct_examples() -> None:
