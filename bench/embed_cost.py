@@ -88,12 +88,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from t2v_lightning import Task2Vec, get_probe
-    try:
-        from t2v_lightning.trainers import quiet_lightning
-    except ImportError:  # trees before the restructure (before/after runs with PYTHONPATH)
-        from t2v_lightning.task2vec import (  # type: ignore[attr-defined,no-redef]
-            _quiet_lightning as quiet_lightning,
-        )
+    from t2v_lightning.trainers import quiet_lightning
 
     logging.getLogger("t2v_lightning").setLevel(logging.WARNING)
     torch.manual_seed(0)
