@@ -12,8 +12,8 @@ every figure is the best of ``--repeats``, and beside it the median (and range) 
 the run's ratio to the plain pass of the same repeat, and the median number of minor page faults
 of a run. With glibc's default malloc, memory freed at the end of a step is often given back to
 the system and faulted in again by the next step, by each pass to a different degree from run to
-run; ``--steady-allocator`` runs the benchmark again with ``MALLOC_MMAP_THRESHOLD_`` and
-``MALLOC_TRIM_THRESHOLD_`` set so that freed memory stays in the process (both passes alike).
+run; ``--steady-allocator`` first calls :func:`t2v_lightning.allocator.keep_freed_memory`, as the
+``t2v`` command does at start-up, so that freed memory stays in the process (both passes alike).
 
     python bench/embed_cost.py                         # ResNet-18, 300 × 3×32×32, skip 0 and 6
     python bench/embed_cost.py --threads 1 --model resnet34
@@ -35,12 +35,7 @@ import logging
 import os
 import resource
 import statistics
-import sys
 import time
-
-# glibc reads these at start-up: a fixed mmap threshold above any tensor of the benchmark, and a
-# trim threshold that is never reached.
-STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 
 def minor_faults() -> int:
@@ -76,10 +71,14 @@ def main() -> None:
                         help="run with glibc's malloc keeping freed memory (no heap trimming)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
-    steady = all(os.environ.get(key) == value for key, value in STEADY_ALLOCATOR.items())
-    if args.steady_allocator and not steady:
-        # The settings only take effect at start-up: run this script again with them.
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_ALLOCATOR})
+    steady = False
+    if args.steady_allocator:
+        from t2v_lightning.allocator import keep_freed_memory
+
+        steady = keep_freed_memory()
+        if not steady:
+            parser.error("--steady-allocator: keep_freed_memory() changed nothing (not glibc, "
+                         "MALLOC_* / GLIBC_TUNABLES set, or T2V_DEFAULT_MALLOC set)")
 
     import torch
     import torch.nn.functional as F

@@ -40,6 +40,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
+from t2v_lightning.allocator import keep_freed_memory
 from t2v_lightning.data.datamodule import TaskDataModule
 from t2v_lightning.data.registry import get_entry, num_tasks
 from t2v_lightning.embedding import artifact_damage
@@ -719,8 +720,12 @@ def main(args: Sequence[str] | None = None) -> None:
 
     Mistakes in the command (unknown option or config key, unknown dataset, bad task ids, a file
     that exists, missing data) end with one line on stderr and exit status 2; set
-    ``T2V_DEBUG=1`` for the traceback.
+    ``T2V_DEBUG=1`` for the traceback. Run as the command (``args`` None), it first tells glibc's
+    malloc to keep freed memory in the process (:func:`~t2v_lightning.allocator.keep_freed_memory`;
+    ``T2V_DEFAULT_MALLOC=1`` turns that off).
     """
+    if args is None:  # run as the t2v command: the process is ours (t2v_lightning.allocator)
+        keep_freed_memory()
     argv = list(sys.argv[1:] if args is None else args)
     _quiet_warnings()
     try:

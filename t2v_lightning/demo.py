@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from t2v_lightning.allocator import keep_freed_memory
 from t2v_lightning.probe import PACKAGED_PROBES
 
 __all__ = ["DEMO_TASKS", "FASHION_TASKS", "Normalized", "check_probe", "load_probe", "main",
@@ -292,7 +293,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the demo and print, for every task, its nearest other task."""
+    """Run the demo and print, for every task, its nearest other task.
+
+    Run as ``python -m t2v_lightning.demo`` (``argv`` None), it first tells glibc's malloc to keep
+    freed memory in the process (:func:`~t2v_lightning.allocator.keep_freed_memory`).
+    """
+    if argv is None:
+        keep_freed_memory()
     options = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("t2v_lightning.features").setLevel(logging.WARNING)

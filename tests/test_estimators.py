@@ -439,3 +439,51 @@ def test_batchnorm_with_a_large_running_mean_matches_brute_force() -> None:
     layers = embedded_layers(model, "5")
     got = estimate(model, inputs, "5")
     torch.testing.assert_close(got, as_vector(reference, layers), rtol=1e-4, atol=0)
+
+
+class _SharedWeight(nn.Module):
+    """Two layers that share one weight, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("make", [_SharedWeight, None], ids=["shared-weight", "conv-batchnorm"])
+def test_batch_estimator_is_the_squared_mean_gradient_of_the_sampled_labels(
+    make: Any, tiny_convnet: nn.Module
+) -> None:
+    # Each layer's row sums of the squared mini-batch gradient (what the step reduces inside
+    # backward, releasing the gradient) against autograd's gradient of the same loss, taken whole.
+    torch.manual_seed(3)
+    network = make() if make is not None else tiny_convnet
+    inputs = torch.randn(5, 6) if make is not None else torch.randn(5, 3, 8, 8)
+    ids = torch.arange(10, 15)
+    layers = embedded_layers(network, "fc")
+    existing = {name: torch.full_like(module.weight, 7.0) for name, module in layers}
+    for name, module in layers:
+        module.weight.grad = existing[name].clone()
+    with LayerFisherTaps(network, layers) as taps:
+        sums, count = batch_filter_sums(
+            network, taps, inputs, ids, torch.ones(5, dtype=torch.bool), "batch", seed=2
+        )
+    assert count == 1
+    network.eval()
+    log_probs = network(inputs).log_softmax(-1)
+    labels = sample_labels(log_probs.detach().exp(), ids, 2, 0)
+    loss = log_probs.gather(1, labels[:, None]).mean()
+    for name, module in layers:
+        (grad,) = torch.autograd.grad(loss, module.weight, retain_graph=True)
+        expected = grad.reshape(grad.shape[0], -1).square().sum(1)
+        torch.testing.assert_close(sums[name], expected, rtol=1e-5, atol=1e-12)
+        # The step leaves the weights as it found them: their gradients, flags and hooks.
+        assert torch.equal(module.weight.grad, existing[name])
+        assert not module.weight._backward_hooks
+    if make is not None:
+        assert torch.equal(sums["a"], sums["b"])

@@ -70,6 +70,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from t2v_lightning.allocator import settle_thresholds
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.estimators import (
     ESTIMATORS,
@@ -295,6 +296,9 @@ class FisherCallback(Callback):
         self._layers = embedded_layers(network, self._head)
         if not self._layers:
             raise ValueError("FisherCallback: the network has no layer with weights to embed")
+        # Steps whose memory fits under glibc's raised trim threshold are then not given back to
+        # the system and faulted in again at every step (t2v_lightning.allocator).
+        settle_thresholds()
         self.sum_sq_grad = {
             name: torch.zeros(num_filters(module), dtype=torch.float64)
             for name, module in self._layers

@@ -1057,6 +1057,31 @@ def _batch_gradient_sums(
 ) -> dict[str, torch.Tensor]:
     layers = taps.layers
     weights = [layer_weight(module) for _, module in layers]
+    # Each weight's gradient is reduced to its per-filter sums as soon as backward has it and
+    # then released (the hook hands autograd a zero-stride stand-in), so the step never holds
+    # every layer's gradient at once. A weight shared by several layers is hooked once.
+    names_of: dict[int, list[str]] = {}
+    unique: list[nn.Parameter] = []
+    for (name, _), weight in zip(layers, weights):
+        if id(weight) not in names_of:
+            names_of[id(weight)] = []
+            unique.append(weight)
+        names_of[id(weight)].append(name)
+    sums: dict[str, torch.Tensor] = {}
+    grad_dtypes: list[torch.dtype] = []
+    scale = taps.grad_scale
+
+    def reducer(names: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            grad32 = grad.float() / scale if scale != 1.0 else grad.float()
+            value = _sq_norms_of_rows(grad32.reshape(grad32.shape[0], -1))
+            for name in names:
+                sums[name] = value
+            grad_dtypes.append(grad.dtype)
+            return grad.new_zeros(()).expand_as(grad)
+
+        return hook
+
     with _trainable(weights), taps.paused():
         with forward_context():
             logits = call_probe(network, inputs)
@@ -1072,14 +1097,16 @@ def _batch_gradient_sums(
             mask = valid.to(log_probs.device, torch.float32)
             picked = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
         loss = (picked * mask).sum() / mask.sum()
-        scale = taps.grad_scale
-        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, weights, allow_unused=True)
-    sums: dict[str, torch.Tensor] = {}
-    for (name, _), grad in zip(layers, grads):
-        if grad is None:
+        handles = [weight.register_hook(reducer(names_of[id(weight)])) for weight in unique]
+        try:
+            torch.autograd.grad(loss * scale if scale != 1.0 else loss, unique, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+    for name, _ in layers:
+        if name not in sums:
             raise FisherError(f"layer {name!r} received no gradient from the logits")
-        grad32 = grad.float() / scale if scale != 1.0 else grad.float()
-        sums[name] = _sq_norms_of_rows(grad32.reshape(grad32.shape[0], -1))
+    sums = {name: sums[name] for name, _ in layers}
     finite = torch.stack([torch.isfinite(value).all() for value in sums.values()]).cpu()
     if not bool(finite.all()):
         broken = [name for name, ok in zip(sums, finite.tolist()) if not ok]
@@ -1088,7 +1115,7 @@ def _batch_gradient_sums(
             f"non-finite mini-batch gradient (NaN or inf) at layer {broken[-1]!r} for the batch of "
             f"example ids {batch_ids[:5]}{'...' if len(batch_ids) > 5 else ''}; {len(broken)} "
             f"layer(s) affected: {broken[:5]}. The squared gradients overflow, or the probe's "
-            "weights or activations hold NaN / inf" + _precision_hint(grads[0].dtype),
+            "weights or activations hold NaN / inf" + _precision_hint(grad_dtypes[0]),
             example_ids=batch_ids,
         )
     return sums
