@@ -62,16 +62,16 @@ _M_MMAP_THRESHOLD = -3
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                "MALLOC_MMAP_MAX_")
 
+# Whether the C library is glibc (read once), and whether settle_thresholds has run.
+_GLIBC: bool | None = None
+_SETTLED = False
+
 
 def _is_glibc() -> bool:
     global _GLIBC
     if _GLIBC is None:
         _GLIBC = platform.libc_ver()[0] == "glibc"
     return _GLIBC
-
-
-_GLIBC: bool | None = None
-_SETTLED = False
 
 
 def settle_thresholds() -> None:
