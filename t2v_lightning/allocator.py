@@ -9,9 +9,9 @@ threshold (which glibc raises by itself, as large blocks are freed, to at most 6
 :func:`keep_freed_memory` sets glibc's mmap and trim thresholds (``mallopt``) so that freed
 memory stays in the process for the next step. It changes the allocator of the whole process for
 good (glibc's own adjustment of the thresholds is switched off, and up to 2 GiB of freed heap
-stays with the process instead of going back to the system), so the library never calls it on its own account: the
-``t2v`` command and ``python -m t2v_lightning.demo`` call it at start-up, in processes that are
-theirs. A script of your own can call it first thing to get the same.
+stays with the process instead of going back to the system), so the library never calls it on
+its own account: the ``t2v`` command and ``python -m t2v_lightning.demo`` call it at start-up,
+in processes that are theirs. A script of your own can call it first thing to get the same.
 
 Without it, the Fisher pass still meets glibc half way with :func:`settle_thresholds`, which
 uses glibc's own documented rule (``mallopt(3)``, "dynamic mmap threshold"): freeing a block
@@ -27,6 +27,7 @@ took an embed from 170-215 thousand page faults to about 10 thousand and 6-12% o
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -62,16 +63,13 @@ _M_MMAP_THRESHOLD = -3
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                "MALLOC_MMAP_MAX_")
 
-# Whether the C library is glibc (read once), and whether settle_thresholds has run.
-_GLIBC: bool | None = None
+# Whether settle_thresholds has run in this process.
 _SETTLED = False
 
 
+@functools.cache
 def _is_glibc() -> bool:
-    global _GLIBC
-    if _GLIBC is None:
-        _GLIBC = platform.libc_ver()[0] == "glibc"
-    return _GLIBC
+    return platform.libc_ver()[0] == "glibc"
 
 
 def settle_thresholds() -> None:

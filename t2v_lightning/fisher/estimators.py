@@ -1060,15 +1060,10 @@ def _batch_gradient_sums(
     # Each weight's gradient is reduced to its per-filter sums as soon as backward has it and
     # then released (the hook hands autograd a zero-stride stand-in), so the step never holds
     # every layer's gradient at once. A weight shared by several layers is hooked once.
-    names_of: dict[int, list[str]] = {}
-    unique: list[nn.Parameter] = []
+    names_of: dict[nn.Parameter, list[str]] = {}  # tensors hash by identity
     for (name, _), weight in zip(layers, weights):
-        if id(weight) not in names_of:
-            names_of[id(weight)] = []
-            unique.append(weight)
-        names_of[id(weight)].append(name)
+        names_of.setdefault(weight, []).append(name)
     sums: dict[str, torch.Tensor] = {}
-    grad_dtypes: list[torch.dtype] = []
     scale = taps.grad_scale
 
     def reducer(names: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -1077,7 +1072,6 @@ def _batch_gradient_sums(
             value = _sq_norms_of_rows(grad32.reshape(grad32.shape[0], -1))
             for name in names:
                 sums[name] = value
-            grad_dtypes.append(grad.dtype)
             return grad.new_zeros(()).expand_as(grad)
 
         return hook
@@ -1097,9 +1091,11 @@ def _batch_gradient_sums(
             mask = valid.to(log_probs.device, torch.float32)
             picked = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
         loss = (picked * mask).sum() / mask.sum()
-        handles = [weight.register_hook(reducer(names_of[id(weight)])) for weight in unique]
+        handles = [weight.register_hook(reducer(names)) for weight, names in names_of.items()]
         try:
-            torch.autograd.grad(loss * scale if scale != 1.0 else loss, unique, allow_unused=True)
+            torch.autograd.grad(
+                loss * scale if scale != 1.0 else loss, list(names_of), allow_unused=True
+            )
         finally:
             for handle in handles:
                 handle.remove()
@@ -1115,7 +1111,7 @@ def _batch_gradient_sums(
             f"non-finite mini-batch gradient (NaN or inf) at layer {broken[-1]!r} for the batch of "
             f"example ids {batch_ids[:5]}{'...' if len(batch_ids) > 5 else ''}; {len(broken)} "
             f"layer(s) affected: {broken[:5]}. The squared gradients overflow, or the probe's "
-            "weights or activations hold NaN / inf" + _precision_hint(grad_dtypes[0]),
+            "weights or activations hold NaN / inf" + _precision_hint(weights[0].dtype),
             example_ids=batch_ids,
         )
     return sums
