@@ -71,14 +71,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from t2v_lightning.allocator import settle_thresholds
+from t2v_lightning.choices import ESTIMATORS, LIKELIHOODS, Estimator, FisherError, Likelihood
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.estimators import (
-    ESTIMATORS,
-    LIKELIHOODS,
-    Estimator,
-    FisherError,
     LayerFisherTaps,
-    Likelihood,
     batch_filter_sums,
     embedded_layers,
     filter_values,
