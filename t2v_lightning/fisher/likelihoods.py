@@ -92,7 +92,9 @@ class OutputLikelihood:
 
     name: str = ""
 
-    def predict(self, logits: Tensor, ids: Tensor | None = None, inputs: Inputs | None = None) -> Predictions:
+    def predict(
+        self, logits: Tensor, ids: Tensor | None = None, inputs: Inputs | None = None
+    ) -> Predictions:
         """Scores and probabilities of a batch; :class:`FisherError` on a wrong shape or NaN/inf.
 
         Args:
@@ -121,7 +123,9 @@ class CategoricalLikelihood(OutputLikelihood):
 
     name = "categorical"
 
-    def predict(self, logits: Tensor, ids: Tensor | None = None, inputs: Inputs | None = None) -> Predictions:
+    def predict(
+        self, logits: Tensor, ids: Tensor | None = None, inputs: Inputs | None = None
+    ) -> Predictions:
         log_probs = _checked_logits(logits, ids, "classes").float().log_softmax(-1)
         check_finite_logits(log_probs, ids, "log-probabilities")
         return Predictions(log_probs, log_probs.detach().exp())
@@ -142,7 +146,9 @@ class BernoulliLikelihood(OutputLikelihood):
 
     name = "bernoulli"
 
-    def predict(self, logits: Tensor, ids: Tensor | None = None, inputs: Inputs | None = None) -> Predictions:
+    def predict(
+        self, logits: Tensor, ids: Tensor | None = None, inputs: Inputs | None = None
+    ) -> Predictions:
         logits32 = _checked_logits(logits, ids, "outputs").float()
         return Predictions(logits32, logits32.detach().sigmoid())
 

@@ -402,7 +402,9 @@ class ConvRule(LayerRule):
         field, per_filter, _ = self.grouped(module, field, per_filter, torch.Size(shape))
         return (field * per_filter).reshape(shape)
 
-    def grouped(self, module: nn.Module, field: Tensor, per_filter: Tensor, output_shape: Size) -> Grouped:
+    def grouped(
+        self, module: nn.Module, field: Tensor, per_filter: Tensor, output_shape: Size
+    ) -> Grouped:
         """The output ``(B, out, *positions)`` viewed as ``(B, groups, out / groups,
         *positions)``; ``field`` as ``(B, groups, 1, *positions)``, ``per_filter`` as ``(groups,
         out / groups, 1, ...)``.

@@ -64,7 +64,9 @@ class LinearRule(LayerRule):
     ) -> torch.Tensor:
         return self.receptive_field_sums(module, inputs) * variance.float().reshape(-1)
 
-    def grouped(self, module: nn.Module, field: Tensor, per_filter: Tensor, output_shape: Size) -> Grouped:
+    def grouped(
+        self, module: nn.Module, field: Tensor, per_filter: Tensor, output_shape: Size
+    ) -> Grouped:
         if field.shape[:-1] != output_shape[:-1]:
             raise FisherError(
                 f"{type(module).__name__}: output {tuple(output_shape)} but input rows "

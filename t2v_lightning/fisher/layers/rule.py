@@ -121,7 +121,9 @@ class LayerRule:
         r""":math:`\text{layer}(x^2 + 0.01;\ \sigma^2)` for per-row ``variance``, float32."""
         raise UnsupportedLayerError(f"no variational form for {type(module).__name__}")
 
-    def grouped(self, module: nn.Module, field: Tensor, per_filter: Tensor, output_shape: Size) -> Grouped:
+    def grouped(
+        self, module: nn.Module, field: Tensor, per_filter: Tensor, output_shape: Size
+    ) -> Grouped:
         """Views of ``field`` and a per-row vector that broadcast to the layer's output.
 
         Returns:
