@@ -57,6 +57,7 @@ from t2v_lightning.fisher.estimators import FisherError
 from t2v_lightning.outputs import check_new_outputs, check_output_path, write_atomically
 from t2v_lightning.probe_classifier import ProbeClassifier
 from t2v_lightning.safety import (
+    ALLOWED_IMPORTS,
     check_checkpoint_path,
     interrupted,
     restrict_config_reading,
@@ -867,6 +868,9 @@ def main(args: Sequence[str] | None = None) -> None:
             raise
         command = " ".join(["t2v", *[a for a in argv[:1] if a in T2VCLI.subcommands()]])
         message = " ".join(line.strip() for line in err.message.splitlines() if line.strip())
+        message = message.replace(  # jsonargparse's advice is for programs, not for configs
+            "Add the import path to import_path_allowlist in set_parsing_settings to allow it.",
+            "t2v imports classes only from " + ", ".join(ALLOWED_IMPORTS) + ".")
         sys.stderr.write(f"{command}: error: {message}\n(see: {command} --help)\n")
         raise SystemExit(2) from None
     except _USER_ERRORS as err:
