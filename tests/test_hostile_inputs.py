@@ -355,7 +355,7 @@ def test_images_beyond_the_pixel_limit_are_refused_before_decoding(tmp_path: Pat
         with pytest.raises(ValueError, match=f"bomb_{side}.png.*limit of 50,000,000 pixels"):
             dataset[index]
     check_image_pixels((MAX_IMAGE_PIXELS, 1), "ok.png")
-    with pytest.raises(ValueError, match="'big.png' is 7072 x 7072 pixels"):
+    with pytest.raises(ValueError, match=r"'big\.png' is 7072 x 7072 pixels"):
         check_image_pixels((7072, 7072), "big.png")
 
 
@@ -482,6 +482,6 @@ def test_a_blocked_checkpoint_folder_and_a_dangling_output_link_fail_before_any_
                          "link.safetensors"], capsys)
     assert code == 2, err
     assert "is a symbolic link to" in one_line_error(err)
-    with pytest.raises(ValueError, match="symbolic link to .* which does not exist"):
+    with pytest.raises(ValueError, match=r"symbolic link to .* which does not exist"):
         small_embedding().save(workdir / "link.safetensors")
     assert os.path.islink(workdir / "link.safetensors")
