@@ -11,6 +11,7 @@
   expansion is bounded (:data:`MAX_YAML_NODES`).
 * :func:`check_image_pixels`: the documented pixel limit (:data:`MAX_IMAGE_PIXELS`) every image
   loader checks before decoding.
+* :func:`contained_path`: a path read from a dataset's index file stays inside the data folder.
 * :func:`terminal_text`, :func:`csv_cell`, :func:`plot_label`: text that came from an artifact
   or a dataset, escaped before it reaches a terminal, a spreadsheet or a matplotlib label.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import posixpath
 import re
 import signal
 from collections.abc import Iterator, Mapping
@@ -34,6 +36,7 @@ __all__ = [
     "check_checkpoint_path",
     "check_image_pixels",
     "check_yaml_size",
+    "contained_path",
     "csv_cell",
     "plot_label",
     "restrict_config_reading",
@@ -345,6 +348,38 @@ def open_image(path: str | os.PathLike[str], limit: int = MAX_IMAGE_PIXELS) -> A
             f"image {os.fspath(path)!r} is larger than the limit of {limit:,} pixels "
             f"(t2v_lightning.safety.MAX_IMAGE_PIXELS): {err}"
         ) from None
+
+
+# ------------------------------------------------------------------------------ index files
+
+def contained_path(entry: str, index_file: str | os.PathLike[str], under: str = "") -> str:
+    """``entry``, a path read from a dataset's index file, if it stays inside the data folder.
+
+    The path is resolved lexically (``a/./b``, ``a/../b``): an absolute path, or one that climbs
+    out of the folder the index's paths are relative to (``../../etc/passwd``), is refused, so
+    a crafted index cannot make the dataset open files outside its root.
+
+    Args:
+        entry: the path as written in the index.
+        index_file: the index (named in the message).
+        under: what the entry is relative to, for the message (``images/``).
+
+    Returns:
+        The normalised relative path.
+
+    Raises:
+        ValueError: naming the index file and the entry.
+    """
+    normal = posixpath.normpath(entry)
+    seen = posixpath.normpath(entry.replace("\\", "/"))  # as a Windows-made index may mean it
+    if not entry or any(posixpath.isabs(p) or p == ".." or p.startswith("../")
+                        for p in (normal, seen)):
+        raise ValueError(
+            f"{index_file}: the image path {entry!r} leads outside the data folder "
+            f"({under or 'the index folder'}); paths in an index must be relative and stay "
+            "inside it"
+        )
+    return normal
 
 
 # ------------------------------------------------------------------------------ untrusted text

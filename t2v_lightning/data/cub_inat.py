@@ -47,7 +47,6 @@ import functools
 import json
 import logging
 import os
-import posixpath
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,39 +67,9 @@ from t2v_lightning.data.task import (
     check_input_size,
     check_normalize,
 )
-from t2v_lightning.safety import open_image
+from t2v_lightning.safety import contained_path, open_image
 
 log = logging.getLogger(__name__)
-
-
-def contained_path(entry: str, index_file: Path, under: str = "") -> str:
-    """``entry``, a path read from a dataset's index file, if it stays inside the data folder.
-
-    The path is resolved lexically (``a/./b``, ``a/../b``): an absolute path, or one that climbs
-    out of the folder the index's paths are relative to (``../../etc/passwd``), is refused, so
-    a crafted index cannot make the dataset open files outside its root.
-
-    Args:
-        entry: the path as written in the index.
-        index_file: the index (named in the message).
-        under: what the entry is relative to, for the message (``images/``).
-
-    Returns:
-        The normalised relative path.
-
-    Raises:
-        ValueError: naming the index file and the entry.
-    """
-    normal = posixpath.normpath(entry)
-    seen = posixpath.normpath(entry.replace("\\", "/"))  # as a Windows-made index may mean it
-    if not entry or any(posixpath.isabs(p) or p == ".." or p.startswith("../")
-                        for p in (normal, seen)):
-        raise ValueError(
-            f"{index_file}: the image path {entry!r} leads outside the data folder "
-            f"({under or 'the index folder'}); paths in an index must be relative and stay "
-            "inside it"
-        )
-    return normal
 
 CUB_TAXONOMY_FILE = "cub_taxonomy.csv"
 NUM_CUB_CLASSES = 200
