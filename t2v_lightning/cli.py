@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
@@ -42,12 +42,29 @@ from typing_extensions import override
 
 from t2v_lightning.allocator import keep_freed_memory
 from t2v_lightning.choices import FisherError
+from t2v_lightning.cli_checks import (
+    KeepingConfigSaver,
+    argument_defaults,
+    check_checkpoint_identity,
+    check_embed_trainer_options,
+    check_output_template,
+    expected_settings,
+    settings_difference,
+    smoke_test_batches,
+)
 from t2v_lightning.data.datamodule import TaskDataModule
 from t2v_lightning.data.registry import get_entry, num_tasks
 from t2v_lightning.embedding import artifact_damage
 from t2v_lightning.outputs import check_new_outputs, check_output_path, write_atomically
 from t2v_lightning.probe_classifier import ProbeClassifier
-from t2v_lightning.safety import check_checkpoint_path, interrupted, trainer_options_checked
+from t2v_lightning.safety import (
+    ALLOWED_IMPORTS,
+    check_checkpoint_path,
+    interrupted,
+    restrict_config_reading,
+    terminal_text,
+    trainer_options_checked,
+)
 from t2v_lightning.similarity.report import nearest_tasks, write_csv, write_distance_csv
 from t2v_lightning.trainers import PhaseProgressBar
 
@@ -66,6 +83,8 @@ __all__ = [
 DEFAULT_OUTPUT = "embeddings/{task}.safetensors"
 
 _TASK_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+# The most task ids one --tasks may list (cub_inat2018 has 232).
+MAX_TASK_IDS = 100_000
 
 
 def parse_task_ids(spec: str, count: int | None = None) -> list[int]:
@@ -86,7 +105,8 @@ def parse_task_ids(spec: str, count: int | None = None) -> list[int]:
         if count is None:
             raise ValueError("tasks='all' needs a dataset with several tasks")
         return list(range(count))
-    ids: list[int] = []
+    ranges: list[range] = []
+    bad: list[int] = []  # the first few ids out of range, found without listing every id
     for part in spec.split(","):
         match = _TASK_RANGE.match(part)
         if match is None:
@@ -97,15 +117,20 @@ def parse_task_ids(spec: str, count: int | None = None) -> list[int]:
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
             raise ValueError(f"tasks={spec!r}: the range {part.strip()!r} is empty")
-        ids.extend(range(first, last + 1))
-    if count is not None:
-        bad = [i for i in ids if i >= count]
-        if bad:
-            raise ValueError(
-                f"tasks={spec!r}: task ids {bad[:5]} are out of range (the dataset has {count} "
-                f"tasks: 0-{count - 1})"
-            )
-    return list(dict.fromkeys(ids))
+        if count is not None and last >= count:
+            start = max(first, count)
+            bad.extend(range(start, min(last + 1, start + 5)))
+        ranges.append(range(first, last + 1))
+    if bad:
+        raise ValueError(
+            f"tasks={spec!r}: task ids {sorted(set(bad))[:5]} are out of range (the dataset has "
+            f"{count} tasks: 0-{count - 1})" if count else f"tasks={spec!r}: the dataset has no tasks"
+        )
+    if sum(len(r) for r in ranges) > MAX_TASK_IDS:
+        raise ValueError(
+            f"tasks={spec!r} lists more than {MAX_TASK_IDS:,} task ids; no dataset has that many"
+        )
+    return list(dict.fromkeys(i for r in ranges for i in r))
 
 
 @dataclass(frozen=True)
@@ -172,6 +197,7 @@ def embedding_jobs(
         else:
             ids = parse_task_ids(tasks, num_tasks(dataset, root))
             pairs.extend((dataset, task_id) for task_id in ids)
+    check_output_template(output, ("dataset", "task_id", "task"))  # before formatting it
     jobs: list[EmbeddingJob] = []
     for dataset, task_id in pairs:
         try:
@@ -250,6 +276,7 @@ class EmbeddingTrainer(pl.Trainer):
         shard_index: int = 0,
         num_shards: int = 1,
         fisher_checkpoint_dir: str | None = None,
+        resume_mismatch: Literal["stop", "reembed"] = "stop",
     ) -> list[Path]:
         """Embed tasks: fit the probe's head (or load it) and write each task's artifact.
 
@@ -276,6 +303,14 @@ class EmbeddingTrainer(pl.Trainer):
             num_shards: number of runs that share the list (e.g. ``$SLURM_ARRAY_TASK_COUNT``).
             fisher_checkpoint_dir: folder for Fisher-pass checkpoints; a task interrupted in
                 its Fisher pass resumes from there.
+            resume_mismatch: what a sweep does with an existing artifact made with other
+                settings (another task, probe, estimator, max_samples, seed...): ``stop``
+                (exit 2, naming what differs; the default) or ``reembed`` (embed the task again
+                and replace the file). An artifact that matches is skipped either way.
+
+        With ``--trainer.fast_dev_run`` the run is a smoke test: the first task only, on as
+        many batches of examples as ``fast_dev_run`` says, one epoch of head fitting, and no
+        artifact written.
 
         Returns:
             The artifacts written by this run.
@@ -296,28 +331,56 @@ class EmbeddingTrainer(pl.Trainer):
             raise ValueError(
                 f"--trainer.max_epochs sets the epochs of head fitting; got {head_epochs}"
             )
+        if resume_mismatch not in ("stop", "reembed"):
+            raise ValueError(
+                f"--resume_mismatch must be 'stop' or 'reembed', got {resume_mismatch!r}"
+            )
         if ckpt_path is not None:
             model.load_head(ckpt_path)
+        smoke = smoke_test_batches(getattr(self, "fast_dev_run", False)) > 0
+        if smoke:
+            jobs = jobs[:1]
         todo: list[EmbeddingJob] = []
-        damaged: set[Path] = set()  # existing artifacts that do not load: replaced
+        damaged: set[Path] = set()  # existing artifacts to replace: unreadable, or other settings
         for job in jobs:
             check_output_path(job.output, "--output")  # a device, FIFO or folder; too long a name
-            if job.output.exists() and not overwrite:
+            if fisher_checkpoint_dir is not None:
+                _check_writable(Path(fisher_checkpoint_dir)
+                                / _task_label(job.dataset, job.task_id) / "last.ckpt")
+            if smoke:  # nothing is written
+                todo.append(job)
+                continue
+            if os.path.lexists(job.output) and not overwrite:
                 if not several:
                     raise FileExistsError(
                         f"{job.output} already exists; pass --overwrite to replace it"
                     )
+                label = _task_label(job.dataset, job.task_id)
                 damage = artifact_damage(job.output)
                 if damage is None:
-                    rank_zero_info(f"skipping {_task_label(job.dataset, job.task_id)}: "
-                                   f"{job.output} exists")
-                    continue
-                rank_zero_info(f"{job.output} is damaged ({damage}); embedding "
-                               f"{_task_label(job.dataset, job.task_id)} again")
+                    difference = self._resume_difference(
+                        model, datamodule, job, int(head_epochs or 0), ckpt_path)
+                    if difference is None:
+                        rank_zero_info(f"skipping {label}: {job.output} exists")
+                        continue
+                    if resume_mismatch == "stop":
+                        raise ValueError(
+                            f"{job.output} exists but was made with other settings than this "
+                            f"run's ({difference}); pass --resume_mismatch reembed to embed "
+                            f"{label} again and replace it, or choose another --output"
+                        )
+                    rank_zero_info(f"{job.output} was made with other settings ({difference}); "
+                                   f"embedding {label} again")
+                else:
+                    rank_zero_info(f"{job.output} is damaged ({damage}); embedding {label} again")
                 damaged.add(job.output)
             _check_writable(job.output)  # before any work, not after an hour of it
             todo.append(job)
-        rank_zero_info(f"embedding {len(todo)} task(s) ({len(jobs) - len(todo)} already done)")
+        if smoke:
+            rank_zero_info("fast_dev_run: a smoke test of the first task on a few examples; no "
+                           "artifact is written")
+        else:
+            rank_zero_info(f"embedding {len(todo)} task(s) ({len(jobs) - len(todo)} already done)")
         for logger in self.loggers:
             logger.log_hyperparams({"model": _public(model.hparams), "data": _public(hp)})
         written: list[Path] = []
@@ -335,7 +398,8 @@ class EmbeddingTrainer(pl.Trainer):
                 batch_size=data.batch_size, num_workers=data.num_workers,
                 checkpoint_dir=checkpoint_dir,
             )
-            rank_zero_info(f"[{number + 1}/{len(todo)}] {data.task_name} -> {job.output}")
+            rank_zero_info(f"[{number + 1}/{len(todo)}] {terminal_text(data.task_name)} -> "
+                           f"{job.output}")
             start = time.perf_counter()
             embedding = task2vec.embed(_TargetsView(data), task_name=data.task_name)  # type: ignore[arg-type]
             seconds = time.perf_counter() - start
@@ -349,6 +413,10 @@ class EmbeddingTrainer(pl.Trainer):
                 checkpoint=None if ckpt_path is None else os.fspath(ckpt_path),
             )
             # Under DDP the embedding Trainers run every rank; all hold the reduced embedding.
+            if smoke:
+                rank_zero_info(f"fast_dev_run: {terminal_text(data.task_name)} embedded ({len(embedding)} "
+                               f"entries); {job.output} not written")
+                continue
             if getattr(rank_zero_only, "rank", 0) == 0:
                 job.output.parent.mkdir(parents=True, exist_ok=True)
                 # Without --overwrite, a file that appeared meanwhile (another run) is kept.
@@ -365,10 +433,22 @@ class EmbeddingTrainer(pl.Trainer):
             logger.save()
         return written
 
+    def _resume_difference(
+        self, model: ProbeClassifier, datamodule: TaskDataModule, job: EmbeddingJob,
+        head_epochs: int, ckpt_path: str | None,
+    ) -> str | None:
+        """How the artifact at ``job.output`` differs from what this run would write."""
+        from t2v_lightning.embedding import TaskEmbedding
+
+        same = job.dataset == datamodule.dataset_name and job.task_id == datamodule.task_id
+        data = datamodule if same else _sibling(datamodule, job.dataset, job.task_id)
+        expected = expected_settings(model, data, head_epochs,
+                                     None if ckpt_path is None else os.fspath(ckpt_path))
+        return settings_difference(TaskEmbedding.load(job.output).meta, expected)
+
 
 # No abbreviated options (a typo such as --model.skip_layer must fail, not match a longer name);
 # parse errors raise, so that main() reports them in one line.
-_PROBE_IDENTITY = ("probe", "pretrained", "weights", "head")
 _STRICT_PARSING: dict[str, Any] = {"allow_abbrev": False, "exit_on_error": False}
 
 
@@ -380,6 +460,7 @@ class T2VCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        restrict_config_reading()  # class paths of configs are checked before any import
         super().__init__(
             ProbeClassifier,
             TaskDataModule,
@@ -393,7 +474,7 @@ class T2VCLI(LightningCLI):
             },
             seed_everything_default=0,
             auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=KeepingConfigSaver,  # never over an existing config.yaml
             parser_kwargs={
                 "prog": "t2v",
                 "description": (
@@ -434,11 +515,9 @@ class T2VCLI(LightningCLI):
             return
         if checkpoint is None:
             return
-        stored = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-        model = self.config["embed"]["model"]
-        for key in _PROBE_IDENTITY:
-            if key in stored:
-                model[key] = stored[key]
+        check_checkpoint_identity(checkpoint, self.config["embed"]["model"],
+                                  self.config["embed"]["data"], f"--ckpt_path {ckpt_path!r}",
+                                  argument_defaults(ProbeClassifier.__init__))
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -452,6 +531,11 @@ class T2VCLI(LightningCLI):
             return
         config = self.config["embed"]
         data = config["data"]
+        check_embed_trainer_options(config["trainer"])  # limits embed cannot apply: refused
+        batches = smoke_test_batches(config["trainer"].get("fast_dev_run"))
+        if batches:  # a smoke test: a few batches of examples
+            smoke = batches * int(data["batch_size"])
+            data["max_samples"] = min(data["max_samples"] or smoke, smoke)
         datasets = config.get("datasets")
         if datasets:
             data["name"] = datasets[0]
@@ -502,12 +586,15 @@ def _distance_parser() -> argparse.ArgumentParser:
     parser.add_argument("--title", default=None, help="title of the figure")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing --out / --csv files")
+    parser.add_argument("--assume_comparable", action="store_true",
+                        help="compare artifacts that record no probe fingerprint or layer table "
+                        "(refused otherwise: nothing says they were made with the same probe)")
     return parser
 
 
 def task_names(embeddings: Sequence[Any], files: Sequence[str | os.PathLike[str]]) -> list[str]:
     """A unique display name per artifact: its task name, else its file name."""
-    names = [e.name or Path(f).stem for e, f in zip(embeddings, files)]
+    names = [terminal_text(e.name) or Path(f).stem for e, f in zip(embeddings, files)]
     counts: dict[str, int] = {}
     for name in names:
         counts[name] = counts.get(name, 0) + 1
@@ -522,16 +609,20 @@ def distance_main(argv: Sequence[str]) -> None:
     options = _distance_parser().parse_args(list(argv))
     check_new_outputs({"--csv": options.csv, "--out": options.out}, options.files,
                       options.overwrite, refused_suffix=".safetensors")  # never over an artifact
+    if options.out:
+        figure_format(options.out)  # an extension matplotlib can write, before any work
     embeddings = [TaskEmbedding.load(f) for f in options.files]
     for embedding, file in zip(embeddings, options.files):
         check_distance_defined(embedding, options.distance, file)
     names = task_names(embeddings, options.files)
-    matrix = pdist(embeddings, options.distance)
+    matrix = pdist(embeddings, options.distance, assume_comparable=options.assume_comparable)
+    figure = None
+    if options.out:  # drawn before anything is written: a failure leaves no file behind
+        figure = distance_figure(matrix, names, options.distance, options.title)
     if options.csv:
         write_distance_csv(options.csv, names, matrix, overwrite=options.overwrite)
-    if options.out:
-        save_distance_figure(options.out, matrix, names, options.distance, options.title,
-                             overwrite=options.overwrite)
+    if options.out and figure is not None:
+        save_figure(figure, options.out, overwrite=options.overwrite)
     width = max(len(n) for n in names)
     print(f"nearest task by {options.distance} distance:")
     for name, other, distance in nearest_tasks(names, matrix):
@@ -541,19 +632,50 @@ def distance_main(argv: Sequence[str]) -> None:
             print(f"{label}: {path}")
 
 
-def save_distance_figure(
-    path: str | os.PathLike[str], matrix: Any, names: Sequence[str], distance: str,
-    title: str | None = None, overwrite: bool = True,
-) -> None:
-    """Draw the clustered distance matrix and save it to ``path`` (atomically)."""
+def figure_format(path: str | os.PathLike[str], what: str = "--out") -> str:
+    """The matplotlib format of ``path``'s extension; a ValueError naming ``what`` if none."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        said = f"has the extension .{suffix}" if suffix else "has no extension"
+        raise ValueError(
+            f"{what} {os.fspath(path)!r} {said}; the figure's format is read from it: "
+            f"{', '.join('.' + name for name in sorted(formats))}"
+        )
+    return suffix
+
+
+def distance_figure(matrix: Any, names: Sequence[str], distance: str,
+                    title: str | None = None) -> Any:
+    """The clustered distance matrix as a matplotlib figure (nothing written)."""
     from t2v_lightning.plot import plot_distance_matrix
 
+    return plot_distance_matrix(matrix, labels=list(names), title=title or f"{distance} distance")
+
+
+def save_figure(figure: Any, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Render ``figure`` to ``path`` atomically (rendered in memory first, then written)."""
+    import io
+
     path = Path(path)
+    file_format = figure_format(path)  # the temporary's suffix is .tmp
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=150, format=file_format)  # a label that fails, fails here
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure = plot_distance_matrix(matrix, labels=list(names), title=title or f"{distance} distance")
-    file_format = path.suffix.lstrip(".").lower() or None  # the temporary's suffix is .tmp
-    write_atomically(path, lambda name: figure.savefig(name, dpi=150, format=file_format),
-                     overwrite, what="--out")
+    def write(name: str) -> None:
+        Path(name).write_bytes(buffer.getvalue())
+
+    write_atomically(path, write, overwrite, what="--out")
+
+
+def save_distance_figure(
+    path: str | os.PathLike[str], matrix: Any, names: Sequence[str], distance: str,
+    title: str | None = None, overwrite: bool = False,
+) -> None:
+    """Draw the clustered distance matrix and save it to ``path`` (atomically)."""
+    save_figure(distance_figure(matrix, names, distance, title), path, overwrite)
 
 
 # ------------------------------------------------------------------------------ select
@@ -589,6 +711,9 @@ def _select_parser() -> argparse.ArgumentParser:
                         help="symmetric distance d (default: cosine)")
     parser.add_argument("--csv", default=None, help="also write the ranking here as CSV")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
+    parser.add_argument("--assume_comparable", action="store_true",
+                        help="compare artifacts that record no probe fingerprint or layer table "
+                        "(refused otherwise: nothing says they were made with the same probe)")
     return parser
 
 
@@ -642,7 +767,8 @@ def select_main(argv: Sequence[str]) -> None:
     target = TaskEmbedding.load(options.target)
     experts = [TaskEmbedding.load(f) for f in files]
     names = task_names(experts, files)
-    ranking = select_expert(target, dict(zip(names, experts)), options.alpha, options.distance)
+    ranking = select_expert(target, dict(zip(names, experts)), options.alpha, options.distance,
+                            assume_comparable=options.assume_comparable)
     rows = ranked_experts(ranking)
     if csv_path is not None:
         header = ["rank", "expert", "file", "asymmetric_distance", "distance",
@@ -651,7 +777,7 @@ def select_main(argv: Sequence[str]) -> None:
                   f"{row.distance:.6g}", f"{row.complexity:.6g}"] for row in rows]
         write_csv(csv_path, [header, *table], options.overwrite)
     width = max(len("expert"), *(len(n) for n in names))
-    target_name = target.name or Path(options.target).stem
+    target_name = terminal_text(target.name) or Path(options.target).stem
     print(f"experts for {target_name}, best first ({options.distance} distance, "
           f"alpha={options.alpha:g}):")
     print(f"  {'rank':>4}  {'expert':<{width}}  {'asymmetric':>10}  {'distance':>8}  "
@@ -744,6 +870,9 @@ def main(args: Sequence[str] | None = None) -> None:
             raise
         command = " ".join(["t2v", *[a for a in argv[:1] if a in T2VCLI.subcommands()]])
         message = " ".join(line.strip() for line in err.message.splitlines() if line.strip())
+        message = message.replace(  # jsonargparse's advice is for programs, not for configs
+            "Add the import path to import_path_allowlist in set_parsing_settings to allow it.",
+            "t2v imports classes only from " + ", ".join(ALLOWED_IMPORTS) + ".")
         sys.stderr.write(f"{command}: error: {message}\n(see: {command} --help)\n")
         raise SystemExit(2) from None
     except _USER_ERRORS as err:
