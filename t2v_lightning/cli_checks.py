@@ -219,14 +219,16 @@ def expected_settings(model: Any, datamodule: Any, head_epochs: int,
     if checkpoint is None:
         settings.update(head_optimizer=model.head_optimizer, head_lr=model.head_lr,
                         head_weight_decay=model.head_weight_decay)
-    if model.method == "montecarlo":
-        settings.update(estimator=model.estimator, mc_samples=model.mc_samples)
-    else:
-        settings.update(variational_epochs=model.variational_epochs,
-                        variational_lr=model.variational_lr,
-                        variational_head_lr=model.variational_head_lr,
-                        variational_beta=model.variational_beta)
+    settings.update({name: getattr(model, name) for name in _METHOD_SETTINGS[model.method]})
     return json.loads(json.dumps(settings))  # as the artifact's JSON would read back
+
+
+_METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
+    "montecarlo": ("estimator", "mc_samples"),
+    "variational": ("variational_epochs", "variational_lr", "variational_head_lr",
+                    "variational_beta"),
+}
+"""``method`` → the model's options that change its numbers, compared on resume."""
 
 
 def settings_difference(meta: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
