@@ -254,9 +254,12 @@ class TaskDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def val_dataloader(self) -> DataLoader[Any]:
-        """The task's test split."""
+    def val_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:
+        """The task's test split (none while fitting a task that has no test split)."""
         if not get_entry(self.dataset_name).has_test_split:
+            trainer = self.trainer
+            if trainer is not None and trainer.state.fn == "fit":
+                return []  # fit without validation
             raise ValueError(f"dataset {self.dataset_name!r} has no test split for validation")
         if self._val_task is None:
             self._val_task = self._build(False)
