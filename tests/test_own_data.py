@@ -11,6 +11,7 @@ import csv
 import json
 from pathlib import Path
 from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -165,7 +166,7 @@ def test_folder_sweep_writes_one_artifact_per_task_and_resumes(
     image_task(tasks / "boats", seed=9)
     args = ["embed", "--data.name", "imagefolder", "--data.root", "tasks", "--datasets", "b*",
             "c*", "--output", "out/{task}-{task_id}.safetensors", *FAST]
-    code, out, err = run_t2v(args, capsys)
+    code, _, err = run_t2v(args, capsys)
     assert code == 0, err
     written = sorted(p.name for p in (workdir / "out").iterdir())
     assert written == ["birds-0.safetensors", "boats-1.safetensors", "cars-2.safetensors"]
@@ -177,7 +178,7 @@ def test_folder_sweep_writes_one_artifact_per_task_and_resumes(
     (workdir / "out" / "boats-1.safetensors").unlink()  # an interrupted sweep
     caplog.clear()
     with caplog.at_level("INFO"):
-        code, out, err = run_t2v(args, capsys)
+        code, _, err = run_t2v(args, capsys)
     assert code == 0, err
     assert "skipping birds" in caplog.text and "skipping cars" in caplog.text
     assert "embedding 1 task(s) (2 already done)" in caplog.text
