@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -121,15 +121,23 @@ class PhaseProgressLog(ProgressBar):
         phase: what the lines are titled with.
         interval: seconds between the lines of a long phase.
         stream: where to write (default: ``sys.stdout`` at the time of writing).
+        clock: seconds of a monotonic clock (``time.monotonic``).
     """
 
-    def __init__(self, phase: str, interval: float = 30.0, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        phase: str,
+        interval: float = 30.0,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         if not interval > 0:
             raise ValueError(f"interval must be positive, got {interval!r}")
         self._phase = phase
         self._interval = float(interval)
         self._stream = stream
+        self._clock = clock
         self._enabled = True
         self._start = 0.0
         self._last = 0.0
@@ -159,11 +167,11 @@ class PhaseProgressLog(ProgressBar):
         return f" ({', '.join(shown)})" if shown else ""
 
     def _begin(self) -> None:
-        self._start = self._last = time.monotonic()
+        self._start = self._last = self._clock()
         self._batches = 0
 
     def _tick(self, done: int, total: int | float | None) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last >= self._interval:
             self._last = now
             of = f"/{int(total)}" if total not in (None, float("inf")) else ""
@@ -187,7 +195,7 @@ class PhaseProgressLog(ProgressBar):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        seconds = time.monotonic() - self._start
+        seconds = self._clock() - self._start
         epochs = trainer.current_epoch if trainer.current_epoch else 1
         if (trainer.max_epochs or 1) > 1:
             per_epoch = self._batches // max(epochs, 1)
@@ -213,7 +221,7 @@ class PhaseProgressLog(ProgressBar):
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":
-            seconds = time.monotonic() - self._start
+            seconds = self._clock() - self._start
             self._write(f"{self._phase}: {self._batches} batches in {seconds:.1f} s"
                         f"{self._metrics(trainer, pl_module)}")
 
