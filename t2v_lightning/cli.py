@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
@@ -43,6 +43,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from t2v_lightning.allocator import keep_freed_memory
+from t2v_lightning.cli_checks import (
+    KeepingConfigSaver,
+    check_checkpoint_identity,
+    check_embed_trainer_options,
+    check_output_template,
+    expected_settings,
+    settings_difference,
+    smoke_test_batches,
+)
 from t2v_lightning.data.datamodule import TaskDataModule
 from t2v_lightning.data.folders import task_folders
 from t2v_lightning.data.registry import get_entry, num_tasks
@@ -51,7 +60,12 @@ from t2v_lightning.embedding import artifact_damage
 from t2v_lightning.fisher.estimators import FisherError
 from t2v_lightning.outputs import check_new_outputs, check_output_path, write_atomically
 from t2v_lightning.probe_classifier import ProbeClassifier
-from t2v_lightning.safety import check_checkpoint_path, interrupted, trainer_options_checked
+from t2v_lightning.safety import (
+    check_checkpoint_path,
+    interrupted,
+    restrict_config_reading,
+    trainer_options_checked,
+)
 from t2v_lightning.similarity.report import nearest_tasks, write_csv, write_distance_csv
 from t2v_lightning.trainers import phase_progress
 
@@ -70,6 +84,8 @@ __all__ = [
 DEFAULT_OUTPUT = "embeddings/{task}.safetensors"
 
 _TASK_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+# The most task ids one --tasks may list (cub_inat2018 has 232).
+MAX_TASK_IDS = 100_000
 
 
 def parse_task_ids(spec: str, count: int | None = None) -> list[int]:
@@ -90,7 +106,8 @@ def parse_task_ids(spec: str, count: int | None = None) -> list[int]:
         if count is None:
             raise ValueError("tasks='all' needs a dataset with several tasks")
         return list(range(count))
-    ids: list[int] = []
+    ranges: list[range] = []
+    bad: list[int] = []  # the first few ids out of range, found without listing every id
     for part in spec.split(","):
         match = _TASK_RANGE.match(part)
         if match is None:
@@ -101,15 +118,20 @@ def parse_task_ids(spec: str, count: int | None = None) -> list[int]:
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
             raise ValueError(f"tasks={spec!r}: the range {part.strip()!r} is empty")
-        ids.extend(range(first, last + 1))
-    if count is not None:
-        bad = [i for i in ids if i >= count]
-        if bad:
-            raise ValueError(
-                f"tasks={spec!r}: task ids {bad[:5]} are out of range (the dataset has {count} "
-                f"tasks: 0-{count - 1})"
-            )
-    return list(dict.fromkeys(ids))
+        if count is not None and last >= count:
+            start = max(first, count)
+            bad.extend(range(start, min(last + 1, start + 5)))
+        ranges.append(range(first, last + 1))
+    if bad:
+        raise ValueError(
+            f"tasks={spec!r}: task ids {sorted(set(bad))[:5]} are out of range (the dataset has "
+            f"{count} tasks: 0-{count - 1})" if count else f"tasks={spec!r}: the dataset has no tasks"
+        )
+    if sum(len(r) for r in ranges) > MAX_TASK_IDS:
+        raise ValueError(
+            f"tasks={spec!r} lists more than {MAX_TASK_IDS:,} task ids; no dataset has that many"
+        )
+    return list(dict.fromkeys(i for r in ranges for i in r))
 
 
 @dataclass(frozen=True)
@@ -197,6 +219,7 @@ def embedding_jobs(
         else:
             ids = parse_task_ids(tasks, num_tasks(dataset, root))
             pairs.extend((dataset, task_id) for task_id in ids)
+    check_output_template(output, ("dataset", "task_id", "task"))  # before formatting it
     jobs: list[EmbeddingJob] = []
     named: list[tuple[str, int | None, str | None, str | None]] = [
         (dataset, task_id, None,
@@ -286,6 +309,7 @@ class EmbeddingTrainer(pl.Trainer):
         shard_index: int = 0,
         num_shards: int = 1,
         fisher_checkpoint_dir: str | None = None,
+        resume_mismatch: Literal["stop", "reembed"] = "stop",
     ) -> list[Path]:
         """Embed tasks: fit the probe's head (or load it) and write each task's artifact.
 
@@ -314,6 +338,14 @@ class EmbeddingTrainer(pl.Trainer):
             num_shards: number of runs that share the list (e.g. ``$SLURM_ARRAY_TASK_COUNT``).
             fisher_checkpoint_dir: folder for Fisher-pass checkpoints; a task interrupted in
                 its Fisher pass resumes from there.
+            resume_mismatch: what a sweep does with an existing artifact made with other
+                settings (another task, probe, estimator, max_samples, seed...): ``stop``
+                (exit 2, naming what differs; the default) or ``reembed`` (embed the task again
+                and replace the file). An artifact that matches is skipped either way.
+
+        With ``--trainer.fast_dev_run`` the run is a smoke test: the first task only, on as
+        many batches of examples as ``fast_dev_run`` says, one epoch of head fitting, and no
+        artifact written.
 
         Returns:
             The artifacts written by this run.
@@ -338,22 +370,47 @@ class EmbeddingTrainer(pl.Trainer):
             raise ValueError(
                 f"--trainer.max_epochs sets the epochs of head fitting; got {head_epochs}"
             )
+        if resume_mismatch not in ("stop", "reembed"):
+            raise ValueError(
+                f"--resume_mismatch must be 'stop' or 'reembed', got {resume_mismatch!r}"
+            )
         if ckpt_path is not None:
             model.load_head(ckpt_path)
+        smoke = smoke_test_batches(getattr(self, "fast_dev_run", False)) > 0
+        if smoke:
+            jobs = jobs[:1]
         todo: list[EmbeddingJob] = []
-        damaged: set[Path] = set()  # existing artifacts that do not load: replaced
+        damaged: set[Path] = set()  # existing artifacts to replace: unreadable, or other settings
         for job in jobs:
             check_output_path(job.output, "--output")  # a device, FIFO or folder; too long a name
-            if job.output.exists() and not overwrite:
+            if fisher_checkpoint_dir is not None:
+                _check_writable(Path(fisher_checkpoint_dir) / job.name / "last.ckpt")
+            if smoke:  # nothing is written
+                todo.append(job)
+                continue
+            if os.path.lexists(job.output) and not overwrite:
                 if not several:
                     raise FileExistsError(
                         f"{job.output} already exists; pass --overwrite to replace it"
                     )
+                label = job.name
                 damage = artifact_damage(job.output)
                 if damage is None:
-                    rank_zero_info(f"skipping {job.name}: {job.output} exists")
-                    continue
-                rank_zero_info(f"{job.output} is damaged ({damage}); embedding {job.name} again")
+                    difference = self._resume_difference(
+                        model, datamodule, job, int(head_epochs or 0), ckpt_path)
+                    if difference is None:
+                        rank_zero_info(f"skipping {label}: {job.output} exists")
+                        continue
+                    if resume_mismatch == "stop":
+                        raise ValueError(
+                            f"{job.output} exists but was made with other settings than this "
+                            f"run's ({difference}); pass --resume_mismatch reembed to embed "
+                            f"{label} again and replace it, or choose another --output"
+                        )
+                    rank_zero_info(f"{job.output} was made with other settings ({difference}); "
+                                   f"embedding {label} again")
+                else:
+                    rank_zero_info(f"{job.output} is damaged ({damage}); embedding {label} again")
                 damaged.add(job.output)
             _check_writable(job.output)  # before any work, not after an hour of it
             todo.append(job)
@@ -361,7 +418,11 @@ class EmbeddingTrainer(pl.Trainer):
         ready = {job: _sibling(datamodule, job) for job in todo if job.root is not None}
         for data in [datamodule, *ready.values()]:
             check_probe_fits(model.hparams["probe"], data.task_metadata, data.task_name)
-        rank_zero_info(f"embedding {len(todo)} task(s) ({len(jobs) - len(todo)} already done)")
+        if smoke:
+            rank_zero_info("fast_dev_run: a smoke test of the first task on a few examples; no "
+                           "artifact is written")
+        else:
+            rank_zero_info(f"embedding {len(todo)} task(s) ({len(jobs) - len(todo)} already done)")
         for logger in self.loggers:
             logger.log_hyperparams({"model": _public(model.hparams), "data": _public(hp)})
         written: list[Path] = []
@@ -394,6 +455,10 @@ class EmbeddingTrainer(pl.Trainer):
                 checkpoint=None if ckpt_path is None else os.fspath(ckpt_path),
             )
             # Under DDP the embedding Trainers run every rank; all hold the reduced embedding.
+            if smoke:
+                rank_zero_info(f"fast_dev_run: {data.task_name} embedded ({len(embedding)} "
+                               f"entries); {job.output} not written")
+                continue
             if getattr(rank_zero_only, "rank", 0) == 0:
                 job.output.parent.mkdir(parents=True, exist_ok=True)
                 # Without --overwrite, a file that appeared meanwhile (another run) is kept.
@@ -410,10 +475,23 @@ class EmbeddingTrainer(pl.Trainer):
             logger.save()
         return written
 
+    def _resume_difference(
+        self, model: ProbeClassifier, datamodule: TaskDataModule, job: EmbeddingJob,
+        head_epochs: int, ckpt_path: str | None,
+    ) -> str | None:
+        """How the artifact at ``job.output`` differs from what this run would write."""
+        from t2v_lightning.embedding import TaskEmbedding
+
+        same = (job.dataset == datamodule.dataset_name and job.task_id == datamodule.task_id
+                and job.root in (None, datamodule.root))
+        data = datamodule if same else _sibling(datamodule, job)
+        expected = expected_settings(model, data, head_epochs,
+                                     None if ckpt_path is None else os.fspath(ckpt_path))
+        return settings_difference(TaskEmbedding.load(job.output).meta, expected)
+
 
 # No abbreviated options (a typo such as --model.skip_layer must fail, not match a longer name);
 # parse errors raise, so that main() reports them in one line.
-_PROBE_IDENTITY = ("probe", "pretrained", "weights", "head")
 _STRICT_PARSING: dict[str, Any] = {"allow_abbrev": False, "exit_on_error": False}
 
 
@@ -425,6 +503,7 @@ class T2VCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        restrict_config_reading()  # class paths of configs are checked before any import
         super().__init__(
             ProbeClassifier,
             TaskDataModule,
@@ -438,7 +517,7 @@ class T2VCLI(LightningCLI):
             },
             seed_everything_default=0,
             auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=KeepingConfigSaver,  # never over an existing config.yaml
             parser_kwargs={
                 "prog": "t2v",
                 "description": (
@@ -479,11 +558,8 @@ class T2VCLI(LightningCLI):
             return
         if checkpoint is None:
             return
-        stored = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-        model = self.config["embed"]["model"]
-        for key in _PROBE_IDENTITY:
-            if key in stored:
-                model[key] = stored[key]
+        check_checkpoint_identity(checkpoint, self.config["embed"]["model"],
+                                  self.config["embed"]["data"], f"--ckpt_path {ckpt_path!r}")
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -497,6 +573,11 @@ class T2VCLI(LightningCLI):
             return
         config = self.config["embed"]
         data = config["data"]
+        check_embed_trainer_options(config["trainer"])  # limits embed cannot apply: refused
+        batches = smoke_test_batches(config["trainer"].get("fast_dev_run"))
+        if batches:  # a smoke test: a few batches of examples
+            smoke = batches * int(data["batch_size"])
+            data["max_samples"] = min(data["max_samples"] or smoke, smoke)
         datasets = config.get("datasets")
         if datasets and data["name"] == "imagefolder":
             # A folder of task folders: --datasets are glob patterns of its folders. The data

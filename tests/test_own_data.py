@@ -147,6 +147,20 @@ def test_a_file_with_an_image_extension_that_is_not_an_image_is_named(tmp_path: 
         open_image(truncated)
 
 
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path: Path) -> None:
+    from t2v_lightning.safety import MAX_IMAGE_PIXELS
+
+    side = int(MAX_IMAGE_PIXELS**0.5) + 10  # a bilevel PNG: small file, large declared size
+    big = tmp_path / "t" / "cat" / "big.png"
+    big.parent.mkdir(parents=True)
+    Image.new("1", (side, side)).save(big)
+    assert big.stat().st_size < 2_000_000
+    with pytest.raises(DataSourceError, match=rf"big\.png.* {side} x {side} pixels, more than"):
+        open_image(big)
+    with pytest.raises(DataSourceError, match="more than the limit"):
+        open_image(big.read_bytes(), name="row 3 of column 'image'")
+
+
 def test_task_folders_match_globs(tmp_path: Path) -> None:
     for name in ("birds", "boats", "cars"):
         image_task(tmp_path / name)

@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from t2v_lightning.data.task import DatasetNotFoundError, DataSourceError
+from t2v_lightning.safety import MAX_IMAGE_PIXELS, check_image_pixels
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -63,29 +64,48 @@ _SKIPPED_EXAMPLES = 5
 def open_image(source: str | os.PathLike[str] | bytes, name: str | None = None) -> Any:
     """Read one image and return it as an RGB ``PIL.Image`` (decoded, file closed).
 
-    Every image of the image folders and of Hugging Face image columns goes through here.
+    Every image of the image folders and of Hugging Face image columns goes through here. Its
+    size is read from the header first and checked against the pixel limit
+    (:func:`~t2v_lightning.safety.check_image_pixels`) before anything is decoded.
 
     Args:
         source: a file path, or the encoded bytes of an image.
         name: how to name the image in errors (default: the path).
 
     Raises:
-        DataSourceError: the file or bytes are not an image that PIL can read; the message
-            names the image.
+        DataSourceError: the file or bytes are not an image that PIL can read, or the image has
+            more pixels than :data:`~t2v_lightning.safety.MAX_IMAGE_PIXELS`; the message names
+            the image.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     label = name if name is not None else (
         "image bytes" if isinstance(source, bytes) else os.fspath(source))
+    handle: Any = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        handle: Any = io.BytesIO(source) if isinstance(source, bytes) else source
-        with Image.open(handle) as image:
+        image = Image.open(handle)
+    except FileNotFoundError as err:
+        raise DataSourceError(f"image {label} does not exist") from err
+    except Image.DecompressionBombError as err:
+        raise DataSourceError(
+            f"image {label} is larger than the limit of {MAX_IMAGE_PIXELS:,} pixels "
+            f"(t2v_lightning.safety.MAX_IMAGE_PIXELS): {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        raise DataSourceError(f"{label} is not an image that can be read ({_reason(err)})") from err
+    with image:
+        try:
+            check_image_pixels(image.size, label)
+        except ValueError as err:
+            raise DataSourceError(str(err)) from None
+        try:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise DataSourceError(f"image {label} does not exist") from err
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataSourceError(f"{label} is not an image that can be read ({detail})") from err
+        except (OSError, SyntaxError, ValueError) as err:  # truncated or damaged data
+            raise DataSourceError(
+                f"{label} is not an image that can be read ({_reason(err)})") from err
+
+
+def _reason(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 class ImageSourceDataset(Dataset[tuple[torch.Tensor, int]]):
