@@ -832,14 +832,14 @@ def _quiet_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-_FLAGS = ("--overwrite",)
+_FLAGS = ("--overwrite", "--data.streaming")
 _LISTS = ("--datasets",)
 
 
 def _expand_shorthands(argv: list[str]) -> list[str]:
     """Shell-friendly forms of two option types.
 
-    ``--overwrite`` alone means ``--overwrite true``; ``--datasets a b c`` means
+    ``--overwrite`` (or ``--data.streaming``) alone means ``--overwrite true``; ``--datasets a b c`` means
     ``--datasets ["a","b","c"]`` (jsonargparse's list syntax, which also works).
     """
     expanded: list[str] = []
