@@ -538,3 +538,19 @@ def test_fit_then_embed_a_text_task_with_its_head(
                             "s.safetensors", *TEXT], capsys)
     assert code == 0, err
     assert TaskEmbedding.load(workdir / "s.safetensors").meta["checkpoint"] == str(checkpoint)
+
+
+def test_fit_and_validate_an_image_folder(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image_task(workdir / "plain")  # no val/: fit without validation
+    code, _, err = run_t2v(["fit", "--data.name", "imagefolder", "--data.root", "plain", *FAST],
+                           capsys)
+    assert code == 0, err
+    code, _, err = run_t2v(["validate", "--data.name", "imagefolder", "--data.root", "plain",
+                            *FAST], capsys)
+    assert code == 2 and "no val/ or test/ subfolder" in one_line_error(err)
+    image_task(workdir / "split" / "train")
+    image_task(workdir / "split" / "val", per_class=2, seed=3)
+    code, out, err = run_t2v(["validate", "--data.name", "imagefolder", "--data.root", "split",
+                              *FAST], capsys)
+    assert code == 0, err
+    assert "val/accuracy" in out

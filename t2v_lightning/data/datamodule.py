@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from t2v_lightning.data.registry import describe_task, download_dataset, get_entry, get_task
 from t2v_lightning.data.sources import DataSource, check_source
 from t2v_lightning.data.task import (
+    DatasetNotFoundError,
     Normalize,
     Task,
     TaskInfo,
@@ -255,14 +256,22 @@ class TaskDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:
-        """The task's test split (none while fitting a task that has no test split)."""
-        if not get_entry(self.dataset_name).has_test_split:
-            trainer = self.trainer
-            if trainer is not None and trainer.state.fn == "fit":
+        """The task's test split (none while fitting a task that has no test split, such as a
+        CSV file or an image folder without ``val/`` or ``test/``)."""
+        entry = get_entry(self.dataset_name)
+        trainer = self.trainer
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        if not entry.has_test_split:
+            if fitting:
                 return []  # fit without validation
             raise ValueError(f"dataset {self.dataset_name!r} has no test split for validation")
         if self._val_task is None:
-            self._val_task = self._build(False)
+            try:
+                self._val_task = self._build(False)
+            except DatasetNotFoundError:
+                if fitting and entry.build_source is not None:
+                    return []  # your own folder without a held-out split: fit without validation
+                raise
         return DataLoader(
             self._val_task.dataset,
             batch_size=self.batch_size,

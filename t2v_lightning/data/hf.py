@@ -18,6 +18,7 @@ Kept apart from the task logic (:mod:`t2v_lightning.data.sources`) so that every
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -97,6 +98,10 @@ def load_hf_dataset(
                 and not os.path.exists(file):
             raise DatasetNotFoundError(f"data file {file} does not exist")
     where = describe_source(path, config, split, data_files)
+    # Off a terminal, datasets' progress bars would print every redrawn frame into the log.
+    quiet = not _on_terminal() and datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(
             path, name=config, split=split, data_files=data_files or None, streaming=streaming,
@@ -106,6 +111,17 @@ def load_hf_dataset(
     except Exception as err:  # a third-party loader: any failure is a line about the data
         raise DataSourceError(
             f"cannot load Hugging Face dataset {where}: {_first_line(err)}") from err
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _on_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:  # a closed stream
+        return False
 
 
 def _features(dataset: Any) -> Any:
