@@ -554,3 +554,37 @@ def test_fit_and_validate_an_image_folder(workdir: Path, capsys: pytest.CaptureF
                               *FAST], capsys)
     assert code == 0, err
     assert "val/accuracy" in out
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_image_column_of_another_name_is_found_and_read_undecoded(
+    tmp_path: Path, streaming: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    import t2v_lightning.data.folders as folders
+
+    blobs = []
+    for i in range(6):
+        buffer = io.BytesIO()
+        Image.fromarray(write_image(tmp_path / f"p{i}.png", seed=i)).save(buffer, format="PNG")
+        blobs.append({"bytes": buffer.getvalue(), "path": None})
+    features = datasets.Features({"photo": datasets.Image(), "kind": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"photo": blobs, "kind": [3, 9] * 3},
+                               features=features).to_parquet(str(tmp_path / "p.parquet"))
+    opened: list[str] = []
+    real = folders.open_image
+
+    def counting(source: Any, name: str | None = None) -> Any:
+        opened.append(type(source).__name__)
+        return real(source, name)
+
+    monkeypatch.setattr(folders, "open_image", counting)
+    monkeypatch.setattr("t2v_lightning.data.hf.open_image", counting)
+    task = get_task("hf", "", path="parquet", data_files=str(tmp_path / "p.parquet"),
+                    label_column="kind", streaming=streaming, max_samples=4, input_size=16)
+    assert task.metadata["image_column"] == "photo" and task.metadata["class_names"] == ["3", "9"]
+    assert len(task.dataset) == (4 if streaming else 6)  # type: ignore[arg-type]
+    image, label = task.dataset[1]
+    assert image.shape == (3, 16, 16) and label == 1
+    assert opened == ["bytes"]  # decoded by open_image, from the stored bytes

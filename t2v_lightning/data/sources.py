@@ -411,7 +411,8 @@ def _hf_task(root: str, source: DataSource, train: bool, input_size: int | None,
     if not train:
         raise ValueError("dataset 'hf' has no test split; use train=True (choose the split "
                          "with split= / --data.split)")
-    assert source.path is not None  # check_source
+    if not source.path:
+        raise ValueError("dataset 'hf' needs path= (--data.path)")
     if source.streaming and max_samples is None:
         raise ValueError("streaming=True (--data.streaming) reads the first max_samples rows: "
                          "set max_samples (--data.max_samples)")
@@ -422,16 +423,15 @@ def _hf_task(root: str, source: DataSource, train: bool, input_size: int | None,
     rows: list[dict[str, Any]] = []
     columns = column_names(dataset)
     if source.streaming:
-        if columns and source.image_column in columns and is_image_column(dataset, source.image_column):
-            dataset = undecoded_images(dataset, source.image_column)
-        elif columns and source.image_column is None and "image" in columns \
-                and source.text_column is None and is_image_column(dataset, "image"):
-            dataset = undecoded_images(dataset, "image")
+        # With a known schema the column is chosen first, so that an image column is read
+        # undecoded; a stream without one (JSON) is read first, its columns taken from its rows.
+        chosen = _hf_columns(columns, dataset, source, where) if columns else None
+        if chosen is not None and chosen[0] == "image" and is_image_column(dataset, chosen[1]):
+            dataset = undecoded_images(dataset, chosen[1])
         rows = take_rows(dataset, int(max_samples or 0), columns)
-        if not columns and rows:
-            columns = list(rows[0])
         if not rows:
             raise DataSourceError(f"{where} has no rows")
+        columns = columns or list(rows[0])
     modality, column = _hf_columns(columns, dataset, source, where)
     if source.streaming:
         where = f"{where} (its first {len(rows)} rows, streamed)"
