@@ -833,13 +833,13 @@ def _quiet_warnings() -> None:
 
 
 _FLAGS = ("--overwrite", "--data.streaming")
-_LISTS = ("--datasets",)
+_LISTS = ("--datasets", "--data.data_files")
 
 
 def _expand_shorthands(argv: list[str]) -> list[str]:
     """Shell-friendly forms of two option types.
 
-    ``--overwrite`` (or ``--data.streaming``) alone means ``--overwrite true``; ``--datasets a b c`` means
+    ``--overwrite`` (or ``--data.streaming``) alone means ``--overwrite true``; ``--datasets a b c`` (or ``--data.data_files``) means
     ``--datasets ["a","b","c"]`` (jsonargparse's list syntax, which also works).
     """
     expanded: list[str] = []

@@ -588,3 +588,13 @@ def test_an_image_column_of_another_name_is_found_and_read_undecoded(
     image, label = task.dataset[1]
     assert image.shape == (3, 16, 16) and label == 1
     assert opened == ["bytes"]  # decoded by open_image, from the stored bytes
+
+
+def test_shell_lists_of_globs_and_files_reach_the_parser_as_lists() -> None:
+    from t2v_lightning.cli import _expand_shorthands
+
+    assert _expand_shorthands(["embed", "--datasets", "*", "b?rds", "--data.data_files", "a.parquet",
+                               "b.parquet", "--data.streaming", "--overwrite"]) == [
+        "embed", "--datasets", '["*", "b?rds"]', "--data.data_files",
+        '["a.parquet", "b.parquet"]', "--data.streaming", "true", "--overwrite", "true"]
+    assert _expand_shorthands(["--datasets", "[digits,mnist]"]) == ["--datasets", "[digits,mnist]"]
