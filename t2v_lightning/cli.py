@@ -61,9 +61,11 @@ from t2v_lightning.fisher.estimators import FisherError
 from t2v_lightning.outputs import check_new_outputs, check_output_path, write_atomically
 from t2v_lightning.probe_classifier import ProbeClassifier
 from t2v_lightning.safety import (
+    ALLOWED_IMPORTS,
     check_checkpoint_path,
     interrupted,
     restrict_config_reading,
+    terminal_text,
     trainer_options_checked,
 )
 from t2v_lightning.similarity.report import nearest_tasks, write_csv, write_distance_csv
@@ -441,7 +443,8 @@ class EmbeddingTrainer(pl.Trainer):
                 batch_size=data.batch_size, num_workers=data.num_workers,
                 checkpoint_dir=checkpoint_dir,
             )
-            rank_zero_info(f"[{number + 1}/{len(todo)}] {data.task_name} -> {job.output}")
+            rank_zero_info(f"[{number + 1}/{len(todo)}] {terminal_text(data.task_name)} -> "
+                           f"{job.output}")
             start = time.perf_counter()
             embedding = task2vec.embed(_TargetsView(data), task_name=data.task_name)  # type: ignore[arg-type]
             seconds = time.perf_counter() - start
@@ -456,7 +459,7 @@ class EmbeddingTrainer(pl.Trainer):
             )
             # Under DDP the embedding Trainers run every rank; all hold the reduced embedding.
             if smoke:
-                rank_zero_info(f"fast_dev_run: {data.task_name} embedded ({len(embedding)} "
+                rank_zero_info(f"fast_dev_run: {terminal_text(data.task_name)} embedded ({len(embedding)} "
                                f"entries); {job.output} not written")
                 continue
             if getattr(rank_zero_only, "rank", 0) == 0:
@@ -649,12 +652,15 @@ def _distance_parser() -> argparse.ArgumentParser:
     parser.add_argument("--title", default=None, help="title of the figure")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing --out / --csv files")
+    parser.add_argument("--assume_comparable", action="store_true",
+                        help="compare artifacts that record no probe fingerprint or layer table "
+                        "(refused otherwise: nothing says they were made with the same probe)")
     return parser
 
 
 def task_names(embeddings: Sequence[Any], files: Sequence[str | os.PathLike[str]]) -> list[str]:
     """A unique display name per artifact: its task name, else its file name."""
-    names = [e.name or Path(f).stem for e, f in zip(embeddings, files)]
+    names = [terminal_text(e.name) or Path(f).stem for e, f in zip(embeddings, files)]
     counts: dict[str, int] = {}
     for name in names:
         counts[name] = counts.get(name, 0) + 1
@@ -669,16 +675,20 @@ def distance_main(argv: Sequence[str]) -> None:
     options = _distance_parser().parse_args(list(argv))
     check_new_outputs({"--csv": options.csv, "--out": options.out}, options.files,
                       options.overwrite, refused_suffix=".safetensors")  # never over an artifact
+    if options.out:
+        figure_format(options.out)  # an extension matplotlib can write, before any work
     embeddings = [TaskEmbedding.load(f) for f in options.files]
     for embedding, file in zip(embeddings, options.files):
         check_distance_defined(embedding, options.distance, file)
     names = task_names(embeddings, options.files)
-    matrix = pdist(embeddings, options.distance)
+    matrix = pdist(embeddings, options.distance, assume_comparable=options.assume_comparable)
+    figure = None
+    if options.out:  # drawn before anything is written: a failure leaves no file behind
+        figure = distance_figure(matrix, names, options.distance, options.title)
     if options.csv:
         write_distance_csv(options.csv, names, matrix, overwrite=options.overwrite)
-    if options.out:
-        save_distance_figure(options.out, matrix, names, options.distance, options.title,
-                             overwrite=options.overwrite)
+    if options.out and figure is not None:
+        save_figure(figure, options.out, overwrite=options.overwrite)
     width = max(len(n) for n in names)
     print(f"nearest task by {options.distance} distance:")
     for name, other, distance in nearest_tasks(names, matrix):
@@ -688,19 +698,50 @@ def distance_main(argv: Sequence[str]) -> None:
             print(f"{label}: {path}")
 
 
-def save_distance_figure(
-    path: str | os.PathLike[str], matrix: Any, names: Sequence[str], distance: str,
-    title: str | None = None, overwrite: bool = True,
-) -> None:
-    """Draw the clustered distance matrix and save it to ``path`` (atomically)."""
+def figure_format(path: str | os.PathLike[str], what: str = "--out") -> str:
+    """The matplotlib format of ``path``'s extension; a ValueError naming ``what`` if none."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        said = f"has the extension .{suffix}" if suffix else "has no extension"
+        raise ValueError(
+            f"{what} {os.fspath(path)!r} {said}; the figure's format is read from it: "
+            f"{', '.join('.' + name for name in sorted(formats))}"
+        )
+    return suffix
+
+
+def distance_figure(matrix: Any, names: Sequence[str], distance: str,
+                    title: str | None = None) -> Any:
+    """The clustered distance matrix as a matplotlib figure (nothing written)."""
     from t2v_lightning.plot import plot_distance_matrix
 
+    return plot_distance_matrix(matrix, labels=list(names), title=title or f"{distance} distance")
+
+
+def save_figure(figure: Any, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Render ``figure`` to ``path`` atomically (rendered in memory first, then written)."""
+    import io
+
     path = Path(path)
+    file_format = figure_format(path)  # the temporary's suffix is .tmp
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=150, format=file_format)  # a label that fails, fails here
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure = plot_distance_matrix(matrix, labels=list(names), title=title or f"{distance} distance")
-    file_format = path.suffix.lstrip(".").lower() or None  # the temporary's suffix is .tmp
-    write_atomically(path, lambda name: figure.savefig(name, dpi=150, format=file_format),
-                     overwrite, what="--out")
+    def write(name: str) -> None:
+        Path(name).write_bytes(buffer.getvalue())
+
+    write_atomically(path, write, overwrite, what="--out")
+
+
+def save_distance_figure(
+    path: str | os.PathLike[str], matrix: Any, names: Sequence[str], distance: str,
+    title: str | None = None, overwrite: bool = False,
+) -> None:
+    """Draw the clustered distance matrix and save it to ``path`` (atomically)."""
+    save_figure(distance_figure(matrix, names, distance, title), path, overwrite)
 
 
 # ------------------------------------------------------------------------------ select
@@ -736,6 +777,9 @@ def _select_parser() -> argparse.ArgumentParser:
                         help="symmetric distance d (default: cosine)")
     parser.add_argument("--csv", default=None, help="also write the ranking here as CSV")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
+    parser.add_argument("--assume_comparable", action="store_true",
+                        help="compare artifacts that record no probe fingerprint or layer table "
+                        "(refused otherwise: nothing says they were made with the same probe)")
     return parser
 
 
@@ -789,7 +833,8 @@ def select_main(argv: Sequence[str]) -> None:
     target = TaskEmbedding.load(options.target)
     experts = [TaskEmbedding.load(f) for f in files]
     names = task_names(experts, files)
-    ranking = select_expert(target, dict(zip(names, experts)), options.alpha, options.distance)
+    ranking = select_expert(target, dict(zip(names, experts)), options.alpha, options.distance,
+                            assume_comparable=options.assume_comparable)
     rows = ranked_experts(ranking)
     if csv_path is not None:
         header = ["rank", "expert", "file", "asymmetric_distance", "distance",
@@ -798,7 +843,7 @@ def select_main(argv: Sequence[str]) -> None:
                   f"{row.distance:.6g}", f"{row.complexity:.6g}"] for row in rows]
         write_csv(csv_path, [header, *table], options.overwrite)
     width = max(len("expert"), *(len(n) for n in names))
-    target_name = target.name or Path(options.target).stem
+    target_name = terminal_text(target.name) or Path(options.target).stem
     print(f"experts for {target_name}, best first ({options.distance} distance, "
           f"alpha={options.alpha:g}):")
     print(f"  {'rank':>4}  {'expert':<{width}}  {'asymmetric':>10}  {'distance':>8}  "
@@ -891,6 +936,9 @@ def main(args: Sequence[str] | None = None) -> None:
             raise
         command = " ".join(["t2v", *[a for a in argv[:1] if a in T2VCLI.subcommands()]])
         message = " ".join(line.strip() for line in err.message.splitlines() if line.strip())
+        message = message.replace(  # jsonargparse's advice is for programs, not for configs
+            "Add the import path to import_path_allowlist in set_parsing_settings to allow it.",
+            "t2v imports classes only from " + ", ".join(ALLOWED_IMPORTS) + ".")
         sys.stderr.write(f"{command}: error: {message}\n(see: {command} --help)\n")
         raise SystemExit(2) from None
     except _USER_ERRORS as err:

@@ -247,14 +247,15 @@ def run_demo(
         embedding = task2vec.embed(Normalized(task.dataset, mean, std), task_name=task.name)
         embedding.meta.update(dataset=name, task_metadata=task.metadata, input_size=input_size,
                               normalization={"mean": list(mean), "std": list(std)})
-        path = embedding.save(folder / f"{name}.safetensors")
+        # the demo's own folder: each run replaces the files of the previous one (README)
+        path = embedding.save(folder / f"{name}.safetensors", overwrite=True)
         embeddings.append(embedding)
         files.append(path)
         labels.append(task.name)
         groups.append(_group(name, task.metadata))
     matrix = pdist(embeddings, "cosine")
     csv_path = folder / "distance_matrix.csv"
-    write_distance_csv(csv_path, labels, matrix)
+    write_distance_csv(csv_path, labels, matrix, overwrite=True)
     figure = plot_distance_matrix(matrix, labels=labels, groups=groups,
                                   title="Task2Vec (EfficientNet-Lite0), cosine distance")
     figure_path = folder / "distance_matrix.png"

@@ -138,7 +138,7 @@ class TaskEmbedding:
                     "written"
                 )
 
-    def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
         """Write the artifact atomically (temporary file in the same folder, fsync, rename).
 
         The bytes depend only on the embedding: header keys are sorted, so the same embedding
@@ -146,15 +146,17 @@ class TaskEmbedding:
 
         Args:
             path: destination file (``.safetensors`` is conventional).
-            overwrite: when False, refuse to replace an existing file, also one that appears
-                while this one is written (another process writing the same path).
+            overwrite: replace an existing file. When False (the default), an existing file
+                is never replaced, also not one that appears while this one is written (another
+                process writing the same path): ``FileExistsError``.
 
         Returns:
             The destination path.
 
         Raises:
-            ValueError: ``hessian`` or ``scale`` holds NaN or infinite values (named), or
-                ``path`` exists and is not a regular file (a folder, a device, a FIFO).
+            ValueError: the embedding is empty, ``hessian`` or ``scale`` holds NaN or infinite
+                values (named), or ``path`` exists and is not a regular file (a folder, a
+                device, a FIFO, a symbolic link to nothing).
             FileExistsError: the file exists and ``overwrite`` is False.
             FileNotFoundError, PermissionError: the folder is missing or not writable.
             OSError: the disk is full (the message names the file; nothing is left at it).
@@ -162,6 +164,11 @@ class TaskEmbedding:
         from t2v_lightning.outputs import write_atomically
 
         path = Path(path)
+        if len(self) == 0:
+            raise ValueError(
+                f"the embedding has no entries (no embedded layer); nothing to compare, so {path} "
+                "is not written"
+            )
         self._check_finite()
         header = {
             "format": FORMAT_NAME,
@@ -241,9 +248,13 @@ class TaskEmbedding:
             meta = json.loads(meta_block.get("meta", "{}"))
             if not isinstance(meta, dict):
                 raise TypeError("meta is not an object")
-            return cls(tensors["hessian"], tensors["scale"], layers, meta)
+            embedding = cls(tensors["hessian"], tensors["scale"], layers, meta)
         except (ValueError, TypeError, KeyError, IndexError, RecursionError) as err:
             raise EmbeddingFileError(f"{path}: corrupt embedding: {err}") from err
+        if len(embedding) == 0:
+            raise EmbeddingFileError(f"{path} holds an empty embedding (no entries); embed the "
+                                     "task again")
+        return embedding
 
 
 def artifact_damage(path: str | os.PathLike[str]) -> str | None:
@@ -409,12 +420,17 @@ def _scale_difference(a: TaskEmbedding, b: TaskEmbedding) -> tuple[str, str] | N
 
 
 def check_comparable(
-    a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str] = ("a", "b"), warn_scale: bool = True
+    a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str] = ("a", "b"), warn_scale: bool = True,
+    assume_comparable: bool = False,
 ) -> bool:
     """Raise :class:`IncompatibleEmbeddingsError` unless ``a`` and ``b`` can be compared.
 
     Embeddings are comparable when they come from the same probe weights (equal
-    ``meta["probe_fingerprint"]`` where both record one) and share the same layer layout.
+    ``meta["probe_fingerprint"]``) and share the same layer layout (equal ``layers``). An
+    embedding that records no fingerprint or no layer table (made by hand, or an artifact
+    edited or written by other software) cannot be checked: it is refused unless
+    ``assume_comparable`` says the caller knows both were made with the same probe and layers
+    (then only the lengths must agree).
     The message names both embeddings (``names`` and their task names) and says what differs.
     With ``warn_scale``, an :class:`EmbeddingScaleWarning` says when their values estimate
     different quantities (:func:`scale_of`): comparable, but most distances then mix the tasks'
@@ -424,6 +440,18 @@ def check_comparable(
         Whether that warning was given.
     """
     label_a, label_b = _describe(a, names[0]), _describe(b, names[1])
+    if not assume_comparable:
+        for embedding, label in ((a, label_a), (b, label_b)):
+            missing = [what for what, absent in (
+                ("probe fingerprint", embedding.meta.get("probe_fingerprint") is None),
+                ("layer table", not embedding.layers)) if absent]
+            if missing:
+                raise IncompatibleEmbeddingsError(
+                    f"embedding {label} records no {' and no '.join(missing)}, so nothing says "
+                    "it was made with the same probe and layers as the others; compare it only "
+                    "if you know it was (assume_comparable=True; t2v distance / select: "
+                    "--assume_comparable)"
+                )
     fa, fb = a.meta.get("probe_fingerprint"), b.meta.get("probe_fingerprint")
     if fa is not None and fb is not None and fa != fb:
         probes = ""

@@ -77,7 +77,8 @@ def check_output_path(path: str | os.PathLike[str], what: str = "output") -> Pat
 
     Raises:
         ValueError: ``path`` exists and is not a regular file (a folder, a device, a FIFO, a
-            socket), or its name (or its temporary's) is too long for the file system.
+            socket), is a symbolic link to nothing, or its name (or its temporary's) is too
+            long for the file system.
     """
     path = Path(path)
     if path.name in ("", ".", ".."):
@@ -88,6 +89,13 @@ def check_output_path(path: str | os.PathLike[str], what: str = "output") -> Pat
         info = None  # a missing or unusable folder is reported where it would be created
     except OSError as err:
         raise ValueError(f"{what} {str(path)!r} cannot be examined: {err.strerror}") from err
+    if info is None and os.path.islink(path):
+        # os.link / O_EXCL would fail on it only after the work, and os.replace would replace
+        # the link, not write where it points
+        raise ValueError(
+            f"{what} {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not "
+            "exist; remove the link or give another name"
+        )
     if info is not None and not stat.S_ISREG(info.st_mode):
         kind = _kind(info.st_mode)
         raise ValueError(

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from t2v_lightning.embedding import TaskEmbedding
-from t2v_lightning.safety import is_int
+from t2v_lightning.safety import is_int, plot_label
 from t2v_lightning.similarity.distance import Distance, pdist
 
 __all__ = [
@@ -106,7 +106,8 @@ def plot_distance_matrix(
         default_labels = [e.name or str(i) for i, e in enumerate(embeddings)]
         colorbar_label = f"{distance} distance"
     n = matrix.shape[0]
-    names = [str(label) for label in labels] if labels is not None else default_labels
+    # names come from artifacts: shown as written ('$' is not mathtext, escapes are visible)
+    names = [plot_label(label) for label in (labels if labels is not None else default_labels)]
     if len(names) != n:
         raise ValueError(f"labels has {len(names)} entries for {n} tasks")
     if groups is not None:
@@ -178,7 +179,7 @@ def plot_distance_matrix(
         for ticks in (heat.get_xticklabels(), heat.get_yticklabels()):
             for tick, leaf in zip(ticks, leaves, strict=True):
                 tick.set_color(colors[groups[leaf]])
-        handles = [Patch(color=colors[g], label=g) for g in dict.fromkeys(groups)]
+        handles = [Patch(color=colors[g], label=plot_label(g)) for g in dict.fromkeys(groups)]
         fig.legend(handles=handles, loc="upper right", fontsize=max(font, 6.0), frameon=False,
                    bbox_to_anchor=(1.0 - 0.05 / width, 1.0 - top_margin / height))
 

@@ -38,7 +38,11 @@ from t2v_lightning.features import (
 )
 from t2v_lightning.fisher.estimators import LIKELIHOODS, Likelihood
 from t2v_lightning.head import HeadClassifier
-from t2v_lightning.input_checks import check_inputs_fit
+from t2v_lightning.input_checks import (
+    check_input_batch_fits,
+    check_inputs_fit,
+    check_probe_takes,
+)
 from t2v_lightning.labels import read_labels, read_multilabels, select_examples
 from t2v_lightning.probe import (
     ProbeError,
@@ -309,7 +313,11 @@ def prepare_task(
     network = _working_copy(probe, settings, num_classes)
     network.to(device)
     unique, inverse = torch.unique(selection, return_inverse=True)
+    batch = min(settings.batch_size, int(selection.numel()))  # the largest batch of the passes
+    check_input_batch_fits(dataset, int(unique[0]), device, batch)  # memory, before any forward
     check_inputs_fit(network, dataset, int(unique[0]), device)  # dtype, rank, channels
+    # the probe on one example (size, kind), and what one batch will need: before any pass
+    check_probe_takes(network, dataset, int(unique[0]), device, batch)
     prefix, tail, skipped = split_prefix(network, settings.skip_layers)
     # Each distinct example runs through the network once (the selection may repeat some).
     distinct: Dataset = SelectedInputs(dataset, unique)

@@ -163,7 +163,9 @@ def get_probe(
     """
     if not isinstance(name, str) or not name:
         raise ProbeError(f"probe name must be a non-empty string, got {name!r}")
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+    if num_classes is not None and (
+        not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1
+    ):
         raise ProbeError(f"num_classes must be a positive integer or None, got {num_classes!r}")
     if pretrained and weights is not None:
         raise ProbeError("pass either pretrained=True or weights=<path>, not both")

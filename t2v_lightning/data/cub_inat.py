@@ -47,6 +47,7 @@ import functools
 import json
 import logging
 import os
+import posixpath
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,8 +68,39 @@ from t2v_lightning.data.task import (
     check_input_size,
     check_normalize,
 )
+from t2v_lightning.safety import open_image
 
 log = logging.getLogger(__name__)
+
+
+def contained_path(entry: str, index_file: Path, under: str = "") -> str:
+    """``entry``, a path read from a dataset's index file, if it stays inside the data folder.
+
+    The path is resolved lexically (``a/./b``, ``a/../b``): an absolute path, or one that climbs
+    out of the folder the index's paths are relative to (``../../etc/passwd``), is refused, so
+    a crafted index cannot make the dataset open files outside its root.
+
+    Args:
+        entry: the path as written in the index.
+        index_file: the index (named in the message).
+        under: what the entry is relative to, for the message (``images/``).
+
+    Returns:
+        The normalised relative path.
+
+    Raises:
+        ValueError: naming the index file and the entry.
+    """
+    normal = posixpath.normpath(entry)
+    seen = posixpath.normpath(entry.replace("\\", "/"))  # as a Windows-made index may mean it
+    if not entry or any(posixpath.isabs(p) or p == ".." or p.startswith("../")
+                        for p in (normal, seen)):
+        raise ValueError(
+            f"{index_file}: the image path {entry!r} leads outside the data folder "
+            f"({under or 'the index folder'}); paths in an index must be relative and stay "
+            "inside it"
+        )
+    return normal
 
 CUB_TAXONOMY_FILE = "cub_taxonomy.csv"
 NUM_CUB_CLASSES = 200
@@ -146,10 +178,8 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
 
-        with Image.open(self.paths[index]) as image:
-            rgb = image.convert("RGB")
+        rgb = open_image(self.paths[index])  # refused beyond MAX_IMAGE_PIXELS, before decoding
         return self.transform(rgb), self._targets[index]
 
 
@@ -327,7 +357,8 @@ def _cub_index(cub_dir: str, stamp: tuple[int, int]) -> _CubIndex:
     d = Path(cub_dir)
     if not (d / "images").is_dir():
         raise DatasetNotFoundError(f"missing folder {d / 'images'}. {CUB_HINT}")
-    images = dict(_read_pairs(d / "images.txt", CUB_HINT))
+    images = {key: contained_path(value, d / "images.txt", "images/")
+              for key, value in _read_pairs(d / "images.txt", CUB_HINT)}
     labels = {k: int(v) for k, v in _read_pairs(d / "image_class_labels.txt", CUB_HINT)}
     split = {k: v == "1" for k, v in _read_pairs(d / "train_test_split.txt", CUB_HINT)}
     names = dict(_read_pairs(d / "classes.txt", CUB_HINT))
@@ -438,7 +469,8 @@ def _inat_index(path: str, stamp: tuple[int, int]) -> _InatIndex:
     for key in ("images", "annotations"):
         if key not in data:
             raise ValueError(f"{path} has no {key!r} list (expected COCO-style iNat 2018)")
-    file_of = {int(img["id"]): str(img["file_name"]) for img in data["images"]}
+    file_of = {int(img["id"]): contained_path(str(img["file_name"]), Path(path))
+               for img in data["images"]}
     names, cats = [], []
     for ann in data["annotations"]:
         image_id = int(ann["image_id"])

@@ -29,6 +29,7 @@ from t2v_lightning.data.task import (
     BuildTask,
     ClassSubset,
     DatasetEntry,
+    DatasetNotFoundError,
     Normalize,
     Task,
     TaskInfo,
@@ -293,6 +294,9 @@ def download_dataset(name: str, root: str) -> None:
     Raises:
         ValueError: the dataset cannot be downloaded from Python (the message says how to get
             it).
+        DatasetNotFoundError: the download failed (no network, a server that does not answer,
+            a file that does not verify); the message names the dataset, the folder and the
+            cause in one line.
     """
     entry = get_entry(name)
     if entry.download is None:
@@ -302,7 +306,16 @@ def download_dataset(name: str, root: str) -> None:
                 "scripts/download_cub.sh ROOT and scripts/download_inat2018.sh ROOT"
             )
         raise ValueError(f"dataset {name!r} has nothing to download")
-    entry.download(str(root))
+    try:
+        entry.download(str(root))
+    except DatasetNotFoundError:
+        raise
+    except (RuntimeError, OSError) as err:  # torchvision: RuntimeError("Error downloading ...")
+        cause = " ".join(str(err).split()) or type(err).__name__
+        raise DatasetNotFoundError(
+            f"downloading {name!r} into {root} failed: {cause[:400]} (check the network, or "
+            f"place the files under {root} yourself and leave download off)"
+        ) from err
 
 
 __all__ = [

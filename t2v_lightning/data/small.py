@@ -330,6 +330,18 @@ def _load_mnist_subset(root: str, train: bool) -> tuple[torch.Tensor, torch.Tens
 
 
 def _torchvision_download(kind: str, root: str) -> None:
+    """Fetch ``kind`` with torchvision; a failed download is one line naming the dataset."""
+    try:
+        _fetch(kind, root)
+    except (RuntimeError, OSError) as err:  # torchvision: RuntimeError("Error downloading ...")
+        cause = " ".join(str(err).split()) or type(err).__name__
+        raise DatasetNotFoundError(
+            f"downloading {kind!r} into {root} failed: {cause[:400]} (check the network, or "
+            f"place the files under {root} yourself and leave download off)"
+        ) from err
+
+
+def _fetch(kind: str, root: str) -> None:
     import torchvision.datasets as tvd
 
     log.info("downloading %s into %s with torchvision", kind, root)

@@ -184,21 +184,26 @@ def _label(embedding: TaskEmbedding, argument: str, index: int | None) -> str:
 
 
 def check_embeddings(
-    embeddings: Sequence[TaskEmbedding], argument: str = "embeddings"
+    embeddings: Sequence[TaskEmbedding], argument: str = "embeddings",
+    assume_comparable: bool = False,
 ) -> list[TaskEmbedding]:
     """Check that ``embeddings`` is a non-empty sequence of mutually comparable embeddings.
 
     Args:
         embeddings: the embeddings.
         argument: the argument's name, used in error messages.
+        assume_comparable: accept embeddings that record no probe fingerprint or layer table
+            (see :func:`~t2v_lightning.embedding.check_comparable`).
 
     Returns:
         The embeddings as a list.
 
     Raises:
         TypeError: not a sequence of :class:`TaskEmbedding`.
-        ValueError: the sequence is empty.
-        IncompatibleEmbeddingsError: two embeddings of different probes or layer layouts.
+        ValueError: the sequence is empty, or an embedding has no entries.
+        IncompatibleEmbeddingsError: two embeddings of different probes or layer layouts, or
+            one that cannot be checked (no fingerprint or layer table) without
+            ``assume_comparable``.
     """
     if isinstance(embeddings, TaskEmbedding):
         raise TypeError(
@@ -217,11 +222,14 @@ def check_embeddings(
             raise TypeError(
                 f"{argument}[{index}] must be a TaskEmbedding, got {type(item).__name__}"
             )
+        if len(item) == 0:
+            raise ValueError(f"{_label(item, argument, index)} has no entries; there is nothing "
+                             "to compare")
     warned = False  # one scale warning per call is enough
     for index in range(1, len(items)):
         warned = check_comparable(
             items[0], items[index], names=(f"{argument}[0]", f"{argument}[{index}]"),
-            warn_scale=not warned,
+            warn_scale=not warned, assume_comparable=assume_comparable,
         ) or warned
     return items
 
@@ -515,12 +523,17 @@ def _validated(items: Sequence[TaskEmbedding], labels: Sequence[str],
     return hessians, scales
 
 
-def pdist(embeddings: Sequence[TaskEmbedding], distance: Distance = "cosine") -> torch.Tensor:
+def pdist(
+    embeddings: Sequence[TaskEmbedding], distance: Distance = "cosine",
+    assume_comparable: bool = False,
+) -> torch.Tensor:
     """All pairwise distances between ``embeddings`` (SPEC section 4).
 
     Args:
         embeddings: embeddings made with the same probe and layer layout.
         distance: one of :data:`DISTANCES` (see the module docstring for the formulas).
+        assume_comparable: compare embeddings that record no probe fingerprint or layer table
+            (made by hand, or by other software); without it they are refused.
 
     Returns:
         The ``(n, n)`` float64 matrix ``D[i, j] = d(e_i, e_j)``: symmetric (``d(e_i, e_j)`` for
@@ -535,13 +548,13 @@ def pdist(embeddings: Sequence[TaskEmbedding], distance: Distance = "cosine") ->
     Example:
         >>> import torch
         >>> from t2v_lightning import TaskEmbedding, pdist
-        >>> a = TaskEmbedding(torch.tensor([1.0, 2.0]), torch.ones(2))
+        >>> a = TaskEmbedding(torch.tensor([1.0, 2.0]), torch.ones(2))  # no probe recorded
         >>> b = TaskEmbedding(torch.tensor([2.0, 1.0]), torch.ones(2))
-        >>> pdist([a, b]).shape
+        >>> pdist([a, b], assume_comparable=True).shape
         torch.Size([2, 2])
     """
     _check_distance(distance)
-    items = check_embeddings(embeddings, "embeddings")
+    items = check_embeddings(embeddings, "embeddings", assume_comparable)
     labels = [_label(e, "embeddings", i) for i, e in enumerate(items)]
     hessians, scales = _validated(items, labels, distance)
     return _distances(distance, hessians, scales, hessians, scales, True, labels, labels)
@@ -551,6 +564,7 @@ def cdist(
     from_embeddings: Sequence[TaskEmbedding],
     to_embeddings: Sequence[TaskEmbedding],
     distance: Distance = "cosine",
+    assume_comparable: bool = False,
 ) -> torch.Tensor:
     """Distances from every embedding of one collection to every embedding of another.
 
@@ -558,6 +572,7 @@ def cdist(
         from_embeddings: ``m`` embeddings (the first argument of the distance).
         to_embeddings: ``n`` embeddings (the second argument).
         distance: one of :data:`DISTANCES`.
+        assume_comparable: as :func:`pdist`.
 
     Returns:
         The ``(m, n)`` float64 matrix ``D[i, j] = d(from_i, to_j)``.
@@ -567,9 +582,10 @@ def cdist(
         ValueError: as :func:`pdist`.
     """
     _check_distance(distance)
-    items_a = check_embeddings(from_embeddings, "from_embeddings")
-    items_b = check_embeddings(to_embeddings, "to_embeddings")
-    check_comparable(items_a[0], items_b[0], names=("from_embeddings[0]", "to_embeddings[0]"))
+    items_a = check_embeddings(from_embeddings, "from_embeddings", assume_comparable)
+    items_b = check_embeddings(to_embeddings, "to_embeddings", assume_comparable)
+    check_comparable(items_a[0], items_b[0], names=("from_embeddings[0]", "to_embeddings[0]"),
+                     assume_comparable=assume_comparable)
     labels_a = [_label(e, "from_embeddings", i) for i, e in enumerate(items_a)]
     labels_b = [_label(e, "to_embeddings", i) for i, e in enumerate(items_b)]
     ha, sa = _validated(items_a, labels_a, distance)
@@ -577,13 +593,17 @@ def cdist(
     return _distances(distance, ha, sa, hb, sb, False, labels_a, labels_b)
 
 
-def task_distance(a: TaskEmbedding, b: TaskEmbedding, distance: Distance = "cosine") -> float:
+def task_distance(
+    a: TaskEmbedding, b: TaskEmbedding, distance: Distance = "cosine",
+    assume_comparable: bool = False,
+) -> float:
     """The distance ``d(a, b)`` between two task embeddings (SPEC section 4).
 
     Args:
         a: the first embedding.
         b: the second embedding (same probe and layer layout as ``a``).
         distance: one of :data:`DISTANCES`.
+        assume_comparable: as :func:`pdist`.
 
     Returns:
         ``d(a, b)`` as a Python float.
@@ -595,8 +615,10 @@ def task_distance(a: TaskEmbedding, b: TaskEmbedding, distance: Distance = "cosi
     for argument, value in (("a", a), ("b", b)):
         if not isinstance(value, TaskEmbedding):
             raise TypeError(f"{argument} must be a TaskEmbedding, got {type(value).__name__}")
+        if len(value) == 0:
+            raise ValueError(f"{argument} has no entries; there is nothing to compare")
     _check_distance(distance)
-    check_comparable(a, b, names=("a", "b"))
+    check_comparable(a, b, names=("a", "b"), assume_comparable=assume_comparable)
     labels_a, labels_b = [_label(a, "a", None)], [_label(b, "b", None)]
     ha, sa = _validated([a], labels_a, distance)
     hb, sb = _validated([b], labels_b, distance)

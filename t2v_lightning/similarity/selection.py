@@ -90,7 +90,8 @@ def complexity(embedding: TaskEmbedding, distance: Distance = "cosine") -> float
         embedding: the task's embedding.
         distance: one of :data:`~t2v_lightning.similarity.distance.DISTANCES`.
     """
-    return task_distance(embedding, trivial_embedding(embedding), distance)
+    # its own trivial embedding: same probe and layers by construction
+    return task_distance(embedding, trivial_embedding(embedding), distance, assume_comparable=True)
 
 
 def asymmetric_distance(
@@ -98,6 +99,7 @@ def asymmetric_distance(
     source: TaskEmbedding,
     alpha: float = DEFAULT_ALPHA,
     distance: Distance = "cosine",
+    assume_comparable: bool = False,
 ) -> float:
     """The asymmetric score of transferring from ``source`` to ``target`` (lower is better).
 
@@ -113,12 +115,15 @@ def asymmetric_distance(
         alpha: weight of the source's complexity (the paper's 0.15 by default).
         distance: the symmetric distance ``d`` (one of
             :data:`~t2v_lightning.similarity.distance.DISTANCES`).
+        assume_comparable: compare embeddings that record no probe fingerprint or layer
+            table (see :func:`~t2v_lightning.similarity.distance.pdist`).
 
     Returns:
         The score as a Python float.
     """
     _check_alpha(alpha)
-    return task_distance(target, source, distance) - alpha * complexity(source, distance)
+    return (task_distance(target, source, distance, assume_comparable)
+            - alpha * complexity(source, distance))
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,7 @@ def select_expert(
     experts: Sequence[TaskEmbedding] | Mapping[str, TaskEmbedding],
     alpha: float = DEFAULT_ALPHA,
     distance: Distance = "cosine",
+    assume_comparable: bool = False,
 ) -> ExpertRanking:
     """Rank experts (by the embeddings of their training tasks) for a target task.
 
@@ -173,6 +179,8 @@ def select_expert(
             ``task_name``) or a mapping from expert name to embedding.
         alpha: weight of each source's complexity.
         distance: the symmetric distance ``d``.
+        assume_comparable: compare embeddings that record no probe fingerprint or layer
+            table (see :func:`~t2v_lightning.similarity.distance.pdist`).
 
     Returns:
         An :class:`ExpertRanking`; ``ranking.best`` is the index of the selected expert.
@@ -184,7 +192,7 @@ def select_expert(
         ...     return TaskEmbedding(torch.tensor(values), torch.ones(3), meta={"task_name": name})
         >>> target = emb([1.0, 2.0, 3.0], "target")
         >>> experts = [emb([3.0, 2.0, 1.0], "far"), emb([1.0, 2.0, 2.9], "near")]
-        >>> select_expert(target, experts, alpha=0.0).best_name
+        >>> select_expert(target, experts, alpha=0.0, assume_comparable=True).best_name
         'near'
     """
     if not isinstance(target, TaskEmbedding):
@@ -193,11 +201,11 @@ def select_expert(
     _check_distance(distance)
     if isinstance(experts, Mapping):
         names = [str(name) for name in experts]
-        candidates = check_embeddings(list(experts.values()), "experts")
+        candidates = check_embeddings(list(experts.values()), "experts", assume_comparable)
     else:
-        candidates = check_embeddings(experts, "experts")
+        candidates = check_embeddings(experts, "experts", assume_comparable)
         names = [e.name or f"experts[{i}]" for i, e in enumerate(candidates)]
-    distances = cdist([target], candidates, distance)[0]
+    distances = cdist([target], candidates, distance, assume_comparable)[0]
     complexities = torch.tensor(
         [complexity(candidate, distance) for candidate in candidates], dtype=torch.float64
     )
@@ -236,7 +244,8 @@ def ranked_experts(ranking: ExpertRanking) -> list[RankedExpert]:
         >>> def emb(values, name):
         ...     return TaskEmbedding(torch.tensor(values), torch.ones(3), meta={"task_name": name})
         >>> ranking = select_expert(emb([1.0, 2.0, 3.0], "target"),
-        ...                         [emb([3.0, 2.0, 1.0], "far"), emb([1.0, 2.0, 2.9], "near")])
+        ...                         [emb([3.0, 2.0, 1.0], "far"), emb([1.0, 2.0, 2.9], "near")],
+        ...                         assume_comparable=True)
         >>> [(row.rank, row.name) for row in ranked_experts(ranking)]
         [(1, 'near'), (2, 'far')]
     """
