@@ -45,6 +45,7 @@ from typing_extensions import override
 from t2v_lightning.allocator import keep_freed_memory
 from t2v_lightning.cli_checks import (
     KeepingConfigSaver,
+    argument_defaults,
     check_checkpoint_identity,
     check_embed_trainer_options,
     check_output_template,
@@ -562,7 +563,8 @@ class T2VCLI(LightningCLI):
         if checkpoint is None:
             return
         check_checkpoint_identity(checkpoint, self.config["embed"]["model"],
-                                  self.config["embed"]["data"], f"--ckpt_path {ckpt_path!r}")
+                                  self.config["embed"]["data"], f"--ckpt_path {ckpt_path!r}",
+                                  argument_defaults(ProbeClassifier.__init__))
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

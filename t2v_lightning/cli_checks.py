@@ -32,6 +32,7 @@ from t2v_lightning.outputs import OutputExistsError, write_atomically
 
 __all__ = [
     "RESUME_KEYS",
+    "argument_defaults",
     "KeepingConfigSaver",
     "check_checkpoint_identity",
     "check_embed_trainer_options",
@@ -101,7 +102,8 @@ def _write_text(name: str, text: str) -> None:
     Path(name).write_text(text)
 
 
-def _defaults(function: Any) -> dict[str, Any]:
+def argument_defaults(function: Any) -> dict[str, Any]:
+    """The default value of each argument of ``function`` that has one."""
     return {name: parameter.default for name, parameter in
             inspect.signature(function).parameters.items()
             if parameter.default is not inspect.Parameter.empty}
@@ -118,7 +120,7 @@ def check_embed_trainer_options(trainer: Mapping[str, Any]) -> None:
     """
     from lightning.pytorch import Trainer
 
-    defaults = _defaults(Trainer.__init__)
+    defaults = argument_defaults(Trainer.__init__)
     for name in _EMBED_REFUSED_LIMITS:
         value = trainer.get(name, defaults.get(name))
         if value != defaults.get(name):
@@ -140,7 +142,8 @@ def smoke_test_batches(fast_dev_run: Any) -> int:
 
 
 def check_checkpoint_identity(
-    checkpoint: Mapping[str, Any], model: dict[str, Any], data: Mapping[str, Any], source: str
+    checkpoint: Mapping[str, Any], model: dict[str, Any], data: Mapping[str, Any], source: str,
+    defaults: Mapping[str, Any],
 ) -> None:
     """Take the probe's identity from a ``t2v fit`` checkpoint, refusing conflicts.
 
@@ -153,14 +156,12 @@ def check_checkpoint_identity(
         model: the ``model`` section of the config (updated in place).
         data: the ``data`` section of the config.
         source: how to name the checkpoint (``--ckpt_path 'file'``).
+        defaults: the model's argument defaults (a value equal to its default was not chosen).
 
     Raises:
         ValueError: naming the option, the checkpoint's value and the one asked for.
     """
-    from t2v_lightning.probe_classifier import ProbeClassifier
-
     stored = checkpoint.get("hyper_parameters") or {}
-    defaults = _defaults(ProbeClassifier.__init__)
     for key in ("probe", "pretrained", "weights", "head"):
         if key not in stored:
             continue

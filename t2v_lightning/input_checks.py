@@ -204,6 +204,8 @@ def check_probe_takes(
             the device has available.
     """
     value, where = _example(dataset, index)
+    if not isinstance(value, (torch.Tensor, Mapping)):
+        return  # not an input a probe takes: named by the checks of the passes
     available = _available_memory(device)
     example_bytes = _bytes(value)
     check_input_batch_fits(dataset, index, device, batch_size)

@@ -436,7 +436,7 @@ _DRIVER = textwrap.dedent(
         probe = randomise_batchnorm(TinyConvNet()).eval()
         t2v = Task2Vec(probe, max_samples=16, batch_size=4, head_epochs=1, progress_bar=False,
                        accelerator="cpu", seed=0)
-        t2v.embed(ToyImages(n=24, size=8), task_name="toy").save(output)
+        t2v.embed(ToyImages(n=24, size=8), task_name="toy").save(output, overwrite=True)
 
 
     def snapshot(folder):
