@@ -596,3 +596,30 @@ def test_shell_lists_of_globs_and_files_reach_the_parser_as_lists() -> None:
         "embed", "--datasets", '["*", "b?rds"]', "--data.data_files",
         '["a.parquet", "b.parquet"]', "--data.streaming", "true", "--overwrite", "true"]
     assert _expand_shorthands(["--datasets", "[digits,mnist]"]) == ["--datasets", "[digits,mnist]"]
+
+
+def test_task_names_from_file_and_folder_names_are_safe_for_paths_and_terminals(
+    tmp_path: Path,
+) -> None:
+    from t2v_lightning.data.sources import DataSource, source_label
+
+    odd = tmp_path / "my reviews\x1b[2J.csv"
+    odd.write_text("text,label\na,x\nb,y\n")
+    assert get_task("csv", str(odd)).name == "my_reviews_2J"
+    assert source_label("imagefolder", str(tmp_path / "a b" / "."), DataSource()) == "a_b"
+    assert source_label("hf", "", DataSource(path="user/some-set", config="en")) == \
+        "user__some-set_en"
+    assert source_label("hf", "", DataSource(path="imagefolder", data_files=("d/cars/**",))) == \
+        "cars"
+
+
+def test_an_image_folder_with_a_text_probe_is_one_line(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image_task(workdir / "t")
+    code, _, err = run_t2v(["embed", "--data.name", "imagefolder", "--data.root", "t",
+                            "--output", "out/", *FAST, "--model.probe", "text:all-MiniLM-L6-v2"],
+                           capsys)
+    assert code == 2
+    assert "holds images, but 'text:all-MiniLM-L6-v2' is a text probe" in one_line_error(err)
+    assert files_under(workdir / "out") == []

@@ -344,7 +344,7 @@ def _file_task(kind: str) -> Callable[..., Task]:
         meta = {"dataset": kind, "task_id": None, "split": "train", "file": str(path),
                 "text_column": text_column, "label_column": source.label_column,
                 "class_names": names, "label_kind": label_kind, "num_examples": len(texts)}
-        return _text_task(texts, ids, path.stem, meta)
+        return _text_task(texts, ids, source_label(kind, root, source), meta)
 
     return build
 
@@ -469,7 +469,8 @@ def _hf_task(root: str, source: DataSource, train: bool, input_size: int | None,
 
 
 def check_probe_fits(probe: str, metadata: dict[str, Any], task: str) -> None:
-    """Refuse a text task with an image probe, and an image task of ours with a text probe.
+    """Refuse a text task with an image probe, and an image task of your own data with a text
+    probe (the registry's image tasks are checked against the probe's first layer later).
 
     Args:
         probe: ``--model.probe``.
@@ -481,7 +482,7 @@ def check_probe_fits(probe: str, metadata: dict[str, Any], task: str) -> None:
     if modality == "text" and not text_probe:
         raise ValueError(f"task {task!r} is a text task: embed it with a text probe "
                          f"({TEXT_PROBE_HINT}), not {probe!r}")
-    if modality != "text" and text_probe:
+    if modality == "image" and text_probe:
         raise ValueError(f"task {task!r} holds images, but {probe!r} is a text probe: use an "
                          "image probe (e.g. --model.probe resnet18)")
 
