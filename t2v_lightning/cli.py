@@ -20,7 +20,9 @@ Options are the typed ``__init__`` arguments of :class:`ProbeClassifier` (``--mo
 from __future__ import annotations
 
 import argparse
+import glob
 import inspect
+import json
 import os
 import pickle
 import re
@@ -53,7 +55,9 @@ from t2v_lightning.cli_checks import (
     smoke_test_batches,
 )
 from t2v_lightning.data.datamodule import TaskDataModule
+from t2v_lightning.data.folders import task_folders
 from t2v_lightning.data.registry import get_entry, num_tasks
+from t2v_lightning.data.sources import SOURCE_DATASETS, DataSource, check_probe_fits, source_label
 from t2v_lightning.embedding import artifact_damage
 from t2v_lightning.outputs import check_new_outputs, check_output_path, write_atomically
 from t2v_lightning.probe_classifier import ProbeClassifier
@@ -66,7 +70,7 @@ from t2v_lightning.safety import (
     trainer_options_checked,
 )
 from t2v_lightning.similarity.report import nearest_tasks, write_csv, write_distance_csv
-from t2v_lightning.trainers import PhaseProgressBar
+from t2v_lightning.trainers import phase_progress
 
 __all__ = [
     "EmbeddingJob",
@@ -135,11 +139,22 @@ def parse_task_ids(spec: str, count: int | None = None) -> list[int]:
 
 @dataclass(frozen=True)
 class EmbeddingJob:
-    """One task to embed: a registered dataset, a task id (None: single task), an output file."""
+    """One task to embed: a registered dataset, a task id (None: single task), an output file.
+
+    ``root`` is the task folder of an ``imagefolder`` sweep (None: the data module's root);
+    ``label`` is the ``{task}`` of your own data (a folder's or file's name).
+    """
 
     dataset: str
     task_id: int | None
     output: Path
+    root: str | None = None
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        """How logs and ``{task}`` name the task: ``digits``, ``cub_inat2018_017``, ``birds``."""
+        return self.label if self.label is not None else _task_label(self.dataset, self.task_id)
 
 
 def _task_label(dataset: str, task_id: int | None) -> str:
@@ -154,11 +169,14 @@ def embedding_jobs(
     output: str,
     shard_index: int = 0,
     num_shards: int = 1,
+    source: DataSource | None = None,
+    task_folders_in: str | None = None,
 ) -> list[EmbeddingJob]:
     """The tasks one ``t2v embed`` run covers, with their output files.
 
     Args:
-        datasets: registered dataset names.
+        datasets: registered dataset names; with ``task_folders_in``, glob patterns of task
+            folders (``*``).
         root: data folder (only read to count the tasks of iNat-based datasets).
         tasks: task ids of the multi-task datasets (see :func:`parse_task_ids`); None uses
             ``default_task_id``.
@@ -168,6 +186,9 @@ def embedding_jobs(
             ``{task}.safetensors`` inside it).
         shard_index: this run's share of the jobs: ``jobs[shard_index::num_shards]``.
         num_shards: how many runs share the jobs.
+        source: where ``hf`` / ``csv`` / ``jsonl`` read (names their ``{task}``).
+        task_folders_in: a folder of ``imagefolder`` task folders: one job per folder matching
+            ``datasets``, ``{task}`` the folder's name, ``{task_id}`` its position.
 
     Raises:
         ValueError: unknown dataset, bad task ids, bad shard, or an output that would give two
@@ -182,6 +203,10 @@ def embedding_jobs(
     if output.endswith(("/", os.sep)) or Path(output).is_dir():
         output = os.path.join(output, "{task}.safetensors")
     pairs: list[tuple[str, int | None]] = []
+    folders: list[Path] = []
+    if task_folders_in is not None:
+        folders = task_folders(task_folders_in, datasets)
+        datasets = []
     for dataset in datasets:
         entry = get_entry(dataset)
         single = entry.max_tasks is None
@@ -199,23 +224,32 @@ def embedding_jobs(
             pairs.extend((dataset, task_id) for task_id in ids)
     check_output_template(output, ("dataset", "task_id", "task"))  # before formatting it
     jobs: list[EmbeddingJob] = []
-    for dataset, task_id in pairs:
+    named: list[tuple[str, int | None, str | None, str | None]] = [
+        (dataset, task_id, None,
+         source_label(dataset, root, source or DataSource()) if dataset in SOURCE_DATASETS else None)
+        for dataset, task_id in pairs
+    ]
+    named += [("imagefolder", None, str(folder), source_label("imagefolder", str(folder),
+                                                               DataSource()))
+              for folder in folders]
+    for number, (dataset, task_id, task_root, label) in enumerate(named):
+        name = label if label is not None else _task_label(dataset, task_id)
+        position = task_id if task_id is not None else (number if task_root is not None else 0)
         try:
-            path = output.format(dataset=dataset, task_id=0 if task_id is None else task_id,
-                                 task=_task_label(dataset, task_id))
+            path = output.format(dataset=dataset, task_id=position, task=name)
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(
                 f"output={output!r} is not a valid template ({type(err).__name__}: {err}); the "
                 "fields are {dataset}, {task_id} and {task}"
             ) from err
-        jobs.append(EmbeddingJob(dataset, task_id, Path(path)))
+        jobs.append(EmbeddingJob(dataset, task_id, Path(path), task_root, label))
     seen: dict[Path, EmbeddingJob] = {}
     for job in jobs:
         if job.output in seen:
             other = seen[job.output]
             raise ValueError(
-                f"output={output!r} gives {_task_label(other.dataset, other.task_id)} and "
-                f"{_task_label(job.dataset, job.task_id)} the same file {str(job.output)!r}; put "
+                f"output={output!r} gives {other.name} and {job.name} the same file "
+                f"{str(job.output)!r}; put "
                 "{task} (or {dataset} and {task_id}) in --output"
             )
         seen[job.output] = job
@@ -242,11 +276,13 @@ def _public(hparams: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(hparams).items() if not k.startswith("_")}
 
 
-def _sibling(datamodule: TaskDataModule, dataset: str, task_id: int | None) -> TaskDataModule:
+def _sibling(datamodule: TaskDataModule, job: EmbeddingJob) -> TaskDataModule:
     """A data module like ``datamodule`` (same sampling, size, root...) for another task."""
     accepted = inspect.signature(type(datamodule).__init__).parameters
     settings = {k: v for k, v in datamodule.hparams.items() if k in accepted and k != "self"}
-    settings.update(name=dataset, task_id=task_id)
+    settings.update(name=job.dataset, task_id=job.task_id)
+    if job.root is not None:
+        settings.update(root=job.root)
     return type(datamodule)(**settings)
 
 
@@ -295,7 +331,9 @@ class EmbeddingTrainer(pl.Trainer):
             overwrite: replace existing artifacts. Without it, a single task refuses to
                 overwrite its file and several tasks skip the ones already written (so an
                 interrupted sweep resumes).
-            datasets: several registered datasets to embed in turn (default: ``--data.name``).
+            datasets: several registered datasets to embed in turn (default: ``--data.name``);
+                with ``--data.name imagefolder``, glob patterns of task folders in
+                ``--data.root`` (``'*'``: every folder there), one artifact per folder.
             tasks: task ids of a multi-task dataset: ``0-9,12`` (ranges include both ends) or
                 ``all``; replaces ``--data.task_id``.
             shard_index: embed only the tasks ``shard_index, shard_index + num_shards, ...``
@@ -316,11 +354,15 @@ class EmbeddingTrainer(pl.Trainer):
             The artifacts written by this run.
         """
         hp = datamodule.hparams
+        folder_sweep = datamodule.dataset_name == "imagefolder" and bool(datasets)
         jobs = embedding_jobs(
             datasets or [datamodule.dataset_name], datamodule.root, tasks,
-            datamodule.task_id, output, shard_index, num_shards,
+            datamodule.task_id, output, shard_index, num_shards, source=datamodule.source,
+            task_folders_in=os.path.dirname(os.path.abspath(datamodule.root)) if folder_sweep
+            else None,
         )
-        several = len(jobs) > 1 or tasks is not None or bool(datasets and len(datasets) > 1)
+        several = (len(jobs) > 1 or tasks is not None or bool(datasets and len(datasets) > 1)
+                   or folder_sweep)
         if ckpt_path is not None and several:
             raise ValueError(
                 "--ckpt_path holds the head of one task; it cannot be combined with several "
@@ -345,8 +387,7 @@ class EmbeddingTrainer(pl.Trainer):
         for job in jobs:
             check_output_path(job.output, "--output")  # a device, FIFO or folder; too long a name
             if fisher_checkpoint_dir is not None:
-                _check_writable(Path(fisher_checkpoint_dir)
-                                / _task_label(job.dataset, job.task_id) / "last.ckpt")
+                _check_writable(Path(fisher_checkpoint_dir) / job.name / "last.ckpt")
             if smoke:  # nothing is written
                 todo.append(job)
                 continue
@@ -355,7 +396,7 @@ class EmbeddingTrainer(pl.Trainer):
                     raise FileExistsError(
                         f"{job.output} already exists; pass --overwrite to replace it"
                     )
-                label = _task_label(job.dataset, job.task_id)
+                label = job.name
                 damage = artifact_damage(job.output)
                 if damage is None:
                     difference = self._resume_difference(
@@ -376,6 +417,10 @@ class EmbeddingTrainer(pl.Trainer):
                 damaged.add(job.output)
             _check_writable(job.output)  # before any work, not after an hour of it
             todo.append(job)
+        # Task folders are read before any work: a bad one stops the sweep before the first.
+        ready = {job: _sibling(datamodule, job) for job in todo if job.root is not None}
+        for data in [datamodule, *ready.values()]:
+            check_probe_fits(model.hparams["probe"], data.task_metadata, data.task_name)
         if smoke:
             rank_zero_info("fast_dev_run: a smoke test of the first task on a few examples; no "
                            "artifact is written")
@@ -385,14 +430,15 @@ class EmbeddingTrainer(pl.Trainer):
             logger.log_hyperparams({"model": _public(model.hparams), "data": _public(hp)})
         written: list[Path] = []
         for number, job in enumerate(todo):
-            same = job.dataset == datamodule.dataset_name and job.task_id == datamodule.task_id
-            data = datamodule if same else _sibling(datamodule, job.dataset, job.task_id)
+            same = (job.dataset == datamodule.dataset_name and job.task_id == datamodule.task_id
+                    and job.root in (None, datamodule.root))
+            data = datamodule if same else ready.get(job) or _sibling(datamodule, job)
+            check_probe_fits(model.hparams["probe"], data.task_metadata, data.task_name)
             data.prepare_data()
             data.setup("fit")
             checkpoint_dir = None
             if fisher_checkpoint_dir is not None:
-                checkpoint_dir = os.path.join(fisher_checkpoint_dir,
-                                              _task_label(job.dataset, job.task_id))
+                checkpoint_dir = os.path.join(fisher_checkpoint_dir, job.name)
             task2vec = model.task2vec(
                 self, fitted_head=ckpt_path is not None, head_epochs=int(head_epochs or 0),
                 batch_size=data.batch_size, num_workers=data.num_workers,
@@ -440,8 +486,9 @@ class EmbeddingTrainer(pl.Trainer):
         """How the artifact at ``job.output`` differs from what this run would write."""
         from t2v_lightning.embedding import TaskEmbedding
 
-        same = job.dataset == datamodule.dataset_name and job.task_id == datamodule.task_id
-        data = datamodule if same else _sibling(datamodule, job.dataset, job.task_id)
+        same = (job.dataset == datamodule.dataset_name and job.task_id == datamodule.task_id
+                and job.root in (None, datamodule.root))
+        data = datamodule if same else _sibling(datamodule, job)
         expected = expected_settings(model, data, head_epochs,
                                      None if ckpt_path is None else os.fspath(ckpt_path))
         return settings_difference(TaskEmbedding.load(job.output).meta, expected)
@@ -537,6 +584,13 @@ class T2VCLI(LightningCLI):
             smoke = batches * int(data["batch_size"])
             data["max_samples"] = min(data["max_samples"] or smoke, smoke)
         datasets = config.get("datasets")
+        if datasets and data["name"] == "imagefolder":
+            # A folder of task folders: --datasets are glob patterns of its folders. The data
+            # module becomes the first task folder; the list, the folders themselves.
+            folders = task_folders(data["root"], datasets)
+            config["datasets"] = [glob.escape(os.path.abspath(f)) for f in folders]
+            data["root"] = str(folders[0])
+            return
         if datasets:
             data["name"] = datasets[0]
         tasks = config.get("tasks")
@@ -547,18 +601,32 @@ class T2VCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        # fit trains the head: name its progress bar so (unless bars are off or the user gave one)
+        # fit trains the head, validate measures it: title their progress (bars on a terminal,
+        # lines elsewhere) unless progress is off or the user gave a progress bar
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        phase = {"fit": "head fitting", "validate": "validation"}.get(self.subcommand or "")
         if (
-            self.subcommand == "fit"
+            phase is not None
             and config.get("enable_progress_bar") is not False
             and not any(isinstance(c, ProgressBar) for c in callbacks)
         ):
-            kwargs.setdefault("callbacks", [*callbacks, PhaseProgressBar("head fitting")])
+            kwargs.setdefault("callbacks", [*callbacks, phase_progress(phase)])
         with trainer_options_checked():
             return super().instantiate_trainer(**kwargs)
+
+    def _check_probe_fits(self) -> None:
+        data = self.datamodule
+        check_probe_fits(self.model.hparams["probe"], data.task_metadata, data.task_name)
+
+    def before_fit(self) -> None:
+        """Refuse a text task with an image probe (and the reverse) before training."""
+        self._check_probe_fits()
+
+    def before_validate(self) -> None:
+        """Refuse a text task with an image probe (and the reverse)."""
+        self._check_probe_fits()
 
     def after_fit(self) -> None:
         """Say where the head's checkpoint went."""
@@ -811,15 +879,15 @@ def _quiet_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-_FLAGS = ("--overwrite",)
-_LISTS = ("--datasets",)
+_FLAGS = ("--overwrite", "--data.streaming")
+_LISTS = ("--datasets", "--data.data_files")
 
 
 def _expand_shorthands(argv: list[str]) -> list[str]:
     """Shell-friendly forms of two option types.
 
-    ``--overwrite`` alone means ``--overwrite true``; ``--datasets a b c`` means
-    ``--datasets [a,b,c]`` (jsonargparse's list syntax, which also works).
+    ``--overwrite`` (or ``--data.streaming``) alone means ``--overwrite true``; ``--datasets a b c`` (or ``--data.data_files``) means
+    ``--datasets ["a","b","c"]`` (jsonargparse's list syntax, which also works).
     """
     expanded: list[str] = []
     position = 0
@@ -836,8 +904,8 @@ def _expand_shorthands(argv: list[str]) -> list[str]:
                 position += 1
             if len(values) == 1 and values[0].lstrip().startswith("["):
                 expanded.append(values[0])
-            elif values:
-                expanded.append("[" + ",".join(values) + "]")
+            elif values:  # as JSON: a glob such as * is not read as a YAML alias
+                expanded.append(json.dumps(values))
     return expanded
 
 

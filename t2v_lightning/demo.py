@@ -272,6 +272,15 @@ def run_demo(
     }
 
 
+OWN_DATA_COMMANDS: tuple[str, ...] = (
+    "t2v embed --data.name imagefolder --data.root DIR --datasets '*'"
+    "   # DIR/<task>/<class>/*.jpg",
+    "t2v embed --data.name hf --data.path NAME_OR_BUILDER [--data.data_files FILES]",
+    "t2v embed --data.name csv --data.root FILE --model.probe text:all-MiniLM-L6-v2",
+)
+"""What the demo suggests at its end: the same on your own data (README, "Your own data")."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m t2v_lightning.demo",
@@ -322,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"  {name:<{width}}  ->  {other:<{width}}  {distance:.4f}")
     print(f"\nwrote {len(result['files'])} embeddings, {result['csv']} and {result['figure']} "
           f"in {result['seconds']:.0f} s")
+    print("\nnext, your own data (README: \"Your own data\"):")
+    for command in OWN_DATA_COMMANDS:
+        print(f"  {command}")
 
 
 if __name__ == "__main__":

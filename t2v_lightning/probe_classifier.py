@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -27,6 +27,7 @@ from t2v_lightning.fisher.variational import VariationalSettings
 from t2v_lightning.probe import (
     PACKAGED_WEIGHTS,
     ProbeError,
+    call_probe,
     find_head,
     get_probe,
     get_submodule,
@@ -169,8 +170,8 @@ class ProbeClassifier(pl.LightningModule):
         return self
 
     @override
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.network(inputs)
+    def forward(self, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return call_probe(self.network, inputs)  # a mapping (tokenised text): keyword arguments
 
     # ------------------------------------------------------------------------ fitting
     def _loss(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

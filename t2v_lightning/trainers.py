@@ -4,28 +4,41 @@
 precision, nodes, progress bars) and builds every Trainer of an embedding: the Fisher pass (or
 variance training) and, when the head is fitted, a Trainer on this process's device only.
 :func:`quiet_lightning` silences Lightning's advice that does not apply to those internal
-Trainers; :class:`PhaseProgressBar` titles the progress bar with the phase it measures.
+Trainers; :class:`PhaseProgressBar` titles the progress bar with the phase it measures, on a
+terminal; elsewhere (CI, SLURM, ``| tee``), where a bar's redrawn frames pile up in the log,
+:class:`PhaseProgressLog` writes one line per phase instead (and one every 30 s on a long phase);
+:func:`phase_progress` picks between the two.
 :meth:`TrainerSpec.from_trainer` reads the placement of a user's Trainer (``t2v embed``).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from t2v_lightning.safety import is_int
 
-__all__ = ["PhaseProgressBar", "TrainerSpec", "add_callbacks", "quiet_lightning", "QUIET_WARNINGS"]
+__all__ = [
+    "PhaseProgressBar",
+    "PhaseProgressLog",
+    "TrainerSpec",
+    "add_callbacks",
+    "phase_progress",
+    "quiet_lightning",
+    "QUIET_WARNINGS",
+]
 
 QUIET_WARNINGS: tuple[str, ...] = (
     ".*does not have many workers.*",
@@ -95,6 +108,149 @@ class PhaseProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description(self._description(trainer))
 
 
+class PhaseProgressLog(ProgressBar):
+    """Progress as lines, for logs that are not a terminal: one line when a phase ends.
+
+    ``Fisher pass: 10/10 batches in 3.2 s`` or ``head fitting: 10 epochs of 5 batches in 1.1 s
+    (head/loss 0.693, head/accuracy 0.52)``; a phase still running after ``interval`` seconds
+    adds ``Fisher pass: 120/500 batches, 30 s`` every ``interval`` seconds. Validation runs of
+    their own (``t2v validate``) get one line too. Lines are written, on rank 0 only, to the
+    stream the bars would use (standard output).
+
+    Args:
+        phase: what the lines are titled with.
+        interval: seconds between the lines of a long phase.
+        stream: where to write (default: ``sys.stdout`` at the time of writing).
+        clock: seconds of a monotonic clock (``time.monotonic``).
+    """
+
+    def __init__(
+        self,
+        phase: str,
+        interval: float = 30.0,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        if not interval > 0:
+            raise ValueError(f"interval must be positive, got {interval!r}")
+        self._phase = phase
+        self._interval = float(interval)
+        self._stream = stream
+        self._clock = clock
+        self._enabled = True
+        self._start = 0.0
+        self._last = 0.0
+        self._batches = 0
+
+    @override
+    def disable(self) -> None:
+        self._enabled = False
+
+    @override
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _write(self, line: str) -> None:
+        if not self._enabled:
+            return
+        stream = self._stream if self._stream is not None else sys.stdout
+        stream.write(line + "\n")
+        stream.flush()
+
+    def _metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        shown = []
+        for key, value in self.get_metrics(trainer, pl_module).items():
+            if key == "v_num":
+                continue
+            shown.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        return f" ({', '.join(shown)})" if shown else ""
+
+    def _begin(self) -> None:
+        self._start = self._last = self._clock()
+        self._batches = 0
+
+    def _tick(self, done: int, total: int | float | None) -> None:
+        now = self._clock()
+        if now - self._last >= self._interval:
+            self._last = now
+            of = f"/{int(total)}" if total not in (None, float("inf")) else ""
+            self._write(f"{self._phase}: {done}{of} batches, {now - self._start:.0f} s")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._begin()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._batches += 1
+        epochs = trainer.max_epochs or 1
+        total = self.total_train_batches
+        if epochs > 1 and total != float("inf"):
+            total = total * epochs
+        self._tick(self._batches, total)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = self._clock() - self._start
+        epochs = trainer.current_epoch if trainer.current_epoch else 1
+        if (trainer.max_epochs or 1) > 1:
+            per_epoch = self._batches // max(epochs, 1)
+            done = f"{epochs} epoch{'s' if epochs != 1 else ''} of {per_epoch} batches"
+        else:
+            done = f"{self._batches} batches"
+        self._write(f"{self._phase}: {done} in {seconds:.1f} s{self._metrics(trainer, pl_module)}")
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._begin()
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.state.fn == "validate":
+            self._batches += 1
+            self._tick(self._batches, self.total_val_batches)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            seconds = self._clock() - self._start
+            self._write(f"{self._phase}: {self._batches} batches in {seconds:.1f} s"
+                        f"{self._metrics(trainer, pl_module)}")
+
+
+def _on_terminal(stream: Any = None) -> bool:
+    """Whether progress bars can redraw in place: a terminal, or a Jupyter kernel's output."""
+    stream = stream if stream is not None else sys.stdout
+    if "ipykernel" in sys.modules:
+        return True
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:  # a closed stream
+        return False
+
+
+def phase_progress(phase: str) -> ProgressBar:
+    """The progress display of one phase: a titled bar on a terminal, lines elsewhere.
+
+    On a terminal (``sys.stdout.isatty()``, or a Jupyter kernel): :class:`PhaseProgressBar`.
+    Elsewhere (CI, SLURM, a pipe into ``tee``): :class:`PhaseProgressLog`, one line per phase
+    and one every 30 s on a long one, instead of every redrawn frame of a bar.
+
+    Args:
+        phase: the title (``head fitting``, ``Fisher pass``, ``variational``).
+    """
+    return PhaseProgressBar(phase) if _on_terminal() else PhaseProgressLog(phase)
+
+
 @dataclass(frozen=True)
 class TrainerSpec:
     """The placement of the library's Trainers.
@@ -105,7 +261,8 @@ class TrainerSpec:
         strategy: Lightning strategy (``"auto"``, ``"ddp"``, ``"ddp_spawn"``, ...).
         precision: Lightning precision (``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``).
         num_nodes: machines of a multi-node run.
-        progress_bar: show a progress bar titled with each phase.
+        progress_bar: show each phase's progress: a titled bar on a terminal, one line per
+            phase elsewhere (:func:`phase_progress`).
     """
 
     accelerator: str = "auto"
@@ -167,12 +324,12 @@ class TrainerSpec:
         """A Trainer with this placement, no logger, no checkpointing, no model summary.
 
         Args:
-            phase: the title of the progress bar.
+            phase: the title of the progress display.
             max_epochs: epochs of the fit.
             callbacks: callbacks, in the order Lightning calls them.
         """
         devices = self.devices if isinstance(self.devices, (int, str)) else list(self.devices)
-        bar: list[pl.Callback] = [PhaseProgressBar(phase)] if self.progress_bar else []
+        bar: list[pl.Callback] = [phase_progress(phase)] if self.progress_bar else []
         return pl.Trainer(
             accelerator=self.accelerator,
             devices=devices,

@@ -91,3 +91,18 @@ def test_the_demo_pipeline_writes_artifacts_matrix_figure_and_neighbours(
     for name in names:
         assert f"  {name}" in out
     assert "probe check: flower.jpg -> daisy" in out
+    assert out.rstrip().endswith(demo.OWN_DATA_COMMANDS[-1])  # the demo ends on your own data
+    for command in demo.OWN_DATA_COMMANDS:
+        assert f"  {command}" in out
+
+
+def test_the_demos_closing_commands_are_those_of_the_readme() -> None:
+    """The commands the demo ends with name the datasets and options the README documents."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    for name in ("imagefolder", "hf", "csv"):
+        assert any(f"--data.name {name}" in c for c in demo.OWN_DATA_COMMANDS)
+        assert f"--data.name {name}" in section
+    for option in ("--data.root", "--datasets '*'", "--data.path", "--data.data_files",
+                   "--model.probe text:all-MiniLM-L6-v2"):
+        assert option in " ".join(demo.OWN_DATA_COMMANDS) and option in section

@@ -2,7 +2,9 @@
 
 ``get_task(name, root, task_id)`` returns a :class:`~t2v_lightning.data.task.Task` (a dataset of
 ``(3 x H x W float tensor, int label)``, its number of classes, a name and JSON metadata);
-``TaskDataModule`` serves one task to a Trainer. The names below are imported lazily.
+``TaskDataModule`` serves one task to a Trainer. Your own data comes in through the same two:
+``get_task("imagefolder", "DIR")``, ``get_task("hf", "", path=...)``, ``get_task("csv",
+"FILE")`` (see :mod:`t2v_lightning.data.sources`). The names below are imported lazily.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from t2v_lightning.lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "ClassSubset": "t2v_lightning.data.task",
     "DatasetNotFoundError": "t2v_lightning.data.task",
+    "DataSource": "t2v_lightning.data.sources",
+    "DataSourceError": "t2v_lightning.data.task",
     "Task": "t2v_lightning.data.task",
     "TaskInfo": "t2v_lightning.data.task",
     "get_targets": "t2v_lightning.data.task",
@@ -28,6 +32,8 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ClassSubset",
+    "DataSource",
+    "DataSourceError",
     "DatasetNotFoundError",
     "Task",
     "TaskDataModule",
@@ -51,9 +57,11 @@ if TYPE_CHECKING:  # pragma: no cover
         num_tasks,
         register_dataset,
     )
+    from t2v_lightning.data.sources import DataSource
     from t2v_lightning.data.task import (
         ClassSubset,
         DatasetNotFoundError,
+        DataSourceError,
         Task,
         TaskInfo,
         get_targets,

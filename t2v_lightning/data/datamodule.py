@@ -26,9 +26,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from t2v_lightning.data.registry import describe_task, download_dataset, get_entry, get_task
+from t2v_lightning.data.sources import DataSource, check_source
 from t2v_lightning.data.task import (
+    DatasetNotFoundError,
     Normalize,
     Task,
+    TaskInfo,
     check_input_size,
     check_normalize,
     get_targets,
@@ -66,8 +69,11 @@ class TaskDataModule(pl.LightningDataModule):
 
     Args:
         name: registered dataset name (``t2v_lightning.data.registry.list_datasets()``), e.g.
-            ``digits``, ``fashion_mnist_tops``, ``split_cifar``, ``cub_inat2018``.
-        root: data folder (torchvision's layout; CUB / iNat as the download scripts lay it out).
+            ``digits``, ``fashion_mnist_tops``, ``split_cifar``, ``cub_inat2018``; or your own
+            data: ``imagefolder``, ``hf``, ``csv``, ``jsonl``.
+        root: data folder (torchvision's layout; CUB / iNat as the download scripts lay it out);
+            for ``imagefolder`` the folder with one subfolder per class, for ``csv`` / ``jsonl``
+            the file.
         task_id: task of a multi-task dataset (``split_*``, ``cub``, ``inat2018``,
             ``cub_inat2018``); ``None`` for single-task datasets.
         input_size: image side in pixels; ``None`` keeps the native size of the small sets and
@@ -83,6 +89,16 @@ class TaskDataModule(pl.LightningDataModule):
         train: serve the training split (``True``) or the test split as ``train_dataset``.
         normalize: ``imagenet`` (mean/std) or ``none``.
         classes: optional subset of the task's labels, relabelled ``0 .. C - 1``.
+        path: ``hf``: the Hugging Face dataset (Hub name, local folder, or a packaged builder
+            such as ``parquet``, ``json``, ``csv``, ``imagefolder`` reading ``data_files``).
+        config: ``hf``: the dataset's configuration.
+        split: ``hf``: the split read.
+        data_files: ``hf``: local files (or globs) for a packaged builder.
+        image_column: ``hf``: the image column (default ``image`` when present).
+        text_column: ``hf``, ``csv``, ``jsonl``: the sentence column (default ``text``).
+        label_column: ``hf``, ``csv``, ``jsonl``: the label column (integers, strings or a
+            ``ClassLabel``; numbered in sorted order).
+        streaming: ``hf``: read only the first ``max_samples`` rows, lazily.
     """
 
     def __init__(
@@ -100,9 +116,20 @@ class TaskDataModule(pl.LightningDataModule):
         train: bool = True,
         normalize: Normalize = "imagenet",
         classes: list[int] | None = None,
+        path: str | None = None,
+        config: str | None = None,
+        split: str = "train",
+        data_files: str | list[str] | None = None,
+        image_column: str | None = None,
+        text_column: str | None = None,
+        label_column: str = "label",
+        streaming: bool = False,
     ) -> None:
         super().__init__()
-        get_entry(name)  # unknown name: ValueError listing the known ones
+        entry = get_entry(name)  # unknown name: ValueError listing the known ones
+        self.source = DataSource.of(path, config, split, data_files, image_column, text_column,
+                                    label_column, streaming)
+        check_source(name, self.source)
         check_input_size(input_size)
         check_normalize(normalize)
         if isinstance(batch_size, bool) or batch_size < 1:
@@ -126,8 +153,14 @@ class TaskDataModule(pl.LightningDataModule):
         self.train = train
         self.normalize = normalize
         self.classes = None if classes is None else [int(c) for c in classes]
-        self._info = describe_task(name, root, task_id, self.classes)
         self._task: Task | None = None
+        if entry.build_source is not None:
+            # Your own data: its labels are read to know the classes; read it once.
+            self._task = self._build(train)
+            self._info = TaskInfo(self._task.name, self._task.num_classes,
+                                  dict(self._task.metadata))
+        else:
+            self._info = describe_task(name, root, task_id, self.classes)
         self._val_task: Task | None = None
         self._train_dataset: Subset[Any] | None = None
 
@@ -162,6 +195,15 @@ class TaskDataModule(pl.LightningDataModule):
             download=self.download,
             normalize=self.normalize,
             classes=self.classes,
+            path=self.source.path,
+            config=self.source.config,
+            split=self.source.split,
+            data_files=list(self.source.data_files) if self.source.data_files else None,
+            image_column=self.source.image_column,
+            text_column=self.source.text_column,
+            label_column=self.source.label_column,
+            streaming=self.source.streaming,
+            max_samples=self.max_samples,
         )
 
     @property
@@ -213,12 +255,23 @@ class TaskDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def val_dataloader(self) -> DataLoader[Any]:
-        """The task's test split."""
-        if not get_entry(self.dataset_name).has_test_split:
+    def val_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:
+        """The task's test split (none while fitting a task that has no test split, such as a
+        CSV file or an image folder without ``val/`` or ``test/``)."""
+        entry = get_entry(self.dataset_name)
+        trainer = self.trainer
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        if not entry.has_test_split:
+            if fitting:
+                return []  # fit without validation
             raise ValueError(f"dataset {self.dataset_name!r} has no test split for validation")
         if self._val_task is None:
-            self._val_task = self._build(False)
+            try:
+                self._val_task = self._build(False)
+            except DatasetNotFoundError:
+                if fitting and entry.build_source is not None:
+                    return []  # your own folder without a held-out split: fit without validation
+                raise
         return DataLoader(
             self._val_task.dataset,
             batch_size=self.batch_size,

@@ -8,6 +8,9 @@ Built-in names (``list_datasets()``):
 * named class subsets of the offline sets: ``digits_0_4``, ``digits_5_9``, ``digits_even``,
   ``digits_odd``, the same four for ``mnist_subset_*``, and ``fashion_mnist_tops``,
   ``fashion_mnist_footwear``, ``fashion_mnist_tops_vs_footwear``;
+* your own data (:mod:`t2v_lightning.data.sources`): ``imagefolder`` (a folder with one
+  subfolder per class), ``hf`` (a Hugging Face dataset, ``path=...``), ``csv`` and ``jsonl``
+  (sentences and labels, for the text probe);
 * task families (``task_id`` required): ``split_mnist`` (5), ``split_cifar`` (11), ``cub`` (25),
   ``inat2018`` (as many as the data gives), ``cub_inat2018`` (232).
 
@@ -20,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from t2v_lightning.data import cub_inat, small
+from t2v_lightning.data import cub_inat, small, sources
+from t2v_lightning.data.sources import DataSource, check_source
 from t2v_lightning.data.task import (
     BuildTask,
     ClassSubset,
@@ -35,7 +39,9 @@ from t2v_lightning.data.task import (
 )
 from t2v_lightning.safety import is_int
 
-_REGISTRY: dict[str, DatasetEntry] = {**small.dataset_entries(), **cub_inat.dataset_entries()}
+_REGISTRY: dict[str, DatasetEntry] = {
+    **small.dataset_entries(), **cub_inat.dataset_entries(), **sources.dataset_entries()
+}
 
 
 def register_dataset(
@@ -171,6 +177,8 @@ def describe_task(
     root: str,
     task_id: int | None = None,
     classes: Sequence[int] | Mapping[int, int] | None = None,
+    source: DataSource | None = None,
+    max_samples: int | None = None,
 ) -> TaskInfo:
     """Name, number of classes and metadata of a task, without loading images if possible.
 
@@ -179,10 +187,18 @@ def describe_task(
         root: data folder.
         task_id: task of a multi-task dataset.
         classes: optional class subset, as in :func:`get_task`.
+        source: where ``imagefolder`` / ``hf`` / ``csv`` / ``jsonl`` read (their labels are
+            read; no image is decoded).
+        max_samples: rows read by a streamed ``hf`` dataset.
     """
     entry = get_entry(name)
     task_id = _check_task_id(name, entry, task_id)
-    if entry.describe is not None:
+    source = source if source is not None else DataSource()
+    check_source(name, source)
+    if entry.build_source is not None:
+        task = entry.build_source(str(root), source, True, None, "imagenet", max_samples)
+        info = TaskInfo(task.name, task.num_classes, dict(task.metadata))
+    elif entry.describe is not None:
         info = entry.describe(str(root), task_id)
     else:
         task = entry.build(str(root), task_id, True, None, False, "imagenet")
@@ -201,12 +217,27 @@ def get_task(
     download: bool = False,
     normalize: Normalize = "imagenet",
     classes: Sequence[int] | Mapping[int, int] | None = None,
+    *,
+    path: str | None = None,
+    config: str | None = None,
+    split: str = "train",
+    data_files: str | Sequence[str] | None = None,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    label_column: str = "label",
+    streaming: bool = False,
+    max_samples: int | None = None,
 ) -> Task:
     """Build one task of a registered dataset.
 
+    Your own data (:mod:`t2v_lightning.data.sources`): ``get_task("imagefolder", "DIR")``,
+    ``get_task("csv", "reviews.csv")`` (columns ``text`` and ``label``), ``get_task("hf",
+    "", path="parquet", data_files="train.parquet")``.
+
     Args:
         name: registered dataset name (:func:`list_datasets`).
-        root: data folder, laid out as torchvision (or the download scripts) lay it out.
+        root: data folder, laid out as torchvision (or the download scripts) lay it out; the
+            task folder of ``imagefolder``; the file of ``csv`` / ``jsonl``.
         task_id: which task of a multi-task dataset (required there); ``None`` or 0 otherwise.
         train: training split, or the test split (the held-out fifth for ``digits`` and
             ``mnist_subset``; ``val2018.json`` for iNat).
@@ -216,19 +247,37 @@ def get_task(
         normalize: ``"imagenet"`` (mean/std) or ``"none"``.
         classes: keep only these task labels, relabelled ``0 .. C - 1`` (a sequence, or a
             mapping ``{task label: new label}`` to merge classes).
+        path: ``hf``: a Hugging Face dataset (Hub name, local folder, or a packaged builder:
+            ``parquet``, ``json``, ``csv``, ``imagefolder``).
+        config: ``hf``: the dataset's configuration.
+        split: ``hf``: the split to read.
+        data_files: ``hf``: local files for a packaged builder.
+        image_column: ``hf``: the image column (default ``image`` when present).
+        text_column: ``hf``, ``csv``, ``jsonl``: the sentence column (default ``text``).
+        label_column: ``hf``, ``csv``, ``jsonl``: the label column.
+        streaming: ``hf``: read only the first ``max_samples`` rows, lazily.
+        max_samples: ``hf`` with ``streaming``: how many rows to read.
 
     Raises:
         ValueError: unknown name (lists the known ones), task id out of range (gives the range),
-            bad argument.
+            bad argument; :class:`~t2v_lightning.data.task.DataSourceError` (a ``ValueError``)
+            for your own data that cannot be used, naming the file, folder or column.
         DatasetNotFoundError: files missing (names the path and how to obtain them).
     """
     entry = get_entry(name)
     task_id = _check_task_id(name, entry, task_id)
     check_input_size(input_size)
     check_normalize(normalize)
+    source = DataSource.of(path, config, split, data_files, image_column, text_column,
+                           label_column, streaming)
+    check_source(name, source)
     if not train and not entry.has_test_split:
         raise ValueError(f"dataset {name!r} has no test split; use train=True")
-    task = entry.build(str(root), task_id, bool(train), input_size, bool(download), normalize)
+    if entry.build_source is not None:
+        task = entry.build_source(str(root), source, bool(train), input_size, normalize,
+                                  max_samples)
+    else:
+        task = entry.build(str(root), task_id, bool(train), input_size, bool(download), normalize)
     if classes is not None:
         mapping = class_mapping(classes)
         info = _subset_info(TaskInfo(task.name, task.num_classes, dict(task.metadata)), mapping)

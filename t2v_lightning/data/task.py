@@ -37,6 +37,15 @@ class DatasetNotFoundError(FileNotFoundError):
     """Files of a dataset are missing; the message names the path and how to obtain them."""
 
 
+class DataSourceError(ValueError):
+    """A user's data cannot be made into a task: the message names the file, folder or column.
+
+    Raised for image folders, Hugging Face datasets and CSV / JSONL files (empty folders, a
+    single class, a missing column, labels that are neither integers nor strings, a file that is
+    not an image ...).
+    """
+
+
 @dataclass
 class Task:
     """A classification task: a dataset, its number of classes, a name and metadata.
@@ -71,6 +80,20 @@ class TaskInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+class BuildSourceTask(Protocol):
+    """Builds the task of a dataset that reads a user's data (see :class:`DatasetEntry`)."""
+
+    def __call__(
+        self,
+        root: str,
+        source: Any,
+        train: bool,
+        input_size: int | None,
+        normalize: Normalize,
+        max_samples: int | None,
+    ) -> Task: ...
+
+
 class BuildTask(Protocol):
     """Builds one task of a registered dataset (see :class:`DatasetEntry`)."""
 
@@ -102,6 +125,10 @@ class DatasetEntry:
             downloaded by the library (offline sets, or data behind a download script).
         has_test_split: whether ``train=False`` gives a held-out split.
         summary: one line for listings.
+        build_source: for the datasets that read a user's data (``imagefolder``, ``hf``,
+            ``csv``, ``jsonl``): ``build_source(root, source, train, input_size, normalize,
+            max_samples) -> Task`` with ``source`` a
+            :class:`~t2v_lightning.data.sources.DataSource`; used instead of ``build``.
     """
 
     build: BuildTask
@@ -111,6 +138,7 @@ class DatasetEntry:
     download: Callable[[str], None] | None = None
     has_test_split: bool = True
     summary: str = ""
+    build_source: BuildSourceTask | None = None
 
 
 def check_normalize(normalize: str) -> None:
