@@ -119,7 +119,7 @@ def test_nce_matches_the_conditional_entropy_written_as_loops() -> None:
     pairs = Counter(zip(z.tolist(), y.tolist()))
     sources = Counter(z.tolist())
     entropy = 0.0
-    for (zi, yi), count in pairs.items():
+    for (zi, _yi), count in pairs.items():
         entropy -= count / 40 * math.log(count / sources[zi])
     assert nce(torch.tensor(z), torch.tensor(y)) == pytest.approx(-entropy, rel=1e-12)
     assert nce(torch.tensor(y * 2 + 1), torch.tensor(y)) == pytest.approx(0.0, abs=1e-15)
