@@ -251,19 +251,24 @@ def nce(source_labels: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------ H-score
-def _class_means(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Each row replaced by the mean of its class's rows."""
+def _class_projection_terms(f: torch.Tensor, y: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For centred features ``f = U diag(σ) Vᵀ`` (thin SVD): ``σ²`` and ``diag(Uᵀ P U)``, P the
+    n × n matrix that replaces each row by its class mean (so ``E[f | y] = P f``)."""
+    u, sigma, _ = torch.linalg.svd(f, full_matrices=False)
     indicators = _one_hot(y)
-    means = indicators.T @ f / indicators.sum(0)[:, None]
-    return indicators @ means
+    projected = u.T @ indicators  # (r, K)
+    return sigma**2, (projected**2 / indicators.sum(0)).sum(1)
 
 
 def h_score(features: torch.Tensor, labels: torch.Tensor) -> float:
     """H-score (Bao et al. 2019): ``tr(cov(f)⁺ cov(E[f | y]))``.
 
-    Covariances use the ``n − 1`` normaliser (it cancels); the pseudo-inverse drops the
-    eigenvalues below ``max(n, D) · eps`` of the largest (``torch.linalg.pinv``'s default), so
-    that exact null directions are not inverted. With n ≤ D the score is K − 1 for any
+    With the centred features ``X = U diag(σ) Vᵀ`` and P the class-mean matrix (``E[f | y] =
+    P X``), ``cov(E[f | y]) = XᵀPX / (n − 1)`` lies in the span of V, so the trace is
+    ``Σ_i (Uᵀ P U)_ii`` over the singular directions kept by the pseudo-inverse: those with
+    ``σ_i² > max(n, D) · eps · σ_max²`` (``torch.linalg.pinv``'s default cut-off on cov(f)).
+    That costs O(n² D) instead of the D × D inverse. With n ≤ D the score is K − 1 for any
     features in general position (module docs): use :func:`h_score_shrinkage` there.
 
     Args:
@@ -273,11 +278,11 @@ def h_score(features: torch.Tensor, labels: torch.Tensor) -> float:
     f = _matrix(features, "features")
     y = _labels(labels, f.shape[0])
     f = f - f.mean(0, keepdim=True)
-    g = _class_means(f, y)
-    n = f.shape[0]
-    cov_f = f.T @ f / (n - 1)
-    cov_g = g.T @ g / (n - 1)
-    return float(torch.trace(torch.linalg.pinv(cov_f, hermitian=True) @ cov_g))
+    s, diagonal = _class_projection_terms(f, y)
+    if len(s) == 0 or float(s.max()) == 0.0:
+        return 0.0
+    kept = s > max(f.shape) * torch.finfo(torch.float64).eps * s.max()
+    return float(diagonal[kept].sum())
 
 
 def ledoit_wolf_shrinkage(features: torch.Tensor) -> float:
@@ -285,7 +290,8 @@ def ledoit_wolf_shrinkage(features: torch.Tensor) -> float:
 
     With X the centred features (n × D), S = XᵀX / n, μ = tr(S) / D:
     ``δ = ‖S − μ I‖²_F / D``, ``b = min(δ, (Σ_i ‖x_i x_iᵀ − S‖²_F / n²) / D)`` written as in
-    scikit-learn's ``ledoit_wolf_shrinkage``, and ``a = b / δ`` (0 when b = 0).
+    scikit-learn's ``ledoit_wolf_shrinkage``, and ``a = b / δ`` (0 when b = 0). The D × D
+    products are taken as n × n ones (``‖XᵀX‖²_F = ‖XXᵀ‖²_F``).
     """
     x = _matrix(features, "features")
     x = x - x.mean(0, keepdim=True)
@@ -293,20 +299,23 @@ def ledoit_wolf_shrinkage(features: torch.Tensor) -> float:
     x2 = x * x
     trace_terms = x2.sum(0) / n
     mu = float(trace_terms.sum()) / d
-    beta_sum = float((x2.T @ x2).sum())
-    delta_sum = float(((x.T @ x) ** 2).sum()) / n**2
+    beta_sum = float((x2.sum(1) ** 2).sum())  # Σ_jk Σ_i x_ij² x_ik² = Σ_i ‖x_i‖⁴
+    delta_sum = float(((x @ x.T) ** 2).sum()) / n**2
     beta = (beta_sum / n - delta_sum) / (d * n)
     delta = (delta_sum - 2 * mu * float(trace_terms.sum()) + d * mu**2) / d
     beta = min(beta, delta)
-    return 0.0 if beta == 0 else beta / delta
+    return 0.0 if beta <= 0 else beta / delta
 
 
 def h_score_shrinkage(features: torch.Tensor, labels: torch.Tensor) -> float:
     """H-score with a Ledoit–Wolf shrunk feature covariance (Ibrahim et al. 2022).
 
-    ``tr(Σ_a⁻¹ (1 − a) cov(E[f | y]))`` with ``Σ_a = (1 − a) S + a (tr(S) / D) I``, S the
-    empirical covariance (normaliser n) and a :func:`ledoit_wolf_shrinkage`. Unlike
-    :func:`h_score` it still ranks models when the target has fewer examples than features.
+    ``tr(Σ_a⁻¹ (1 − a) cov(E[f | y]))`` with ``Σ_a = (1 − a) S + a μ I``, S = XᵀX / n the
+    empirical covariance of the centred features, μ = tr(S) / D, a :func:`ledoit_wolf_shrinkage`
+    and ``cov(E[f | y]) = XᵀPX / n``. In the SVD ``X = U diag(σ) Vᵀ`` this is
+    ``Σ_i (1 − a) (σ_i² / n) (Uᵀ P U)_ii / ((1 − a) σ_i² / n + a μ)``: O(n² D), no D × D
+    inverse. Unlike :func:`h_score` it still ranks models when the target has fewer examples
+    than features.
 
     Args:
         features: the candidate's penultimate features on the target, (n, D).
@@ -317,13 +326,12 @@ def h_score_shrinkage(features: torch.Tensor, labels: torch.Tensor) -> float:
     f = f - f.mean(0, keepdim=True)
     n, d = f.shape
     a = ledoit_wolf_shrinkage(f)
-    cov_f = f.T @ f / n
-    shrunk = (1 - a) * cov_f + a * float(torch.trace(cov_f)) / d * torch.eye(d, dtype=torch.float64)
-    g = _class_means(f, y)
-    cov_g = g.T @ g / n
-    if a >= 1.0 or float(torch.trace(cov_f)) == 0.0:  # no signal to rank: constant features
+    mu = float((f * f).sum()) / (n * d)
+    if mu == 0.0 or a >= 1.0:  # constant features, or nothing left of S: no signal to rank
         return 0.0
-    return float(torch.trace(torch.linalg.solve(shrunk, (1 - a) * cov_g)))
+    s, diagonal = _class_projection_terms(f, y)
+    signal = (1 - a) * s / n
+    return float((signal * diagonal / (signal + a * mu)).sum())
 
 
 # ------------------------------------------------------------------------------ by name
