@@ -77,10 +77,11 @@ IMAGENET = "imagenet"
 """Name of the generic candidate: the ImageNet model without fine-tuning."""
 
 TOP_K = 3
+"""Length of Task2Vec's shortlist that the two-stage picks rerank by an estimator."""
+
 SCORES_VERSION = 1
 """Bumped when the estimators' code changes the numbers: cached scores of another version are
 recomputed."""
-"""Length of Task2Vec's shortlist that the two-stage picks rerank by an estimator."""
 
 FROZEN_STAGES = 4
 """``blocks.0`` .. ``blocks.3`` (and the stem) stay frozen; ``blocks.4`` onwards is fine-tuned."""
