@@ -20,11 +20,25 @@ two CPU cores with data and weights that ship in pip / Debian packages:
   ``d(target, source) − α·d(source, trivial)``, α = 0.15. The ImageNet model has no source task
   here (its training set is not available offline), so it is not ranked: it is the baseline.
 
+* **Transferability estimators** (:mod:`t2v_lightning.similarity.transferability`): LogME, LEEP,
+  NCE, H-score and H-score with a Ledoit–Wolf shrunk covariance score *every* candidate,
+  ImageNet included, from one pass of that candidate over the target's training images (the
+  images the ground truth's linear probes are trained on): LogME and the H-scores read the
+  penultimate features the ground truth uses, LEEP and NCE the candidate's own source-class
+  head (the fine-tuned head of an expert, the 1000 ImageNet classes of the ImageNet model).
+  The highest score is the pick. **Two-stage**: Task2Vec's first :data:`TOP_K` experts
+  reranked by each estimator.
+
 Reported per target and on average: the test error of the Task2Vec pick, of always-ImageNet, of
 chance (the mean over the fine-tuned experts) and of the oracle (the best of all candidates,
 ImageNet included), each as the difference to the oracle; the Spearman correlation between the
 ranking by asymmetric distance and the ranking by error; a figure. The same numbers for other
 values of α and other distances are printed as a diagnosis (the headline is α = 0.15, cosine).
+Then one row per method (Task2Vec, each estimator, each two-stage pick): mean points over the
+oracle, relative excess, picks equal to the oracle, Spearman and weighted Kendall τ (scipy's
+``weightedtau``) against the errors over the fine-tuned experts, and the cost per target as
+measured when the scores were computed (forward passes, seconds, growth with the number N of
+candidates); ``regret_vs_cost.png`` plots the regret against the seconds per target.
 
 Everything expensive is cached under ``--cache`` (frozen-prefix features, expert weights,
 Task2Vec artifacts, errors), keyed by the settings, so a rerun only redoes the report. The
@@ -35,7 +49,8 @@ CACHE/<key>/embeddings/sources``.
 Usage::
 
     python bench/model_selection.py                 # the full zoo (47 min on 2 shared cores)
-    python bench/model_selection.py --quick         # 2 experts, 2 targets, tiny: a smoke test
+    python bench/model_selection.py --quick         # 3 experts, 2 targets, tiny: a smoke test
+                                                    # (report in bench/results/model_selection_quick)
 """
 
 from __future__ import annotations
@@ -797,7 +812,7 @@ def plot_regret_vs_cost(methods: Mapping[str, Any], imagenet: float, chance: flo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.0, 4.5))
+    figure, axis = plt.subplots(figsize=(9.5, 4.5))
     colors = {"task2vec": "tab:red", "logme": "tab:blue", "leep": "tab:green", "nce": "tab:purple",
               "hscore": "tab:brown", "hscore_shrinkage": "tab:orange"}
     for method, m in methods["mean"].items():
@@ -815,7 +830,7 @@ def plot_regret_vs_cost(methods: Mapping[str, Any], imagenet: float, chance: flo
     axis.set_ylabel("mean test error over the oracle (points)")
     axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=6.5, loc="best", ncol=2)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=130)
@@ -892,7 +907,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         methods, result["mean"]["minus_best"]["imagenet"], result["mean"]["minus_best"]["chance"],
         output / "regret_vs_cost.png",
         f"Expert selection: regret against cost per target — {run_kind}\n"
-        f"{len(sources)} experts + ImageNet, {len(targets)} targets, {options.threads} threads")
+        f"{len(sources)} experts + ImageNet, {len(targets)} targets, torch threads: {options.threads}")
     report = {
         "settings": asdict(settings),
         "cache": _shown(built["folder"]),
