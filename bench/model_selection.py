@@ -20,11 +20,25 @@ two CPU cores with data and weights that ship in pip / Debian packages:
   ``d(target, source) − α·d(source, trivial)``, α = 0.15. The ImageNet model has no source task
   here (its training set is not available offline), so it is not ranked: it is the baseline.
 
+* **Transferability estimators** (:mod:`t2v_lightning.similarity.transferability`): LogME, LEEP,
+  NCE, H-score and H-score with a Ledoit–Wolf shrunk covariance score *every* candidate,
+  ImageNet included, from one pass of that candidate over the target's training images (the
+  images the ground truth's linear probes are trained on): LogME and the H-scores read the
+  penultimate features the ground truth uses, LEEP and NCE the candidate's own source-class
+  head (the fine-tuned head of an expert, the 1000 ImageNet classes of the ImageNet model).
+  The highest score is the pick. **Two-stage**: Task2Vec's first :data:`TOP_K` experts
+  reranked by each estimator.
+
 Reported per target and on average: the test error of the Task2Vec pick, of always-ImageNet, of
 chance (the mean over the fine-tuned experts) and of the oracle (the best of all candidates,
 ImageNet included), each as the difference to the oracle; the Spearman correlation between the
 ranking by asymmetric distance and the ranking by error; a figure. The same numbers for other
 values of α and other distances are printed as a diagnosis (the headline is α = 0.15, cosine).
+Then one row per method (Task2Vec, each estimator, each two-stage pick): mean points over the
+oracle, relative excess, picks equal to the oracle, Spearman and weighted Kendall τ (scipy's
+``weightedtau``) against the errors over the fine-tuned experts, and the cost per target as
+measured when the scores were computed (forward passes, seconds, growth with the number N of
+candidates); ``regret_vs_cost.png`` plots the regret against the seconds per target.
 
 Everything expensive is cached under ``--cache`` (frozen-prefix features, expert weights,
 Task2Vec artifacts, errors), keyed by the settings, so a rerun only redoes the report. The
@@ -35,7 +49,8 @@ CACHE/<key>/embeddings/sources``.
 Usage::
 
     python bench/model_selection.py                 # the full zoo (47 min on 2 shared cores)
-    python bench/model_selection.py --quick         # 2 experts, 2 targets, tiny: a smoke test
+    python bench/model_selection.py --quick         # 3 experts, 2 targets, tiny: a smoke test
+                                                    # (report in bench/results/model_selection_quick)
 """
 
 from __future__ import annotations
@@ -66,11 +81,22 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 
 from t2v_lightning.embedding import TaskEmbedding  # noqa: E402
 from t2v_lightning.similarity.selection import DEFAULT_ALPHA, select_expert  # noqa: E402
+from t2v_lightning.similarity.transferability import (  # noqa: E402
+    TRANSFERABILITY_METHODS,
+    transferability,
+)
 
 log = logging.getLogger("model_selection")
 
 IMAGENET = "imagenet"
 """Name of the generic candidate: the ImageNet model without fine-tuning."""
+
+TOP_K = 3
+"""Length of Task2Vec's shortlist that the two-stage picks rerank by an estimator."""
+
+SCORES_VERSION = 1
+"""Bumped when the estimators' code changes the numbers: cached scores of another version are
+recomputed."""
 
 FROZEN_STAGES = 4
 """``blocks.0`` .. ``blocks.3`` (and the stem) stay frozen; ``blocks.4`` onwards is fine-tuned."""
@@ -146,7 +172,7 @@ TARGETS: tuple[TaskSpec, ...] = (
 )
 """The target tasks (held-out / test splits: images no expert has seen)."""
 
-QUICK_SOURCES = (SOURCES[0], SOURCES[3])
+QUICK_SOURCES = (SOURCES[0], SOURCES[2], SOURCES[3])
 QUICK_TARGETS = (TARGETS[0], TARGETS[4])
 
 
@@ -454,6 +480,10 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
                         head_epochs=settings.embed_head_epochs, batch_size=100,
                         seed=settings.seed, accelerator="cpu", progress_bar=False)
     paths: dict[str, dict[str, Path]] = {"sources": {}, "targets": {}}
+    embed_seconds_path = folder / "embed_seconds.json"
+    embed_seconds: dict[str, float] = (
+        json.loads(embed_seconds_path.read_text()) if embed_seconds_path.exists() else {}
+    )
     for kind, specs in (("sources", sources), ("targets", targets)):
         for spec in specs:
             path = folder / "embeddings" / kind / f"{spec.name}.safetensors"
@@ -464,10 +494,51 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
                                       input_size=settings.input_size)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 embedding.save(path)
-                log.info("embedded %s: %.1f s", spec.name, spent("task2vec", start))
+                embed_seconds[spec.name] = spent("task2vec", start)
+                _write_json(embed_seconds_path, embed_seconds)
+                log.info("embedded %s: %.1f s", spec.name, embed_seconds[spec.name])
             paths[kind][spec.name] = path
+
+    # 5. transferability estimators: one pass of every candidate over each target's training
+    # images (the images the linear probes of the ground truth are trained on), timed
+    heads: dict[str, nn.Module] = {name: tail.classifier for name, tail in tails.items()
+                                   if tail.classifier is not None}
+    heads[IMAGENET] = probe.get_classifier()  # the 1000 ImageNet classes
+    scores_path = folder / "transferability.json"
+    transfer: dict[str, Any] = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    for spec in targets:
+        done = transfer.get(spec.name, {}).get("scores", {})
+        version = transfer.get(spec.name, {}).get("version")
+        if version == SCORES_VERSION and set(done) == set(tails) and all(set(v) == set(TRANSFERABILITY_METHODS)
+                                           for v in done.values()):
+            continue
+        start = time.perf_counter()
+        prefix_features(prefix, splits[spec.name]["train"])  # timed only: a candidate's own pass
+        entry: dict[str, Any] = {"version": SCORES_VERSION,
+                                 "prefix_seconds": time.perf_counter() - start, "tail_seconds": {},
+                                 "score_seconds": {m: {} for m in TRANSFERABILITY_METHODS},
+                                 "scores": {}}
+        x, y = cached[f"{spec.name}.train"]
+        entry["images"] = len(y)
+        for name, tail in tails.items():
+            since = time.perf_counter()
+            with torch.no_grad():
+                features = torch.from_numpy(tail_features(tail, x))
+                logits = heads[name](features)
+            entry["tail_seconds"][name] = time.perf_counter() - since
+            entry["scores"][name] = {}
+            for method in TRANSFERABILITY_METHODS:
+                since = time.perf_counter()
+                entry["scores"][name][method] = transferability(method, y, features=features,
+                                                                logits=logits)
+                entry["score_seconds"][method][name] = time.perf_counter() - since
+        transfer[spec.name] = entry
+        _write_json(scores_path, transfer)
+        log.info("transferability on %s (%d candidates, %d images): %.1f s", spec.name,
+                 len(tails), len(y), spent("transferability", start))
     return {"errors": errors, "sources": paths["sources"], "targets": paths["targets"],
-            "folder": folder, "build_seconds": timings}
+            "folder": folder, "build_seconds": timings, "transferability": transfer,
+            "embed_seconds": embed_seconds}
 
 
 # ------------------------------------------------------------------------------ the report
@@ -498,8 +569,10 @@ def evaluate(errors: Mapping[str, Mapping[str, float]], source_embeddings: Mappi
     rows = []
     for target, embedding in target_embeddings.items():
         row_errors = errors[target]
+        start = time.perf_counter()
         ranking = select_expert(embedding, dict(source_embeddings), alpha=alpha,
                                 distance=distance)  # type: ignore[arg-type]
+        select_seconds = time.perf_counter() - start
         experts = list(source_embeddings)
         best = min(row_errors.values())
         oracle = min(row_errors, key=row_errors.__getitem__)
@@ -522,6 +595,8 @@ def evaluate(errors: Mapping[str, Mapping[str, float]], source_embeddings: Mappi
                          for k, v in values.items()},
             "spearman": _spearman(scores, [row_errors[e] for e in experts]),
             "ranked": ranking.ranked_names,
+            "scores": dict(zip(experts, scores)),
+            "select_seconds": select_seconds,
         })
     mean = {
         "errors": {k: _nanmean([r["errors"][k] for r in rows]) for k in rows[0]["errors"]},
@@ -600,6 +675,168 @@ def plot(result: Mapping[str, Any], errors: Mapping[str, Mapping[str, float]], p
     plt.close(figure)
 
 
+def _weighted_tau(scores: Sequence[float], errors: Sequence[float]) -> float:
+    """scipy's weighted Kendall τ (hyperbolic weights) between a higher-is-better score and the
+    negated error: agreement among the best candidates counts most."""
+    from scipy.stats import weightedtau
+
+    if len(scores) < 3 or len(set(scores)) < 2 or len(set(errors)) < 2:
+        return float("nan")
+    return float(weightedtau(np.asarray(scores, float), -np.asarray(errors, float)).statistic)
+
+
+METHOD_LABELS = {"task2vec": "Task2Vec", "logme": "LogME", "leep": "LEEP", "nce": "NCE",
+                 "hscore": "H-score", "hscore_shrinkage": "H-score (shrinkage)"}
+
+
+def _method_label(method: str, top_k: int) -> str:
+    """``task2vec+logme@3`` → ``Task2Vec top 3 → LogME``."""
+    if "@" in method:
+        return f"Task2Vec top {top_k} → {METHOD_LABELS[method.split('+')[1].split('@')[0]]}"
+    return METHOD_LABELS[method]
+
+
+def evaluate_methods(errors: Mapping[str, Mapping[str, float]], result: Mapping[str, Any],
+                     transfer: Mapping[str, Any], embed_seconds: Mapping[str, float],
+                     sources: Sequence[str], top_k: int = TOP_K) -> dict[str, Any]:
+    """Task2Vec, every transferability estimator, and Task2Vec's top ``top_k`` reranked by each.
+
+    Per method and target: the pick (the estimators pick among every candidate, ImageNet
+    included; Task2Vec and the two-stage picks among the fine-tuned experts), its error over the
+    oracle in points and relative, whether it is the oracle; Spearman and weighted Kendall τ
+    between the method's scores and the negated errors *over the fine-tuned experts* (the set
+    every method ranks); the cost of the pick for that target: candidate forward passes over the
+    target's training images and seconds. A candidate's pass is the shared frozen prefix (timed
+    once per target, on the images) plus its own tail: every candidate is charged the full
+    pass, as separate networks would be. Task2Vec is charged the target's embedding and the
+    ranking; its experts' embeddings are computed once, whatever the number of targets, and
+    are reported apart (``per_expert_once_seconds``).
+    """
+    methods = ["task2vec", *TRANSFERABILITY_METHODS,
+               *(f"task2vec+{m}@{top_k}" for m in TRANSFERABILITY_METHODS)]
+    per_target: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for row in result["rows"]:
+        target = row["target"]
+        row_errors = errors[target]
+        oracle = row["oracle"]
+        cost = transfer[target]
+        candidates = list(cost["scores"])
+        experts = [e for e in sources if e in row_errors]
+        passes = {c: cost["prefix_seconds"] + cost["tail_seconds"][c] for c in candidates}
+        ranked = row["ranked"]
+        select_seconds = float(row["select_seconds"])
+        embed = float(embed_seconds.get(target, float("nan")))
+
+        def entry(pick: str, scores: Mapping[str, float], passes_n: int, seconds: float,
+                  fixed: float, per_candidate: float, row_errors: Mapping[str, float] = row_errors,
+                  experts: Sequence[str] = experts, target: str = target,
+                  oracle: str = oracle) -> dict[str, Any]:
+            best = min(row_errors.values())
+            chosen = [scores[e] for e in experts]
+            truth = [row_errors[e] for e in experts]
+            return {"target": target, "pick": pick, "error": row_errors[pick],
+                    "minus_best": 100 * (row_errors[pick] - best),
+                    "relative": 100 * (row_errors[pick] - best) / best if best > 0
+                    else float("nan"),
+                    "picked_oracle": pick == oracle,
+                    "spearman": -_spearman(chosen, truth), "weighted_tau": _weighted_tau(chosen, truth),
+                    "forward_passes": passes_n, "seconds": seconds,
+                    "fixed_seconds": fixed, "per_candidate_seconds": per_candidate}
+
+        task2vec_scores = {e: -float(v) for e, v in row["scores"].items()}  # higher is better
+        per_target["task2vec"].append(entry(row["pick"], task2vec_scores, 0, embed + select_seconds,
+                                            embed, select_seconds / max(len(experts), 1)))
+        for method in TRANSFERABILITY_METHODS:
+            scores = {c: float(cost["scores"][c][method]) for c in candidates}
+            pick = max(candidates, key=lambda c: scores[c])  # ties: the first candidate
+            spent = {c: passes[c] + cost["score_seconds"][method][c] for c in candidates}
+            total = float(sum(spent.values()))
+            per_target[method].append(entry(pick, scores, len(candidates), total, 0.0,
+                                            total / len(candidates)))
+            shortlist = ranked[:top_k]
+            pick = max(shortlist, key=lambda c: scores[c])  # ties: Task2Vec's order
+            # the reranked ranking: the shortlist by the estimator, the rest in Task2Vec's order
+            order = sorted(shortlist, key=lambda c: -scores[c]) + ranked[top_k:]
+            combined = {c: float(len(order) - i) for i, c in enumerate(order)}
+            rerank = float(sum(spent[c] for c in shortlist))
+            per_target[f"task2vec+{method}@{top_k}"].append(
+                entry(pick, combined, len(shortlist), embed + select_seconds + rerank,
+                      embed + rerank, select_seconds / max(len(experts), 1)))
+    source_embeds = [float(embed_seconds[s]) for s in sources if s in embed_seconds]
+    summary = {}
+    for method, rows in per_target.items():
+        summary[method] = {
+            key: _nanmean([float(r[key]) for r in rows])
+            for key in ("minus_best", "relative", "spearman", "weighted_tau", "forward_passes",
+                        "seconds", "fixed_seconds", "per_candidate_seconds")
+        } | {"picked_oracle": sum(bool(r["picked_oracle"]) for r in rows), "targets": len(rows)}
+    summary["task2vec"]["per_expert_once_seconds"] = (
+        float(np.mean(source_embeds)) if source_embeds else float("nan"))
+    return {"top_k": top_k, "candidates": len(next(iter(transfer.values()))["scores"]),
+            "per_target": per_target, "mean": summary}
+
+
+def methods_table(methods: Mapping[str, Any]) -> str:
+    """One row per method: regret, agreement with the ground truth, cost per target."""
+    lines = [
+        "| method | pick − best (points) | relative | picks = oracle | Spearman | weighted τ | "
+        "forward passes / target | seconds / target | growth with N candidates |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, m in methods["mean"].items():
+        name = _method_label(method, methods["top_k"])
+        if method == "task2vec":
+            passes = "1 probe embed"
+            growth = (f"{m['fixed_seconds']:.1f} s + N × {1000 * m['per_candidate_seconds']:.2f} ms"
+                      f" (+ {m['per_expert_once_seconds']:.1f} s per expert, once)")
+        elif "@" in method:
+            passes = f"1 probe embed + {m['forward_passes']:.0f}"
+            growth = (f"{m['fixed_seconds']:.1f} s + N × {1000 * m['per_candidate_seconds']:.2f} ms"
+                      f" (+ Task2Vec's experts, once)")
+        else:
+            passes = f"{m['forward_passes']:.0f} (N)"
+            growth = f"N × {m['per_candidate_seconds']:.2f} s"
+        lines.append(
+            f"| {name} | {m['minus_best']:+.2f} | {m['relative']:+.0f}% | "
+            f"{m['picked_oracle']}/{m['targets']} | {m['spearman']:+.2f} | "
+            f"{m['weighted_tau']:+.2f} | {passes} | {m['seconds']:.2f} | {growth} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_regret_vs_cost(methods: Mapping[str, Any], imagenet: float, chance: float, path: Path,
+                        title: str) -> None:
+    """Mean points of error over the oracle against seconds per target, one marker per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9.5, 4.5))
+    colors = {"task2vec": "tab:red", "logme": "tab:blue", "leep": "tab:green", "nce": "tab:purple",
+              "hscore": "tab:brown", "hscore_shrinkage": "tab:orange"}
+    for method, m in methods["mean"].items():
+        base = method.split("+")[-1].split("@")[0]
+        two_stage = "@" in method
+        label = _method_label(method, methods["top_k"])
+        axis.scatter([m["seconds"]], [m["minus_best"]], color=colors[base], s=70,
+                     marker="D" if two_stage else ("*" if method == "task2vec" else "o"),
+                     facecolors="none" if two_stage else None, linewidths=1.5, label=label,
+                     zorder=3)
+    axis.axhline(imagenet, color="tab:blue", linestyle="--", linewidth=1, label="always ImageNet")
+    axis.axhline(chance, color="0.5", linestyle=":", linewidth=1, label="chance (mean expert)")
+    axis.set_xscale("log")
+    axis.set_xlabel(f"seconds per target ({methods['candidates']} candidates; log scale)")
+    axis.set_ylabel("mean test error over the oracle (points)")
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
 def diagnosis(errors: Mapping[str, Mapping[str, float]], sources: Mapping[str, TaskEmbedding],
               targets: Mapping[str, TaskEmbedding]) -> list[dict[str, Any]]:
     """The headline numbers for other values of α and other distances (not tuned: reported)."""
@@ -630,8 +867,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", default=str(ROOT / "bench" / "cache" / "model_selection"),
                         help="folder of cached features, experts, artifacts and errors")
-    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "model_selection"),
-                        help="folder of the report (results.json, table.md, figure)")
+    parser.add_argument("--output", default=None,
+                        help="folder of the report (results.json, table.md, figures; default "
+                        "bench/results/model_selection, or model_selection_quick with --quick)")
     parser.add_argument("--data_root", default="data", help="data folder (Fashion-MNIST)")
     parser.add_argument("--quick", action="store_true",
                         help="2 experts, 2 targets, tiny sizes: checks that everything runs")
@@ -654,12 +892,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = evaluate(built["errors"], source_embeddings, target_embeddings, options.alpha,
                       datasets=datasets)
     checks = diagnosis(built["errors"], source_embeddings, target_embeddings)
+    methods = evaluate_methods(built["errors"], result, built["transferability"],
+                               built["embed_seconds"], [s.name for s in sources])
     seconds = time.perf_counter() - start
-    output = Path(options.output)
+    output = Path(options.output or ROOT / "bench" / "results" / (
+        "model_selection_quick" if options.quick else "model_selection"))
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(result)
     figure = output / "model_selection.png"
     plot(result, built["errors"], figure)
+    method_table = methods_table(methods)
+    run_kind = "smoke run (--quick), not a result" if options.quick else "full zoo"
+    plot_regret_vs_cost(
+        methods, result["mean"]["minus_best"]["imagenet"], result["mean"]["minus_best"]["chance"],
+        output / "regret_vs_cost.png",
+        f"Expert selection: regret against cost per target — {run_kind}\n"
+        f"{len(sources)} experts + ImageNet, {len(targets)} targets, torch threads: {options.threads}")
     report = {
         "settings": asdict(settings),
         "cache": _shown(built["folder"]),
@@ -672,10 +920,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "errors": built["errors"],
         "result": result,
         "diagnosis": checks,
+        "methods": methods,
+        "transferability": built["transferability"],
+        "run": run_kind,
     }
     _write_json(output / "results.json", report)
-    (output / "table.md").write_text(table + "\n")
+    (output / "table.md").write_text(table + "\n\n" + method_table + "\n")
     print(table)
+    print(f"\nmethods ({run_kind}; Spearman and weighted τ over the fine-tuned experts; "
+          f"seconds per target as measured when the scores were computed):")
+    print(method_table)
     print("\nother α and distances (mean pick − best in points, Spearman, targets whose pick "
           "is the best fine-tuned expert):")
     for c in checks:

@@ -760,6 +760,7 @@ class _SelectParser(argparse.ArgumentParser):
 def _select_parser() -> argparse.ArgumentParser:
     from t2v_lightning.similarity.distance import DISTANCES
     from t2v_lightning.similarity.selection import DEFAULT_ALPHA
+    from t2v_lightning.similarity.transferability import TRANSFERABILITY_METHODS
 
     parser = _SelectParser(
         prog="t2v select",
@@ -782,7 +783,65 @@ def _select_parser() -> argparse.ArgumentParser:
     parser.add_argument("--assume_comparable", action="store_true",
                         help="compare artifacts that record no probe fingerprint or layer table "
                         "(refused otherwise: nothing says they were made with the same probe)")
+    rerank = parser.add_argument_group(
+        "reranking", "reorder Task2Vec's first --top_k experts by a transferability estimator, "
+        "from one forward pass of each shortlisted expert's model over the target's data")
+    rerank.add_argument("--rerank", default=None, choices=TRANSFERABILITY_METHODS,
+                        help="the estimator (default: none, Task2Vec's order only)")
+    rerank.add_argument("--top_k", type=int, default=3, help="shortlist length (default: 3)")
+    rerank.add_argument("--models", default=None, metavar="DIR",
+                        help="folder of the experts' checkpoints, DIR/<expert>.safetensors "
+                        "(or .pt, .pth, .ckpt), each loaded by get_probe(--arch, weights=...)")
+    rerank.add_argument("--arch", default=None,
+                        help="get_probe name of the experts' network (default: the target "
+                        "artifact's probe)")
+    rerank.add_argument("--data", default=None, help="registered dataset of the target "
+                        "(default: the one recorded in the target artifact)")
+    rerank.add_argument("--data_root", default="data", help="data folder (default: data)")
+    rerank.add_argument("--input_size", type=int, default=None,
+                        help="image side (default: recorded in the artifact, else native)")
+    rerank.add_argument("--max_samples", type=int, default=1000,
+                        help="target training examples scored (default: 1000)")
     return parser
+
+
+def _rerank_inputs(options: argparse.Namespace, target: Any, names: Sequence[str]
+                   ) -> tuple[dict[str, Any], Any]:
+    """The shortlisted experts' models and the target's training examples for ``--rerank``."""
+    import torch
+    from torch.utils.data import Subset
+
+    from t2v_lightning.data.registry import get_task
+    from t2v_lightning.probe import get_probe
+
+    if options.models is None or not Path(options.models).is_dir():
+        raise ValueError(f"--rerank needs --models DIR, a folder of the experts' checkpoints "
+                         f"(got {options.models!r})")
+    if options.top_k < 1 or options.max_samples < 1:
+        raise ValueError("--top_k and --max_samples must be positive")
+    arch = options.arch or target.meta.get("probe")
+    dataset = options.data or target.meta.get("dataset")
+    if not arch or not dataset:
+        raise ValueError("--rerank needs --arch and --data (the target artifact records "
+                         f"probe={target.meta.get('probe')!r}, dataset="
+                         f"{target.meta.get('dataset')!r})")
+    models = {}
+    for name in names:
+        found = [Path(options.models) / f"{name}{suffix}"
+                 for suffix in (".safetensors", ".pt", ".pth", ".ckpt")]
+        found = [f for f in found if f.is_file()]
+        if len(found) > 1:
+            raise ValueError(f"--models: several checkpoints for expert {name!r}: "
+                             f"{', '.join(map(str, found))}")
+        if found:
+            models[name] = get_probe(arch, weights=found[0])
+    task_id = target.meta.get("task_id") if options.data is None else None
+    input_size = options.input_size or target.meta.get("input_size")
+    task = get_task(dataset, options.data_root, task_id, train=True, input_size=input_size)
+    generator = torch.Generator().manual_seed(0)
+    size = len(task.dataset)  # type: ignore[arg-type]
+    keep = torch.randperm(size, generator=generator)[:options.max_samples]
+    return models, Subset(task.dataset, sorted(keep.tolist()))
 
 
 def expert_files(
@@ -825,7 +884,7 @@ def expert_files(
 def select_main(argv: Sequence[str]) -> None:
     """``t2v select --target T.safetensors --experts DIR_OR_FILES... [--alpha 0.15] [--csv F]``."""
     from t2v_lightning.embedding import TaskEmbedding
-    from t2v_lightning.similarity.selection import ranked_experts, select_expert
+    from t2v_lightning.similarity.selection import ranked_experts, rerank_experts, select_expert
 
     options = _select_parser().parse_args(list(argv))
     files = expert_files(options.experts, exclude=options.target)
@@ -837,22 +896,30 @@ def select_main(argv: Sequence[str]) -> None:
     names = task_names(experts, files)
     ranking = select_expert(target, dict(zip(names, experts)), options.alpha, options.distance,
                             assume_comparable=options.assume_comparable)
+    if options.rerank is not None:
+        shortlist = [ranking.names[i] for i in ranking.order[:options.top_k]]
+        models, data = _rerank_inputs(options, target, shortlist)
+        ranking = rerank_experts(ranking, models, data, options.rerank, options.top_k)
     rows = ranked_experts(ranking)
     if csv_path is not None:
         header = ["rank", "expert", "file", "asymmetric_distance", "distance",
-                  "distance_to_trivial"]
+                  "distance_to_trivial", *([options.rerank] if options.rerank else [])]
         table = [[row.rank, row.name, str(files[row.index]), f"{row.score:.6g}",
-                  f"{row.distance:.6g}", f"{row.complexity:.6g}"] for row in rows]
+                  f"{row.distance:.6g}", f"{row.complexity:.6g}",
+                  *([f"{row.transferability:.6g}"] if options.rerank else [])] for row in rows]
         write_csv(csv_path, [header, *table], options.overwrite)
     width = max(len("expert"), *(len(n) for n in names))
     target_name = terminal_text(target.name) or Path(options.target).stem
+    rerank = f", first {options.top_k} reranked by {options.rerank}" if options.rerank else ""
     print(f"experts for {target_name}, best first ({options.distance} distance, "
-          f"alpha={options.alpha:g}):")
+          f"alpha={options.alpha:g}{rerank}):")
+    extra = f"  {options.rerank:>10}" if options.rerank else ""
     print(f"  {'rank':>4}  {'expert':<{width}}  {'asymmetric':>10}  {'distance':>8}  "
-          f"{'to trivial':>10}")
+          f"{'to trivial':>10}{extra}")
     for row in rows:
+        extra = f"  {row.transferability:>10.4f}" if row.transferability is not None else ""
         print(f"  {row.rank:>4}  {row.name:<{width}}  {row.score:>10.4f}  {row.distance:>8.4f}  "
-              f"{row.complexity:>10.4f}")
+              f"{row.complexity:>10.4f}{extra}")
     if csv_path is not None:
         print(f"ranking: {csv_path}")
 

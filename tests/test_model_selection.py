@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -75,6 +76,46 @@ def test_evaluate_reports_pick_imagenet_chance_oracle_and_spearman() -> None:
     assert table.splitlines()[-1].startswith("| **mean** |")
 
 
+def test_evaluate_methods_picks_ranks_and_costs_on_hand_made_numbers() -> None:
+    from scipy.stats import spearmanr, weightedtau
+
+    sources = {"a": emb([1.0, 1.0, 5.0], "a"), "b": emb([5.0, 1.0, 1.0], "b"),
+               "c": emb([1.0, 5.0, 1.0], "c"), "d": emb([2.0, 2.0, 2.0], "d")}
+    targets = {"t": emb([4.0, 1.0, 1.2], "t")}
+    errors = {"t": {"imagenet": 0.10, "a": 0.30, "b": 0.05, "c": 0.20, "d": 0.25}}
+    result = bench.evaluate(errors, sources, targets, alpha=0.0)
+    ranked = result["rows"][0]["ranked"]
+    names = ["imagenet", *sources]
+    logme = {"imagenet": 0.5, "a": -1.0, "b": 0.2, "c": 0.4, "d": 0.1}
+    scores = {c: {m: logme[c] for m in bench.TRANSFERABILITY_METHODS} for c in names}
+    cost = {"t": {"prefix_seconds": 1.0, "tail_seconds": dict.fromkeys(names, 0.5),
+                  "score_seconds": {m: dict.fromkeys(names, 0.25)
+                                    for m in bench.TRANSFERABILITY_METHODS},
+                  "scores": scores, "images": 10}}
+    out = bench.evaluate_methods(errors, result, cost, {"t": 7.0, "a": 3.0, "b": 5.0}, list(sources))
+    row = out["per_target"]["logme"][0]
+    assert row["pick"] == "imagenet" and row["minus_best"] == pytest.approx(5.0)
+    assert not row["picked_oracle"] and row["forward_passes"] == 5
+    assert row["seconds"] == pytest.approx(5 * 1.75)
+    experts = list(sources)
+    assert row["spearman"] == pytest.approx(
+        -spearmanr([logme[e] for e in experts], [errors["t"][e] for e in experts]).statistic)
+    assert row["weighted_tau"] == pytest.approx(
+        weightedtau([logme[e] for e in experts], [-errors["t"][e] for e in experts]).statistic)
+    two = out["per_target"]["task2vec+logme@3"][0]
+    shortlist = ranked[:3]
+    assert two["pick"] == max(shortlist, key=logme.__getitem__)
+    assert two["forward_passes"] == 3
+    assert two["seconds"] == pytest.approx(7.0 + result["rows"][0]["select_seconds"] + 3 * 1.75)
+    t2v = out["per_target"]["task2vec"][0]
+    assert t2v["pick"] == result["rows"][0]["pick"] and t2v["forward_passes"] == 0
+    assert t2v["spearman"] == pytest.approx(result["rows"][0]["spearman"])
+    assert out["mean"]["task2vec"]["per_expert_once_seconds"] == pytest.approx(4.0)
+    table = bench.methods_table(out)
+    assert "| LogME | +5.00 | +100% | 0/1 |" in table
+    assert "| Task2Vec top 3 → LogME |" in table
+
+
 def test_targets_use_images_that_no_expert_saw() -> None:
     names = [t.name for t in bench.TARGETS]
     assert len(bench.SOURCES) >= 8 and len(bench.TARGETS) >= 10
@@ -128,7 +169,31 @@ def test_quick_run_end_to_end_and_from_the_cache(
         assert row["errors"]["oracle"] == min(candidates.values())
         assert row["pick"] in {s.name for s in bench.QUICK_SOURCES}
     assert (tmp_path / "out" / "model_selection.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "regret_vs_cost.png").stat().st_size > 10_000
     assert "| **mean** |" in (tmp_path / "out" / "table.md").read_text()
+    # every estimator scored every candidate on every target, and each is in the methods table
+    methods = report["methods"]
+    candidates = {"imagenet", *(s.name for s in bench.QUICK_SOURCES)}
+    for row in rows:
+        scores = report["transferability"][row["target"]]["scores"]
+        assert set(scores) == candidates
+        assert all(set(v) == set(bench.TRANSFERABILITY_METHODS) for v in scores.values())
+        assert all(math.isfinite(x) for v in scores.values() for x in v.values())
+        for method in bench.TRANSFERABILITY_METHODS:
+            picked = [r for r in methods["per_target"][method] if r["target"] == row["target"]]
+            assert picked[0]["pick"] == max(scores, key=lambda c: scores[c][method])
+            assert picked[0]["forward_passes"] == len(candidates)
+    table = (tmp_path / "out" / "table.md").read_text()
+    for label in ("Task2Vec", "LogME", "LEEP", "NCE", "H-score", "Task2Vec top 3 → LogME"):
+        assert f"| {label} |" in table
+    assert set(methods["mean"]) == {"task2vec", *bench.TRANSFERABILITY_METHODS,
+                                    *(f"task2vec+{m}@3" for m in bench.TRANSFERABILITY_METHODS)}
+    for m in methods["mean"].values():
+        assert m["seconds"] > 0 and m["targets"] == len(rows)
+        assert {"minus_best", "relative", "picked_oracle", "spearman", "weighted_tau",
+                "forward_passes"} <= set(m)
+    assert methods["mean"]["task2vec+logme@3"]["forward_passes"] == 3
+    assert methods["mean"]["task2vec"]["forward_passes"] == 0
     # the artifacts feed t2v select, which picks what the report picked
     from t2v_lightning.cli import main as t2v
 
@@ -139,6 +204,12 @@ def test_quick_run_end_to_end_and_from_the_cache(
     assert capsys.readouterr().out.splitlines()[2].split()[1] == rows[0]["pick"]
     second = bench.main(args)  # everything from the cache: same numbers, a fraction of the time
     assert second["errors"] == first["errors"]
-    assert json.dumps(second["result"], sort_keys=True) == json.dumps(first["result"],
-                                                                      sort_keys=True)
+    timed = ("select_seconds",)  # the ranking's own time is measured in each run
+
+    def untimed(result: dict) -> str:  # type: ignore[type-arg]
+        rows = [{k: v for k, v in r.items() if k not in timed} for r in result["rows"]]
+        return json.dumps({**result, "rows": rows}, sort_keys=True)
+
+    assert untimed(second["result"]) == untimed(first["result"])
+    assert second["transferability"] == first["transferability"]  # scores and costs cached
     assert second["seconds"] < first["seconds"] / 2

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.similarity.distance import (
@@ -35,6 +38,11 @@ from t2v_lightning.similarity.distance import (
     check_embeddings,
     task_distance,
 )
+from t2v_lightning.similarity.transferability import (
+    TRANSFERABILITY_METHODS,
+    TransferabilityMethod,
+    transferability,
+)
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -42,7 +50,9 @@ __all__ = [
     "RankedExpert",
     "asymmetric_distance",
     "complexity",
+    "model_outputs",
     "ranked_experts",
+    "rerank_experts",
     "select_expert",
     "trivial_embedding",
 ]
@@ -137,6 +147,10 @@ class ExpertRanking:
         names: the candidates' names, in the candidates' order.
         distances: ``d(target, candidate)`` per candidate.
         complexities: ``d(candidate, t0(candidate))`` per candidate.
+        rerank: the transferability estimator that reordered the first candidates
+            (:func:`rerank_experts`), or ``None``.
+        transferability: that estimator's score per candidate (higher is better), NaN for the
+            candidates it did not score; ``None`` without ``rerank``.
     """
 
     order: list[int]
@@ -144,6 +158,8 @@ class ExpertRanking:
     names: list[str]
     distances: torch.Tensor
     complexities: torch.Tensor
+    rerank: str | None = None
+    transferability: torch.Tensor | None = None
 
     @property
     def best(self) -> int:
@@ -167,11 +183,18 @@ def select_expert(
     alpha: float = DEFAULT_ALPHA,
     distance: Distance = "cosine",
     assume_comparable: bool = False,
+    rerank: TransferabilityMethod | None = None,
+    models: Mapping[str, nn.Module] | None = None,
+    data: Dataset[Any] | None = None,
+    top_k: int = 3,
 ) -> ExpertRanking:
     """Rank experts (by the embeddings of their training tasks) for a target task.
 
     Computes :func:`asymmetric_distance` of every candidate and sorts ascending (ties keep the
-    candidates' order); ``alpha=0`` ranks by plain distance.
+    candidates' order); ``alpha=0`` ranks by plain distance. With ``rerank``, the first
+    ``top_k`` are then reordered by a transferability estimator computed from each expert's
+    model on the target's labelled data (:func:`rerank_experts`): Task2Vec shortlists without
+    running any expert, the estimator decides among the shortlist at ``top_k`` forward passes.
 
     Args:
         target: the embedding of the task to solve.
@@ -181,6 +204,13 @@ def select_expert(
         distance: the symmetric distance ``d``.
         assume_comparable: compare embeddings that record no probe fingerprint or layer
             table (see :func:`~t2v_lightning.similarity.distance.pdist`).
+        rerank: a name of
+            :data:`~t2v_lightning.similarity.transferability.TRANSFERABILITY_METHODS`, or ``None``
+            (Task2Vec's order only).
+        models: with ``rerank``: each shortlisted expert's network by name (its classifier head
+            found by :func:`~t2v_lightning.probe.find_head`).
+        data: with ``rerank``: the target's labelled examples, ``(input, label)`` pairs.
+        top_k: with ``rerank``: how many of Task2Vec's first candidates are reordered.
 
     Returns:
         An :class:`ExpertRanking`; ``ranking.best`` is the index of the selected expert.
@@ -211,7 +241,100 @@ def select_expert(
     )
     scores = distances - alpha * complexities
     order = torch.sort(scores, stable=True).indices.tolist()
-    return ExpertRanking(order, scores, names, distances, complexities)
+    ranking = ExpertRanking(order, scores, names, distances, complexities)
+    if rerank is None:
+        if models is not None or data is not None:
+            raise ValueError("models and data are only used with rerank=<method>")
+        return ranking
+    if models is None or data is None:
+        raise ValueError(f"rerank={rerank!r} needs the experts' models (models=...) and the "
+                         "target's labelled examples (data=...)")
+    return rerank_experts(ranking, models, data, rerank, top_k)
+
+
+@torch.no_grad()
+def model_outputs(
+    model: nn.Module,
+    data: Dataset[Any],
+    head: str | None = None,
+    batch_size: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass of ``model`` (in eval mode) over ``data``: what the estimators need.
+
+    Args:
+        model: a classifier network.
+        data: ``(input, label)`` pairs.
+        head: the qualified name of the classifier head (default: found by
+            :func:`~t2v_lightning.probe.find_head`).
+        batch_size: examples per forward pass.
+
+    Returns:
+        ``(features, logits, labels)``: the head's inputs flattened to (n, D) (the penultimate
+        features), the model's outputs (n, Z) and the labels (n,), all on the CPU, float32.
+    """
+    from t2v_lightning.probe import find_head, get_submodule
+
+    module = get_submodule(model, find_head(model, head))
+    captured: list[torch.Tensor] = []
+
+    def keep_input(_: nn.Module, inputs: tuple[torch.Tensor, ...], __: torch.Tensor) -> None:
+        captured.append(inputs[0].detach().flatten(1).float().cpu())
+
+    was_training = model.training
+    model.eval()
+    handle = module.register_forward_hook(keep_input)
+    logits, labels = [], []
+    try:
+        for x, y in DataLoader(data, batch_size=batch_size):
+            logits.append(model(x).detach().float().cpu())
+            labels.append(torch.as_tensor(y).cpu())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(captured), torch.cat(logits), torch.cat(labels).long()
+
+
+def rerank_experts(
+    ranking: ExpertRanking,
+    models: Mapping[str, nn.Module],
+    data: Dataset[Any],
+    method: TransferabilityMethod = "logme",
+    top_k: int = 3,
+) -> ExpertRanking:
+    """Reorder the first ``top_k`` of ``ranking`` by a transferability estimator.
+
+    Each shortlisted expert's model makes one forward pass over ``data``
+    (:func:`model_outputs`); :func:`~t2v_lightning.similarity.transferability.transferability`
+    scores it, and the shortlist is sorted by that score, highest first (ties keep Task2Vec's
+    order). The candidates after the shortlist keep Task2Vec's order.
+
+    Args:
+        ranking: a ranking from :func:`select_expert`.
+        models: each shortlisted expert's network by name; others may be absent.
+        data: the target's labelled examples.
+        method: the estimator's name.
+        top_k: the shortlist's length (clipped to the number of candidates).
+
+    Raises:
+        ValueError: unknown method, ``top_k`` below 1, or a shortlisted expert without a model.
+    """
+    if method not in TRANSFERABILITY_METHODS:
+        raise ValueError(f"rerank must be one of {', '.join(TRANSFERABILITY_METHODS)}, got "
+                         f"{method!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    shortlist = ranking.order[:top_k]
+    missing = [ranking.names[i] for i in shortlist if ranking.names[i] not in models]
+    if missing:
+        raise ValueError(f"no model for the shortlisted expert(s) {', '.join(missing)} (models "
+                         f"has {', '.join(sorted(models)) or 'none'})")
+    values = torch.full((len(ranking.names),), float("nan"), dtype=torch.float64)
+    for index in shortlist:
+        features, logits, labels = model_outputs(models[ranking.names[index]], data)
+        values[index] = transferability(method, labels, features=features, logits=logits)
+    reordered = sorted(shortlist, key=lambda i: -float(values[i]))  # stable: ties keep order
+    return replace(ranking, order=reordered + ranking.order[top_k:], rerank=method,
+                   transferability=values)
 
 
 @dataclass(frozen=True)
@@ -225,6 +348,8 @@ class RankedExpert:
         score: the asymmetric distance ``d(target, candidate) − α · d(candidate, t0)``.
         distance: ``d(target, candidate)``.
         complexity: ``d(candidate, t0(candidate))``, the distance to the trivial embedding.
+        transferability: the reranking estimator's score (NaN outside the shortlist), or
+            ``None`` when the ranking was not reranked.
     """
 
     rank: int
@@ -233,6 +358,7 @@ class RankedExpert:
     score: float
     distance: float
     complexity: float
+    transferability: float | None = None
 
 
 def ranked_experts(ranking: ExpertRanking) -> list[RankedExpert]:
@@ -257,6 +383,8 @@ def ranked_experts(ranking: ExpertRanking) -> list[RankedExpert]:
             score=float(ranking.scores[index]),
             distance=float(ranking.distances[index]),
             complexity=float(ranking.complexities[index]),
+            transferability=None if ranking.transferability is None
+            else float(ranking.transferability[index]),
         )
         for position, index in enumerate(ranking.order)
     ]
