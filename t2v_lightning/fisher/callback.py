@@ -20,30 +20,43 @@ before they are squared.
 
 Two ways to use it (``at=``):
 
-* ``"train_batch"`` (what :class:`~t2v_lightning.Task2Vec` does): accumulate after every training
-  batch. Batches must be ``(inputs, ids)`` with int64 example ids in ``[0, num_examples)``; ids
-  outside that range are padding (see :class:`~t2v_lightning.fisher.sharding.ShardSampler`) and
-  ids already counted are skipped, so every example counts once. Ids must not repeat across
-  ranks (``DistributedSampler``'s padding does; the end of the pass raises if it happened).
-* ``"fit_end"`` (inside your own Lightning project): when ``fit`` ends, run one extra pass over
-  the Trainer's training data with your LightningModule in eval mode, and embed it. Each rank
-  visits its share of the dataset's indices (every index once across ranks, whatever the
-  Trainer's sampler); :meth:`FisherCallback.compute` does the same pass on demand. Under DDP
-  every rank first takes rank 0's parameters and buffers (each rank has updated its own
-  batch-norm statistics), so the embedding is that of the model rank 0 checkpoints.
+* ``"fit_end"`` (the default; inside your own Lightning project): when ``fit`` ends, run one extra
+  pass over the Trainer's training data with your LightningModule in eval mode, and embed it
+  (SPEC section 9). Each rank visits its share of the dataset's indices (every index once across
+  ranks, whatever the Trainer's sampler or ``limit_train_batches``); every batch goes the way
+  training batches go: the precision plugin's ``convert_input``, ``on_before_batch_transfer``,
+  ``transfer_batch_to_device`` and ``on_after_batch_transfer`` (LightningModule or DataModule),
+  then the forward under the precision plugin. :meth:`FisherCallback.compute` does the same pass
+  on demand. Under DDP every rank measures rank 0's parameters and buffers (each rank has
+  updated its own batch-norm statistics), so the embedding is that of the model rank 0
+  checkpoints; each rank's own tensors are put back afterwards.
+* ``"train_batch"`` (what :class:`~t2v_lightning.Task2Vec` does, chosen explicitly): accumulate
+  after every training batch. Batches must be ``(inputs, ids)`` with distinct int64 example ids;
+  ids in ``[0, num_examples)`` count, ids at or beyond it are padding (see
+  :class:`~t2v_lightning.fisher.sharding.ShardSampler`) and ids already counted are skipped, so
+  every example counts once. Any other batch (``(inputs, labels)`` above all) is refused before
+  its training step. Ids must not repeat across ranks (``DistributedSampler``'s padding does; the
+  end of the pass raises if it happened).
 
-Hooks used: ``setup`` (find the layers, ``"train_batch"``), ``on_train_batch_end`` (one Fisher
-step on the batch, after the LightningModule's own step, ``"train_batch"``), ``on_train_end``
-(``"fit_end"``: the extra pass; both: reduce across ranks, build the
-:class:`~t2v_lightning.embedding.TaskEmbedding`, rank 0 writes it), ``state_dict`` /
-``load_state_dict`` (resume from a Lightning checkpoint).
+Hooks used: ``setup`` (pick the layers, resolve and check ``output``), ``on_train_batch_start``
+(``"fit_end"``: the first batch of the fit goes through one Fisher step, so a forward that does
+not return logits, an unsupported layer or a layer the logits do not reach stops ``fit`` before
+its first training step; ``"train_batch"``: the example ids of every batch are checked),
+``on_train_batch_end`` (``"train_batch"``: one Fisher step on the batch, after the
+LightningModule's own step), ``on_train_end`` (``"fit_end"``: the extra pass; both: reduce
+across ranks, build the :class:`~t2v_lightning.embedding.TaskEmbedding`, rank 0 writes it and
+logs a summary to the Trainer's loggers), ``on_fit_end`` (``"fit_end"``: a run resumed from a
+checkpoint with nothing left to train still embeds), ``state_dict`` / ``load_state_dict``
+(resume from a Lightning checkpoint).
 
 What it needs from the LightningModule: the network to embed (the module itself, or the
 submodule named by ``network``) must be reachable by ``pl_module(inputs)`` returning logits of
 shape (batch, classes), where ``inputs`` is the batch itself when it is a tensor, else its first
-element (``(inputs, labels)``); otherwise pass ``logits_fn(pl_module, batch) -> logits``. The
-batch's labels are never used: the Fisher samples labels from the model. A module whose output
-is not a (batch, classes) tensor stops the pass with a :class:`FisherError` saying so.
+element (``(inputs, labels)``); otherwise pass ``logits_fn(pl_module, batch) -> logits``, a
+module-level function (``ddp_spawn`` pickles the callback to send it to its processes, and a
+lambda cannot be pickled). The batch's labels are never used: the Fisher samples labels from the
+model. The user's module is never changed: its mode flags, ``requires_grad`` flags, parameters
+and buffers are as they were after the pass, on success or on error.
 
 Checkpoints and DDP: Lightning saves callback state from rank 0 only, so :meth:`state_dict`
 (called on every rank while a checkpoint is made) returns the *global* state: sums and counts
@@ -58,14 +71,21 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+import time
+import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
@@ -79,21 +99,27 @@ from t2v_lightning.fisher.estimators import (
     FisherError,
     LayerFisherTaps,
     Likelihood,
+    UnsupportedLayerError,
     batch_filter_sums,
+    check_exclude,
     embedded_layers,
     filter_values,
     num_filters,
 )
 from t2v_lightning.fisher.sharding import CollateWithIds, IdsDataset, ShardSampler
-from t2v_lightning.probe import batch_rows, call_probe, probe_fingerprint
-from t2v_lightning.safety import is_int
+from t2v_lightning.probe import ProbeError, batch_rows, call_probe, probe_fingerprint
+from t2v_lightning.safety import check_checkpoint_path, is_int
 
-__all__ = ["FisherCallback", "FisherError", "At", "AT_CHOICES"]
+__all__ = ["FisherCallback", "FisherError", "At", "AT_CHOICES", "Weights", "DEFAULT_OUTPUT"]
 
 log = logging.getLogger(__name__)
 
-At = Literal["train_batch", "fit_end"]
-AT_CHOICES: tuple[str, ...] = ("train_batch", "fit_end")
+At = Literal["fit_end", "train_batch"]
+AT_CHOICES: tuple[str, ...] = ("fit_end", "train_batch")
+Weights = Literal["last", "best"]
+WEIGHTS_CHOICES: tuple[str, ...] = ("last", "best")
+DEFAULT_OUTPUT = "task_embedding.safetensors"
+"""File name of the ``"fit_end"`` artifact in ``trainer.log_dir`` when no ``output`` is given."""
 
 class _BatchLogits(nn.Module):
     """The forward of the ``"fit_end"`` pass: ``module(inputs)`` or ``logits_fn(module, batch)``.
@@ -101,10 +127,16 @@ class _BatchLogits(nn.Module):
     Holds the LightningModule as a child so that the Fisher taps freeze all of its parameters.
     """
 
-    def __init__(self, module: nn.Module, logits_fn: Callable[[nn.Module, Any], torch.Tensor] | None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        logits_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+        min_classes: int = 1,
+    ) -> None:
         super().__init__()
         self.module = module
         self.logits_fn = logits_fn
+        self.min_classes = min_classes
         self.batch: Any = None
 
     @override
@@ -127,13 +159,19 @@ class _BatchLogits(nn.Module):
             raise FisherError(
                 f"FisherCallback needs logits of shape ({rows}, classes) but {source} returned "
                 f"{got}. Make the module's forward return logits, or pass "
-                "FisherCallback(logits_fn=lambda module, batch: <logits of the batch>)"
+                "FisherCallback(logits_fn=<a module-level function (module, batch) -> logits>)"
+            )
+        if logits.shape[1] < self.min_classes:
+            raise FisherError(
+                f"FisherCallback: {source} returned {logits.shape[1]} output per example; the "
+                "categorical Fisher of a one-output model is zero. For one binary output pass "
+                "FisherCallback(likelihood='bernoulli')"
             )
         return logits
 
 
 class FisherCallback(Callback):
-    """Accumulate the filter-wise Fisher of ``pl_module`` (or one of its submodules).
+    """Embed ``pl_module`` (or one of its submodules) by its filter-wise Fisher.
 
     Args:
         estimator: ``"per_sample"`` (labels sampled from the model, per-example gradients),
@@ -141,38 +179,47 @@ class FisherCallback(Callback):
             mini-batch gradient).
         mc_samples: labels drawn per example by ``per_sample``.
         seed: seed of the label sampling (labels depend on it and on each example's id only).
-        num_examples: ``"train_batch"``: number of distinct example ids; ids at or beyond it are
-            padding (``None``: no range check and no duplicate check). Ignored by ``"fit_end"``,
-            which uses the dataset's length.
+        num_examples: ``"train_batch"`` (required there): number of distinct example ids; ids at
+            or beyond it are padding. Ignored by ``"fit_end"``, which uses the dataset's length.
         head: qualified name (relative to the embedded network) of the classifier head, which
             is left out of the embedding (``None``: every layer with weights is embedded).
         network: attribute path of the submodule of the LightningModule whose layers are
             embedded (``None``: the LightningModule itself).
-        output: where rank 0 writes the artifact at the end (``None``: keep it in memory only,
-            as :attr:`embedding`).
-        overwrite: replace an existing file at ``output``.
+        output: where rank 0 writes the artifact when ``fit`` ends (``None``: with
+            ``at="fit_end"``, ``task_embedding.safetensors`` in ``trainer.log_dir``; with
+            ``at="train_batch"``, nowhere: the result stays in :attr:`embedding`).
+            :meth:`compute` writes only to an ``output`` given here.
+        overwrite: replace an existing file at ``output`` (otherwise ``fit`` stops at setup,
+            before training, if the file exists).
         meta: extra JSON-serialisable facts recorded in the artifact.
         identity: JSON-serialisable facts that a checkpoint and the run resuming from it must
             share (the task, the probe, the sampling); a checkpoint made with other values is
             refused. ``None``: none beyond the callback's own settings.
         grad_scale: factor on the loss before backward (gradients are divided by it, in fp32,
             before squaring); ``None`` picks 1024 under fp16 precision and 1 otherwise.
-        at: ``"train_batch"`` (accumulate on every training batch of ``(inputs, ids)``) or
-            ``"fit_end"`` (one extra pass over the training data when ``fit`` ends).
+        at: ``"fit_end"`` (one extra pass over the training data when ``fit`` ends) or
+            ``"train_batch"`` (accumulate on every training batch of ``(inputs, ids)``; what
+            :class:`~t2v_lightning.Task2Vec` uses).
         batch_size: examples per step of the ``"fit_end"`` pass (``None``: the training data
             loader's batch size).
-        logits_fn: ``"fit_end"``: a function ``(pl_module, batch) -> logits`` for modules whose
-            forward does not map the batch's inputs to logits (``None``: ``pl_module(inputs)``).
+        logits_fn: ``"fit_end"``: a module-level function ``(pl_module, batch) -> logits`` for
+            modules whose forward does not map the batch's inputs to logits (``None``:
+            ``pl_module(inputs)``). The batch is the one ``training_step`` would receive.
         likelihood: ``"categorical"`` (softmax over the logits, one class per example) or
             ``"bernoulli"`` (multi-label: an independent sigmoid per output; see
             :mod:`t2v_lightning.fisher.estimators`).
+        exclude: qualified module names or globs (``"encoder.layers.*.norm1"``), relative to the
+            embedded network, of layers left out of the embedding with their submodules (as the
+            head is). A pattern that matches no module is an error.
+        weights: ``"fit_end"``: which weights the pass measures: ``"last"`` (the module as
+            ``fit`` leaves it) or ``"best"`` (the Trainer's ``ModelCheckpoint``'s best model,
+            loaded for the pass only; the module's own weights are put back afterwards).
 
     Example:
-        >>> callback = FisherCallback(estimator="exact", num_examples=100, head="fc")
+        >>> callback = FisherCallback(head="classifier")  # trainer = Trainer(callbacks=[callback])
         >>> callback.state_key
-        "FisherCallback{'estimator': 'exact', 'seed': 0, 'mc_samples': 1}"
-        >>> # in your own project: trainer = Trainer(callbacks=[FisherCallback(at="fit_end",
-        >>> #     head="classifier", output="task.safetensors")])
+        "FisherCallback{'estimator': 'per_sample', 'seed': 0, 'mc_samples': 1, 'head': 'classifier'}"
+        >>> # after trainer.fit(model, data): callback.embedding, and the file in trainer.log_dir
     """
 
     def __init__(
@@ -184,14 +231,16 @@ class FisherCallback(Callback):
         head: str | None = None,
         network: str | None = None,
         output: str | os.PathLike[str] | None = None,
-        overwrite: bool = True,
+        overwrite: bool = False,
         meta: dict[str, Any] | None = None,
         identity: dict[str, Any] | None = None,
         grad_scale: float | None = None,
-        at: At = "train_batch",
+        at: At = "fit_end",
         batch_size: int | None = None,
         logits_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         likelihood: Likelihood = "categorical",
+        exclude: Sequence[str] | None = None,
+        weights: Weights = "last",
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -210,6 +259,12 @@ class FisherCallback(Callback):
             raise ValueError(f"grad_scale must be positive, got {grad_scale!r}")
         if at not in AT_CHOICES:
             raise ValueError(f"at must be one of {AT_CHOICES}, got {at!r}")
+        if at == "train_batch" and num_examples is None:
+            raise ValueError(
+                "at='train_batch' needs num_examples (the number of distinct example ids its "
+                "(inputs, ids) batches carry); to embed your own project's trained model leave "
+                "at='fit_end'"
+            )
         if batch_size is not None and (
             not is_int(batch_size) or batch_size < 1
         ):
@@ -220,6 +275,10 @@ class FisherCallback(Callback):
             raise ValueError(f"head must be a qualified module name, got {head!r}")
         if network is not None and (not isinstance(network, str) or not network):
             raise ValueError(f"network must be a submodule path, got {network!r}")
+        if weights not in WEIGHTS_CHOICES:
+            raise ValueError(f"weights must be one of {WEIGHTS_CHOICES}, got {weights!r}")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
         self._estimator: Estimator = estimator
         self._mc_samples = mc_samples
         self._likelihood: Likelihood = likelihood
@@ -227,6 +286,8 @@ class FisherCallback(Callback):
         self._num_examples = num_examples
         self._head = head
         self._network_path = network
+        self._exclude = check_exclude(exclude)
+        self._weights: Weights = weights
         self._output = output
         self._overwrite = overwrite
         self._meta = dict(meta or {})
@@ -245,30 +306,66 @@ class FisherCallback(Callback):
         self._restored: dict[str, Any] | None = None
         self._strategy: Any = None
         self._rank = 0
-        self.embedding: TaskEmbedding | None = None
+        # The fit in progress: the file the end of fit writes, whether its first batch was
+        # checked and whether it has embedded.
+        self._fit_output: str | None = None
+        self._checked = False
+        self._embedded = False
+        # ddp_spawn: rank 0 of the spawned processes leaves the result here for the parent
+        # process, whose own copy of the callback never sees a hook (see `embedding`).
+        self._handoff = os.path.join(
+            tempfile.gettempdir(), f"t2v-fisher-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
+        )
+        self._embedding: TaskEmbedding | None = None
+        self._meta_extra: dict[str, Any] = {}
 
     @property
     @override
     def state_key(self) -> str:
+        # What makes two instances in one Trainer differ. Task2Vec's per-batch callback keeps the
+        # key of earlier versions (its checkpoints resume by it).
+        key: dict[str, Any] = {
+            "estimator": self._estimator, "seed": self._seed, "mc_samples": self._mc_samples
+        }
         if self._likelihood != "categorical":
-            return self._generate_state_key(
-                estimator=self._estimator,
-                seed=self._seed,
-                mc_samples=self._mc_samples,
-                likelihood=self._likelihood,
-            )
-        return self._generate_state_key(
-            estimator=self._estimator, seed=self._seed, mc_samples=self._mc_samples
-        )
+            key["likelihood"] = self._likelihood
+        if self._at == "fit_end":
+            optional = {
+                "network": self._network_path,
+                "head": self._head,
+                "exclude": list(self._exclude) or None,
+                "weights": None if self._weights == "last" else self._weights,
+                "output": None if self._output is None else os.fspath(self._output),
+                "logits_fn": getattr(self._logits_fn, "__qualname__", None),
+            }
+            key.update({name: value for name, value in optional.items() if value is not None})
+        return self._generate_state_key(**key)
 
     @property
     def output(self) -> str | os.PathLike[str] | None:
-        """Where rank 0 writes the artifact (``None``: nowhere)."""
+        """Where rank 0 writes the artifact (``None``: see the ``output`` argument)."""
         return self._output
 
     @output.setter
     def output(self, value: str | os.PathLike[str] | None) -> None:
         self._output = value
+
+    @property
+    def embedding(self) -> TaskEmbedding | None:
+        """The last embedding this callback made (``None`` before any).
+
+        After a ``ddp_spawn`` fit, the parent process reads the one its rank 0 made.
+        """
+        if self._embedding is None and os.path.isfile(self._handoff):
+            try:
+                self._embedding = TaskEmbedding.load(self._handoff)
+            finally:
+                os.remove(self._handoff)
+        return self._embedding
+
+    @embedding.setter
+    def embedding(self, value: TaskEmbedding | None) -> None:
+        self._embedding = value
 
     # ------------------------------------------------------------------ setup
     def _network(self, pl_module: nn.Module) -> nn.Module:
@@ -282,8 +379,8 @@ class FisherCallback(Callback):
                 "submodule"
             ) from err
 
-    def _start(self, trainer: pl.Trainer, network: nn.Module, num_examples: int | None) -> None:
-        """Find the layers and zero the statistics (then apply a pending restore)."""
+    def _pick_layers(self, network: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The embedded layers: every layer with weights but the head and ``exclude``."""
         if self._head is not None:
             try:
                 network.get_submodule(self._head)
@@ -293,9 +390,26 @@ class FisherCallback(Callback):
                     f"FisherCallback(head={self._head!r}): the network has no such module; some "
                     f"of its modules: {names}"
                 ) from err
-        self._layers = embedded_layers(network, self._head)
-        if not self._layers:
-            raise ValueError("FisherCallback: the network has no layer with weights to embed")
+        try:
+            layers = embedded_layers(network, self._head, self._exclude)
+        except UnsupportedLayerError as err:
+            raise UnsupportedLayerError(
+                f"FisherCallback: {err}; leave it out with "
+                f"FisherCallback(exclude=[{err.layer!r}])",
+                layer=err.layer,
+            ) from None
+        except ValueError as err:  # an exclude pattern that matches nothing
+            raise ValueError(f"FisherCallback(exclude={list(self._exclude)}): {err}") from None
+        if not layers:
+            raise ValueError(
+                "FisherCallback: the network has no layer with weights to embed (after head= and "
+                "exclude=)"
+            )
+        return layers
+
+    def _start(self, trainer: pl.Trainer, network: nn.Module, num_examples: int | None) -> None:
+        """Find the layers and zero the statistics (then apply a pending restore)."""
+        self._layers = self._pick_layers(network)
         # Steps whose memory fits under glibc's raised trim threshold are then not given back to
         # the system and faulted in again at every step (t2v_lightning.allocator).
         settle_thresholds()
@@ -308,16 +422,103 @@ class FisherCallback(Callback):
         self._skip = None
         self._strategy = trainer.strategy
         self._rank = int(trainer.global_rank)
-        self.embedding = None
         if self._restored is not None:
             restored, self._restored = self._restored, None
             self._apply_restored(restored)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._at != "train_batch":
+        if stage != "fit":
             return
-        self._start(trainer, self._network(pl_module), self._num_examples)
+        self._checked = False
+        self._embedded = False
+        if self._at == "train_batch":
+            self._start(trainer, self._network(pl_module), self._num_examples)
+            return
+        # Wrong names, unsupported layers and an existing output stop fit here, before training.
+        self._pick_layers(self._network(pl_module))
+        if self._weights == "best" and trainer.checkpoint_callback is None:
+            raise ValueError(
+                "FisherCallback(weights='best') needs a ModelCheckpoint among the Trainer's "
+                "callbacks (its best model is the one embedded)"
+            )
+        output = self._output
+        if output is None:
+            log_dir = trainer.log_dir  # every rank must ask (Lightning broadcasts it)
+            output = os.path.join(log_dir or os.getcwd(), DEFAULT_OUTPUT)
+        self._fit_output = os.fspath(output)
+        if trainer.is_global_zero and not self._overwrite and os.path.exists(self._fit_output):
+            raise FileExistsError(
+                f"FisherCallback: {self._fit_output} exists; pass FisherCallback(overwrite=True) "
+                "to replace it, or another output="
+            )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._at == "train_batch":
+            self._check_ids(batch)
+        elif not self._checked:
+            self._check_first_batch(trainer, pl_module, batch)
+        self._checked = True
+
+    def _check_ids(self, batch: Any) -> None:
+        """A ``"train_batch"`` batch must be ``(inputs, ids)`` with distinct int64 ids."""
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(
+                "FisherCallback(at='train_batch') expects training batches of (inputs, ids); got "
+                f"{type(batch).__name__} (at='fit_end', the default, embeds a project whose "
+                "batches are (inputs, labels))"
+            )
+        inputs, ids = batch
+        problem = None
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.ndim != 1:
+            problem = (
+                f"a {type(ids).__name__}"
+                if not isinstance(ids, torch.Tensor)
+                else f"a {ids.dtype} tensor of shape {tuple(ids.shape)}"
+            )
+        elif ids.numel() != batch_rows(inputs):
+            problem = f"{ids.numel()} ids for {batch_rows(inputs)} inputs"
+        elif ids.numel() and int(ids.min()) < 0:
+            problem = f"negative ids ({int(ids.min())})"
+        elif torch.unique(ids).numel() != ids.numel():
+            problem = "repeated ids within the batch (labels, not example ids?)"
+        if problem is not None:
+            raise ValueError(
+                "FisherCallback(at='train_batch') expects (inputs, ids) batches with one distinct "
+                f"int64 example id per row in [0, {self._num_examples}) (padding at or beyond "
+                f"it), got {problem}; at='fit_end', the default, embeds a project whose batches "
+                "are (inputs, labels)"
+            )
+
+    def _check_first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """One Fisher step on the fit's first batch (already through Lightning's pipeline).
+
+        Runs what the end-of-fit pass will run (forward or ``logits_fn``, logits shape, every
+        embedded layer reached by the logits), and forgets the result; any problem stops ``fit``
+        before its first training step. The random number generators are left as they were.
+        """
+        network = self._network(pl_module)
+        rows = batch_rows(batch)
+        ids = torch.arange(rows, dtype=torch.int64)
+        with isolate_rng():
+            self._start(trainer, network, rows)
+            try:
+                forward = _BatchLogits(pl_module, self._logits_fn, self._min_classes)
+                forward.batch = batch
+                inputs = self._inputs_of(batch, rows, pl_module.device)
+                self._accumulate(trainer, forward, network, inputs, ids)
+            except (FisherError, UnsupportedLayerError, ProbeError) as err:
+                raise type(err)(f"{err} (checked on the first training batch, before training)") from None
+            finally:
+                self._start(trainer, network, None)
+
+    @property
+    def _min_classes(self) -> int:
+        # A categorical over one class has zero Fisher: refuse it rather than write zeros.
+        return 2 if self._likelihood == "categorical" else 1
 
     def _scale_for(self, trainer: pl.Trainer) -> float:
         if self._grad_scale is not None:
@@ -427,31 +628,41 @@ class FisherCallback(Callback):
         """Embed ``pl_module`` on ``dataloader`` (default: the Trainer's training data) now.
 
         Runs the ``"fit_end"`` pass: each rank visits its share of the dataset's indices with the
-        module in eval mode, the sums are reduced across ranks and rank 0 writes ``output``.
-        Under DDP, call it on every rank.
+        module in eval mode, the sums are reduced across ranks and rank 0 writes ``output`` if
+        one was given. Under DDP, call it on every rank.
 
         Returns:
             The task embedding (also kept as :attr:`embedding`).
         """
         loader = dataloader if dataloader is not None else trainer.train_dataloader
+        output = None if self._output is None else os.fspath(self._output)
+        return self._run_pass(trainer, pl_module, loader, output)
+
+    def _run_pass(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any, output: str | None
+    ) -> TaskEmbedding:
         if not isinstance(loader, DataLoader):
             raise ValueError(
                 "FisherCallback needs a single torch DataLoader of training data; the Trainer has "
                 f"{type(loader).__name__}. Call callback.compute(trainer, module, dataloader=...)"
             )
         network = self._network(pl_module)
-        _broadcast_from_rank_zero(trainer, pl_module)
-        batches, num_examples = self._pass_batches(trainer, loader)
-        self._start(trainer, network, num_examples)
-        forward = _BatchLogits(pl_module, self._logits_fn)
-        device = pl_module.device
-        for batch, ids in batches:
-            batch = move_data_to_device(batch, device)
-            forward.batch = batch
-            inputs = self._inputs_of(batch, int(ids.numel()), device)
-            self._accumulate(trainer, forward, network, inputs, ids)
-        forward.batch = None
-        return self._finish(trainer, network)
+        started = time.perf_counter()
+        with _rank_zero_tensors(trainer, pl_module):
+            batches, num_examples = self._pass_batches(trainer, loader)
+            self._start(trainer, network, num_examples)
+            forward = _BatchLogits(pl_module, self._logits_fn, self._min_classes)
+            device = pl_module.device
+            for batch, ids in batches:
+                batch = _through_pipeline(trainer, pl_module, batch)
+                forward.batch = batch
+                inputs = self._inputs_of(batch, int(ids.numel()), device)
+                self._accumulate(trainer, forward, network, inputs, ids)
+            forward.batch = None
+            embedding = self._finish(trainer, network, output)
+        if trainer.is_global_zero:
+            self._log_summary(trainer, embedding, output, time.perf_counter() - started)
+        return embedding
 
     def _pass_batches(
         self, trainer: pl.Trainer, loader: DataLoader
@@ -491,16 +702,98 @@ class FisherCallback(Callback):
         raise FisherError(
             "FisherCallback cannot find the inputs in a training batch of type "
             f"{type(batch).__name__}: batches must be a tensor or (inputs, labels, ...) with a "
-            "tensor (or a mapping of tensors) first; otherwise pass FisherCallback(logits_fn=lambda module, batch: logits)"
+            "tensor (or a mapping of tensors) first; otherwise pass "
+            "FisherCallback(logits_fn=<a module-level function (module, batch) -> logits>)"
         )
 
-    # ------------------------------------------------------------------ end of the pass
+    # ------------------------------------------------------------------ end of fit
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._at == "fit_end":
-            self.compute(trainer, pl_module)
+        if self._at == "train_batch":
+            self._finish(trainer, self._network(pl_module), self._output)
         else:
-            self._finish(trainer, self._network(pl_module))
+            self._embed_fit(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning skips the training loop, and on_train_end with it, when a run resumes from a
+        # checkpoint that already reached max_epochs / max_steps, or has no training batches.
+        if self._at != "fit_end" or self._embedded:
+            return
+        if trainer.train_dataloader is None:
+            rank_zero_warn(
+                "FisherCallback: the Trainer built no training data (limit_train_batches=0, or "
+                "no training_step), so nothing was embedded; call "
+                "callback.compute(trainer, module, dataloader) to embed on a DataLoader"
+            )
+            return
+        # The strategy's teardown has moved the module to the CPU; the pass runs where training
+        # ran and leaves the module where it found it.
+        device = pl_module.device
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            self._embed_fit(trainer, pl_module)
+        finally:
+            pl_module.to(device)
+
+    def _embed_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._embedded = True
+        if getattr(trainer, "fast_dev_run", False):
+            rank_zero_info(
+                "FisherCallback: fast_dev_run is on, so the Fisher pass is skipped (no embedding, "
+                "no file)"
+            )
+            return
+        with self._pass_weights(trainer, pl_module):
+            embedding = self._run_pass(trainer, pl_module, trainer.train_dataloader, self._fit_output)
+        if (
+            trainer.is_global_zero
+            and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+        ):
+            embedding.save(self._handoff, overwrite=True)  # read by the parent process
+
+    @contextmanager
+    def _pass_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+        """``weights="best"``: ModelCheckpoint's best weights for the pass, then the module's own."""
+        if self._weights == "last":
+            yield
+            return
+        checkpoint = trainer.checkpoint_callback
+        path = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        if not path:
+            raise FisherError(
+                "FisherCallback(weights='best'): the ModelCheckpoint saved no best model (no "
+                "checkpoint was written during fit); use weights='last'"
+            )
+        state = check_checkpoint_path(path, "FisherCallback(weights='best') checkpoint")["state_dict"]
+        own = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
+        pl_module.load_state_dict(state)
+        self._meta_extra = {"weights": "best", "checkpoint": os.fspath(path)}
+        try:
+            yield
+        finally:
+            pl_module.load_state_dict(own)
+            self._meta_extra = {}
+
+    def _log_summary(
+        self, trainer: pl.Trainer, embedding: TaskEmbedding, output: str | None, seconds: float
+    ) -> None:
+        """The artifact's path and the pass's size and time, to the Trainer's loggers."""
+        count = embedding.meta.get("num_samples", embedding.meta.get("num_batches", 0))
+        summary = {
+            "fisher/num_samples": float(count),
+            "fisher/values": float(len(embedding)),
+            "fisher/seconds": float(seconds),
+        }
+        where = f", written to {output}" if output is not None else ""
+        rank_zero_info(
+            f"FisherCallback: {len(embedding)} values from {count} examples in {seconds:.1f} s"
+            f"{where}"
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics(summary, step=trainer.global_step)
+            if output is not None:
+                logger.log_hyperparams({"fisher/output": os.path.abspath(output)})
 
     def _flat_state(self) -> torch.Tensor:
         parts = [self.sum_sq_grad[name] for name, _ in self._layers]
@@ -543,9 +836,14 @@ class FisherCallback(Callback):
                 "ranks would mix networks (were the weights changed on one rank only?)"
             )
 
-    def _finish(self, trainer: pl.Trainer, network: nn.Module) -> TaskEmbedding:
+    def _finish(self, trainer: pl.Trainer, network: nn.Module, output: Any) -> TaskEmbedding:
         self._check_same_network(trainer, network)
         sums, total, counts = self._reduced()
+        if total == 0:
+            raise FisherError(
+                "FisherCallback: no example reached the Fisher pass, so there is nothing to embed "
+                "(an empty dataset, or every id was padding or already counted)"
+            )
         if counts is not None and bool((counts > 1).any()):
             repeated = (counts > 1).nonzero().flatten()
             raise FisherError(
@@ -589,11 +887,21 @@ class FisherCallback(Callback):
             meta["num_batches"] = total
         else:
             meta["num_samples"] = total
-        self.embedding = TaskEmbedding(hessian, torch.ones_like(hessian), offsets, meta)
-        if self._output is not None and trainer.is_global_zero:
-            path = self.embedding.save(self._output, overwrite=self._overwrite)
+        meta.update(self._meta_extra)
+        if self._exclude:
+            meta["exclude"] = list(self._exclude)
+        embedding = TaskEmbedding(hessian, torch.ones_like(hessian), offsets, meta)
+        if trainer.is_global_zero and not bool(hessian.any()):
+            rank_zero_warn(
+                "FisherCallback: every value of the embedding is zero (does the model's output "
+                "depend on the embedded layers? a one-output model under likelihood='categorical' "
+                "has no Fisher)"
+            )
+        self.embedding = embedding
+        if output is not None and trainer.is_global_zero:
+            path = embedding.save(output, overwrite=self._overwrite)
             log.info("Task embedding written to %s", path)
-        return self.embedding
+        return embedding
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -674,22 +982,47 @@ class FisherCallback(Callback):
         self._skip = None if seen is None else torch.as_tensor(seen, dtype=torch.bool).clone()
 
 
-def _broadcast_from_rank_zero(trainer: pl.Trainer, module: nn.Module) -> None:
-    """Give every rank rank 0's parameters and buffers.
+@contextmanager
+def _rank_zero_tensors(trainer: pl.Trainer, module: nn.Module) -> Iterator[None]:
+    """Give every rank rank 0's parameters and buffers for the pass, then each rank its own.
 
     DDP keeps parameters equal, but each rank updates its batch-norm running statistics with its
     own batches; rank 0's model is the one that checkpoints keep, so it is the one measured.
     """
     if int(trainer.world_size) <= 1:
+        yield
         return
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise FisherError(
             "FisherCallback: the Trainer has several processes but torch.distributed is not "
             "initialised; call compute() inside the run (e.g. from a hook), on every rank"
         )
+    tensors = [*module.parameters(), *module.buffers()]
+    own = [tensor.detach().clone() for tensor in tensors]
     with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
+        for tensor in tensors:
             torch.distributed.broadcast(tensor.data, src=0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, own):
+                tensor.data.copy_(value)
+
+
+def _through_pipeline(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """Move a batch the way Lightning's training loop moves it.
+
+    The precision plugin's ``convert_input``, then ``on_before_batch_transfer``,
+    ``transfer_batch_to_device`` and ``on_after_batch_transfer`` of the LightningModule or of
+    the DataModule that overrides them (Lightning's own selection), as in
+    ``training_epoch_loop.advance``.
+    """
+    batch = trainer.precision_plugin.convert_input(batch)
+    if pl_module is not trainer.lightning_module:
+        return move_data_to_device(batch, pl_module.device)
+    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
 def _running_ids(loader: Iterable[Any], rank: int, world: int) -> Iterator[tuple[Any, torch.Tensor]]:

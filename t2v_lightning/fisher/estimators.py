@@ -54,6 +54,7 @@ order, batch size or the number of processes.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -129,7 +130,16 @@ def _ids_text(bad: list[int], ids: torch.Tensor | None) -> str:
 
 
 class UnsupportedLayerError(ValueError):
-    """A module with weights that the filter-wise Fisher has no closed form for."""
+    """A module with weights that the filter-wise Fisher has no closed form for.
+
+    Args:
+        message: what is wrong.
+        layer: the qualified name of the module, when known (callers add how to leave it out).
+    """
+
+    def __init__(self, message: str, layer: str | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,18 +176,55 @@ def _layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def embedded_layers(network: nn.Module, head: str | None) -> list[tuple[str, nn.Module]]:
-    """The modules whose weights enter the embedding, in ``named_modules`` order.
+def check_exclude(exclude: Sequence[str] | str | None) -> tuple[str, ...]:
+    """``exclude`` as a tuple of non-empty module names or globs (a lone string is one pattern)."""
+    if exclude is None:
+        return ()
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"exclude must hold module names or globs, got {pattern!r}")
+    return patterns
 
-    Every module that owns a ``weight`` parameter, except the head (and its submodules). Modules
-    replaced by ``nn.Identity`` (a skipped prefix) own no weight and drop out by themselves.
+
+def excluded_modules(network: nn.Module, exclude: Sequence[str]) -> list[str]:
+    """Qualified names of the modules of ``network`` matched by the patterns of ``exclude``.
 
     Raises:
-        UnsupportedLayerError: a module with a weight has no closed form here (named).
+        ValueError: a pattern matches no module (named, with some of the module names).
     """
+    names = [name for name, _ in network.named_modules() if name]
+    matched: list[str] = []
+    for pattern in exclude:
+        hits = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            raise ValueError(
+                f"exclude pattern {pattern!r} matches no module of the network; some of its "
+                f"modules: {names[:12]}"
+            )
+        matched.extend(hit for hit in hits if hit not in matched)
+    return matched
+
+
+def embedded_layers(
+    network: nn.Module, head: str | None, exclude: Sequence[str] = ()
+) -> list[tuple[str, nn.Module]]:
+    """The modules whose weights enter the embedding, in ``named_modules`` order.
+
+    Every module that owns a ``weight`` parameter, except the head, the modules matched by
+    ``exclude`` (names or :mod:`fnmatch` globs) and their submodules. Modules replaced by
+    ``nn.Identity`` (a skipped prefix) own no weight and drop out by themselves.
+
+    Raises:
+        UnsupportedLayerError: a module with a weight has no closed form here (named); the
+            caller adds how to leave it out with its own options.
+        ValueError: an ``exclude`` pattern matches no module.
+    """
+    left_out = [head] if head is not None else []
+    left_out += excluded_modules(network, exclude)
     layers: list[tuple[str, nn.Module]] = []
     for name, module in network.named_modules():
-        if head is not None and (name == head or name.startswith(head + ".")):
+        if any(name == out or name.startswith(out + ".") for out in left_out):
             continue
         weight = module._parameters.get("weight")
         if weight is None:
@@ -186,13 +233,14 @@ def embedded_layers(network: nn.Module, head: str | None) -> list[tuple[str, nn.
             raise UnsupportedLayerError(
                 f"layer {name!r} ({type(module).__name__}) has weights but no filter-wise Fisher "
                 "here; supported: Linear, Conv1d, Conv2d (incl. timm Conv2dSame), BatchNorm "
-                "(incl. timm BatchNormAct2d), GroupNorm, LayerNorm. Skip it with skip_layers "
-                "or use another probe"
+                "(incl. timm BatchNormAct2d), GroupNorm, LayerNorm",
+                layer=name,
             )
         if isinstance(module, _BatchNorm) and not module.track_running_stats:
             raise UnsupportedLayerError(
                 f"layer {name!r} ({type(module).__name__}) normalises with batch statistics "
-                "(track_running_stats=False), so per-example gradients are not defined"
+                "(track_running_stats=False), so per-example gradients are not defined",
+                layer=name,
             )
         layers.append((name, module))
     return layers

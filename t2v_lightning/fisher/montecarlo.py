@@ -317,6 +317,7 @@ def embed_montecarlo(
         prepared.meta, "montecarlo", batch_size=task.batch_size, labels_fingerprint=labels_fingerprint
     )
     callback = FisherCallback(
+        at="train_batch",
         estimator=settings.estimator,
         mc_samples=settings.mc_samples,
         likelihood=task.likelihood,
