@@ -91,15 +91,17 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from t2v_lightning.allocator import settle_thresholds
-from t2v_lightning.embedding import TaskEmbedding
-from t2v_lightning.fisher.estimators import (
+from t2v_lightning.choices import (
     ESTIMATORS,
     LIKELIHOODS,
     Estimator,
     FisherError,
-    LayerFisherTaps,
     Likelihood,
     UnsupportedLayerError,
+)
+from t2v_lightning.embedding import TaskEmbedding
+from t2v_lightning.fisher.estimators import (
+    LayerFisherTaps,
     batch_filter_sums,
     check_exclude,
     embedded_layers,

@@ -58,13 +58,21 @@ import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from t2v_lightning.choices import (
+    ESTIMATORS,
+    LIKELIHOODS,
+    Estimator,
+    FisherError,
+    Likelihood,
+    UnsupportedLayerError,
+)
 from t2v_lightning.probe import call_probe, find_nonfinite_layer, nonfinite_rows
 
 __all__ = [
@@ -83,27 +91,9 @@ __all__ = [
     "hash_seed",
 ]
 
-Estimator = Literal["per_sample", "batch", "exact"]
-ESTIMATORS: tuple[str, ...] = ("per_sample", "batch", "exact")
-Likelihood = Literal["categorical", "bernoulli"]
-LIKELIHOODS: tuple[str, ...] = ("categorical", "bernoulli")
-
 # Intermediate tensors of one per-example computation are kept under this many elements by
 # splitting the batch (about 256 MiB of float32).
 _CHUNK_ELEMENTS = 64 * 1024 * 1024
-
-
-class FisherError(RuntimeError):
-    """The Fisher pass cannot produce a meaningful value (non-finite logits, unused layers...).
-
-    Args:
-        message: what went wrong.
-        example_ids: the ids of the examples involved, when the fault is tied to examples.
-    """
-
-    def __init__(self, message: str, example_ids: Sequence[int] | None = None) -> None:
-        super().__init__(message)
-        self.example_ids: list[int] = [] if example_ids is None else [int(i) for i in example_ids]
 
 
 def _precision_hint(dtype: torch.dtype) -> str:
@@ -127,19 +117,6 @@ def _ids_text(bad: list[int], ids: torch.Tensor | None) -> str:
     what = "example ids" if ids is not None else "batch rows"
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     return f"{what} {bad[:5]}{more}"
-
-
-class UnsupportedLayerError(ValueError):
-    """A module with weights that the filter-wise Fisher has no closed form for.
-
-    Args:
-        message: what is wrong.
-        layer: the qualified name of the module, when known (callers add how to leave it out).
-    """
-
-    def __init__(self, message: str, layer: str | None = None) -> None:
-        super().__init__(message)
-        self.layer = layer
 
 
 # --------------------------------------------------------------------------------------------

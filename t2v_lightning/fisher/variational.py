@@ -66,10 +66,9 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
+from t2v_lightning.choices import FisherError, UnsupportedLayerError
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.estimators import (
-    FisherError,
-    UnsupportedLayerError,
     _is_same_padding_conv,
     _same_padding,
     hash_seed,
