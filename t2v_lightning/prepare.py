@@ -42,6 +42,7 @@ from t2v_lightning.labels import read_labels, read_multilabels, select_examples
 from t2v_lightning.probe import (
     ProbeError,
     check_split,
+    drop_compiled,
     find_head,
     get_submodule,
     probe_fingerprint,
@@ -192,7 +193,8 @@ def artifact_meta(task: dict[str, Any], method: str, **facts: Any) -> dict[str, 
 def _working_copy(
     probe: nn.Module, settings: TaskSettings, num_classes: int
 ) -> nn.Module:
-    network = copy.deepcopy(probe)
+    # Compiled modules go: their copies would run the caller's own modules (see uncompiled).
+    network = drop_compiled(copy.deepcopy(probe))
     network.eval()
     for param in network.parameters():
         param.requires_grad_(False)

@@ -32,6 +32,7 @@ from t2v_lightning.fisher.variational import (
     embed_variational,
 )
 from t2v_lightning.prepare import PreparedTask, TaskSettings, check_probe, prepare_task
+from t2v_lightning.probe import uncompiled
 from t2v_lightning.safety import is_int, keyboard_interrupts_kept
 from t2v_lightning.trainers import TrainerSpec, quiet_lightning
 
@@ -187,8 +188,9 @@ class Task2Vec:
         if not is_int(skip_layers) or skip_layers < 0:
             raise ValueError(f"skip_layers must be a non-negative integer, got {skip_layers!r}")
         self.method: Method = method
-        self.probe = probe
-        self.head = check_probe(probe, head, skip_layers)
+        # A torch.compile wrapper is looked through: its layers are the wrapped module's.
+        self.probe = uncompiled(probe)
+        self.head = check_probe(self.probe, head, skip_layers)
         self.task = TaskSettings(
             head=self.head,
             likelihood=likelihood,

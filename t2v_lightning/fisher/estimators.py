@@ -170,7 +170,7 @@ def excluded_modules(network: nn.Module, exclude: Sequence[str]) -> list[str]:
     Raises:
         ValueError: a pattern matches no module (named, with some of the module names).
     """
-    names = [name for name, _ in network.named_modules() if name]
+    names = [plain_name(name) for name, _ in network.named_modules() if name]
     matched: list[str] = []
     for pattern in exclude:
         hits = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
@@ -181,6 +181,11 @@ def excluded_modules(network: nn.Module, exclude: Sequence[str]) -> list[str]:
             )
         matched.extend(hit for hit in hits if hit not in matched)
     return matched
+
+
+def plain_name(name: str) -> str:
+    """A module's qualified name without the ``_orig_mod`` of ``torch.compile`` wrappers."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def embedded_layers(
@@ -200,7 +205,8 @@ def embedded_layers(
     left_out = [head] if head is not None else []
     left_out += excluded_modules(network, exclude)
     layers: list[tuple[str, nn.Module]] = []
-    for name, module in network.named_modules():
+    for raw_name, module in network.named_modules():
+        name = plain_name(raw_name)
         if any(name == out or name.startswith(out + ".") for out in left_out):
             continue
         weight = module._parameters.get("weight")
