@@ -100,14 +100,7 @@ from t2v_lightning.choices import (
 )
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.accumulator import FisherSums
-from t2v_lightning.fisher.estimators import (
-    LayerFisherTaps,
-    batch_filter_sums,
-    check_exclude,
-    embedded_layers,
-    filter_values,
-    num_filters,
-)
+from t2v_lightning.fisher.estimators import LayerFisherTaps, batch_filter_sums, filter_values
 from t2v_lightning.fisher.fit_end import (
     BatchLogits,
     batch_inputs,
@@ -116,6 +109,7 @@ from t2v_lightning.fisher.fit_end import (
     rank_zero_weights,
     through_pipeline,
 )
+from t2v_lightning.fisher.layers.table import check_exclude, embedded_layers, num_filters
 from t2v_lightning.probe import ProbeError, batch_rows, probe_fingerprint
 from t2v_lightning.safety import check_checkpoint_path, is_int
 
