@@ -456,6 +456,13 @@ class FisherCallback(Callback):
         embedded layer reached by the logits), and forgets the result; any problem stops ``fit``
         before its first training step. The random number generators are left as they were.
         """
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "FisherCallback needs a single torch DataLoader of training data; the Trainer has "
+                f"{type(loader).__name__} (checked before training). Pass one DataLoader, or "
+                "embed later with callback.compute(trainer, module, dataloader=...)"
+            )
         network = self._network(pl_module)
         rows = batch_rows(batch)
         ids = torch.arange(rows, dtype=torch.int64)
