@@ -121,7 +121,7 @@ def test_per_batch_mode_refuses_label_batches_before_the_first_step() -> None:
     with pytest.raises(ValueError, match="at='train_batch' needs num_examples"):
         FisherCallback(at="train_batch")
     floats = DataLoader(TensorDataset(images(8)[0], torch.arange(8.0)), batch_size=4)
-    with pytest.raises(ValueError, match="torch.float32 tensor"):
+    with pytest.raises(ValueError, match=r"torch\.float32 tensor"):
         pl.Trainer(max_epochs=1, callbacks=[FisherCallback(at="train_batch", num_examples=8)],
                    **QUIET).fit(model, floats)
     assert model.steps == 0
