@@ -75,6 +75,8 @@ class TaskSettings:
         head_optimizer: ``"adam"`` or ``"sgd"``.
         seed: seed of the selection, the fresh head, its fitting and the Fisher pass.
         num_workers: data-loading worker processes.
+        exclude: qualified module names or globs left out of the embedding (with their
+            submodules), besides the head.
     """
 
     head: str
@@ -90,6 +92,7 @@ class TaskSettings:
     head_optimizer: Literal["adam", "sgd"] = "adam"
     seed: int = 0
     num_workers: int = 0
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.likelihood not in LIKELIHOODS:
@@ -364,6 +367,8 @@ def prepare_task(
             "lightning": lightning.__version__,
         },
     }
+    if settings.exclude:
+        meta["exclude"] = list(settings.exclude)
     if task_name is not None:
         meta["task_name"] = str(task_name)
     return PreparedTask(tail, inputs, selected_labels, num_classes, selection, settings, meta)

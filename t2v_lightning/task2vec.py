@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from t2v_lightning.choices import METHODS, Estimator, FisherError, Likelihood, Method
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
+from t2v_lightning.fisher.layers.table import check_exclude, excluded_modules
 from t2v_lightning.fisher.montecarlo import MonteCarloSettings, embed_montecarlo
 from t2v_lightning.fisher.variational import (
     VariationalSettings,
@@ -101,6 +102,10 @@ class Task2Vec:
         resume_from: a Fisher-pass checkpoint to resume from, or ``"last"``: the one in
             ``checkpoint_dir`` if an interrupted pass left one (else start afresh;
             ``method="montecarlo"``).
+        exclude: qualified module names or globs (``"encoder.layers.*.norm1"``) of layers left
+            out of the embedding with their submodules, besides the head; a pattern that
+            matches no module of the probe is an error. The same rule as
+            ``FisherCallback(exclude=...)``.
 
     The options of one method are refused with the other (``ValueError`` naming the option):
     ``estimator``, ``mc_samples``, ``checkpoint_dir``, ``checkpoint_every_n_steps`` and
@@ -156,6 +161,7 @@ class Task2Vec:
         checkpoint_dir: str | None = None,
         checkpoint_every_n_steps: int | None = None,
         resume_from: str | None = None,
+        exclude: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(probe, nn.Module):
             raise TypeError(f"probe must be a torch.nn.Module, got {type(probe).__name__}")
@@ -191,6 +197,11 @@ class Task2Vec:
         # A torch.compile wrapper is looked through: its layers are the wrapped module's.
         self.probe = uncompiled(probe)
         self.head = check_probe(self.probe, head, skip_layers)
+        patterns = check_exclude(exclude)
+        try:
+            excluded_modules(self.probe, patterns)
+        except ValueError as err:
+            raise ValueError(f"Task2Vec(exclude={list(patterns)}): {err}") from None
         self.task = TaskSettings(
             head=self.head,
             likelihood=likelihood,
@@ -205,6 +216,7 @@ class Task2Vec:
             head_optimizer=head_optimizer,
             seed=seed,
             num_workers=num_workers,
+            exclude=patterns,
         )
         options = {name: given[name] for name in _OPTIONS[method] if name in given}
         self.settings: MonteCarloSettings | VariationalSettings

@@ -69,7 +69,7 @@ from t2v_lightning.choices import FisherError, UnsupportedLayerError
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.estimators import hash_seed
 from t2v_lightning.fisher.layers.rule import INPUT_NOISE_FLOOR, LayerRule
-from t2v_lightning.fisher.layers.table import rule_for
+from t2v_lightning.fisher.layers.table import excluded_modules, rule_for
 from t2v_lightning.prepare import PreparedTask, artifact_meta
 from t2v_lightning.probe import ProbeError
 from t2v_lightning.safety import is_int
@@ -543,6 +543,7 @@ class VariationalFisherModule(pl.LightningModule):
         head_lr: Adam learning rate of the head.
         beta: weight of the KL term.
         seed: seed of the shuffling and of the noise.
+        exclude: qualified names of modules left out of the embedding with their submodules.
     """
 
     def __init__(
@@ -557,10 +558,11 @@ class VariationalFisherModule(pl.LightningModule):
         head_lr: float = 5e-4,
         beta: float = 1e-7,
         seed: int = 0,
+        exclude: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.network = network
-        self.variational = VariationalLayers(network, head)
+        self.variational = VariationalLayers(network, head, exclude)
         self._head_params = list(network.get_submodule(head).parameters())
         for param in self._head_params:
             param.requires_grad_(True)
@@ -715,6 +717,7 @@ def embed_variational(
         head_lr=settings.head_lr,
         beta=settings.beta,
         seed=task.seed,
+        exclude=excluded_modules(prepared.network, task.exclude),
     )
     trainer.fit(module)
     hessian, scale, offsets = module.variational.embedding_values()

@@ -47,7 +47,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from t2v_lightning.choices import UnsupportedLayerError
+from t2v_lightning.fisher.layers.attention import MultiheadAttentionRule
 from t2v_lightning.fisher.layers.conv import ConvRule
+from t2v_lightning.fisher.layers.embedding import EmbeddingRule
 from t2v_lightning.fisher.layers.linear import LinearRule
 from t2v_lightning.fisher.layers.norm import (
     BatchNormActRule,
@@ -87,6 +89,8 @@ RULES: dict[type | str, LayerRule] = {
     "timm.models.layers.norm_act.BatchNormAct2d": _BATCH_NORM_ACT,  # timm < 0.9
     nn.GroupNorm: GroupNormRule(),
     nn.LayerNorm: LayerNormRule(),
+    nn.Embedding: EmbeddingRule(),
+    nn.MultiheadAttention: MultiheadAttentionRule(),
 }
 """Module type (or ``"package.module.Class"``) → the rule that embeds it."""
 
@@ -102,7 +106,7 @@ def rule_for(module: nn.Module) -> LayerRule | None:
 
 _SUPPORTED = (
     "Linear, Conv1d, Conv2d (incl. timm Conv2dSame), BatchNorm (incl. timm BatchNormAct2d), "
-    "GroupNorm, LayerNorm"
+    "GroupNorm, LayerNorm, Embedding, MultiheadAttention"
 )
 
 
@@ -178,10 +182,19 @@ def embedded_layers(
     """
     left_out = [head] if head is not None else []
     left_out += excluded_modules(network, exclude)
+    covered: list[str] = []  # modules whose rule takes their submodules' weights too
     layers: list[tuple[str, nn.Module]] = []
     for raw_name, module in network.named_modules():
         name = plain_name(raw_name)
         if any(name == out or name.startswith(out + ".") for out in left_out):
+            continue
+        if any(name.startswith(parent + ".") for parent in covered):
+            continue
+        whole = rule_for(module)
+        if whole is not None and whole.whole_call:
+            layer_rule(name, module)
+            layers.append((name, module))
+            covered.append(name)
             continue
         if module._parameters.get("weight") is None:
             continue
