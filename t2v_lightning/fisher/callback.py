@@ -1,70 +1,33 @@
 r"""FisherCallback: the filter-wise diagonal Fisher of a network, measured inside a Lightning fit.
 
-The callback owns the statistics; :mod:`t2v_lightning.fisher.estimators` does the math. Like a
-torchmetrics ``MeanMetric``, the state is a sum and a count: per embedded layer, the sum over
-examples of the squared per-example gradient rows (``sum_sq_grad``, float64), and the number of
-examples (``num_samples``). At the end both are summed across ranks (never averaged) and
-divided, so the result does not depend on the number of processes:
-
-.. math::
-
-    \text{hessian}[o] = \frac{\sum_\text{ranks} \sum_n \lVert g_n[o, :] \rVert^2}
-                             {\sum_\text{ranks} N_\text{rank} \cdot \text{row size}}.
-
-Labels are drawn from the model's own predictive distribution, seeded by each example's id
-(:func:`~t2v_lightning.fisher.estimators.sample_labels`), so which rank sees an example, in
-which batch, does not change its contribution. Log-probabilities are computed in float32 and
-sums kept in float64 whatever the Trainer's precision; under ``"16-*"`` precision the loss is
-multiplied by ``grad_scale`` (1024) before backward and the gradients divided by it in float32
-before they are squared.
+The callback decides when to measure; :class:`~t2v_lightning.fisher.accumulator.FisherSums`
+holds the sums and counts (summed across ranks, never averaged, then divided), the estimators
+do the math, and :mod:`~t2v_lightning.fisher.fit_end` reads the user's data. Labels are drawn
+from the model, seeded by each example's id, so ranks, batches and order do not change an
+example's contribution; log-probabilities are float32 and sums float64 whatever the precision.
 
 Two ways to use it (``at=``):
 
-* ``"fit_end"`` (the default; inside your own Lightning project): when ``fit`` ends, run one extra
-  pass over the Trainer's training data with your LightningModule in eval mode, and embed it
-  (SPEC section 9). Each rank visits its share of the dataset's indices (every index once across
-  ranks, whatever the Trainer's sampler or ``limit_train_batches``); every batch goes the way
-  training batches go: the precision plugin's ``convert_input``, ``on_before_batch_transfer``,
-  ``transfer_batch_to_device`` and ``on_after_batch_transfer`` (LightningModule or DataModule),
-  then the forward under the precision plugin. :meth:`FisherCallback.compute` does the same pass
-  on demand. Under DDP every rank measures rank 0's parameters and buffers (each rank has
-  updated its own batch-norm statistics), so the embedding is that of the model rank 0
-  checkpoints; each rank's own tensors are put back afterwards.
-* ``"train_batch"`` (what :class:`~t2v_lightning.Task2Vec` does, chosen explicitly): accumulate
-  after every training batch. Batches must be ``(inputs, ids)`` with distinct int64 example ids;
-  ids in ``[0, num_examples)`` count, ids at or beyond it are padding (see
-  :class:`~t2v_lightning.fisher.sharding.ShardSampler`) and ids already counted are skipped, so
-  every example counts once. Any other batch (``(inputs, labels)`` above all) is refused before
-  its training step. Ids must not repeat across ranks (``DistributedSampler``'s padding does; the
-  end of the pass raises if it happened).
+* ``"fit_end"`` (the default; your own Lightning project, SPEC section 9): when ``fit`` ends,
+  one extra pass over the training dataset, every example once across ranks whatever the
+  sampler or ``limit_train_batches``, with the LightningModule in eval mode. Batches go the way
+  training batches go (the precision plugin, then the transfer hooks of the module or the
+  DataModule). The first training batch goes through one Fisher step before the first training
+  step, so a forward that returns no logits, an unsupported layer or one the logits never reach
+  stops ``fit`` at once. The artifact goes to ``trainer.log_dir`` (never replacing a file
+  unless ``overwrite=True``) and a summary to the Trainer's loggers. ``fast_dev_run`` skips the
+  pass; a run resumed with nothing left to train still embeds; under DDP every rank measures
+  rank 0's weights; after ``ddp_spawn`` the parent process's :attr:`~FisherCallback.embedding`
+  holds the result. :meth:`~FisherCallback.compute` runs the same pass on demand.
+* ``"train_batch"`` (:class:`~t2v_lightning.Task2Vec`'s, chosen explicitly): one Fisher step
+  after every training batch of ``(inputs, ids)``: distinct int64 example ids, those at or beyond
+  ``num_examples`` being padding (:class:`~t2v_lightning.fisher.sharding.ShardSampler`); any
+  other batch is refused before its training step. Checkpointable: :meth:`state_dict` is the
+  global state (sums over ranks, ids counted anywhere), restored exactly even on another number
+  of processes.
 
-Hooks used: ``setup`` (pick the layers, resolve and check ``output``), ``on_train_batch_start``
-(``"fit_end"``: the first batch of the fit goes through one Fisher step, so a forward that does
-not return logits, an unsupported layer or a layer the logits do not reach stops ``fit`` before
-its first training step; ``"train_batch"``: the example ids of every batch are checked),
-``on_train_batch_end`` (``"train_batch"``: one Fisher step on the batch, after the
-LightningModule's own step), ``on_train_end`` (``"fit_end"``: the extra pass; both: reduce
-across ranks, build the :class:`~t2v_lightning.embedding.TaskEmbedding`, rank 0 writes it and
-logs a summary to the Trainer's loggers), ``on_fit_end`` (``"fit_end"``: a run resumed from a
-checkpoint with nothing left to train still embeds), ``state_dict`` / ``load_state_dict``
-(resume from a Lightning checkpoint).
-
-What it needs from the LightningModule: the network to embed (the module itself, or the
-submodule named by ``network``) must be reachable by ``pl_module(inputs)`` returning logits of
-shape (batch, classes), where ``inputs`` is the batch itself when it is a tensor, else its first
-element (``(inputs, labels)``); otherwise pass ``logits_fn(pl_module, batch) -> logits``, a
-module-level function (``ddp_spawn`` pickles the callback to send it to its processes, and a
-lambda cannot be pickled). The batch's labels are never used: the Fisher samples labels from the
-model. The user's module is never changed: its mode flags, ``requires_grad`` flags, parameters
-and buffers are as they were after the pass, on success or on error.
-
-Checkpoints and DDP: Lightning saves callback state from rank 0 only, so :meth:`state_dict`
-(called on every rank while a checkpoint is made) returns the *global* state: sums and counts
-summed over ranks, the ids counted on any rank. After a restore, rank 0 alone holds the
-restored sums and count (the other ranks start from zero) and every rank skips the ids already
-counted, so the final sum over ranks is exact, even with a different number of processes.
-Before summing, the ranks check that they measured identical weights (a :class:`FisherError`
-otherwise).
+The user's module is never changed, on success or on error: mode flags, ``requires_grad``
+flags, parameters and buffers (bit for bit) are as they were.
 """
 
 from __future__ import annotations
@@ -74,9 +37,7 @@ import os
 import tempfile
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -107,13 +68,16 @@ from t2v_lightning.fisher.fit_end import (
     BatchLogits,
     batch_inputs,
     check_same_network,
+    checkpoint_weights,
+    log_summary,
     pass_batches,
     rank_zero_weights,
     through_pipeline,
 )
 from t2v_lightning.fisher.layers.table import check_exclude, embedded_layers, num_filters
+from t2v_lightning.fisher.sharding import check_counted, check_id_batch
 from t2v_lightning.probe import ProbeError, batch_rows, probe_fingerprint
-from t2v_lightning.safety import check_checkpoint_path, is_int
+from t2v_lightning.safety import is_int
 
 __all__ = ["FisherCallback", "FisherError", "At", "AT_CHOICES", "Weights", "DEFAULT_OUTPUT"]
 
@@ -201,36 +165,27 @@ class FisherCallback(Callback):
         super().__init__()
         check_choice("likelihood", likelihood, LIKELIHOODS)
         check_choice("estimator", estimator, ESTIMATORS)
-        if not is_int(mc_samples) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        _check_count("mc_samples", mc_samples)
+        _check_count("num_examples", num_examples, optional=True)
         if not is_int(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        if num_examples is not None and (
-            not is_int(num_examples) or num_examples < 1
-        ):
-            raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
         if grad_scale is not None and not grad_scale > 0:
             raise ValueError(f"grad_scale must be positive, got {grad_scale!r}")
-        if at not in AT_CHOICES:
-            raise ValueError(f"at must be one of {AT_CHOICES}, got {at!r}")
+        check_choice("at", at, AT_CHOICES)
+        check_choice("weights", weights, WEIGHTS_CHOICES)
         if at == "train_batch" and num_examples is None:
             raise ValueError(
                 "at='train_batch' needs num_examples (the number of distinct example ids its "
                 "(inputs, ids) batches carry); to embed your own project's trained model leave "
                 "at='fit_end'"
             )
-        if batch_size is not None and (
-            not is_int(batch_size) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check_count("batch_size", batch_size, optional=True)
         if logits_fn is not None and not callable(logits_fn):
             raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}")
         if head is not None and (not isinstance(head, str) or not head):
             raise ValueError(f"head must be a qualified module name, got {head!r}")
         if network is not None and (not isinstance(network, str) or not network):
             raise ValueError(f"network must be a submodule path, got {network!r}")
-        if weights not in WEIGHTS_CHOICES:
-            raise ValueError(f"weights must be one of {WEIGHTS_CHOICES}, got {weights!r}")
         if not isinstance(overwrite, bool):
             raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
         self._estimator: Estimator = estimator
@@ -414,40 +369,10 @@ class FisherCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._at == "train_batch":
-            self._check_ids(batch)
+            check_id_batch(batch, self._num_examples)
         elif not self._checked:
             self._check_first_batch(trainer, pl_module, batch)
         self._checked = True
-
-    def _check_ids(self, batch: Any) -> None:
-        """A ``"train_batch"`` batch must be ``(inputs, ids)`` with distinct int64 ids."""
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError(
-                "FisherCallback(at='train_batch') expects training batches of (inputs, ids); got "
-                f"{type(batch).__name__} (at='fit_end', the default, embeds a project whose "
-                "batches are (inputs, labels))"
-            )
-        inputs, ids = batch
-        problem = None
-        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.ndim != 1:
-            problem = (
-                f"a {type(ids).__name__}"
-                if not isinstance(ids, torch.Tensor)
-                else f"a {ids.dtype} tensor of shape {tuple(ids.shape)}"
-            )
-        elif ids.numel() != batch_rows(inputs):
-            problem = f"{ids.numel()} ids for {batch_rows(inputs)} inputs"
-        elif ids.numel() and int(ids.min()) < 0:
-            problem = f"negative ids ({int(ids.min())})"
-        elif torch.unique(ids).numel() != ids.numel():
-            problem = "repeated ids within the batch (labels, not example ids?)"
-        if problem is not None:
-            raise ValueError(
-                "FisherCallback(at='train_batch') expects (inputs, ids) batches with one distinct "
-                f"int64 example id per row in [0, {self._num_examples}) (padding at or beyond "
-                f"it), got {problem}; at='fit_end', the default, embeds a project whose batches "
-                "are (inputs, labels)"
-            )
 
     def _check_first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """One Fisher step on the fit's first batch (already through Lightning's pipeline).
@@ -601,7 +526,7 @@ class FisherCallback(Callback):
             forward.batch = None
             embedding = self._finish(trainer, network, output)
         if trainer.is_global_zero:
-            self._log_summary(trainer, embedding, output, time.perf_counter() - started)
+            log_summary(trainer, embedding, output, time.perf_counter() - started)
         return embedding
 
     # ------------------------------------------------------------------ end of fit
@@ -642,56 +567,15 @@ class FisherCallback(Callback):
                 "no file)"
             )
             return
-        with self._pass_weights(trainer, pl_module):
+        with checkpoint_weights(trainer, pl_module, self._weights) as facts:
+            self._meta_extra = facts
             embedding = self._run_pass(trainer, pl_module, trainer.train_dataloader, self._fit_output)
+        self._meta_extra = {}
         if (
             trainer.is_global_zero
             and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
         ):
             embedding.save(self._handoff, overwrite=True)  # read by the parent process
-
-    @contextmanager
-    def _pass_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-        """``weights="best"``: ModelCheckpoint's best weights for the pass, then the module's own."""
-        if self._weights == "last":
-            yield
-            return
-        checkpoint = trainer.checkpoint_callback
-        path = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-        if not path:
-            raise FisherError(
-                "FisherCallback(weights='best'): the ModelCheckpoint saved no best model (no "
-                "checkpoint was written during fit); use weights='last'"
-            )
-        state = check_checkpoint_path(path, "FisherCallback(weights='best') checkpoint")["state_dict"]
-        own = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
-        pl_module.load_state_dict(state)
-        self._meta_extra = {"weights": "best", "checkpoint": os.fspath(path)}
-        try:
-            yield
-        finally:
-            pl_module.load_state_dict(own)
-            self._meta_extra = {}
-
-    def _log_summary(
-        self, trainer: pl.Trainer, embedding: TaskEmbedding, output: str | None, seconds: float
-    ) -> None:
-        """The artifact's path and the pass's size and time, to the Trainer's loggers."""
-        count = embedding.meta.get("num_samples", embedding.meta.get("num_batches", 0))
-        summary = {
-            "fisher/num_samples": float(count),
-            "fisher/values": float(len(embedding)),
-            "fisher/seconds": float(seconds),
-        }
-        where = f", written to {output}" if output is not None else ""
-        rank_zero_info(
-            f"FisherCallback: {len(embedding)} values from {count} examples in {seconds:.1f} s"
-            f"{where}"
-        )
-        for logger in trainer.loggers:
-            logger.log_metrics(summary, step=trainer.global_step)
-            if output is not None:
-                logger.log_hyperparams({"fisher/output": os.path.abspath(output)})
 
     def _finish(self, trainer: pl.Trainer, network: nn.Module, output: Any) -> TaskEmbedding:
         check_same_network(trainer, network)
@@ -702,25 +586,9 @@ class FisherCallback(Callback):
                 "FisherCallback: no example reached the Fisher pass, so there is nothing to embed "
                 "(an empty dataset, or every id was padding or already counted)"
             )
-        if counts is not None and bool((counts > 1).any()):
-            repeated = (counts > 1).nonzero().flatten()
-            raise FisherError(
-                f"{repeated.numel()} example ids (e.g. {repeated[:5].tolist()}) were counted on more "
-                "than one rank, so the sums count them twice; a DistributedSampler pads ranks with "
-                "repeated examples. Give the Fisher pass unique ids per rank (ShardSampler and "
-                "Trainer(use_distributed_sampler=False)) or use FisherCallback(at='fit_end')"
-            )
-        if counts is not None and self._at == "train_batch" and trainer.is_global_zero:
-            counted = self._sums.counted(counts)
-            missing = int((~counted).sum())
-            if missing:
-                warnings.warn(
-                    f"FisherCallback: {missing} of {counted.numel()} example ids were never "
-                    "counted; the Fisher covers the others only (a run resumed mid-epoch with "
-                    "Trainer.fit(ckpt_path=...) restarts the data at its beginning and stops "
-                    "early; Task2Vec(resume_from=...) resumes a Fisher pass exactly)",
-                    stacklevel=2,
-                )
+        if counts is not None:
+            warn_missing = self._at == "train_batch" and trainer.is_global_zero
+            check_counted(counts, self._sums.counted(counts) if warn_missing else None)
         hessian, offsets = filter_values(sums, total, self._layers)
         meta = dict(self._meta)
         if self._at == "fit_end":
@@ -805,3 +673,10 @@ class FisherCallback(Callback):
             self._sums.restore(state_dict, self._rank)
         else:
             self._restored = state_dict
+
+
+def _check_count(name: str, value: object, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -9,6 +9,7 @@ back afterwards), and checks that all ranks measured the same ones.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -16,18 +17,23 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from t2v_lightning.choices import FisherError
+from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.sharding import CollateWithIds, IdsDataset, ShardSampler
 from t2v_lightning.probe import batch_rows, call_probe
+from t2v_lightning.safety import check_checkpoint_path
 
 __all__ = [
     "BatchLogits",
     "batch_inputs",
     "check_same_network",
+    "checkpoint_weights",
+    "log_summary",
     "pass_batches",
     "rank_zero_weights",
     "running_ids",
@@ -211,3 +217,52 @@ def running_ids(loader: Iterable[Any], rank: int, world: int) -> Iterator[tuple[
         ids = torch.arange(position, position + rows, dtype=torch.int64) * world + rank
         position += rows
         yield batch, ids
+
+
+@contextmanager
+def checkpoint_weights(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, weights: str
+) -> Iterator[dict[str, Any]]:
+    """The weights the pass measures; yields the facts to record in the artifact.
+
+    ``"last"``: the module as it is. ``"best"``: the Trainer's ``ModelCheckpoint``'s best model,
+    read with ``torch.load(weights_only=True)`` and loaded for the pass only; the module's own
+    tensors are put back afterwards (bit for bit), also on error.
+    """
+    if weights == "last":
+        yield {}
+        return
+    checkpoint = trainer.checkpoint_callback
+    path = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+    if not path:
+        raise FisherError(
+            "FisherCallback(weights='best'): the ModelCheckpoint saved no best model (no "
+            "checkpoint was written during fit); use weights='last'"
+        )
+    state = check_checkpoint_path(path, "FisherCallback(weights='best') checkpoint")["state_dict"]
+    own = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
+    pl_module.load_state_dict(state)
+    try:
+        yield {"weights": "best", "checkpoint": os.fspath(path)}
+    finally:
+        pl_module.load_state_dict(own)
+
+
+def log_summary(
+    trainer: pl.Trainer, embedding: TaskEmbedding, output: str | None, seconds: float
+) -> None:
+    """The artifact's path and the pass's size and time, to the Trainer's loggers (rank 0)."""
+    count = embedding.meta.get("num_samples", embedding.meta.get("num_batches", 0))
+    summary = {
+        "fisher/num_samples": float(count),
+        "fisher/values": float(len(embedding)),
+        "fisher/seconds": float(seconds),
+    }
+    where = f", written to {output}" if output is not None else ""
+    rank_zero_info(
+        f"FisherCallback: {len(embedding)} values from {count} examples in {seconds:.1f} s{where}"
+    )
+    for logger in trainer.loggers:
+        logger.log_metrics(summary, step=trainer.global_step)
+        if output is not None:
+            logger.log_hyperparams({"fisher/output": os.path.abspath(output)})
