@@ -6,9 +6,9 @@ command line starts fast.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from t2v_lightning.lazy import lazy_exports
 from t2v_lightning.version import __version__
 
 _EXPORTS: dict[str, str] = {
@@ -37,14 +37,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from t2v_lightning.task2vec import Task2Vec  # noqa: F401
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 't2v_lightning' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)

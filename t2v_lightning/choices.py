@@ -24,6 +24,8 @@ __all__ = [
     "FisherError",
     "UnsupportedLayerError",
     "check_choice",
+    "check_non_negative",
+    "check_positive",
 ]
 
 Estimator = Literal["per_sample", "batch", "exact"]
@@ -75,6 +77,18 @@ def check_choice(name: str, value: _Choice, choices: Sequence[str]) -> _Choice:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def check_positive(name: str, value: float) -> None:
+    """``ValueError`` naming the argument unless ``value > 0`` (NaN is refused)."""
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def check_non_negative(name: str, value: float) -> None:
+    """``ValueError`` naming the argument unless ``value >= 0`` (NaN is refused)."""
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
 class FisherError(RuntimeError):

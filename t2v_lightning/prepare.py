@@ -27,7 +27,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from t2v_lightning.choices import LIKELIHOODS, Likelihood, check_choice
+from t2v_lightning.choices import (
+    LIKELIHOODS,
+    Likelihood,
+    check_choice,
+    check_non_negative,
+    check_positive,
+)
 from t2v_lightning.features import (
     DatasetError,
     SelectedInputs,
@@ -112,10 +118,8 @@ class TaskSettings:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not is_int(self.head_epochs) or self.head_epochs < 0:
             raise ValueError(f"head_epochs must be a non-negative integer, got {self.head_epochs!r}")
-        if not self.head_lr > 0:
-            raise ValueError(f"head_lr must be positive, got {self.head_lr!r}")
-        if not self.head_weight_decay >= 0:
-            raise ValueError(f"head_weight_decay must be >= 0, got {self.head_weight_decay!r}")
+        check_positive("head_lr", self.head_lr)
+        check_non_negative("head_weight_decay", self.head_weight_decay)
         if self.head_optimizer not in ("adam", "sgd"):
             raise ValueError(f"head_optimizer must be 'adam' or 'sgd', got {self.head_optimizer!r}")
         check_seed(self.seed)

@@ -9,6 +9,7 @@ on cached features or keeping the fitted one, and measures the Fisher of the who
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -318,11 +319,6 @@ class ProbeClassifier(pl.LightningModule):
             head_optimizer=self.head_optimizer,
             seed=self.seed,
             num_workers=num_workers,
-            accelerator=spec.accelerator,
-            devices=spec.devices,
-            strategy=spec.strategy,
-            precision=spec.precision,
-            num_nodes=spec.num_nodes,
-            progress_bar=spec.progress_bar,
+            **dataclasses.asdict(spec),  # where the Trainers run
             **options,
         )

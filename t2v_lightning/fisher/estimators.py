@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -116,95 +117,70 @@ def _check_logits(
         raise FisherError(f"{err}{where}", example_ids=err.example_ids) from None
 
 
-def _forward(
-    network: nn.Module,
-    taps: LayerFisherTaps,
-    inputs: Inputs,
-    ids: torch.Tensor,
-    forward_context: Callable[[], AbstractContextManager[object]],
-    likelihood: OutputLikelihood,
-) -> Predictions:
-    """The network's predictions on a batch, checked (the examples named on NaN / inf)."""
-    with forward_context():
-        logits = call_probe(network, inputs)
-    _check_logits(network, taps, inputs, logits, ids, forward_context)
-    return likelihood.predict(logits, ids, inputs)
+Sums = tuple[dict[str, torch.Tensor], int]
 
 
-def _exact_backwards(
-    taps: LayerFisherTaps,
-    likelihood: OutputLikelihood,
-    predictions: Predictions,
-    ids: torch.Tensor,
-    weight: torch.Tensor,
-    seed: int,
-    mc_samples: int,
-) -> None:
+@dataclass(frozen=True)
+class _Batch:
+    """One batch's Fisher step: what every estimator reads."""
+
+    network: nn.Module
+    taps: LayerFisherTaps
+    inputs: Inputs
+    ids: torch.Tensor
+    valid: torch.Tensor
+    likelihood: OutputLikelihood
+    seed: int
+    mc_samples: int
+    forward_context: Callable[[], AbstractContextManager[object]]
+
+    def predict(self) -> Predictions:
+        """The network's predictions on the batch, checked (the examples named on NaN / inf)."""
+        with self.forward_context():
+            logits = call_probe(self.network, self.inputs)
+        _check_logits(self.network, self.taps, self.inputs, logits, self.ids, self.forward_context)
+        return self.likelihood.predict(logits, self.ids, self.inputs)
+
+
+def _exact_backwards(batch: _Batch, predictions: Predictions, weight: torch.Tensor) -> None:
     """One backward pass per term of the exact expectation, weighted by the term's factor."""
-    terms = likelihood.exact_terms(predictions)
+    terms = batch.likelihood.exact_terms(predictions)
     for k, (score, factor) in enumerate(terms):
-        taps.backward((score * (factor * weight).sqrt()).sum(), retain_graph=k < len(terms) - 1)
+        loss = (score * (factor * weight).sqrt()).sum()
+        batch.taps.backward(loss, retain_graph=k < len(terms) - 1)
 
 
-def _per_sample_backwards(
-    taps: LayerFisherTaps,
-    likelihood: OutputLikelihood,
-    predictions: Predictions,
-    ids: torch.Tensor,
-    weight: torch.Tensor,
-    seed: int,
-    mc_samples: int,
-) -> None:
+def _per_sample_backwards(batch: _Batch, predictions: Predictions, weight: torch.Tensor) -> None:
     """One backward pass per draw of labels, each weighted ``1 / mc_samples``."""
-    draw_weight = weight / mc_samples
-    for draw in range(mc_samples):
-        labels = likelihood.sample(predictions, ids, seed, draw)
-        picked = likelihood.log_likelihood(predictions, labels)
-        taps.backward((picked * draw_weight.sqrt()).sum(), retain_graph=draw < mc_samples - 1)
+    draws = batch.mc_samples
+    draw_weight = weight / draws
+    for draw in range(draws):
+        labels = batch.likelihood.sample(predictions, batch.ids, batch.seed, draw)
+        picked = batch.likelihood.log_likelihood(predictions, labels)
+        batch.taps.backward((picked * draw_weight.sqrt()).sum(), retain_graph=draw < draws - 1)
 
 
 def _per_example_step(
-    backwards: Callable[..., None],
-) -> Callable[..., tuple[dict[str, torch.Tensor], int]]:
+    backwards: Callable[[_Batch, Predictions, torch.Tensor], None],
+) -> Callable[[_Batch], Sums]:
     """A step that sums per-example squared gradient rows through the taps."""
 
-    def step(
-        network: nn.Module,
-        taps: LayerFisherTaps,
-        inputs: Inputs,
-        ids: torch.Tensor,
-        valid: torch.Tensor,
-        likelihood: OutputLikelihood,
-        seed: int,
-        mc_samples: int,
-        forward_context: Callable[[], AbstractContextManager[object]],
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        predictions = _forward(network, taps, inputs, ids, forward_context, likelihood)
-        weight = valid.to(predictions.scores.device, torch.float32)
-        backwards(taps, likelihood, predictions, ids, weight, seed, mc_samples)
-        taps.check_all_fired()
-        taps.check_finite(ids)
-        return dict(taps.batch_sums), int(valid.sum())
+    def step(batch: _Batch) -> Sums:
+        predictions = batch.predict()
+        backwards(batch, predictions, batch.valid.to(predictions.scores.device, torch.float32))
+        batch.taps.check_all_fired()
+        batch.taps.check_finite(batch.ids)
+        return dict(batch.taps.batch_sums), int(batch.valid.sum())
 
     return step
 
 
-def _batch_step(
-    network: nn.Module,
-    taps: LayerFisherTaps,
-    inputs: Inputs,
-    ids: torch.Tensor,
-    valid: torch.Tensor,
-    likelihood: OutputLikelihood,
-    seed: int,
-    mc_samples: int,
-    forward_context: Callable[[], AbstractContextManager[object]],
-) -> tuple[dict[str, torch.Tensor], int]:
+def _batch_step(batch: _Batch) -> Sums:
     """The square of the batch's mean gradient: one batch counted."""
-    return _batch_gradient_sums(network, taps, inputs, ids, valid, seed, forward_context, likelihood), 1
+    return _batch_gradient_sums(batch), 1
 
 
-ESTIMATOR_STEPS: dict[str, Callable[..., tuple[dict[str, torch.Tensor], int]]] = {
+ESTIMATOR_STEPS: dict[str, Callable[[_Batch], Sums]] = {
     "per_sample": _per_example_step(_per_sample_backwards),
     "batch": _batch_step,
     "exact": _per_example_step(_exact_backwards),
@@ -250,19 +226,13 @@ def batch_filter_sums(
     form = likelihood_object(likelihood)
     step = ESTIMATOR_STEPS[check_choice("estimator", estimator, ESTIMATORS)]
     taps.start_batch(int(ids.shape[0]))
-    return step(network, taps, inputs, ids, valid, form, seed, mc_samples, forward_context)
+    return step(
+        _Batch(network, taps, inputs, ids, valid, form, seed, mc_samples, forward_context)
+    )
 
 
-def _batch_gradient_sums(
-    network: nn.Module,
-    taps: LayerFisherTaps,
-    inputs: Inputs,
-    ids: torch.Tensor,
-    valid: torch.Tensor,
-    seed: int,
-    forward_context: Callable[[], AbstractContextManager[object]],
-    likelihood: OutputLikelihood,
-) -> dict[str, torch.Tensor]:
+def _batch_gradient_sums(batch: _Batch) -> dict[str, torch.Tensor]:
+    taps, ids, valid, likelihood = batch.taps, batch.ids, batch.valid, batch.likelihood
     layers = taps.layers
     weights = [layer_weight(module) for _, module in layers]
     # Each weight's gradient is reduced to its per-filter sums as soon as backward has it and
@@ -285,11 +255,8 @@ def _batch_gradient_sums(
         return hook
 
     with _trainable(weights), taps.paused():
-        with forward_context():
-            logits = call_probe(network, inputs)
-        _check_logits(network, taps, inputs, logits, ids, forward_context)
-        predictions = likelihood.predict(logits, ids, inputs)
-        labels = likelihood.sample(predictions, ids, seed, 0)
+        predictions = batch.predict()
+        labels = likelihood.sample(predictions, ids, batch.seed, 0)
         picked = likelihood.log_likelihood(predictions, labels)
         mask = valid.to(predictions.scores.device, torch.float32)
         loss = (picked * mask).sum() / mask.sum()

@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from t2v_lightning.choices import LIKELIHOODS, FisherError, Likelihood, check_choice
 from t2v_lightning.fisher.faults import check_finite_logits
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+Terms = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Predictions(NamedTuple):
@@ -70,8 +72,15 @@ class Predictions(NamedTuple):
     """Detached probabilities that the labels are drawn from."""
 
 
-def _shape_of(logits: object) -> object:
-    return tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+def _checked_logits(logits: object, ids: torch.Tensor | None, columns: str) -> torch.Tensor:
+    """``logits`` if it is a finite (batch, ``columns``) tensor; else :class:`FisherError`."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise FisherError(
+            f"the network must return logits of shape (batch, {columns}), got {shape}"
+        )
+    check_finite_logits(logits, ids)
+    return logits
 
 
 class OutputLikelihood:
@@ -84,7 +93,7 @@ class OutputLikelihood:
     name: str = ""
 
     def predict(
-        self, logits: torch.Tensor, ids: torch.Tensor | None = None, inputs: Inputs | None = None
+        self, logits: Tensor, ids: Tensor | None = None, inputs: Inputs | None = None
     ) -> Predictions:
         """Scores and probabilities of a batch; :class:`FisherError` on a wrong shape or NaN/inf.
 
@@ -95,17 +104,15 @@ class OutputLikelihood:
         """
         raise NotImplementedError
 
-    def sample(
-        self, predictions: Predictions, ids: torch.Tensor, seed: int, draw: int
-    ) -> torch.Tensor:
+    def sample(self, predictions: Predictions, ids: Tensor, seed: int, draw: int) -> Tensor:
         """Labels drawn from the probabilities, a pure function of ``(seed, id, draw)``."""
         raise NotImplementedError
 
-    def log_likelihood(self, predictions: Predictions, labels: torch.Tensor) -> torch.Tensor:
+    def log_likelihood(self, predictions: Predictions, labels: Tensor) -> Tensor:
         """:math:`\\log p(y|x)` of each example (float32, in the graph)."""
         raise NotImplementedError
 
-    def exact_terms(self, predictions: Predictions) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
+    def exact_terms(self, predictions: Predictions) -> Terms:
         r"""Terms :math:`(s_k, c_k)`, each ``(B,)``, with :math:`\mathbb{E}_y[\lVert\nabla\log p\rVert^2]
         = \sum_k c_k \lVert \nabla s_k \rVert^2` per example (:math:`c_k` detached)."""
         raise NotImplementedError
@@ -117,27 +124,19 @@ class CategoricalLikelihood(OutputLikelihood):
     name = "categorical"
 
     def predict(
-        self, logits: torch.Tensor, ids: torch.Tensor | None = None, inputs: Inputs | None = None
+        self, logits: Tensor, ids: Tensor | None = None, inputs: Inputs | None = None
     ) -> Predictions:
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-            raise FisherError(
-                "the network must return logits of shape (batch, classes), got "
-                f"{_shape_of(logits)}"
-            )
-        check_finite_logits(logits, ids)
-        log_probs = logits.float().log_softmax(-1)
+        log_probs = _checked_logits(logits, ids, "classes").float().log_softmax(-1)
         check_finite_logits(log_probs, ids, "log-probabilities")
         return Predictions(log_probs, log_probs.detach().exp())
 
-    def sample(
-        self, predictions: Predictions, ids: torch.Tensor, seed: int, draw: int
-    ) -> torch.Tensor:
+    def sample(self, predictions: Predictions, ids: Tensor, seed: int, draw: int) -> Tensor:
         return sample_labels(predictions.probs, ids, seed, draw)
 
-    def log_likelihood(self, predictions: Predictions, labels: torch.Tensor) -> torch.Tensor:
+    def log_likelihood(self, predictions: Predictions, labels: Tensor) -> Tensor:
         return predictions.scores.gather(1, labels.unsqueeze(1)).squeeze(1)
 
-    def exact_terms(self, predictions: Predictions) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
+    def exact_terms(self, predictions: Predictions) -> Terms:
         log_probs, probs = predictions
         return [(log_probs[:, label], probs[:, label]) for label in range(probs.shape[1])]
 
@@ -148,28 +147,20 @@ class BernoulliLikelihood(OutputLikelihood):
     name = "bernoulli"
 
     def predict(
-        self, logits: torch.Tensor, ids: torch.Tensor | None = None, inputs: Inputs | None = None
+        self, logits: Tensor, ids: Tensor | None = None, inputs: Inputs | None = None
     ) -> Predictions:
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-            raise FisherError(
-                "the network must return logits of shape (batch, outputs), got "
-                f"{_shape_of(logits)}"
-            )
-        check_finite_logits(logits, ids)
-        logits32 = logits.float()
+        logits32 = _checked_logits(logits, ids, "outputs").float()
         return Predictions(logits32, logits32.detach().sigmoid())
 
-    def sample(
-        self, predictions: Predictions, ids: torch.Tensor, seed: int, draw: int
-    ) -> torch.Tensor:
+    def sample(self, predictions: Predictions, ids: Tensor, seed: int, draw: int) -> Tensor:
         return sample_multilabels(predictions.probs, ids, seed, draw)
 
-    def log_likelihood(self, predictions: Predictions, labels: torch.Tensor) -> torch.Tensor:
+    def log_likelihood(self, predictions: Predictions, labels: Tensor) -> Tensor:
         r""":math:`\sum_k y_k \log \sigma(z_k) + (1 - y_k) \log \sigma(-z_k)` per row (float32)."""
         logits = predictions.scores
         return -F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1)
 
-    def exact_terms(self, predictions: Predictions) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
+    def exact_terms(self, predictions: Predictions) -> Terms:
         # Σ_{y∈{0,1}} p(y)·(∂ log p(y)/∂z)² = q(1-q)² + (1-q)q² = q(1-q): one term per output.
         logits, probs = predictions
         variance = probs * (1.0 - probs)

@@ -26,11 +26,17 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Size, Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from t2v_lightning.choices import FisherError
-from t2v_lightning.fisher.layers.rule import INPUT_NOISE_FLOOR, LayerRule, chunks, sq_norms_of_rows
+from t2v_lightning.fisher.layers.rule import (
+    INPUT_NOISE_FLOOR,
+    Grouped,
+    LayerRule,
+    chunks,
+    sq_norms_of_rows,
+)
 
 __all__ = [
     "ConvGeometry",
@@ -397,12 +403,8 @@ class ConvRule(LayerRule):
         return (field * per_filter).reshape(shape)
 
     def grouped(
-        self,
-        module: nn.Module,
-        field: torch.Tensor,
-        per_filter: torch.Tensor,
-        output_shape: torch.Size,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        self, module: nn.Module, field: Tensor, per_filter: Tensor, output_shape: Size
+    ) -> Grouped:
         """The output ``(B, out, *positions)`` viewed as ``(B, groups, out / groups,
         *positions)``; ``field`` as ``(B, groups, 1, *positions)``, ``per_filter`` as ``(groups,
         out / groups, 1, ...)``.

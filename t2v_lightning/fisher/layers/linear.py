@@ -13,10 +13,16 @@ Variational: :math:`\text{layer}(x^2 + 0.01;\ \sigma^2)[o] = \sigma^2_o (\sum_i 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Size, Tensor, nn
 
 from t2v_lightning.choices import FisherError
-from t2v_lightning.fisher.layers.rule import INPUT_NOISE_FLOOR, LayerRule, chunks, sq_norms_of_rows
+from t2v_lightning.fisher.layers.rule import (
+    INPUT_NOISE_FLOOR,
+    Grouped,
+    LayerRule,
+    chunks,
+    sq_norms_of_rows,
+)
 
 __all__ = ["LinearRule", "linear_sq_norms"]
 
@@ -59,12 +65,8 @@ class LinearRule(LayerRule):
         return self.receptive_field_sums(module, inputs) * variance.float().reshape(-1)
 
     def grouped(
-        self,
-        module: nn.Module,
-        field: torch.Tensor,
-        per_filter: torch.Tensor,
-        output_shape: torch.Size,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        self, module: nn.Module, field: Tensor, per_filter: Tensor, output_shape: Size
+    ) -> Grouped:
         if field.shape[:-1] != output_shape[:-1]:
             raise FisherError(
                 f"{type(module).__name__}: output {tuple(output_shape)} but input rows "

@@ -18,14 +18,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch import nn
+from torch import Size, Tensor, nn
 
 from t2v_lightning.choices import UnsupportedLayerError
 
-__all__ = ["INPUT_NOISE_FLOOR", "LayerRule", "chunks", "sq_norms_of_rows", "layer_weight"]
+__all__ = ["Grouped", "INPUT_NOISE_FLOOR", "LayerRule", "chunks", "sq_norms_of_rows", "layer_weight"]
 
 INPUT_NOISE_FLOOR = 0.01
 """Added to :math:`x^2` in the variance pass (the reference's ``input ** 2 + 1e-2``)."""
+
+Grouped = tuple[Tensor, Tensor, tuple[int, ...]]
+"""A receptive-field sum and a per-row vector viewed to broadcast, and the output's grouped shape."""
 
 # Intermediate tensors of one per-example computation are kept under this many elements by
 # splitting the batch (about 256 MiB of float32).
@@ -125,12 +128,8 @@ class LayerRule:
         raise UnsupportedLayerError(f"no variational form for {type(module).__name__}")
 
     def grouped(
-        self,
-        module: nn.Module,
-        field: torch.Tensor,
-        per_filter: torch.Tensor,
-        output_shape: torch.Size,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        self, module: nn.Module, field: Tensor, per_filter: Tensor, output_shape: Size
+    ) -> Grouped:
         """Views of ``field`` and a per-row vector that broadcast to the layer's output.
 
         Returns:
