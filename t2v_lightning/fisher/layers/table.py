@@ -43,6 +43,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -66,6 +67,7 @@ __all__ = [
     "excluded_modules",
     "layer_rule",
     "num_filters",
+    "per_example_sq_norms",
     "plain_name",
     "row_size",
     "rule_for",
@@ -214,3 +216,17 @@ def num_filters(module: nn.Module) -> int:
 def row_size(module: nn.Module) -> int:
     """Entries per row of an embedded layer's weight (per its rule)."""
     return (rule_for(module) or _PLAIN).row_size(module)
+
+
+def per_example_sq_norms(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``(B, rows)``: squared norms of the per-example weight-gradient rows of ``module``.
+
+    The rule of ``module``'s type (:meth:`LayerRule.sq_norms`), looked up in the table.
+
+    Raises:
+        UnsupportedLayerError: the type has no Monte Carlo rule.
+    """
+    rule = rule_for(module)
+    if rule is None or not rule.monte_carlo:
+        raise UnsupportedLayerError(f"no filter-wise Fisher for {type(module).__name__}")
+    return rule.sq_norms(module, inputs, grad)
