@@ -426,12 +426,7 @@ class FisherCallback(Callback):
     ) -> None:
         if self._at != "train_batch":
             return
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError(
-                "FisherCallback(at='train_batch') expects training batches of (inputs, ids); got "
-                f"{type(batch).__name__} (use at='fit_end' for batches of (inputs, labels))"
-            )
-        inputs, ids = batch
+        inputs, ids = batch  # checked by on_train_batch_start
         ids = torch.as_tensor(ids).to("cpu", torch.int64)
         self.accumulate(trainer, pl_module, inputs, ids)
 
