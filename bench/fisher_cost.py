@@ -127,7 +127,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         from t2v_lightning.trainers import TrainerSpec, quiet_lightning
 
         with quiet_lightning():
-            callback = FisherCallback(num_examples=args.examples, head=head, network="network")
+            callback = FisherCallback(at="train_batch", num_examples=args.examples, head=head, network="network")
             module = FisherPassModule(network, TensorInputs(inputs), args.batch)
             trainer = TrainerSpec(
                 accelerator="gpu" if device.type == "cuda" else "cpu", progress_bar=False,

@@ -105,4 +105,13 @@ class FisherError(RuntimeError):
 
 
 class UnsupportedLayerError(ValueError):
-    """A module with weights that the filter-wise Fisher has no rule for (named in the message)."""
+    """A module with weights that the filter-wise Fisher has no rule for (named in the message).
+
+    Args:
+        message: what is wrong.
+        layer: the qualified name of the module, when known (callers add how to leave it out).
+    """
+
+    def __init__(self, message: str, layer: str | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer

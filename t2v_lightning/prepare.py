@@ -52,6 +52,7 @@ from t2v_lightning.labels import read_labels, read_multilabels, select_examples
 from t2v_lightning.probe import (
     ProbeError,
     check_split,
+    drop_compiled,
     find_head,
     get_submodule,
     probe_fingerprint,
@@ -84,6 +85,8 @@ class TaskSettings:
         head_optimizer: ``"adam"`` or ``"sgd"``.
         seed: seed of the selection, the fresh head, its fitting and the Fisher pass.
         num_workers: data-loading worker processes.
+        exclude: qualified module names or globs left out of the embedding (with their
+            submodules), besides the head.
     """
 
     head: str
@@ -99,6 +102,7 @@ class TaskSettings:
     head_optimizer: Literal["adam", "sgd"] = "adam"
     seed: int = 0
     num_workers: int = 0
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("likelihood", self.likelihood, LIKELIHOODS)
@@ -199,7 +203,8 @@ def artifact_meta(task: dict[str, Any], method: str, **facts: Any) -> dict[str, 
 def _working_copy(
     probe: nn.Module, settings: TaskSettings, num_classes: int
 ) -> nn.Module:
-    network = copy.deepcopy(probe)
+    # Compiled modules go: their copies would run the caller's own modules (see uncompiled).
+    network = drop_compiled(copy.deepcopy(probe))
     network.eval()
     for param in network.parameters():
         param.requires_grad_(False)
@@ -373,6 +378,8 @@ def prepare_task(
             "lightning": lightning.__version__,
         },
     }
+    if settings.exclude:
+        meta["exclude"] = list(settings.exclude)
     if task_name is not None:
         meta["task_name"] = str(task_name)
     return PreparedTask(tail, inputs, selected_labels, num_classes, selection, settings, meta)

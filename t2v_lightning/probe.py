@@ -12,11 +12,12 @@ import importlib
 import os
 import pickle
 import re
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -454,6 +455,42 @@ def _fresh_linear(in_features: int, out_features: int, like: nn.Module) -> nn.Li
     if reference is not None:
         layer = layer.to(device=reference.device, dtype=reference.dtype)
     return layer
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs (``module`` itself when it is not one).
+
+    A compiled module (``OptimizedModule``) names its layers ``_orig_mod.*``, and a deep copy of
+    it still runs the original module (its ``forward`` is bound to it), so the copy's hooks never
+    fire and the user's own module would be run instead. Nothing is changed.
+    """
+    while _is_compiled(module):
+        module = cast(nn.Module, module._orig_mod)
+    return module
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    # A compiled module cannot exist before torch._dynamo is imported; importing it here would
+    # cost every run a second.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+
+
+def drop_compiled(network: nn.Module) -> nn.Module:
+    """Replace, in ``network`` (a working copy), every nested compiled module by its own module.
+
+    Returns:
+        ``network``, or its own module when ``network`` itself is a compiled wrapper.
+    """
+    network = uncompiled(network)
+    while True:
+        # Replacing one renames the compiled modules inside it: look again after each.
+        nested = next(
+            ((name, m) for name, m in network.named_modules() if name and _is_compiled(m)), None
+        )
+        if nested is None:
+            return network
+        set_submodule(network, nested[0], uncompiled(nested[1]))
 
 
 def get_submodule(root: nn.Module, name: str) -> nn.Module:

@@ -34,6 +34,7 @@ from t2v_lightning.choices import (
 )
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
+from t2v_lightning.fisher.layers.table import check_exclude, excluded_modules
 from t2v_lightning.fisher.montecarlo import MonteCarloSettings, embed_montecarlo
 from t2v_lightning.fisher.variational import (
     VariationalSettings,
@@ -41,6 +42,7 @@ from t2v_lightning.fisher.variational import (
     embed_variational,
 )
 from t2v_lightning.prepare import PreparedTask, TaskSettings, check_probe, prepare_task
+from t2v_lightning.probe import uncompiled
 from t2v_lightning.safety import is_int, keyboard_interrupts_kept
 from t2v_lightning.trainers import TrainerSpec, quiet_lightning
 
@@ -145,6 +147,10 @@ class Task2Vec:
         resume_from: a Fisher-pass checkpoint to resume from, or ``"last"``: the one in
             ``checkpoint_dir`` if an interrupted pass left one (else start afresh;
             ``method="montecarlo"``).
+        exclude: qualified module names or globs (``"encoder.layers.*.norm1"``) of layers left
+            out of the embedding with their submodules, besides the head; a pattern that
+            matches no module of the probe is an error. The same rule as
+            ``FisherCallback(exclude=...)``.
 
     The options of one method are refused with the other (``ValueError`` naming the option):
     ``estimator``, ``mc_samples``, ``checkpoint_dir``, ``checkpoint_every_n_steps`` and
@@ -200,6 +206,7 @@ class Task2Vec:
         checkpoint_dir: str | None = None,
         checkpoint_every_n_steps: int | None = None,
         resume_from: str | None = None,
+        exclude: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(probe, nn.Module):
             raise TypeError(f"probe must be a torch.nn.Module, got {type(probe).__name__}")
@@ -233,8 +240,14 @@ class Task2Vec:
         if not is_int(skip_layers) or skip_layers < 0:
             raise ValueError(f"skip_layers must be a non-negative integer, got {skip_layers!r}")
         self.method: Method = method
-        self.probe = probe
-        self.head = check_probe(probe, head, skip_layers)
+        # A torch.compile wrapper is looked through: its layers are the wrapped module's.
+        self.probe = uncompiled(probe)
+        self.head = check_probe(self.probe, head, skip_layers)
+        patterns = check_exclude(exclude)
+        try:
+            excluded_modules(self.probe, patterns)
+        except ValueError as err:
+            raise ValueError(f"Task2Vec(exclude={list(patterns)}): {err}") from None
         self.task = TaskSettings(
             head=self.head,
             likelihood=likelihood,
@@ -249,6 +262,7 @@ class Task2Vec:
             head_optimizer=head_optimizer,
             seed=seed,
             num_workers=num_workers,
+            exclude=patterns,
         )
         self.settings: MonteCarloSettings | VariationalSettings = runner.settings(
             {name: given[name] for name in runner.options if name in given}

@@ -27,6 +27,7 @@ import hashlib
 import json
 import platform
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,11 +149,13 @@ def _callback_fit_end() -> TaskEmbedding:
     data = Images()
     loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=False)
     callback = FisherCallback(at="fit_end", head="fc", network="net", estimator="per_sample")
-    trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", callbacks=[callback], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
-    trainer.fit(Classifier(), loader)
+    with tempfile.TemporaryDirectory() as folder:  # the artifact goes to trainer.log_dir
+        trainer = pl.Trainer(
+            max_epochs=1, accelerator="cpu", callbacks=[callback], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=folder,
+        )
+        trainer.fit(Classifier(), loader)
     assert callback.embedding is not None
     return callback.embedding
 

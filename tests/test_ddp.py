@@ -101,14 +101,27 @@ def user_callback(output: Path | None = None) -> FisherCallback:
     return FisherCallback(estimator="exact", at="fit_end", head="classifier", output=output)
 
 
+def user_logits(module: nn.Module, batch: Any) -> torch.Tensor:
+    """A ``logits_fn`` at module level: ``ddp_spawn`` pickles the callback, lambdas included."""
+    return module(batch[0])
+
+
 def run_user_project(out: Path, strategy: str) -> None:
     """Train the user's classifier on 2 processes; rank 0 also keeps the model it ended with."""
     model, loader = build_user_project()
-    trainer = user_trainer(2, strategy, [user_callback(out / "user.safetensors")])
+    callback = FisherCallback(
+        estimator="exact", head="classifier", output=out / "user.safetensors",
+        logits_fn=user_logits if strategy == "ddp_spawn" else None,
+    )
+    trainer = user_trainer(2, strategy, [callback])
     trainer.fit(model, loader)
-    # (Under ddp_spawn, Lightning has copied rank 0's weights back into this process's model.)
+    # (Under ddp_spawn, Lightning has copied rank 0's weights back into this process's model,
+    # and this process's callback, which saw no hook, reads rank 0's result.)
     if trainer.is_global_zero:
         torch.save(model.state_dict(), out / "user_model.pt")
+        if strategy == "ddp_spawn":
+            assert callback.embedding is not None
+            callback.embedding.save(out / "user_parent.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,8 +142,7 @@ def _embed_all(out: Path, strategy: str) -> None:
         (out / f"{estimator}.rank{_rank()}.json").write_text(json.dumps(embedding.meta))
         if _rank() == 0:
             embedding.save(out / f"{estimator}.safetensors")
-    if strategy == "ddp":  # (under ddp_spawn it would start two more interpreters)
-        run_user_project(out, strategy)
+    run_user_project(out, strategy)
 
 
 def _fail(out: Path, checkpoint_dir: Path) -> None:
@@ -236,8 +248,6 @@ def test_two_processes_match_one(strategy: str, one_process: dict[str, Path], tm
             assert len(ranks) == 2
         fingerprints = {json.loads(p.read_text())["head_fingerprint"] for p in ranks}
         assert fingerprints == {reference.meta["head_fingerprint"]}
-    if strategy != "ddp":
-        return
     # The user's own Trainer with a DistributedSampler (41 examples: one padding duplicate,
     # and batch-norm statistics that each rank updates with its own batches): the embedding of
     # the model that rank 0 ended with, over every example once, computed here in one process.
@@ -247,6 +257,9 @@ def test_two_processes_match_one(strategy: str, one_process: dict[str, Path], tm
     user = TaskEmbedding.load(tmp_path / "user.safetensors")
     assert user.meta["num_samples"] == user_reference.meta["num_samples"] == 41
     assert relative_error(user, user_reference) <= RTOL
+    if strategy == "ddp_spawn":  # the parent process's callback holds rank 0's result
+        parent = TaskEmbedding.load(tmp_path / "user_parent.safetensors")
+        assert torch.equal(parent.hessian, user.hessian) and parent.meta == user.meta
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
 

@@ -164,7 +164,7 @@ class _IdsClassifier(pl.LightningModule):
 def _fit(tmp_path: Path, max_epochs: int, ckpt_path: str | None = None) -> FisherCallback:
     data = ToyImages(n=24, size=8)
     loader = DataLoader(TensorDataset(data.images, torch.arange(24)), batch_size=8, shuffle=True)
-    callback = FisherCallback(estimator="exact", num_examples=24, head="fc", network="net")
+    callback = FisherCallback(at="train_batch", estimator="exact", num_examples=24, head="fc", network="net")
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,
         enable_model_summary=False,

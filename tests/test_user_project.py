@@ -27,6 +27,12 @@ RTOL = 1e-5
 NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainers without a logger write their default artifact in the working folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 def namespace(name: str) -> tuple[ModuleType, type]:
     """The Lightning package and the FisherCallback class that goes with it."""
     package = importlib.import_module(name)

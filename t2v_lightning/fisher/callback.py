@@ -1,67 +1,51 @@
 r"""FisherCallback: the filter-wise diagonal Fisher of a network, measured inside a Lightning fit.
 
-The callback decides *when*; the rest lives beside it: :mod:`t2v_lightning.fisher.estimators`
-does one batch's math, :class:`~t2v_lightning.fisher.accumulator.FisherSums` holds the state
-(like a torchmetrics ``MeanMetric``: per layer a float64 sum of squared per-example gradient
-rows, ``sum_sq_grad``, and a count, ``num_samples``, both summed across ranks at the end, never
-averaged, so the result does not depend on the number of processes), and
-:mod:`t2v_lightning.fisher.fit_end` reads the data of the ``"fit_end"`` pass.
-
-Labels are drawn from the model's own predictive distribution, seeded by each example's id
-(:func:`~t2v_lightning.fisher.estimators.sample_labels`), so which rank sees an example, in
-which batch, does not change its contribution. Log-probabilities are computed in float32 and
-sums kept in float64 whatever the Trainer's precision; under ``"16-*"`` precision the loss is
-multiplied by ``grad_scale`` (1024) before backward and the gradients divided by it in float32
-before they are squared.
+The callback decides when to measure; :class:`~t2v_lightning.fisher.accumulator.FisherSums`
+holds the sums and counts (summed across ranks, never averaged, then divided), the estimators
+do the math, and :mod:`~t2v_lightning.fisher.fit_end` reads the user's data. Labels are drawn
+from the model, seeded by each example's id, so ranks, batches and order do not change an
+example's contribution; log-probabilities are float32 and sums float64 whatever the precision.
 
 Two ways to use it (``at=``):
 
-* ``"train_batch"`` (what :class:`~t2v_lightning.Task2Vec` does): accumulate after every training
-  batch. Batches must be ``(inputs, ids)`` with int64 example ids in ``[0, num_examples)``; ids
-  outside that range are padding (see :class:`~t2v_lightning.fisher.sharding.ShardSampler`) and
-  ids already counted are skipped, so every example counts once. Ids must not repeat across
-  ranks (``DistributedSampler``'s padding does; the end of the pass raises if it happened).
-* ``"fit_end"`` (inside your own Lightning project): when ``fit`` ends, run one extra pass over
-  the Trainer's training data with your LightningModule in eval mode, and embed it. Each rank
-  visits its share of the dataset's indices (every index once across ranks, whatever the
-  Trainer's sampler); :meth:`FisherCallback.compute` does the same pass on demand. Under DDP
-  every rank first takes rank 0's parameters and buffers (each rank has updated its own
-  batch-norm statistics), so the embedding is that of the model rank 0 checkpoints.
+* ``"fit_end"`` (the default; your own Lightning project, SPEC section 9): when ``fit`` ends,
+  one extra pass over the training dataset, every example once across ranks whatever the
+  sampler or ``limit_train_batches``, with the LightningModule in eval mode. Batches go the way
+  training batches go (the precision plugin, then the transfer hooks of the module or the
+  DataModule). The first training batch goes through one Fisher step before the first training
+  step, so a forward that returns no logits, an unsupported layer or one the logits never reach
+  stops ``fit`` at once. The artifact goes to ``trainer.log_dir`` (never replacing a file
+  unless ``overwrite=True``) and a summary to the Trainer's loggers. ``fast_dev_run`` skips the
+  pass; a run resumed with nothing left to train still embeds; under DDP every rank measures
+  rank 0's weights; after ``ddp_spawn`` the parent process's :attr:`~FisherCallback.embedding`
+  holds the result. :meth:`~FisherCallback.compute` runs the same pass on demand.
+* ``"train_batch"`` (:class:`~t2v_lightning.Task2Vec`'s, chosen explicitly): one Fisher step
+  after every training batch of ``(inputs, ids)``: distinct int64 example ids, those at or beyond
+  ``num_examples`` being padding (:class:`~t2v_lightning.fisher.sharding.ShardSampler`); any
+  other batch is refused before its training step. Checkpointable: :meth:`state_dict` is the
+  global state (sums over ranks, ids counted anywhere), restored exactly even on another number
+  of processes.
 
-Hooks used: ``setup`` (find the layers, ``"train_batch"``), ``on_train_batch_end`` (one Fisher
-step on the batch, after the LightningModule's own step, ``"train_batch"``), ``on_train_end``
-(``"fit_end"``: the extra pass; both: reduce across ranks, build the
-:class:`~t2v_lightning.embedding.TaskEmbedding`, rank 0 writes it), ``state_dict`` /
-``load_state_dict`` (resume from a Lightning checkpoint).
-
-What it needs from the LightningModule: the network to embed (the module itself, or the
-submodule named by ``network``) must be reachable by ``pl_module(inputs)`` returning logits of
-shape (batch, classes), where ``inputs`` is the batch itself when it is a tensor, else its first
-element (``(inputs, labels)``); otherwise pass ``logits_fn(pl_module, batch) -> logits``. The
-batch's labels are never used: the Fisher samples labels from the model. A module whose output
-is not a (batch, classes) tensor stops the pass with a :class:`FisherError` saying so.
-
-Checkpoints and DDP: Lightning saves callback state from rank 0 only, so :meth:`state_dict`
-(called on every rank while a checkpoint is made) returns the *global* state: sums and counts
-summed over ranks, the ids counted on any rank. After a restore, rank 0 alone holds the
-restored sums and count (the other ranks start from zero) and every rank skips the ids already
-counted, so the final sum over ranks is exact, even with a different number of processes.
-Before summing, the ranks check that they measured identical weights (a :class:`FisherError`
-otherwise).
+The user's module is never changed, on success or on error: mode flags, ``requires_grad``
+flags, parameters and buffers (bit for bit) are as they were.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
-from collections.abc import Callable, Mapping
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -74,36 +58,40 @@ from t2v_lightning.choices import (
     Estimator,
     FisherError,
     Likelihood,
+    UnsupportedLayerError,
     check_choice,
 )
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.accumulator import FisherSums
-from t2v_lightning.fisher.estimators import (
-    LayerFisherTaps,
-    batch_filter_sums,
-    embedded_layers,
-    filter_values,
-    num_filters,
-)
+from t2v_lightning.fisher.estimators import LayerFisherTaps, batch_filter_sums, filter_values
 from t2v_lightning.fisher.fit_end import (
     BatchLogits,
     batch_inputs,
-    broadcast_from_rank_zero,
     check_same_network,
+    checkpoint_weights,
+    log_summary,
     pass_batches,
+    rank_zero_weights,
+    through_pipeline,
 )
-from t2v_lightning.probe import probe_fingerprint
+from t2v_lightning.fisher.layers.table import check_exclude, embedded_layers, num_filters
+from t2v_lightning.fisher.sharding import check_counted, check_id_batch
+from t2v_lightning.probe import ProbeError, batch_rows, probe_fingerprint
 from t2v_lightning.safety import is_int
 
-__all__ = ["FisherCallback", "FisherError", "At", "AT_CHOICES"]
+__all__ = ["FisherCallback", "FisherError", "At", "AT_CHOICES", "Weights", "DEFAULT_OUTPUT"]
 
 log = logging.getLogger(__name__)
 
-At = Literal["train_batch", "fit_end"]
-AT_CHOICES: tuple[str, ...] = ("train_batch", "fit_end")
+At = Literal["fit_end", "train_batch"]
+AT_CHOICES: tuple[str, ...] = ("fit_end", "train_batch")
+Weights = Literal["last", "best"]
+WEIGHTS_CHOICES: tuple[str, ...] = ("last", "best")
+DEFAULT_OUTPUT = "task_embedding.safetensors"
+"""File name of the ``"fit_end"`` artifact in ``trainer.log_dir`` when no ``output`` is given."""
 
 class FisherCallback(Callback):
-    """Accumulate the filter-wise Fisher of ``pl_module`` (or one of its submodules).
+    """Embed ``pl_module`` (or one of its submodules) by its filter-wise Fisher.
 
     Args:
         estimator: ``"per_sample"`` (labels sampled from the model, per-example gradients),
@@ -111,38 +99,47 @@ class FisherCallback(Callback):
             mini-batch gradient).
         mc_samples: labels drawn per example by ``per_sample``.
         seed: seed of the label sampling (labels depend on it and on each example's id only).
-        num_examples: ``"train_batch"``: number of distinct example ids; ids at or beyond it are
-            padding (``None``: no range check and no duplicate check). Ignored by ``"fit_end"``,
-            which uses the dataset's length.
+        num_examples: ``"train_batch"`` (required there): number of distinct example ids; ids at
+            or beyond it are padding. Ignored by ``"fit_end"``, which uses the dataset's length.
         head: qualified name (relative to the embedded network) of the classifier head, which
             is left out of the embedding (``None``: every layer with weights is embedded).
         network: attribute path of the submodule of the LightningModule whose layers are
             embedded (``None``: the LightningModule itself).
-        output: where rank 0 writes the artifact at the end (``None``: keep it in memory only,
-            as :attr:`embedding`).
-        overwrite: replace an existing file at ``output``.
+        output: where rank 0 writes the artifact when ``fit`` ends (``None``: with
+            ``at="fit_end"``, ``task_embedding.safetensors`` in ``trainer.log_dir``; with
+            ``at="train_batch"``, nowhere: the result stays in :attr:`embedding`).
+            :meth:`compute` writes only to an ``output`` given here.
+        overwrite: replace an existing file at ``output`` (otherwise ``fit`` stops at setup,
+            before training, if the file exists).
         meta: extra JSON-serialisable facts recorded in the artifact.
         identity: JSON-serialisable facts that a checkpoint and the run resuming from it must
             share (the task, the probe, the sampling); a checkpoint made with other values is
             refused. ``None``: none beyond the callback's own settings.
         grad_scale: factor on the loss before backward (gradients are divided by it, in fp32,
             before squaring); ``None`` picks 1024 under fp16 precision and 1 otherwise.
-        at: ``"train_batch"`` (accumulate on every training batch of ``(inputs, ids)``) or
-            ``"fit_end"`` (one extra pass over the training data when ``fit`` ends).
+        at: ``"fit_end"`` (one extra pass over the training data when ``fit`` ends) or
+            ``"train_batch"`` (accumulate on every training batch of ``(inputs, ids)``; what
+            :class:`~t2v_lightning.Task2Vec` uses).
         batch_size: examples per step of the ``"fit_end"`` pass (``None``: the training data
             loader's batch size).
-        logits_fn: ``"fit_end"``: a function ``(pl_module, batch) -> logits`` for modules whose
-            forward does not map the batch's inputs to logits (``None``: ``pl_module(inputs)``).
+        logits_fn: ``"fit_end"``: a module-level function ``(pl_module, batch) -> logits`` for
+            modules whose forward does not map the batch's inputs to logits (``None``:
+            ``pl_module(inputs)``). The batch is the one ``training_step`` would receive.
         likelihood: ``"categorical"`` (softmax over the logits, one class per example) or
             ``"bernoulli"`` (multi-label: an independent sigmoid per output; see
             :mod:`t2v_lightning.fisher.estimators`).
+        exclude: qualified module names or globs (``"encoder.layers.*.norm1"``), relative to the
+            embedded network, of layers left out of the embedding with their submodules (as the
+            head is). A pattern that matches no module is an error.
+        weights: ``"fit_end"``: which weights the pass measures: ``"last"`` (the module as
+            ``fit`` leaves it) or ``"best"`` (the Trainer's ``ModelCheckpoint``'s best model,
+            loaded for the pass only; the module's own weights are put back afterwards).
 
     Example:
-        >>> callback = FisherCallback(estimator="exact", num_examples=100, head="fc")
+        >>> callback = FisherCallback(head="classifier")  # trainer = Trainer(callbacks=[callback])
         >>> callback.state_key
-        "FisherCallback{'estimator': 'exact', 'seed': 0, 'mc_samples': 1}"
-        >>> # in your own project: trainer = Trainer(callbacks=[FisherCallback(at="fit_end",
-        >>> #     head="classifier", output="task.safetensors")])
+        "FisherCallback{'estimator': 'per_sample', 'seed': 0, 'mc_samples': 1, 'head': 'classifier'}"
+        >>> # after trainer.fit(model, data): callback.embedding, and the file in trainer.log_dir
     """
 
     def __init__(
@@ -154,40 +151,43 @@ class FisherCallback(Callback):
         head: str | None = None,
         network: str | None = None,
         output: str | os.PathLike[str] | None = None,
-        overwrite: bool = True,
+        overwrite: bool = False,
         meta: dict[str, Any] | None = None,
         identity: dict[str, Any] | None = None,
         grad_scale: float | None = None,
-        at: At = "train_batch",
+        at: At = "fit_end",
         batch_size: int | None = None,
         logits_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         likelihood: Likelihood = "categorical",
+        exclude: Sequence[str] | None = None,
+        weights: Weights = "last",
     ) -> None:
         super().__init__()
         check_choice("likelihood", likelihood, LIKELIHOODS)
         check_choice("estimator", estimator, ESTIMATORS)
-        if not is_int(mc_samples) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        _check_count("mc_samples", mc_samples)
+        _check_count("num_examples", num_examples, optional=True)
         if not is_int(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        if num_examples is not None and (
-            not is_int(num_examples) or num_examples < 1
-        ):
-            raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
         if grad_scale is not None and not grad_scale > 0:
             raise ValueError(f"grad_scale must be positive, got {grad_scale!r}")
-        if at not in AT_CHOICES:
-            raise ValueError(f"at must be one of {AT_CHOICES}, got {at!r}")
-        if batch_size is not None and (
-            not is_int(batch_size) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_choice("at", at, AT_CHOICES)
+        check_choice("weights", weights, WEIGHTS_CHOICES)
+        if at == "train_batch" and num_examples is None:
+            raise ValueError(
+                "at='train_batch' needs num_examples (the number of distinct example ids its "
+                "(inputs, ids) batches carry); to embed your own project's trained model leave "
+                "at='fit_end'"
+            )
+        _check_count("batch_size", batch_size, optional=True)
         if logits_fn is not None and not callable(logits_fn):
             raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}")
         if head is not None and (not isinstance(head, str) or not head):
             raise ValueError(f"head must be a qualified module name, got {head!r}")
         if network is not None and (not isinstance(network, str) or not network):
             raise ValueError(f"network must be a submodule path, got {network!r}")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
         self._estimator: Estimator = estimator
         self._mc_samples = mc_samples
         self._likelihood: Likelihood = likelihood
@@ -195,6 +195,8 @@ class FisherCallback(Callback):
         self._num_examples = num_examples
         self._head = head
         self._network_path = network
+        self._exclude = check_exclude(exclude)
+        self._weights: Weights = weights
         self._output = output
         self._overwrite = overwrite
         self._meta = dict(meta or {})
@@ -209,21 +211,40 @@ class FisherCallback(Callback):
         self._restored: dict[str, Any] | None = None
         self._strategy: Any = None
         self._rank = 0
-        self.embedding: TaskEmbedding | None = None
+        # The fit in progress: the file the end of fit writes, whether its first batch was
+        # checked and whether it has embedded.
+        self._fit_output: str | None = None
+        self._checked = False
+        self._embedded = False
+        # ddp_spawn: rank 0 of the spawned processes leaves the result here for the parent
+        # process, whose own copy of the callback never sees a hook (see `embedding`).
+        self._handoff = os.path.join(
+            tempfile.gettempdir(), f"t2v-fisher-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
+        )
+        self._embedding: TaskEmbedding | None = None
+        self._meta_extra: dict[str, Any] = {}
 
     @property
     @override
     def state_key(self) -> str:
+        # What makes two instances in one Trainer differ. Task2Vec's per-batch callback keeps the
+        # key of earlier versions (its checkpoints resume by it).
+        key: dict[str, Any] = {
+            "estimator": self._estimator, "seed": self._seed, "mc_samples": self._mc_samples
+        }
         if self._likelihood != "categorical":
-            return self._generate_state_key(
-                estimator=self._estimator,
-                seed=self._seed,
-                mc_samples=self._mc_samples,
-                likelihood=self._likelihood,
-            )
-        return self._generate_state_key(
-            estimator=self._estimator, seed=self._seed, mc_samples=self._mc_samples
-        )
+            key["likelihood"] = self._likelihood
+        if self._at == "fit_end":
+            optional = {
+                "network": self._network_path,
+                "head": self._head,
+                "exclude": list(self._exclude) or None,
+                "weights": None if self._weights == "last" else self._weights,
+                "output": None if self._output is None else os.fspath(self._output),
+                "logits_fn": getattr(self._logits_fn, "__qualname__", None),
+            }
+            key.update({name: value for name, value in optional.items() if value is not None})
+        return self._generate_state_key(**key)
 
     @property
     def sum_sq_grad(self) -> dict[str, torch.Tensor]:
@@ -237,12 +258,29 @@ class FisherCallback(Callback):
 
     @property
     def output(self) -> str | os.PathLike[str] | None:
-        """Where rank 0 writes the artifact (``None``: nowhere)."""
+        """Where rank 0 writes the artifact (``None``: see the ``output`` argument)."""
         return self._output
 
     @output.setter
     def output(self, value: str | os.PathLike[str] | None) -> None:
         self._output = value
+
+    @property
+    def embedding(self) -> TaskEmbedding | None:
+        """The last embedding this callback made (``None`` before any).
+
+        After a ``ddp_spawn`` fit, the parent process reads the one its rank 0 made.
+        """
+        if self._embedding is None and os.path.isfile(self._handoff):
+            try:
+                self._embedding = TaskEmbedding.load(self._handoff)
+            finally:
+                os.remove(self._handoff)
+        return self._embedding
+
+    @embedding.setter
+    def embedding(self, value: TaskEmbedding | None) -> None:
+        self._embedding = value
 
     # ------------------------------------------------------------------ setup
     def _network(self, pl_module: nn.Module) -> nn.Module:
@@ -256,8 +294,8 @@ class FisherCallback(Callback):
                 "submodule"
             ) from err
 
-    def _start(self, trainer: pl.Trainer, network: nn.Module, num_examples: int | None) -> None:
-        """Find the layers and zero the statistics (then apply a pending restore)."""
+    def _pick_layers(self, network: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The embedded layers: every layer with weights but the head and ``exclude``."""
         if self._head is not None:
             try:
                 network.get_submodule(self._head)
@@ -267,9 +305,26 @@ class FisherCallback(Callback):
                     f"FisherCallback(head={self._head!r}): the network has no such module; some "
                     f"of its modules: {names}"
                 ) from err
-        self._layers = embedded_layers(network, self._head)
-        if not self._layers:
-            raise ValueError("FisherCallback: the network has no layer with weights to embed")
+        try:
+            layers = embedded_layers(network, self._head, self._exclude)
+        except UnsupportedLayerError as err:
+            raise UnsupportedLayerError(
+                f"FisherCallback: {err}; leave it out with "
+                f"FisherCallback(exclude=[{err.layer!r}])",
+                layer=err.layer,
+            ) from None
+        except ValueError as err:  # an exclude pattern that matches nothing
+            raise ValueError(f"FisherCallback(exclude={list(self._exclude)}): {err}") from None
+        if not layers:
+            raise ValueError(
+                "FisherCallback: the network has no layer with weights to embed (after head= and "
+                "exclude=)"
+            )
+        return layers
+
+    def _start(self, trainer: pl.Trainer, network: nn.Module, num_examples: int | None) -> None:
+        """Find the layers and zero the statistics (then apply a pending restore)."""
+        self._layers = self._pick_layers(network)
         # Steps whose memory fits under glibc's raised trim threshold are then not given back to
         # the system and faulted in again at every step (t2v_lightning.allocator).
         settle_thresholds()
@@ -278,16 +333,80 @@ class FisherCallback(Callback):
         )
         self._strategy = trainer.strategy
         self._rank = int(trainer.global_rank)
-        self.embedding = None
         if self._restored is not None:
             restored, self._restored = self._restored, None
             self._sums.restore(restored, self._rank)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._at != "train_batch":
+        if stage != "fit":
             return
-        self._start(trainer, self._network(pl_module), self._num_examples)
+        self._checked = False
+        self._embedded = False
+        if self._at == "train_batch":
+            self._start(trainer, self._network(pl_module), self._num_examples)
+            return
+        # Wrong names, unsupported layers and an existing output stop fit here, before training.
+        self._pick_layers(self._network(pl_module))
+        if self._weights == "best" and trainer.checkpoint_callback is None:
+            raise ValueError(
+                "FisherCallback(weights='best') needs a ModelCheckpoint among the Trainer's "
+                "callbacks (its best model is the one embedded)"
+            )
+        output = self._output
+        if output is None:
+            log_dir = trainer.log_dir  # every rank must ask (Lightning broadcasts it)
+            output = os.path.join(log_dir or os.getcwd(), DEFAULT_OUTPUT)
+        self._fit_output = os.fspath(output)
+        if trainer.is_global_zero and not self._overwrite and os.path.exists(self._fit_output):
+            raise FileExistsError(
+                f"FisherCallback: {self._fit_output} exists; pass FisherCallback(overwrite=True) "
+                "to replace it, or another output="
+            )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._at == "train_batch":
+            check_id_batch(batch, self._num_examples)
+        elif not self._checked:
+            self._check_first_batch(trainer, pl_module, batch)
+        self._checked = True
+
+    def _check_first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """One Fisher step on the fit's first batch (already through Lightning's pipeline).
+
+        Runs what the end-of-fit pass will run (forward or ``logits_fn``, logits shape, every
+        embedded layer reached by the logits), and forgets the result; any problem stops ``fit``
+        before its first training step. The random number generators are left as they were.
+        """
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "FisherCallback needs a single torch DataLoader of training data; the Trainer has "
+                f"{type(loader).__name__} (checked before training). Pass one DataLoader, or "
+                "embed later with callback.compute(trainer, module, dataloader=...)"
+            )
+        network = self._network(pl_module)
+        rows = batch_rows(batch)
+        ids = torch.arange(rows, dtype=torch.int64)
+        with isolate_rng():
+            self._start(trainer, network, rows)
+            try:
+                forward = BatchLogits(pl_module, self._logits_fn, self._min_classes)
+                forward.batch = batch
+                inputs = batch_inputs(batch, rows, pl_module.device, self._logits_fn)
+                self._accumulate(trainer, forward, network, inputs, ids)
+            except (FisherError, UnsupportedLayerError, ProbeError) as err:
+                raise type(err)(f"{err} (checked on the first training batch, before training)") from None
+            finally:
+                self._start(trainer, network, None)
+
+    @property
+    def _min_classes(self) -> int:
+        # A categorical over one class has zero Fisher: refuse it rather than write zeros.
+        return 2 if self._likelihood == "categorical" else 1
 
     def _scale_for(self, trainer: pl.Trainer) -> float:
         if self._grad_scale is not None:
@@ -307,12 +426,7 @@ class FisherCallback(Callback):
     ) -> None:
         if self._at != "train_batch":
             return
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError(
-                "FisherCallback(at='train_batch') expects training batches of (inputs, ids); got "
-                f"{type(batch).__name__} (use at='fit_end' for batches of (inputs, labels))"
-            )
-        inputs, ids = batch
+        inputs, ids = batch  # checked by on_train_batch_start
         ids = torch.as_tensor(ids).to("cpu", torch.int64)
         self.accumulate(trainer, pl_module, inputs, ids)
 
@@ -374,63 +488,102 @@ class FisherCallback(Callback):
         """Embed ``pl_module`` on ``dataloader`` (default: the Trainer's training data) now.
 
         Runs the ``"fit_end"`` pass: each rank visits its share of the dataset's indices with the
-        module in eval mode, the sums are reduced across ranks and rank 0 writes ``output``.
-        Under DDP, call it on every rank.
+        module in eval mode, the sums are reduced across ranks and rank 0 writes ``output`` if
+        one was given. Under DDP, call it on every rank.
 
         Returns:
             The task embedding (also kept as :attr:`embedding`).
         """
         loader = dataloader if dataloader is not None else trainer.train_dataloader
+        output = None if self._output is None else os.fspath(self._output)
+        return self._run_pass(trainer, pl_module, loader, output)
+
+    def _run_pass(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any, output: str | None
+    ) -> TaskEmbedding:
         if not isinstance(loader, DataLoader):
             raise ValueError(
                 "FisherCallback needs a single torch DataLoader of training data; the Trainer has "
                 f"{type(loader).__name__}. Call callback.compute(trainer, module, dataloader=...)"
             )
         network = self._network(pl_module)
-        broadcast_from_rank_zero(trainer, pl_module)
-        batches, num_examples = pass_batches(trainer, loader, self._batch_size)
-        self._start(trainer, network, num_examples)
-        forward = BatchLogits(pl_module, self._logits_fn)
-        device = pl_module.device
-        for batch, ids in batches:
-            batch = move_data_to_device(batch, device)
-            forward.batch = batch
-            inputs = batch_inputs(batch, int(ids.numel()), device, self._logits_fn)
-            self._accumulate(trainer, forward, network, inputs, ids)
-        forward.batch = None
-        return self._finish(trainer, network)
+        started = time.perf_counter()
+        with rank_zero_weights(trainer, pl_module):
+            batches, num_examples = pass_batches(trainer, loader, self._batch_size)
+            self._start(trainer, network, num_examples)
+            forward = BatchLogits(pl_module, self._logits_fn, self._min_classes)
+            device = pl_module.device
+            for batch, ids in batches:
+                batch = through_pipeline(trainer, pl_module, batch)
+                forward.batch = batch
+                inputs = batch_inputs(batch, int(ids.numel()), device, self._logits_fn)
+                self._accumulate(trainer, forward, network, inputs, ids)
+            forward.batch = None
+            embedding = self._finish(trainer, network, output)
+        if trainer.is_global_zero:
+            log_summary(trainer, embedding, output, time.perf_counter() - started)
+        return embedding
 
-    # ------------------------------------------------------------------ end of the pass
+    # ------------------------------------------------------------------ end of fit
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._at == "fit_end":
-            self.compute(trainer, pl_module)
+        if self._at == "train_batch":
+            self._finish(trainer, self._network(pl_module), self._output)
         else:
-            self._finish(trainer, self._network(pl_module))
+            self._embed_fit(trainer, pl_module)
 
-    def _finish(self, trainer: pl.Trainer, network: nn.Module) -> TaskEmbedding:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning skips the training loop, and on_train_end with it, when a run resumes from a
+        # checkpoint that already reached max_epochs / max_steps, or has no training batches.
+        if self._at != "fit_end" or self._embedded:
+            return
+        if trainer.train_dataloader is None:
+            rank_zero_warn(
+                "FisherCallback: the Trainer built no training data (limit_train_batches=0, or "
+                "no training_step), so nothing was embedded; call "
+                "callback.compute(trainer, module, dataloader) to embed on a DataLoader"
+            )
+            return
+        # The strategy's teardown has moved the module to the CPU; the pass runs where training
+        # ran and leaves the module where it found it.
+        device = pl_module.device
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            self._embed_fit(trainer, pl_module)
+        finally:
+            pl_module.to(device)
+
+    def _embed_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._embedded = True
+        if getattr(trainer, "fast_dev_run", False):
+            rank_zero_info(
+                "FisherCallback: fast_dev_run is on, so the Fisher pass is skipped (no embedding, "
+                "no file)"
+            )
+            return
+        with checkpoint_weights(trainer, pl_module, self._weights) as facts:
+            self._meta_extra = facts
+            embedding = self._run_pass(trainer, pl_module, trainer.train_dataloader, self._fit_output)
+        self._meta_extra = {}
+        if (
+            trainer.is_global_zero
+            and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+        ):
+            embedding.save(self._handoff, overwrite=True)  # read by the parent process
+
+    def _finish(self, trainer: pl.Trainer, network: nn.Module, output: Any) -> TaskEmbedding:
         check_same_network(trainer, network)
         assert self._sums is not None
         sums, total, counts = self._sums.reduce(self._strategy)
-        if counts is not None and bool((counts > 1).any()):
-            repeated = (counts > 1).nonzero().flatten()
+        if total == 0:
             raise FisherError(
-                f"{repeated.numel()} example ids (e.g. {repeated[:5].tolist()}) were counted on more "
-                "than one rank, so the sums count them twice; a DistributedSampler pads ranks with "
-                "repeated examples. Give the Fisher pass unique ids per rank (ShardSampler and "
-                "Trainer(use_distributed_sampler=False)) or use FisherCallback(at='fit_end')"
+                "FisherCallback: no example reached the Fisher pass, so there is nothing to embed "
+                "(an empty dataset, or every id was padding or already counted)"
             )
-        if counts is not None and self._at == "train_batch" and trainer.is_global_zero:
-            counted = self._sums.counted(counts)
-            missing = int((~counted).sum())
-            if missing:
-                warnings.warn(
-                    f"FisherCallback: {missing} of {counted.numel()} example ids were never "
-                    "counted; the Fisher covers the others only (a run resumed mid-epoch with "
-                    "Trainer.fit(ckpt_path=...) restarts the data at its beginning and stops "
-                    "early; Task2Vec(resume_from=...) resumes a Fisher pass exactly)",
-                    stacklevel=2,
-                )
+        if counts is not None:
+            warn_missing = self._at == "train_batch" and trainer.is_global_zero
+            check_counted(counts, self._sums.counted(counts) if warn_missing else None)
         hessian, offsets = filter_values(sums, total, self._layers)
         meta = dict(self._meta)
         if self._at == "fit_end":
@@ -453,11 +606,21 @@ class FisherCallback(Callback):
             meta["num_batches"] = total
         else:
             meta["num_samples"] = total
-        self.embedding = TaskEmbedding(hessian, torch.ones_like(hessian), offsets, meta)
-        if self._output is not None and trainer.is_global_zero:
-            path = self.embedding.save(self._output, overwrite=self._overwrite)
+        meta.update(self._meta_extra)
+        if self._exclude:
+            meta["exclude"] = list(self._exclude)
+        embedding = TaskEmbedding(hessian, torch.ones_like(hessian), offsets, meta)
+        if trainer.is_global_zero and not bool(hessian.any()):
+            rank_zero_warn(
+                "FisherCallback: every value of the embedding is zero (does the model's output "
+                "depend on the embedded layers? a one-output model under likelihood='categorical' "
+                "has no Fisher)"
+            )
+        self.embedding = embedding
+        if output is not None and trainer.is_global_zero:
+            path = embedding.save(output, overwrite=self._overwrite)
             log.info("Task embedding written to %s", path)
-        return self.embedding
+        return embedding
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -505,3 +668,10 @@ class FisherCallback(Callback):
             self._sums.restore(state_dict, self._rank)
         else:
             self._restored = state_dict
+
+
+def _check_count(name: str, value: object, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -51,9 +51,19 @@ from t2v_lightning.choices import (
 )
 from t2v_lightning.fisher.faults import check_finite_logits, nonfinite_ids, precision_hint
 from t2v_lightning.fisher.layers.rule import layer_weight, sq_norms_of_rows
-from t2v_lightning.fisher.layers.table import embedded_layers, num_filters, row_size
+from t2v_lightning.fisher.layers.table import (
+    embedded_layers,
+    num_filters,
+    per_example_sq_norms,
+    row_size,
+)
 from t2v_lightning.fisher.likelihoods import OutputLikelihood, Predictions, likelihood_object
-from t2v_lightning.fisher.sampling import hash_seed, sample_labels, sample_multilabels
+from t2v_lightning.fisher.sampling import (
+    hash_seed,
+    sample_labels,
+    sample_multilabels,
+    uniform_by_id,
+)
 from t2v_lightning.fisher.taps import LayerFisherTaps
 from t2v_lightning.probe import call_probe, find_nonfinite_layer
 
@@ -74,7 +84,9 @@ __all__ = [
     "hash_seed",
     "layer_weight",
     "num_filters",
+    "per_example_sq_norms",
     "row_size",
+    "uniform_by_id",
 ]
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
@@ -225,7 +237,7 @@ def batch_filter_sums(
         return {}, 0
     form = likelihood_object(likelihood)
     step = ESTIMATOR_STEPS[check_choice("estimator", estimator, ESTIMATORS)]
-    taps.start_batch()
+    taps.start_batch(int(ids.shape[0]))
     return step(
         _Batch(network, taps, inputs, ids, valid, form, seed, mc_samples, forward_context)
     )

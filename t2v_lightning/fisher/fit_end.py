@@ -1,33 +1,43 @@
 """The ``"fit_end"`` pass of :class:`~t2v_lightning.fisher.callback.FisherCallback`: its data.
 
 Which batches each rank reads when the Fisher is measured after ``fit`` (every index of the
-training dataset once across ranks), what the network's forward is on them (``pl_module(inputs)``
-or the user's ``logits_fn``), and the two cross-rank steps around the pass: every rank takes rank
-0's weights first, and checks afterwards that all ranks measured the same ones.
+training dataset once across ranks), how they reach the module (Lightning's own batch pipeline),
+what the network's forward is on them (``pl_module(inputs)`` or the user's ``logits_fn``), and the
+two cross-rank steps around the pass: every rank measures rank 0's weights (and gets its own
+back afterwards), and checks that all ranks measured the same ones.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from t2v_lightning.choices import FisherError
+from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.sharding import CollateWithIds, IdsDataset, ShardSampler
 from t2v_lightning.probe import batch_rows, call_probe
+from t2v_lightning.safety import check_checkpoint_path
 
 __all__ = [
     "BatchLogits",
     "batch_inputs",
-    "broadcast_from_rank_zero",
     "check_same_network",
+    "checkpoint_weights",
+    "log_summary",
     "pass_batches",
+    "rank_zero_weights",
     "running_ids",
+    "through_pipeline",
 ]
 
 
@@ -35,12 +45,24 @@ class BatchLogits(nn.Module):
     """The forward of the ``"fit_end"`` pass: ``module(inputs)`` or ``logits_fn(module, batch)``.
 
     Holds the LightningModule as a child so that the Fisher taps freeze all of its parameters.
+
+    Args:
+        module: the LightningModule.
+        logits_fn: the user's ``(module, batch) -> logits`` (``None``: ``module(inputs)``).
+        min_classes: fewest outputs per example that have a Fisher (2 for a categorical: the
+            softmax of one output is constant).
     """
 
-    def __init__(self, module: nn.Module, logits_fn: Callable[[nn.Module, Any], torch.Tensor] | None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        logits_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+        min_classes: int = 1,
+    ) -> None:
         super().__init__()
         self.module = module
         self.logits_fn = logits_fn
+        self.min_classes = min_classes
         self.batch: Any = None
 
     @override
@@ -63,7 +85,13 @@ class BatchLogits(nn.Module):
             raise FisherError(
                 f"FisherCallback needs logits of shape ({rows}, classes) but {source} returned "
                 f"{got}. Make the module's forward return logits, or pass "
-                "FisherCallback(logits_fn=lambda module, batch: <logits of the batch>)"
+                "FisherCallback(logits_fn=<a module-level function (module, batch) -> logits>)"
+            )
+        if logits.shape[1] < self.min_classes:
+            raise FisherError(
+                f"FisherCallback: {source} returned {logits.shape[1]} output per example; the "
+                "categorical Fisher of a one-output model is zero. For one binary output pass "
+                "FisherCallback(likelihood='bernoulli')"
             )
         return logits
 
@@ -115,7 +143,8 @@ def batch_inputs(
     raise FisherError(
         "FisherCallback cannot find the inputs in a training batch of type "
         f"{type(batch).__name__}: batches must be a tensor or (inputs, labels, ...) with a "
-        "tensor (or a mapping of tensors) first; otherwise pass FisherCallback(logits_fn=lambda module, batch: logits)"
+        "tensor (or a mapping of tensors) first; otherwise pass "
+        "FisherCallback(logits_fn=<a module-level function (module, batch) -> logits>)"
     )
 
 
@@ -137,22 +166,47 @@ def check_same_network(trainer: pl.Trainer, network: nn.Module) -> None:
         )
 
 
-def broadcast_from_rank_zero(trainer: pl.Trainer, module: nn.Module) -> None:
-    """Give every rank rank 0's parameters and buffers.
+@contextmanager
+def rank_zero_weights(trainer: pl.Trainer, module: nn.Module) -> Iterator[None]:
+    """Give every rank rank 0's parameters and buffers for the pass, then each rank its own.
 
     DDP keeps parameters equal, but each rank updates its batch-norm running statistics with its
     own batches; rank 0's model is the one that checkpoints keep, so it is the one measured.
     """
     if int(trainer.world_size) <= 1:
+        yield
         return
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise FisherError(
             "FisherCallback: the Trainer has several processes but torch.distributed is not "
             "initialised; call compute() inside the run (e.g. from a hook), on every rank"
         )
+    tensors = [*module.parameters(), *module.buffers()]
+    own = [tensor.detach().clone() for tensor in tensors]
     with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
+        for tensor in tensors:
             torch.distributed.broadcast(tensor.data, src=0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, own):
+                tensor.data.copy_(value)
+
+
+def through_pipeline(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """Move a batch the way Lightning's training loop moves it (``training_epoch_loop``).
+
+    The precision plugin's ``convert_input``, then ``on_before_batch_transfer``,
+    ``transfer_batch_to_device`` and ``on_after_batch_transfer`` of the LightningModule or of
+    the DataModule that overrides them (Lightning's own choice between the two). A module that
+    is not the Trainer's gets its batch moved to its device only.
+    """
+    batch = trainer.precision_plugin.convert_input(batch)
+    if pl_module is not trainer.lightning_module:
+        return move_data_to_device(batch, pl_module.device)
+    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
 def running_ids(loader: Iterable[Any], rank: int, world: int) -> Iterator[tuple[Any, torch.Tensor]]:
@@ -163,3 +217,52 @@ def running_ids(loader: Iterable[Any], rank: int, world: int) -> Iterator[tuple[
         ids = torch.arange(position, position + rows, dtype=torch.int64) * world + rank
         position += rows
         yield batch, ids
+
+
+@contextmanager
+def checkpoint_weights(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, weights: str
+) -> Iterator[dict[str, Any]]:
+    """The weights the pass measures; yields the facts to record in the artifact.
+
+    ``"last"``: the module as it is. ``"best"``: the Trainer's ``ModelCheckpoint``'s best model,
+    read with ``torch.load(weights_only=True)`` and loaded for the pass only; the module's own
+    tensors are put back afterwards (bit for bit), also on error.
+    """
+    if weights == "last":
+        yield {}
+        return
+    checkpoint = trainer.checkpoint_callback
+    path = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+    if not path:
+        raise FisherError(
+            "FisherCallback(weights='best'): the ModelCheckpoint saved no best model (no "
+            "checkpoint was written during fit); use weights='last'"
+        )
+    state = check_checkpoint_path(path, "FisherCallback(weights='best') checkpoint")["state_dict"]
+    own = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
+    pl_module.load_state_dict(state)
+    try:
+        yield {"weights": "best", "checkpoint": os.fspath(path)}
+    finally:
+        pl_module.load_state_dict(own)
+
+
+def log_summary(
+    trainer: pl.Trainer, embedding: TaskEmbedding, output: str | None, seconds: float
+) -> None:
+    """The artifact's path and the pass's size and time, to the Trainer's loggers (rank 0)."""
+    count = embedding.meta.get("num_samples", embedding.meta.get("num_batches", 0))
+    summary = {
+        "fisher/num_samples": float(count),
+        "fisher/values": float(len(embedding)),
+        "fisher/seconds": float(seconds),
+    }
+    where = f", written to {output}" if output is not None else ""
+    rank_zero_info(
+        f"FisherCallback: {len(embedding)} values from {count} examples in {seconds:.1f} s{where}"
+    )
+    for logger in trainer.loggers:
+        logger.log_metrics(summary, step=trainer.global_step)
+        if output is not None:
+            logger.log_hyperparams({"fisher/output": os.path.abspath(output)})

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from t2v_lightning.choices import ESTIMATORS, Estimator, check_choice
+from t2v_lightning.choices import ESTIMATORS, Estimator, UnsupportedLayerError, check_choice
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import check_finite
 from t2v_lightning.fisher.callback import FisherCallback
@@ -309,20 +309,31 @@ def embed_montecarlo(
         FisherError: NaN / inf in the pass (examples named by id).
     """
     task = prepared.settings
-    if not embedded_layers(prepared.network, task.head):
-        raise ProbeError("nothing to embed: no layer with weights after the skipped prefix")
+    try:
+        layers = embedded_layers(prepared.network, task.head, task.exclude)
+    except UnsupportedLayerError as err:
+        raise UnsupportedLayerError(
+            f"{err}; leave it out with Task2Vec(exclude=[{err.layer!r}]) (or skip_layers)",
+            layer=err.layer,
+        ) from None
+    if not layers:
+        raise ProbeError(
+            "nothing to embed: no layer with weights after the skipped prefix (and exclude=)"
+        )
     # Ties a Fisher-pass checkpoint to the task it was made for.
     labels_fingerprint = hashlib.sha256(prepared.labels.numpy().tobytes()).hexdigest()[:16]
     meta = artifact_meta(
         prepared.meta, "montecarlo", batch_size=task.batch_size, labels_fingerprint=labels_fingerprint
     )
     callback = FisherCallback(
+        at="train_batch",
         estimator=settings.estimator,
         mc_samples=settings.mc_samples,
         likelihood=task.likelihood,
         seed=task.seed,
         num_examples=len(prepared.inputs),  # type: ignore[arg-type]
         head=task.head,
+        exclude=task.exclude,
         network="network",
         meta=meta,
         identity={key: meta[key] for key in RESUME_IDENTITY if key in meta},

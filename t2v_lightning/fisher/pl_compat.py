@@ -1,15 +1,18 @@
 """The Fisher callback for projects that import ``pytorch_lightning`` instead of ``lightning``.
 
-``pytorch_lightning`` and ``lightning.pytorch`` are separate class hierarchies at run time: a
-``pytorch_lightning.Trainer`` only accepts callbacks that are ``pytorch_lightning.Callback``
-instances. This :class:`FisherCallback` is :class:`t2v_lightning.FisherCallback` (same
-arguments, hooks, state and artifact; checkpoints are interchangeable, the ``state_key`` is the
-same) that is also a ``pytorch_lightning.Callback``.
+``pytorch_lightning`` and ``lightning.pytorch`` are separate class hierarchies at run time.
+With Lightning 2.6 a ``pytorch_lightning.Trainer`` also runs the plain
+:class:`t2v_lightning.FisherCallback` (it calls hooks by name), but code that checks
+``isinstance(callback, pytorch_lightning.Callback)`` (other callbacks, older or later versions,
+LightningCLI's ``callbacks`` type checks) does not recognise it. This :class:`FisherCallback` is
+:class:`t2v_lightning.FisherCallback` (same arguments, hooks, state and artifact; checkpoints
+are interchangeable, the ``state_key`` is the same) that is also a
+``pytorch_lightning.Callback``: use it with ``pytorch_lightning``.
 
 Example:
     >>> import pytorch_lightning as pl
     >>> from t2v_lightning.fisher.pl_compat import FisherCallback
-    >>> trainer = pl.Trainer(callbacks=[FisherCallback(at="fit_end", output="task.safetensors")])
+    >>> trainer = pl.Trainer(callbacks=[FisherCallback(head="classifier")])
 """
 
 from __future__ import annotations

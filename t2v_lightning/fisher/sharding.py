@@ -11,13 +11,16 @@ which would count some examples twice).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
-__all__ = ["ShardSampler", "IdsDataset", "CollateWithIds"]
+from t2v_lightning.choices import FisherError
+
+__all__ = ["ShardSampler", "IdsDataset", "CollateWithIds", "check_id_batch", "check_counted"]
 
 
 class _Sized:
@@ -123,3 +126,71 @@ class CollateWithIds:
         inner = self.collate_fn if self.collate_fn is not None else default_collate
         batch = inner([item for item, _ in items])
         return batch, torch.tensor([position for _, position in items], dtype=torch.int64)
+
+
+def check_id_batch(batch: Any, num_examples: int | None) -> None:
+    """Refuse a per-batch Fisher batch that is not ``(inputs, ids)`` with distinct int64 ids.
+
+    Labels in place of ids are caught here: they repeat within a batch.
+
+    Raises:
+        ValueError: naming what the batch holds instead.
+    """
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError(
+            "FisherCallback(at='train_batch') expects training batches of (inputs, ids); got "
+            f"{type(batch).__name__} (at='fit_end', the default, embeds a project whose "
+            "batches are (inputs, labels))"
+        )
+    inputs, ids = batch
+    problem = None
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.ndim != 1:
+        problem = (
+            f"a {type(ids).__name__}"
+            if not isinstance(ids, torch.Tensor)
+            else f"a {ids.dtype} tensor of shape {tuple(ids.shape)}"
+        )
+    elif isinstance(inputs, torch.Tensor) and ids.numel() != inputs.shape[0]:
+        problem = f"{ids.numel()} ids for {inputs.shape[0]} inputs"
+    elif ids.numel() and int(ids.min()) < 0:
+        problem = f"negative ids ({int(ids.min())})"
+    elif torch.unique(ids).numel() != ids.numel():
+        problem = "repeated ids within the batch (labels, not example ids?)"
+    if problem is not None:
+        raise ValueError(
+            "FisherCallback(at='train_batch') expects (inputs, ids) batches with one distinct "
+            f"int64 example id per row in [0, {num_examples}) (padding at or beyond it), got "
+            f"{problem}; at='fit_end', the default, embeds a project whose batches are "
+            "(inputs, labels)"
+        )
+
+
+def check_counted(counts: torch.Tensor, counted: torch.Tensor | None = None) -> None:
+    """After a per-batch pass: no id counted twice across ranks; warn about ids never counted.
+
+    Args:
+        counts: per id, the number of ranks that counted it.
+        counted: per id, counted in this pass or before a restore (``None``: do not warn).
+
+    Raises:
+        FisherError: ids counted on more than one rank (named).
+    """
+    if bool((counts > 1).any()):
+        repeated = (counts > 1).nonzero().flatten()
+        raise FisherError(
+            f"{repeated.numel()} example ids (e.g. {repeated[:5].tolist()}) were counted on more "
+            "than one rank, so the sums count them twice; a DistributedSampler pads ranks with "
+            "repeated examples. Give the Fisher pass unique ids per rank (ShardSampler and "
+            "Trainer(use_distributed_sampler=False)) or use FisherCallback(at='fit_end')"
+        )
+    if counted is None:
+        return
+    missing = int((~counted).sum())
+    if missing:
+        warnings.warn(
+            f"FisherCallback: {missing} of {counted.numel()} example ids were never "
+            "counted; the Fisher covers the others only (a run resumed mid-epoch with "
+            "Trainer.fit(ckpt_path=...) restarts the data at its beginning and stops "
+            "early; Task2Vec(resume_from=...) resumes a Fisher pass exactly)",
+            stacklevel=3,
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ class LayerFisherTaps:
         # The rule of each layer, chosen once here, never per hook call.
         self._rules = {name: layer_rule(name, module) for name, module in self._layers}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._inputs: dict[str, torch.Tensor] = {}
+        self._inputs: dict[str, Any] = {}
         self._roots: list[torch.Tensor] = []
         self._calls: dict[str, int] = {}
         self._fired: set[str] = set()
@@ -59,6 +60,7 @@ class LayerFisherTaps:
         self._nonfinite: dict[str, torch.Tensor] = {}
         self._grad_dtype = torch.float32
         self._active = True
+        self._rows: int | None = None
 
     # context management ----------------------------------------------------------------------
     def __enter__(self) -> LayerFisherTaps:
@@ -85,7 +87,10 @@ class LayerFisherTaps:
 
     def _install(self, name: str, module: nn.Module) -> None:
         child = self._rules[name].output_child
-        if child is not None:
+        if self._rules[name].whole_call:
+            hook = self._call_hook(name)
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        elif child is not None:
             # The output gradient is read at the input of a child (timm's BatchNormAct2d: its
             # batch-norm output goes through ``drop``, then ``act``).
             self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
@@ -117,11 +122,45 @@ class LayerFisherTaps:
             if not self._active:
                 return None
             self._record_call(name)
+            self._check_batch_first(name, output)
             self._inputs[name] = args[0].detach()
             tapped = self._tap(name, output)
             return None if tapped is output else tapped
 
         return hook
+
+    def _call_hook(self, name: str) -> Callable[..., Any]:
+        """A layer whose rule needs its whole call: keep ``(args, kwargs)``, tap ``output[0]``."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            if not self._active:
+                return None
+            self._record_call(name)
+            detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+            self._inputs[name] = (
+                tuple(detach(arg) for arg in args),
+                {key: detach(value) for key, value in kwargs.items()},
+            )
+            first = output[0] if isinstance(output, tuple) else output
+            tapped = self._tap(name, first)
+            if tapped is first:
+                return None
+            return (tapped, *output[1:]) if isinstance(output, tuple) else tapped
+
+        return hook
+
+    def _check_batch_first(self, name: str, output: torch.Tensor) -> None:
+        rows = self._rows
+        if rows is not None and isinstance(output, torch.Tensor) and (
+            output.ndim == 0 or output.shape[0] != rows
+        ):
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({type(dict(self._layers)[name]).__name__}) returned shape "
+                f"{tuple(output.shape)} for a batch of {rows} examples: per-example gradients need "
+                "the batch first (a layer run once for the whole batch, e.g. a position table "
+                "looked up with arange(T), or a sequence-first layout, has none)",
+                layer=name,
+            )
 
     def _record_call(self, name: str) -> None:
         self._calls[name] = self._calls.get(name, 0) + 1
@@ -177,8 +216,9 @@ class LayerFisherTaps:
         finally:
             self._active = True
 
-    def start_batch(self) -> None:
-        """Forget the previous batch's inputs, roots and sums."""
+    def start_batch(self, rows: int | None = None) -> None:
+        """Forget the previous batch's inputs, roots and sums; expect ``rows`` examples."""
+        self._rows = rows
         self._inputs.clear()
         self._roots.clear()
         self._calls.clear()

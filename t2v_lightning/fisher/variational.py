@@ -16,6 +16,7 @@ processes with batch ``B`` each follows the same path as one process with batch 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,14 @@ from typing_extensions import override
 
 from t2v_lightning.choices import FisherError, check_non_negative, check_positive
 from t2v_lightning.embedding import TaskEmbedding
+from t2v_lightning.fisher.layers.table import excluded_modules
 from t2v_lightning.fisher.weight_noise import (
     INPUT_NOISE_FLOOR,
     VARIANCE_INIT_SCALE,
     FilterVariance,
     GlobalBatchNoise,
     NoiseRun,
+    NoiseSampler,
     VariationalLayers,
     add_weight_noise,
     kl_divergence,
@@ -54,6 +57,7 @@ __all__ = [
     "VariationalLayers",
     "VariationalFisherModule",
     "NoiseRun",
+    "NoiseSampler",
     "VariationalSettings",
     "check_variational_probe",
     "embed_variational",
@@ -106,6 +110,7 @@ class VariationalFisherModule(pl.LightningModule):
         head_lr: Adam learning rate of the head.
         beta: weight of the KL term.
         seed: seed of the shuffling and of the noise.
+        exclude: qualified names of modules left out of the embedding with their submodules.
     """
 
     def __init__(
@@ -120,10 +125,11 @@ class VariationalFisherModule(pl.LightningModule):
         head_lr: float = 5e-4,
         beta: float = 1e-7,
         seed: int = 0,
+        exclude: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.network = network
-        self.variational = VariationalLayers(network, head)
+        self.variational = VariationalLayers(network, head, exclude)
         self._head_params = list(network.get_submodule(head).parameters())
         for param in self._head_params:
             param.requires_grad_(True)
@@ -275,6 +281,7 @@ def embed_variational(
         head_lr=settings.head_lr,
         beta=settings.beta,
         seed=task.seed,
+        exclude=excluded_modules(prepared.network, task.exclude),
     )
     trainer.fit(module)
     hessian, scale, offsets = module.variational.embedding_values()

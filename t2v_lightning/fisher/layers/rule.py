@@ -66,11 +66,17 @@ class LayerRule:
             name of a child module whose *input* is the layer's output (timm's
             ``BatchNormAct2d`` runs its activation inside the module: its batch-norm output is
             the input of its ``drop`` child).
+        whole_call: the layer needs every argument of its call, not its first input, and its
+            output is the first element of what it returns. :meth:`sq_norms` then receives
+            ``(args, kwargs)`` as ``inputs`` (``nn.MultiheadAttention``: query, key, value and
+            masks). Such a layer owns no ``weight``; its rule covers its submodules too (their
+            weights are rows of its embedding, not layers of their own).
     """
 
     monte_carlo: bool = True
     variational: bool = False
     output_child: str | None = None
+    whole_call: bool = False
 
     def accepts(self, module: nn.Module, registered: type) -> bool:
         """Whether the rule holds for ``module``, an instance of ``registered`` or a subclass.

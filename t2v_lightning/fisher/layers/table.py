@@ -40,11 +40,17 @@ Nothing else changes: the hooks, the estimators and the variational pass ask the
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
+
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from t2v_lightning.choices import UnsupportedLayerError
+from t2v_lightning.fisher.layers.attention import MultiheadAttentionRule
 from t2v_lightning.fisher.layers.conv import ConvRule
+from t2v_lightning.fisher.layers.embedding import EmbeddingRule
 from t2v_lightning.fisher.layers.linear import LinearRule
 from t2v_lightning.fisher.layers.norm import (
     BatchNormActRule,
@@ -54,7 +60,18 @@ from t2v_lightning.fisher.layers.norm import (
 )
 from t2v_lightning.fisher.layers.rule import LayerRule
 
-__all__ = ["RULES", "embedded_layers", "layer_rule", "num_filters", "row_size", "rule_for"]
+__all__ = [
+    "RULES",
+    "check_exclude",
+    "embedded_layers",
+    "excluded_modules",
+    "layer_rule",
+    "num_filters",
+    "per_example_sq_norms",
+    "plain_name",
+    "row_size",
+    "rule_for",
+]
 
 _LINEAR = LinearRule()
 _CONV = ConvRule()
@@ -74,6 +91,8 @@ RULES: dict[type | str, LayerRule] = {
     "timm.models.layers.norm_act.BatchNormAct2d": _BATCH_NORM_ACT,  # timm < 0.9
     nn.GroupNorm: GroupNormRule(),
     nn.LayerNorm: LayerNormRule(),
+    nn.Embedding: EmbeddingRule(),
+    nn.MultiheadAttention: MultiheadAttentionRule(),
 }
 """Module type (or ``"package.module.Class"``) → the rule that embeds it."""
 
@@ -89,7 +108,7 @@ def rule_for(module: nn.Module) -> LayerRule | None:
 
 _SUPPORTED = (
     "Linear, Conv1d, Conv2d (incl. timm Conv2dSame), BatchNorm (incl. timm BatchNormAct2d), "
-    "GroupNorm, LayerNorm"
+    "GroupNorm, LayerNorm, Embedding, MultiheadAttention"
 )
 
 
@@ -97,30 +116,87 @@ def layer_rule(name: str, module: nn.Module) -> LayerRule:
     """The Monte Carlo rule of the embedded layer ``name``, checked.
 
     Raises:
-        UnsupportedLayerError: no rule, or one that refuses this instance (named).
+        UnsupportedLayerError: no rule, or one that refuses this instance (named, and kept as
+            its ``layer``; the caller adds how to leave it out with its own options).
     """
     rule = rule_for(module)
     if rule is None or not rule.monte_carlo:
         raise UnsupportedLayerError(
             f"layer {name!r} ({type(module).__name__}) has weights but no filter-wise Fisher "
-            f"here; supported: {_SUPPORTED}. Skip it with skip_layers or use another probe"
+            f"here; supported: {_SUPPORTED}",
+            layer=name,
         )
-    rule.check(name, module)
+    try:
+        rule.check(name, module)
+    except UnsupportedLayerError as err:
+        raise UnsupportedLayerError(str(err), layer=name) from None
     return rule
 
 
-def embedded_layers(network: nn.Module, head: str | None) -> list[tuple[str, nn.Module]]:
+def check_exclude(exclude: Sequence[str] | str | None) -> tuple[str, ...]:
+    """``exclude`` as a tuple of non-empty module names or globs (a lone string is one pattern)."""
+    if exclude is None:
+        return ()
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"exclude must hold module names or globs, got {pattern!r}")
+    return patterns
+
+
+def plain_name(name: str) -> str:
+    """A module's qualified name without the ``_orig_mod`` of ``torch.compile`` wrappers."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def excluded_modules(network: nn.Module, exclude: Sequence[str]) -> list[str]:
+    """Qualified names of the modules of ``network`` matched by the patterns of ``exclude``.
+
+    Raises:
+        ValueError: a pattern matches no module (named, with some of the module names).
+    """
+    names = [plain_name(name) for name, _ in network.named_modules() if name]
+    matched: list[str] = []
+    for pattern in exclude:
+        hits = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            raise ValueError(
+                f"exclude pattern {pattern!r} matches no module of the network; some of its "
+                f"modules: {names[:12]}"
+            )
+        matched.extend(hit for hit in hits if hit not in matched)
+    return matched
+
+
+def embedded_layers(
+    network: nn.Module, head: str | None, exclude: Sequence[str] = ()
+) -> list[tuple[str, nn.Module]]:
     """The modules whose weights enter the embedding, in ``named_modules`` order.
 
-    Every module that owns a ``weight`` parameter, except the head (and its submodules). Modules
+    Every module that owns a ``weight`` parameter, except the head, the modules matched by
+    ``exclude`` (qualified names or :mod:`fnmatch` globs) and their submodules. Modules
     replaced by ``nn.Identity`` (a skipped prefix) own no weight and drop out by themselves.
+    Names are read without the ``_orig_mod`` of ``torch.compile`` wrappers.
 
     Raises:
         UnsupportedLayerError: a module with a weight has no rule here (named).
+        ValueError: an ``exclude`` pattern matches no module.
     """
+    left_out = [head] if head is not None else []
+    left_out += excluded_modules(network, exclude)
+    covered: list[str] = []  # modules whose rule takes their submodules' weights too
     layers: list[tuple[str, nn.Module]] = []
-    for name, module in network.named_modules():
-        if head is not None and (name == head or name.startswith(head + ".")):
+    for raw_name, module in network.named_modules():
+        name = plain_name(raw_name)
+        if any(name == out or name.startswith(out + ".") for out in left_out):
+            continue
+        if any(name.startswith(parent + ".") for parent in covered):
+            continue
+        whole = rule_for(module)
+        if whole is not None and whole.whole_call:
+            layer_rule(name, module)
+            layers.append((name, module))
+            covered.append(name)
             continue
         if module._parameters.get("weight") is None:
             continue
@@ -140,3 +216,17 @@ def num_filters(module: nn.Module) -> int:
 def row_size(module: nn.Module) -> int:
     """Entries per row of an embedded layer's weight (per its rule)."""
     return (rule_for(module) or _PLAIN).row_size(module)
+
+
+def per_example_sq_norms(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``(B, rows)``: squared norms of the per-example weight-gradient rows of ``module``.
+
+    The rule of ``module``'s type (:meth:`LayerRule.sq_norms`), looked up in the table.
+
+    Raises:
+        UnsupportedLayerError: the type has no Monte Carlo rule.
+    """
+    rule = rule_for(module)
+    if rule is None or not rule.monte_carlo:
+        raise UnsupportedLayerError(f"no filter-wise Fisher for {type(module).__name__}")
+    return rule.sq_norms(module, inputs, grad)
