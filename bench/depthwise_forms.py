@@ -40,7 +40,6 @@ def main() -> None:
         embedded_layers,
     )
     from t2v_lightning.fisher.layers.conv import (
-        ConvGeometry,
         ConvRule,
         conv_patches,
         depthwise_sq_norms,
@@ -59,7 +58,7 @@ def main() -> None:
         channels = grad.shape[1]
         if (getattr(module, "groups", 1) > 1 and module.groups == channels == inputs.shape[1]
                 and inputs.ndim == 4):
-            recorded.append((module, inputs.detach().clone(), grad.detach().clone()))
+            recorded.append((rule.geometry(module), inputs.detach().clone(), grad.detach().clone()))
         return original(rule, module, inputs, grad)
 
     ConvRule.sq_norms = record  # type: ignore[method-assign]
@@ -74,7 +73,7 @@ def main() -> None:
         ConvRule.sq_norms = original  # type: ignore[method-assign]
 
     def patches(module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        cols = conv_patches(ConvGeometry.of(module), inputs)  # B, C·k, L
+        cols = conv_patches(module, inputs)  # B, C·k, L
         batch, channels = grad.shape[0], grad.shape[1]
         cols = cols.reshape(batch, channels, -1, cols.shape[-1])
         rows = torch.einsum("bcl,bckl->bck", grad.reshape(batch, channels, -1), cols)
@@ -82,10 +81,10 @@ def main() -> None:
 
     forms = {
         "grouped convolution": lambda m, i, g: depthwise_sq_norms(
-            ConvGeometry.of(m), i, g, by_offsets=False
+            m, i, g, by_offsets=False
         ),
         "per-offset sum": lambda m, i, g: depthwise_sq_norms(
-            ConvGeometry.of(m), i, g, by_offsets=True
+            m, i, g, by_offsets=True
         ),
         "patches": patches,
     }
