@@ -62,6 +62,8 @@ __all__ = [
     "CorpusDiversityReport",
     "DiversitySettings",
     "Placement",
+    "RankFailedError",
+    "SettingsMismatchError",
     "corpus_diversity",
     "diversity_main",
     "embed_corpus_tasks",
@@ -348,6 +350,10 @@ class SettingsMismatchError(ValueError):
     """An artifact in the output folder was made from other tokens or with other settings."""
 
 
+class RankFailedError(ValueError):
+    """Another process of a distributed run failed (it printed its own error)."""
+
+
 def _existing(path: Path, identity: dict[str, Any], overwrite: bool) -> Literal[
     "embed", "replace", "skip"
 ]:
@@ -559,7 +565,7 @@ def _rank_main(run: _Run, fabric: Any) -> CorpusDiversityReport:
     if error is not None:
         raise error
     if float(failed.item()) > 0:
-        raise RuntimeError(
+        raise RankFailedError(
             "another rank failed (its error is printed above); the tasks written are kept, "
             "rerun to resume"
         )
@@ -600,6 +606,7 @@ def corpus_diversity(
     text_column: str = "text",
     streaming: bool = False,
     shuffle_buffer: int = 10_000,
+    cache_dir: str | None = None,
     num_tasks: int = 200,
     task_size: int = 512,
     max_length: int = 128,
@@ -632,6 +639,7 @@ def corpus_diversity(
         text_column: the column of the text.
         streaming: stream the corpus.
         shuffle_buffer: documents in the streamed shuffle's buffer.
+        cache_dir: where ``datasets`` keeps downloaded and prepared data.
         num_tasks: tasks (``N``).
         task_size: sequences per task (``B``).
         max_length: tokens per sequence (``L``).
@@ -666,12 +674,12 @@ def corpus_diversity(
     if against is not None and bound is not None:
         raise ValueError("pass against= or bound=, not both")
     spec = data if isinstance(data, CorpusSpec) else CorpusSpec(
-        data, data_config, split, text_column, streaming, shuffle_buffer
+        data, data_config, split, text_column, streaming, shuffle_buffer, cache_dir
     )
     other: tuple[tuple[str, CorpusSpec], ...] = ()
     if against is not None:
         other_spec = against if isinstance(against, CorpusSpec) else CorpusSpec(
-            against, None, split, text_column, streaming, shuffle_buffer
+            against, None, split, text_column, streaming, shuffle_buffer, cache_dir
         )
         other = ((other_spec.data, other_spec),)
     settings = DiversitySettings(num_tasks, task_size, max_length, seed, packing, estimator,
@@ -744,6 +752,8 @@ def diversity_parser() -> argparse.ArgumentParser:
     add("--streaming", action="store_true", help="stream the corpus instead of preparing it")
     add("--shuffle_buffer", type=int, default=10_000,
         help="documents in the streamed shuffle's buffer (default: 10000)")
+    add("--cache_dir", default=None, help="where datasets keeps downloaded and prepared data "
+        "(default: its own, ~/.cache/huggingface/datasets)")
     add("--packing", action="store_true", help="join documents (EOS between them) and cut "
         "sequences of exactly --max_length tokens (default: one document per sequence, "
         "truncated)")
@@ -789,10 +799,10 @@ def diversity_main(argv: Sequence[str]) -> None:
     check_new_outputs({"--json": json_path, "--png": png}, inputs, True,
                       refused_suffix=".safetensors")
     spec = CorpusSpec(options.data, options.data_config, options.split, options.text_column,
-                      options.streaming, options.shuffle_buffer)
+                      options.streaming, options.shuffle_buffer, options.cache_dir)
     against = tuple(
         (name, CorpusSpec(name, None, options.split, options.text_column, options.streaming,
-                          options.shuffle_buffer))
+                          options.shuffle_buffer, options.cache_dir))
         for name in options.against
     )
     settings = DiversitySettings(

@@ -87,6 +87,8 @@ class CorpusSpec:
         text_column: the column holding the documents' text (``.txt`` files: ``"text"``).
         streaming: read as a stream (nothing downloaded or converted first).
         shuffle_buffer: documents held by the streamed shuffle (ignored when not streamed).
+        cache_dir: where ``datasets`` keeps what it downloads and prepares (``None``: its
+            default, ``~/.cache/huggingface/datasets``).
     """
 
     data: str
@@ -95,6 +97,7 @@ class CorpusSpec:
     text_column: str = "text"
     streaming: bool = False
     shuffle_buffer: int = 10_000
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data.strip():
@@ -107,6 +110,7 @@ class CorpusSpec:
     def identity(self) -> dict[str, Any]:
         """What decides the order of the pass (recorded in each task's artifact)."""
         facts = asdict(self)
+        facts.pop("cache_dir")
         if not self.streaming:
             facts.pop("shuffle_buffer")
         return facts
@@ -325,12 +329,14 @@ def _load(spec: CorpusSpec) -> Any:
             if not os.access(files[0], os.R_OK):
                 raise CorpusError(f"--data {files[0]} is not readable (permissions)")
             return datasets.load_dataset(
-                builder, data_files=files, split=spec.split, streaming=spec.streaming
+                builder, data_files=files, split=spec.split, streaming=spec.streaming,
+                cache_dir=spec.cache_dir,
             )
         if _looks_like_path(spec.data):
             raise CorpusError(f"--data {spec.data} does not exist")
         return datasets.load_dataset(
-            spec.data, spec.config, split=spec.split, streaming=spec.streaming
+            spec.data, spec.config, split=spec.split, streaming=spec.streaming,
+            cache_dir=spec.cache_dir,
         )
     except CorpusError:
         raise
@@ -420,18 +426,22 @@ def _sequences(
     documents: Iterator[str | None], tokenizer: Any, max_length: int, packing: bool,
     stats: CorpusStats,
 ) -> Iterator[list[int]]:
+    """Token sequences in the order of ``documents``; ``stats`` counts the documents consumed
+    (texts are tokenised 256 at a time, but counted as their sequences are taken)."""
     eos = _eos_id(tokenizer) if packing else None
     pending: list[int] = []
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        encoded = tokenizer(texts, truncation=not packing, max_length=None if packing else max_length)
-        return [list(ids) for ids in encoded["input_ids"]]
-
-    batch: list[str] = []
+    batch: list[str | None] = []
 
     def flush() -> Iterator[list[int]]:
         nonlocal pending
-        for ids in encode(batch):
+        texts = [t for t in batch if isinstance(t, str) and t.strip()]
+        encoded = iter(
+            tokenizer(texts, truncation=not packing, max_length=None if packing else max_length,
+                      verbose=False)["input_ids"] if texts else []
+        )
+        for text in batch:
+            stats.documents += 1
+            ids = list(next(encoded)) if isinstance(text, str) and text.strip() else []
             if not ids:
                 stats.empty_documents += 1
                 continue
@@ -448,10 +458,6 @@ def _sequences(
         batch.clear()
 
     for text in documents:
-        stats.documents += 1
-        if text is None or not isinstance(text, str) or not text.strip():
-            stats.empty_documents += 1
-            continue
         batch.append(text)
         if len(batch) >= 256:
             yield from flush()
