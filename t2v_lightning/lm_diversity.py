@@ -374,11 +374,10 @@ def _existing(path: Path, identity: dict[str, Any], overwrite: bool) -> Literal[
     else:
         keys = sorted(set(recorded) | set(identity))
         names = [k for k in keys if recorded.get(k) != identity.get(k)]
+        settings = [k for k in names if k != "tokens_sha256"]  # other settings, other tokens
         differs = ", ".join(
-            f"{k}: {recorded.get(k)!r} there, {identity.get(k)!r} here" for k in names[:3]
-        )
-        if "tokens_sha256" in names and len(names) == 1:
-            differs = "its tokens differ from this pass's (the corpus or the tokenizer changed)"
+            f"{k}: {recorded.get(k)!r} there, {identity.get(k)!r} here" for k in settings[:3]
+        ) or "its tokens differ from this pass's (the corpus or the tokenizer changed)"
     raise SettingsMismatchError(
         f"{path} was made with other settings ({differs}); use another --output, or pass "
         "--overwrite to embed again"
@@ -464,7 +463,8 @@ def load_tasks(folder: str | os.PathLike[str], num_tasks: int) -> list[TaskEmbed
 
 # ------------------------------------------------------------------------------ the whole run
 def _slug(name: str) -> str:
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:60] or "corpus"
+    last = name.rstrip("/").rsplit("/", 1)[-1]  # a file's name, a hub dataset's own name
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", last).strip("._")[:60] or "corpus"
     return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 

@@ -229,7 +229,7 @@ def test_a_stream_failing_part_way_names_where(
 
     monkeypatch.setattr(corpus_module, "_load", lambda spec: FailingStream())
     tasks = token_tasks(CorpusSpec("some/corpus", streaming=True), tokenizer, 6, 60, 8)
-    assert [next(tasks).index for _ in range(4)] == [0, 1, 2, 3]
+    assert [next(tasks).index for _ in range(5)] == [0, 1, 2, 3, 4]  # documents 0-299
     with pytest.raises(CorpusError, match=r"reading --data some/corpus failed after 300 "
                        r"documents: connection reset by peer"):
         next(tasks)

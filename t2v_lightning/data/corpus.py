@@ -424,10 +424,10 @@ def _eos_id(tokenizer: Any) -> int:
 
 def _sequences(
     documents: Iterator[str | None], tokenizer: Any, max_length: int, packing: bool,
-    stats: CorpusStats,
+    stats: CorpusStats, chunk: int = 256,
 ) -> Iterator[list[int]]:
     """Token sequences in the order of ``documents``; ``stats`` counts the documents consumed
-    (texts are tokenised 256 at a time, but counted as their sequences are taken)."""
+    (texts are tokenised ``chunk`` at a time, but counted as their sequences are taken)."""
     eos = _eos_id(tokenizer) if packing else None
     pending: list[int] = []
     batch: list[str | None] = []
@@ -459,7 +459,7 @@ def _sequences(
 
     for text in documents:
         batch.append(text)
-        if len(batch) >= 256:
+        if len(batch) >= chunk:
             yield from flush()
     if batch:
         yield from flush()
@@ -524,7 +524,9 @@ def token_tasks(
         if size is not None and size < needed:
             raise _too_small(spec, num_tasks, task_size, size, None)
     pad_id = _pad_id(tokenizer)
-    sequences = _sequences(read_documents(spec, seed), tokenizer, max_length, packing, stats)
+    # Tokenised a task at a time at most: a stream that fails part way has written what it could.
+    sequences = _sequences(read_documents(spec, seed), tokenizer, max_length, packing, stats,
+                           chunk=min(256, task_size))
     current: list[list[int]] = []
     index = 0
     for sequence in sequences:
