@@ -12,7 +12,8 @@ pairs and a bootstrap interval over tasks).
   settings (a damaged one is embedded again; one made with other settings is an error).
 * **Many processes.** Tasks are independent: under Lightning DDP (``devices=N``,
   ``strategy="ddp"``, multi-node as usual) rank ``r`` of ``W`` embeds tasks ``r, r + W, …`` on its
-  own device, each in a one-process Task2Vec, so every artifact is byte-identical whatever the
+  own device, one process per task (:func:`~t2v_lightning.lm.embed_lm`, what
+  ``Task2Vec(probe).embed(task)`` runs), so every artifact is byte-identical whatever the
   world size. Ranks agree at the end (one collective), then every rank reads the artifacts and
   rank 0 reports.
 * **Bounds and cross-diversity** (``--bounds``, ``--against``) are the same pipeline on synthetic
@@ -82,14 +83,15 @@ class DiversitySettings:
         num_tasks: tasks per corpus (``N``).
         task_size: sequences per task (``B``).
         max_length: tokens per sequence at most (``L``).
-        seed: seed of the shuffled pass, of the bounds' tokens, and of Task2Vec (label
-            sampling, head initialisation).
+        seed: seed of the shuffled pass, of the bounds' tokens, and of the Fisher's label
+            draws.
         packing: join documents and cut ``L``-token sequences (default: one document, one
             sequence).
-        estimator: Task2Vec's Monte Carlo estimator (``None``: Task2Vec's default for the probe).
-        head_epochs: epochs of head fitting (``None``: Task2Vec's default for the probe).
+        estimator: the Fisher estimator: ``"per_sample"`` (per-sequence squared gradients) or
+            ``"batch"`` (the published code's squared mini-batch gradients).
+        head_epochs: epochs of fitting the untied copy of the LM head (SPEC section 8: 5).
         batch_size: sequences per step (8, as in the published code).
-        precision: Lightning precision of each task's Trainers.
+        precision: ``"32-true"`` or ``"bf16-mixed"``.
     """
 
     num_tasks: int = 200
@@ -97,8 +99,8 @@ class DiversitySettings:
     max_length: int = 128
     seed: int = 0
     packing: bool = False
-    estimator: Literal["per_sample", "batch"] | None = None
-    head_epochs: int | None = None
+    estimator: Literal["per_sample", "batch"] = "per_sample"
+    head_epochs: int = 5
     batch_size: int = 8
     precision: str = "32-true"
 
@@ -109,9 +111,8 @@ class DiversitySettings:
             self.batch_size < 1
         ):
             raise ValueError(f"--batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.head_epochs is not None and (
-            isinstance(self.head_epochs, bool) or not isinstance(self.head_epochs, int)
-            or self.head_epochs < 0
+        if isinstance(self.head_epochs, bool) or not isinstance(self.head_epochs, int) or (
+            self.head_epochs < 0
         ):
             raise ValueError(
                 f"--head_epochs must be a non-negative integer, got {self.head_epochs!r}"
@@ -203,57 +204,56 @@ def load_probe(spec: str) -> nn.Module:
     return get_probe(spec)
 
 
-def probe_tokenizer(probe: nn.Module, spec: str | None = None) -> Any:
-    """The tokenizer of a language-model probe: its ``tokenizer`` attribute, else the one saved
-    beside the model (``AutoTokenizer.from_pretrained`` on the ``lm:`` spec's directory or id)."""
-    tokenizer = getattr(probe, "tokenizer", None)
-    if tokenizer is not None:
-        return tokenizer
-    if spec is None or not spec.startswith("lm:"):
-        raise ValueError("the probe carries no tokenizer; pass its 'lm:' spec to load one")
-    from transformers import AutoTokenizer
+def probe_tokenizer(probe: nn.Module) -> Any:
+    """The tokenizer of a language-model probe (``ProbeError`` when it came without one)."""
+    from t2v_lightning.lm import is_language_model
 
-    return AutoTokenizer.from_pretrained(spec.removeprefix("lm:"))
+    if not is_language_model(probe):
+        raise ValueError(
+            f"the probe must come from get_probe('lm:...'), got {type(probe).__name__}"
+        )
+    return probe.tokenizer
 
 
 def _vocabulary(probe: nn.Module, tokenizer: Any) -> int:
-    sizes = [len(tokenizer)] if hasattr(tokenizer, "__len__") else []
-    get_embeddings = getattr(probe, "get_input_embeddings", None)
-    model = getattr(probe, "model", None)
-    if get_embeddings is None and model is not None:
-        get_embeddings = getattr(model, "get_input_embeddings", None)
-    if callable(get_embeddings):
-        table = get_embeddings()
-        if isinstance(table, nn.Embedding):
-            sizes.append(table.num_embeddings)
+    sizes = [int(getattr(probe, "vocab_size", 0) or 0)]
+    if hasattr(tokenizer, "__len__"):
+        sizes.append(len(tokenizer))
+    sizes = [size for size in sizes if size > 0]
     if not sizes:
         raise ValueError("cannot tell the probe's vocabulary size for --bounds")
     return min(sizes)
 
 
-def default_task2vec(probe: nn.Module, settings: DiversitySettings, device: torch.device) -> Any:
-    """One task's one-process :class:`~t2v_lightning.Task2Vec` on ``device``."""
-    from t2v_lightning.task2vec import Task2Vec
+class LMTaskEmbedder:
+    """Embeds one task at a time on one device with :func:`~t2v_lightning.lm.embed_lm` (what
+    ``Task2Vec(probe).embed(task)`` runs for a language-model probe, without building a
+    Trainer to find the device)."""
 
-    options: dict[str, Any] = {}
-    if settings.estimator is not None:
-        options["estimator"] = settings.estimator
-    if settings.head_epochs is not None:
-        options["head_epochs"] = settings.head_epochs
-    devices: int | list[int] = [device.index] if device.type == "cuda" and device.index is not None else 1
-    return Task2Vec(
-        probe,
-        max_samples=None,
-        balanced_sampling=False,
-        batch_size=settings.batch_size,
-        seed=settings.seed,
-        accelerator=device.type,
-        devices=devices,
-        strategy="auto",
-        precision=settings.precision,
-        progress_bar=False,
-        **options,
-    )
+    def __init__(self, probe: nn.Module, settings: DiversitySettings, device: torch.device) -> None:
+        from t2v_lightning.lm import LMSettings, is_language_model
+
+        if not is_language_model(probe):
+            raise ValueError(
+                f"the probe must come from get_probe('lm:...'), got {type(probe).__name__}"
+            )
+        self.probe = probe
+        self.device = device
+        self.settings = LMSettings(
+            estimator=settings.estimator, batch_size=settings.batch_size,
+            head_epochs=settings.head_epochs, seed=settings.seed, precision=settings.precision,
+        )
+
+    def embed(self, task: TokenTask, task_name: str | None = None) -> TaskEmbedding:
+        """The task's embedding."""
+        from t2v_lightning.lm import embed_lm
+
+        return embed_lm(self.probe, task, self.settings, self.device, task_name)  # type: ignore[arg-type]
+
+
+def default_embedder(probe: nn.Module, settings: DiversitySettings, device: torch.device) -> Any:
+    """The task embedder of a run: an :class:`LMTaskEmbedder` on ``device``."""
+    return LMTaskEmbedder(probe, settings, device)
 
 
 # ------------------------------------------------------------------------------ progress
@@ -396,7 +396,7 @@ def embed_corpus_tasks(
     device: torch.device | None = None,
     overwrite: bool = False,
     progress: TextIO | None = None,
-    embedder: EmbedderFactory = default_task2vec,
+    embedder: EmbedderFactory = default_embedder,
 ) -> CorpusStats:
     """Embed this rank's share of a corpus's tasks, one artifact each, skipping those written.
 
@@ -415,7 +415,7 @@ def embed_corpus_tasks(
         device: this process's device (default: the CPU).
         overwrite: embed again the tasks already written.
         progress: where to report progress (``None``: nowhere).
-        embedder: builds the task embedder (default: a one-process ``Task2Vec``).
+        embedder: builds the task embedder (default: :class:`LMTaskEmbedder`).
 
     Returns:
         What the pass read.
@@ -501,7 +501,7 @@ def _work(
     run: _Run, rank: int, world_size: int, device: torch.device
 ) -> dict[str, CorpusStats]:
     probe = run.probe if run.probe is not None else load_probe(run.probe_spec)
-    tokenizer = probe_tokenizer(probe, run.probe_spec)
+    tokenizer = probe_tokenizer(probe)
     stream = sys.stderr if run.verbose and rank == 0 else None
     stats: dict[str, CorpusStats] = {}
     for name, corpus, folder in _groups(run):
@@ -612,8 +612,8 @@ def corpus_diversity(
     max_length: int = 128,
     seed: int = 0,
     packing: bool = False,
-    estimator: Literal["per_sample", "batch"] | None = None,
-    head_epochs: int | None = None,
+    estimator: Literal["per_sample", "batch"] = "per_sample",
+    head_epochs: int = 5,
     batch_size: int = 8,
     precision: str = "32-true",
     against: str | CorpusSpec | None = None,
@@ -643,10 +643,10 @@ def corpus_diversity(
         num_tasks: tasks (``N``).
         task_size: sequences per task (``B``).
         max_length: tokens per sequence (``L``).
-        seed: seed of the pass, the bounds and Task2Vec.
+        seed: seed of the pass, the bounds and the label draws.
         packing: join documents into ``L``-token sequences (default: one per document).
-        estimator: Task2Vec's estimator (``None``: its default for the probe).
-        head_epochs: head fitting epochs (``None``: Task2Vec's default for the probe).
+        estimator: ``"per_sample"`` or ``"batch"`` (the published code's).
+        head_epochs: epochs of fitting the untied copy of the LM head.
         batch_size: sequences per step.
         precision: Lightning precision.
         against: another corpus: return the cross-diversity of ``data`` with it (its tasks
@@ -687,7 +687,7 @@ def corpus_diversity(
     probe_spec = probe if isinstance(probe, str) else _probe_name(probe)
     run = _Run(probe_spec, None if isinstance(probe, str) else probe, spec, other,
                bound is not None, settings, os.fspath(output), overwrite, confidence,
-               num_resamples, verbose, default_task2vec)
+               num_resamples, verbose, default_embedder)
     if bound is not None:
         report = _launch_bound(run, bound, Placement(accelerator, devices, strategy, num_nodes))
         return report
@@ -706,8 +706,8 @@ def _launch_bound(run: _Run, bound: str, placement: Placement) -> DiversityCoeff
 
 
 def _probe_name(probe: nn.Module) -> str:
-    name = getattr(probe, "name", None) or getattr(probe, "probe_name", None)
-    return str(name) if name else type(probe).__name__
+    source = getattr(probe, "source", None)
+    return f"lm:{source}" if source else type(probe).__name__
 
 
 # ------------------------------------------------------------------------------ command line
@@ -760,7 +760,7 @@ def diversity_parser() -> argparse.ArgumentParser:
     add("--num_tasks", type=int, default=200, help="tasks (default: 200)")
     add("--task_size", type=int, default=512, help="sequences per task (default: 512)")
     add("--max_length", type=int, default=128, help="tokens per sequence (default: 128)")
-    add("--seed", type=int, default=0, help="seed of the pass, the bounds and Task2Vec")
+    add("--seed", type=int, default=0, help="seed of the pass, the bounds and the label draws")
     add("--output", required=True, help="folder of the task artifacts (reruns resume)")
     add("--against", nargs="+", default=[], metavar="PATH_OR_NAME",
         help="corpora to compute the cross-diversity with (same split, column and streaming)")
@@ -768,10 +768,10 @@ def diversity_parser() -> argparse.ArgumentParser:
     add("--json", default=None, help="write the results here as JSON")
     add("--png", default=None, help="the distance matrix figure (default: "
         "OUTPUT/distance_matrix.png)")
-    add("--estimator", choices=("per_sample", "batch"), default=None,
-        help="Monte Carlo estimator (default: the probe's, per_sample)")
-    add("--head_epochs", type=int, default=None, help="head fitting epochs (default: the "
-        "probe's)")
+    add("--estimator", choices=("per_sample", "batch"), default="per_sample",
+        help="Fisher estimator: per_sample (default) or batch (the published code's)")
+    add("--head_epochs", type=int, default=5, help="epochs of fitting the untied copy of the "
+        "LM head (default: 5)")
     add("--batch_size", type=int, default=8, help="sequences per step (default: 8)")
     add("--confidence", type=float, default=0.95, help="confidence of both intervals")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples over tasks")
@@ -829,7 +829,7 @@ def diversity_main(argv: Sequence[str]) -> None:
 
 
 def _embedder_for_cli() -> EmbedderFactory:
-    return default_task2vec
+    return default_embedder
 
 
 def _save_figure(path: Path, report: CorpusDiversityReport, overwrite: bool) -> None:

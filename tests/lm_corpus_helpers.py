@@ -1,8 +1,7 @@
-"""Tiny causal language models, tokenizers and corpora built on the spot (no network).
+"""Corpora and a byte-level tokenizer built on the spot (no network), for the corpus tests.
 
-A byte-level BPE tokenizer is trained with ``tokenizers`` on a few sentences, a GPT-2 or
-Llama-shaped model with 2 layers and 16 dimensions is built from a config, and both are
-``save_pretrained`` into a folder, as a user's ``lm:DIR`` probe would be.
+A byte-level BPE tokenizer is trained with ``tokenizers`` on a few documents; the tiny GPT-2 and
+Llama models of ``tests.lm_models`` are saved with it, as a user's ``lm:DIR`` probe would be.
 """
 
 from __future__ import annotations
@@ -52,28 +51,18 @@ def train_tokenizer(vocab_size: int = 300) -> Any:
 
 
 def save_tiny_lm(folder: Path, arch: str = "gpt2", seed: int = 0) -> Path:
-    """Save a tiny random ``arch`` (``"gpt2"`` or ``"llama"``) causal LM and its tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """A tiny random ``arch`` (``"gpt2"`` or ``"llama"``) from ``tests.lm_models``, with the
+    byte-level tokenizer of :func:`train_tokenizer` (every text has tokens, no unknowns)."""
+    from tests.lm_models import save_tiny_gpt2, save_tiny_llama
 
     tokenizer = train_tokenizer()
-    eos = tokenizer.eos_token_id
-    torch.manual_seed(seed)
     if arch == "gpt2":
-        model: Any = GPT2LMHeadModel(GPT2Config(
-            vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=2, n_head=2,
-            bos_token_id=eos, eos_token_id=eos,
-        ))
+        save_tiny_gpt2(folder, vocab_size=len(tokenizer), positions=64, seed=seed)
     elif arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-            bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-        ))
+        save_tiny_llama(folder, vocab_size=len(tokenizer), seed=seed)
     else:
         raise ValueError(arch)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # replaces the word-level one: token 0 is <eos> in both
     return folder
 
 

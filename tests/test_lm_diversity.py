@@ -37,28 +37,6 @@ def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_lm(tmp_path_factory.mktemp("lm") / "gpt2")
 
 
-class _StandInEmbedder:
-    """TEMPORARY stand-in for Task2Vec with an lm: probe: token histograms as embeddings."""
-
-    def __init__(self, probe: Any, settings: Any, device: Any) -> None:
-        self.vocab = probe.get_input_embeddings().num_embeddings
-
-    def embed(self, task: Any, task_name: str | None = None) -> TaskEmbedding:
-        real = task.input_ids[task.attention_mask.bool()]
-        hist = torch.bincount(real, minlength=self.vocab).float() + 1.0
-        return TaskEmbedding(hist, torch.ones_like(hist), {"wte": (0, self.vocab)},
-                             {"task_name": task_name, "probe_fingerprint": "stand-in"})
-
-
-@pytest.fixture(autouse=True)
-def _stand_in_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    from transformers import AutoModelForCausalLM
-
-    monkeypatch.setattr(lm_diversity, "load_probe",
-                        lambda spec: AutoModelForCausalLM.from_pretrained(spec[3:]))
-    monkeypatch.setattr(lm_diversity, "default_task2vec", _StandInEmbedder)
-
-
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus.jsonl", documents(60, empty_every=11))
@@ -80,9 +58,9 @@ class CountingEmbedder:
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     CountingEmbedder.calls = []
-    real = lm_diversity.default_task2vec
+    real = lm_diversity.default_embedder
     monkeypatch.setattr(
-        lm_diversity, "default_task2vec",
+        lm_diversity, "default_embedder",
         lambda probe, settings, device: CountingEmbedder(real(probe, settings, device)),
     )
     return CountingEmbedder.calls
