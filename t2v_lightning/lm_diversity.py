@@ -41,7 +41,6 @@ import torch
 from torch import nn
 
 from t2v_lightning.data.corpus import (
-    CorpusError,
     CorpusSpec,
     CorpusStats,
     SyntheticCorpus,
@@ -515,8 +514,10 @@ def _work(
 def _report(run: _Run, stats: dict[str, CorpusStats], world_size: int) -> CorpusDiversityReport:
     n = run.settings.num_tasks
     tasks = {name: load_tasks(folder, n) for name, _, folder in _groups(run)}
-    options = {"confidence": run.confidence, "num_resamples": run.num_resamples,
-               "bootstrap_seed": run.settings.seed}
+    def pairwise(embeddings: list[TaskEmbedding]) -> DiversityCoefficient:
+        return diversity_coefficient(embeddings, "cosine", run.confidence, run.num_resamples,
+                                     run.settings.seed)
+
     main = tasks["diversity"]
     settings = {
         "probe": run.probe_spec,
@@ -537,18 +538,19 @@ def _report(run: _Run, stats: dict[str, CorpusStats], world_size: int) -> Corpus
         "probe_fingerprint": main[0].meta.get("probe_fingerprint"),
     }
     report = CorpusDiversityReport(
-        diversity=diversity_coefficient(main, **options),
+        diversity=pairwise(main),
         settings=settings,
         stats={name.removeprefix("against:"): s for name, s in stats.items()},
         files=[task_file(Path(run.output), k) for k in range(n)],
     )
     for name, _ in run.against:
         report.cross_diversity[name] = cross_diversity_coefficient(
-            main, tasks[f"against:{name}"], **options
+            main, tasks[f"against:{name}"], "cosine", run.confidence, run.num_resamples,
+            run.settings.seed,
         )
     if run.bounds:
-        report.lower_bound = diversity_coefficient(tasks["lower_bound"], **options)
-        report.upper_bound = diversity_coefficient(tasks["upper_bound"], **options)
+        report.lower_bound = pairwise(tasks["lower_bound"])
+        report.upper_bound = pairwise(tasks["upper_bound"])
     return report
 
 
@@ -558,7 +560,7 @@ def _rank_main(run: _Run, fabric: Any) -> CorpusDiversityReport:
     stats: dict[str, CorpusStats] = {}
     try:
         stats = _work(run, fabric.global_rank, fabric.world_size, fabric.device)
-    except Exception as err:  # noqa: BLE001 - re-raised below, after the ranks agree
+    except Exception as err:
         error = err
     failed = torch.tensor([0.0 if error is None else 1.0], device=fabric.device)
     failed = fabric.all_reduce(failed, reduce_op="sum")
@@ -583,7 +585,7 @@ def _launch(run: _Run, placement: Placement) -> CorpusDiversityReport:
         strategy=placement.strategy, num_nodes=placement.num_nodes,
     )
     result = fabric.launch(functools.partial(_rank_main, run))
-    assert isinstance(result, CorpusDiversityReport)  # noqa: S101 - _rank_main's return type
+    assert isinstance(result, CorpusDiversityReport)
     return result
 
 
@@ -649,8 +651,8 @@ def corpus_diversity(
         head_epochs: epochs of fitting the untied copy of the LM head.
         batch_size: sequences per step.
         precision: Lightning precision.
-        against: another corpus: return the cross-diversity of ``data`` with it (its tasks
-            go to ``output/against/<name>``).
+        against: another corpus (a path, ``NAME[:CONFIG]`` or a :class:`CorpusSpec`): return
+            the cross-diversity of ``data`` with it (its tasks go to ``output/against/<name>``).
         bound: ``"lower"`` or ``"upper"``: return that bound's coefficient, with the same probe
             and settings (its tasks go to ``output/lower_bound`` or ``output/upper_bound``;
             ``data`` is not read).
@@ -678,10 +680,10 @@ def corpus_diversity(
     )
     other: tuple[tuple[str, CorpusSpec], ...] = ()
     if against is not None:
-        other_spec = against if isinstance(against, CorpusSpec) else CorpusSpec(
-            against, None, split, text_column, streaming, shuffle_buffer, cache_dir
+        other_spec = against if isinstance(against, CorpusSpec) else against_spec(
+            against, split, text_column, streaming, shuffle_buffer, cache_dir
         )
-        other = ((other_spec.data, other_spec),)
+        other = ((against if isinstance(against, str) else other_spec.data, other_spec),)
     settings = DiversitySettings(num_tasks, task_size, max_length, seed, packing, estimator,
                                  head_epochs, batch_size, precision)
     probe_spec = probe if isinstance(probe, str) else _probe_name(probe)
@@ -711,6 +713,18 @@ def _probe_name(probe: nn.Module) -> str:
 
 
 # ------------------------------------------------------------------------------ command line
+def against_spec(
+    value: str, split: str = "train", text_column: str = "text", streaming: bool = False,
+    shuffle_buffer: int = 10_000, cache_dir: str | None = None,
+) -> CorpusSpec:
+    """The corpus of an ``--against`` value: a local path as it is, else ``NAME[:CONFIG]``."""
+    name, config = value, None
+    if not Path(value).exists() and ":" in value:
+        name, config = value.rsplit(":", 1)
+    return CorpusSpec(name, config or None, split, text_column, streaming, shuffle_buffer,
+                      cache_dir)
+
+
 class _DiversityArgumentError(ValueError):
     """A mistake in the ``t2v diversity`` command line (one line, exit status 2)."""
 
@@ -763,7 +777,8 @@ def diversity_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the pass, the bounds and the label draws")
     add("--output", required=True, help="folder of the task artifacts (reruns resume)")
     add("--against", nargs="+", default=[], metavar="PATH_OR_NAME",
-        help="corpora to compute the cross-diversity with (same split, column and streaming)")
+        help="corpora to compute the cross-diversity with (same split, column and streaming; "
+        "a hub dataset's configuration after a colon: Salesforce/wikitext:wikitext-103-raw-v1)")
     add("--bounds", action="store_true", help="also the lower and upper bounds (SPEC section 8)")
     add("--json", default=None, help="write the results here as JSON")
     add("--png", default=None, help="the distance matrix figure (default: "
@@ -801,8 +816,8 @@ def diversity_main(argv: Sequence[str]) -> None:
     spec = CorpusSpec(options.data, options.data_config, options.split, options.text_column,
                       options.streaming, options.shuffle_buffer, options.cache_dir)
     against = tuple(
-        (name, CorpusSpec(name, None, options.split, options.text_column, options.streaming,
-                          options.shuffle_buffer, options.cache_dir))
+        (name, against_spec(name, options.split, options.text_column, options.streaming,
+                            options.shuffle_buffer, options.cache_dir))
         for name in options.against
     )
     settings = DiversitySettings(
@@ -824,7 +839,10 @@ def diversity_main(argv: Sequence[str]) -> None:
         from t2v_lightning.outputs import write_atomically
 
         text = json.dumps(report.to_json(), indent=2, sort_keys=False) + "\n"
-        write_atomically(json_path, lambda name: Path(name).write_text(text), True, what="--json")
+        def write_json(name: str) -> None:
+            Path(name).write_text(text)
+
+        write_atomically(json_path, write_json, True, what="--json")
     _print_report(report, png, json_path)
 
 

@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-WORDS = ("the cat sat on a mat dog ran far away quick brown fox jumps over lazy river stone "
-         "green light").split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "quick", "brown", "fox", "jumps", "over", "lazy", "river", "stone", "green", "light"]
 
 
 def documents(count: int, empty_every: int = 0, seed: int = 0) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -216,7 +216,7 @@ def test_a_stream_failing_part_way_names_where(
     docs = documents(400)
 
     class FailingStream:
-        column_names = ["text"]
+        column_names: ClassVar[list[str]] = ["text"]
 
         def shuffle(self, seed: int, buffer_size: int) -> FailingStream:
             return self

@@ -10,7 +10,7 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -43,9 +43,9 @@ def corpus(tmp_path: Path) -> Path:
 
 
 class CountingEmbedder:
-    """Counts the tasks that Task2Vec embeds (to see what a rerun skips)."""
+    """Counts the tasks embedded (to see what a rerun skips)."""
 
-    calls: list[int] = []
+    calls: ClassVar[list[int]] = []
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -276,3 +276,12 @@ def test_progress_on_a_terminal_rewrites_one_line() -> None:
     assert terminal.text.count("\n") == 1 and terminal.text.count("\r") == 3
     assert "2/3 tasks (task 1: 120.0 s; about 2 min left)" in terminal.text
     assert math.isfinite(progress.seconds)
+
+
+def test_against_takes_a_hub_configuration_after_a_colon(tmp_path: Path) -> None:
+    spec = lm_diversity.against_spec("Salesforce/wikitext:wikitext-103-raw-v1", split="test")
+    assert (spec.data, spec.config, spec.split) == ("Salesforce/wikitext", "wikitext-103-raw-v1",
+                                                    "test")
+    odd = write_corpus(tmp_path / "a:b.jsonl", documents(3))
+    assert lm_diversity.against_spec(str(odd)).data == str(odd)
+    assert lm_diversity.against_spec("allenai/c4").config is None

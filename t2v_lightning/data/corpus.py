@@ -340,7 +340,7 @@ def _load(spec: CorpusSpec) -> Any:
         )
     except CorpusError:
         raise
-    except Exception as err:  # noqa: BLE001 - datasets raises many types; one line names the corpus
+    except Exception as err:
         raise CorpusError(f"cannot read --data {spec.data}: {_first_line(err)}") from err
 
 
@@ -390,7 +390,7 @@ def read_documents(spec: CorpusSpec, seed: int) -> Iterator[str | None]:
                 yield text
     except CorpusError:
         raise
-    except Exception as err:  # noqa: BLE001 - a stream can fail in many ways
+    except Exception as err:
         raise CorpusError(
             f"reading --data {spec.data} failed after {read} documents: {_first_line(err)}"
         ) from err
