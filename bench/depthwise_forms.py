@@ -34,13 +34,16 @@ def main() -> None:
     import torch
 
     from t2v_lightning import get_probe
-    from t2v_lightning.fisher import estimators
     from t2v_lightning.fisher.estimators import (
         LayerFisherTaps,
-        _conv_patches,
-        _depthwise_sq_norms,
         batch_filter_sums,
         embedded_layers,
+    )
+    from t2v_lightning.fisher.layers.conv import (
+        ConvGeometry,
+        ConvRule,
+        conv_patches,
+        depthwise_sq_norms,
     )
 
     if args.threads > 0:
@@ -50,16 +53,16 @@ def main() -> None:
     network = get_probe(args.model, num_classes=10).to(device).eval()
     layers = embedded_layers(network, "fc" if hasattr(network, "fc") else "classifier")
     recorded: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
-    original = estimators.per_example_sq_norms
+    original = ConvRule.sq_norms
 
-    def record(module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def record(rule: ConvRule, module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         channels = grad.shape[1]
         if (getattr(module, "groups", 1) > 1 and module.groups == channels == inputs.shape[1]
                 and inputs.ndim == 4):
             recorded.append((module, inputs.detach().clone(), grad.detach().clone()))
-        return original(module, inputs, grad)
+        return original(rule, module, inputs, grad)
 
-    estimators.per_example_sq_norms = record
+    ConvRule.sq_norms = record  # type: ignore[method-assign]
     try:
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)
         ids = torch.arange(args.batch)
@@ -68,18 +71,22 @@ def main() -> None:
                               torch.ones(args.batch, dtype=torch.bool, device=device),
                               "per_sample", 0)
     finally:
-        estimators.per_example_sq_norms = original
+        ConvRule.sq_norms = original  # type: ignore[method-assign]
 
     def patches(module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        cols = _conv_patches(module, inputs)  # B, C·k, L
+        cols = conv_patches(ConvGeometry.of(module), inputs)  # B, C·k, L
         batch, channels = grad.shape[0], grad.shape[1]
         cols = cols.reshape(batch, channels, -1, cols.shape[-1])
         rows = torch.einsum("bcl,bckl->bck", grad.reshape(batch, channels, -1), cols)
         return torch.linalg.vector_norm(rows, dim=-1).square()
 
     forms = {
-        "grouped convolution": lambda m, i, g: _depthwise_sq_norms(m, i, g, by_offsets=False),
-        "per-offset sum": lambda m, i, g: _depthwise_sq_norms(m, i, g, by_offsets=True),
+        "grouped convolution": lambda m, i, g: depthwise_sq_norms(
+            ConvGeometry.of(m), i, g, by_offsets=False
+        ),
+        "per-offset sum": lambda m, i, g: depthwise_sq_norms(
+            ConvGeometry.of(m), i, g, by_offsets=True
+        ),
         "patches": patches,
     }
 

@@ -43,10 +43,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from t2v_lightning.allocator import keep_freed_memory
+from t2v_lightning.choices import FisherError
 from t2v_lightning.data.datamodule import TaskDataModule
 from t2v_lightning.data.registry import get_entry, num_tasks
 from t2v_lightning.embedding import artifact_damage
-from t2v_lightning.fisher.estimators import FisherError
 from t2v_lightning.outputs import check_new_outputs, check_output_path, write_atomically
 from t2v_lightning.probe_classifier import ProbeClassifier
 from t2v_lightning.safety import check_checkpoint_path, interrupted, trainer_options_checked

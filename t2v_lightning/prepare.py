@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-import t2v_lightning
+from t2v_lightning.choices import LIKELIHOODS, Likelihood
 from t2v_lightning.features import (
     DatasetError,
     SelectedInputs,
@@ -36,7 +36,6 @@ from t2v_lightning.features import (
     is_mapping_input,
     run_network,
 )
-from t2v_lightning.fisher.estimators import LIKELIHOODS, Likelihood
 from t2v_lightning.head import HeadClassifier
 from t2v_lightning.input_checks import check_inputs_fit
 from t2v_lightning.labels import read_labels, read_multilabels, select_examples
@@ -52,6 +51,7 @@ from t2v_lightning.probe import (
 )
 from t2v_lightning.safety import check_seed, is_int
 from t2v_lightning.trainers import TrainerSpec
+from t2v_lightning.version import __version__
 
 __all__ = ["PreparedTask", "TaskSettings", "artifact_meta", "check_probe", "prepare_task"]
 
@@ -357,7 +357,7 @@ def prepare_task(
         "head_weight_decay": settings.head_weight_decay,
         "head_train_accuracy": head_accuracy,
         "versions": {
-            "t2v_lightning": t2v_lightning.__version__,
+            "t2v_lightning": __version__,
             "torch": torch.__version__,
             "lightning": lightning.__version__,
         },

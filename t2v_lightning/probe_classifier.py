@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self, override
 
-from t2v_lightning.fisher.estimators import Estimator
+from t2v_lightning.choices import Estimator
 from t2v_lightning.fisher.montecarlo import MonteCarloSettings
 from t2v_lightning.fisher.variational import VariationalSettings
 from t2v_lightning.probe import (

@@ -22,9 +22,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import Dataset
 
+from t2v_lightning.choices import METHODS, Estimator, FisherError, Likelihood, Method
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
-from t2v_lightning.fisher.estimators import Estimator, FisherError, Likelihood
 from t2v_lightning.fisher.montecarlo import MonteCarloSettings, embed_montecarlo
 from t2v_lightning.fisher.variational import (
     VariationalSettings,
@@ -37,9 +37,6 @@ from t2v_lightning.safety import is_int, keyboard_interrupts_kept
 from t2v_lightning.trainers import TrainerSpec, quiet_lightning
 
 __all__ = ["Task2Vec", "DatasetError"]
-
-Method = Literal["montecarlo", "variational"]
-METHODS: tuple[str, ...] = ("montecarlo", "variational")
 
 # The options of each method; passing one with the other method is an error that names it.
 _OPTIONS: dict[str, tuple[str, ...]] = {

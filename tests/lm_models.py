@@ -33,15 +33,18 @@ def train_tokenizer(vocab_size: int = 40) -> object:
 
 def save_tiny_gpt2(
     folder: Path, vocab_size: int = 40, layers: int = 2, width: int = 16, positions: int = 32,
-    seed: int = 0,
+    seed: int = 0, init_std: float = 0.02,
 ) -> Path:
-    """A GPT-2 (tied head, Conv1D projections, learned positions) with random weights."""
+    """A GPT-2 (tied head, Conv1D projections, learned positions) with random weights.
+
+    A larger ``init_std`` than GPT-2's 0.02 gives peaked next-token distributions that differ
+    from one position to the next (a near-uniform model cannot tell positions apart)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=positions, n_embd=width, n_layer=layers, n_head=2,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=init_std,
     )
     model = GPT2LMHeadModel(config)
     with torch.no_grad():  # layer norms away from their initial ones so that their rows differ

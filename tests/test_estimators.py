@@ -346,7 +346,7 @@ def test_depthwise_forms_match_per_example_autograd(
 ) -> None:
     """Both depthwise forms (the grouped convolution used on the CPU, the per-offset sum used
     elsewhere) against each example's weight gradient from autograd."""
-    from t2v_lightning.fisher.estimators import _depthwise_sq_norms
+    from t2v_lightning.fisher.layers.conv import ConvGeometry, depthwise_sq_norms
 
     torch.manual_seed(3)
     conv = nn.Conv2d(5, 5, kernel, stride=stride, dilation=dilation, padding=padding, groups=5)
@@ -358,7 +358,7 @@ def test_depthwise_forms_match_per_example_autograd(
         for n in range(inputs.shape[0])
     ])
     for by_offsets in (False, True):
-        got = _depthwise_sq_norms(conv, inputs, grad, by_offsets=by_offsets)
+        got = depthwise_sq_norms(ConvGeometry.of(conv), inputs, grad, by_offsets=by_offsets)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -377,11 +377,12 @@ def test_padded_gram_form_matches_per_example_autograd(
     groups: int, mode: str,
 ) -> None:
     """The Gram-of-the-padded-input form against each example's weight gradient from autograd,
-    on convolutions for which the cost rule picks it (so ``_conv_sq_norms`` runs it too)."""
-    from t2v_lightning.fisher.estimators import (
-        _conv_sq_norms,
-        _padded_gram_sq_norms,
-        _prefers_padded_gram,
+    on convolutions for which the cost rule picks it (so ``conv_sq_norms`` runs it too)."""
+    from t2v_lightning.fisher.layers.conv import (
+        ConvGeometry,
+        conv_sq_norms,
+        padded_gram_sq_norms,
+        prefers_padded_gram,
     )
 
     torch.manual_seed(5)
@@ -396,16 +397,20 @@ def test_padded_gram_form_matches_per_example_autograd(
         .reshape(2 * channels, -1).square().sum(-1)
         for n in range(inputs.shape[0])
     ])
-    assert _prefers_padded_gram(conv, inputs, grad)
-    torch.testing.assert_close(_padded_gram_sq_norms(conv, inputs, grad), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(_conv_sq_norms(conv, inputs, grad), expected, rtol=1e-5, atol=1e-5)
+    geometry = ConvGeometry.of(conv)
+    assert prefers_padded_gram(geometry, inputs, grad)
+    torch.testing.assert_close(padded_gram_sq_norms(geometry, inputs, grad), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv_sq_norms(geometry, inputs, grad), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_gram_rule_keeps_the_patch_forms_where_they_are_cheaper() -> None:
     """Pointwise convolutions, a 7x7 stem over 224 px, a 1-position output and a 28 px map keep
     the patch forms (measured faster there), and so does every convolution off the CPU (not
     measured there)."""
-    from t2v_lightning.fisher.estimators import _prefers_padded_gram
+    from t2v_lightning.fisher.layers.conv import ConvGeometry, prefers_padded_gram
+
+    def _prefers_padded_gram(conv: nn.Conv2d, inputs: torch.Tensor, grad: torch.Tensor) -> bool:
+        return prefers_padded_gram(ConvGeometry.of(conv), inputs, grad)
 
     cases = [
         (nn.Conv2d(64, 128, 1), (8, 8)),

@@ -121,3 +121,31 @@ def test_the_core_never_imports_an_entry_point() -> None:
         if target in ENTRIES
     }
     assert not upward
+
+
+def _imports_below(graph: dict[str, set[str]], name: str, under: str) -> set[str]:
+    return {target for target in graph[name] if target == under or target.startswith(under + ".")}
+
+
+def test_the_shared_words_import_nothing_of_the_package() -> None:
+    graph = import_graph()
+    assert graph["t2v_lightning.choices"] == set()
+    assert graph["t2v_lightning.version"] == set()
+    # and they are the words the Fisher methods use
+    assert "t2v_lightning.choices" in graph["t2v_lightning.fisher.estimators"]
+
+
+def test_prepare_imports_nothing_from_the_fisher_methods() -> None:
+    graph = import_graph()
+    assert "t2v_lightning.fisher.montecarlo" in graph["t2v_lightning.task2vec"]  # read at all
+    assert not _imports_below(graph, "t2v_lightning.prepare", "t2v_lightning.fisher")
+
+
+def test_no_module_imports_the_package_root(tmp_path: Path) -> None:
+    graph = import_graph()
+    assert not {name for name, targets in graph.items() if "t2v_lightning" in targets}
+    # an import of the root is seen, in either form (the check above is not vacuous)
+    for source in ("import t2v_lightning\n", "from t2v_lightning import __version__\n"):
+        path = tmp_path / "example.py"
+        path.write_text(source)
+        assert imports_of(path, {"t2v_lightning", "t2v_lightning.version"}) == {"t2v_lightning"}

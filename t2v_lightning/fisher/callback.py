@@ -1,15 +1,11 @@
 r"""FisherCallback: the filter-wise diagonal Fisher of a network, measured inside a Lightning fit.
 
-The callback owns the statistics; :mod:`t2v_lightning.fisher.estimators` does the math. Like a
-torchmetrics ``MeanMetric``, the state is a sum and a count: per embedded layer, the sum over
-examples of the squared per-example gradient rows (``sum_sq_grad``, float64), and the number of
-examples (``num_samples``). At the end both are summed across ranks (never averaged) and
-divided, so the result does not depend on the number of processes:
-
-.. math::
-
-    \text{hessian}[o] = \frac{\sum_\text{ranks} \sum_n \lVert g_n[o, :] \rVert^2}
-                             {\sum_\text{ranks} N_\text{rank} \cdot \text{row size}}.
+The callback decides *when*; the rest lives beside it: :mod:`t2v_lightning.fisher.estimators`
+does one batch's math, :class:`~t2v_lightning.fisher.accumulator.FisherSums` holds the state
+(like a torchmetrics ``MeanMetric``: per layer a float64 sum of squared per-example gradient
+rows, ``sum_sq_grad``, and a count, ``num_samples``, both summed across ranks at the end, never
+averaged, so the result does not depend on the number of processes), and
+:mod:`t2v_lightning.fisher.fit_end` reads the data of the ``"fit_end"`` pass.
 
 Labels are drawn from the model's own predictive distribution, seeded by each example's id
 (:func:`~t2v_lightning.fisher.estimators.sample_labels`), so which rank sees an example, in
@@ -59,7 +55,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -67,25 +63,28 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from t2v_lightning.allocator import settle_thresholds
+from t2v_lightning.choices import ESTIMATORS, LIKELIHOODS, Estimator, FisherError, Likelihood
 from t2v_lightning.embedding import TaskEmbedding
+from t2v_lightning.fisher.accumulator import FisherSums
 from t2v_lightning.fisher.estimators import (
-    ESTIMATORS,
-    LIKELIHOODS,
-    Estimator,
-    FisherError,
     LayerFisherTaps,
-    Likelihood,
     batch_filter_sums,
     embedded_layers,
     filter_values,
     num_filters,
 )
-from t2v_lightning.fisher.sharding import CollateWithIds, IdsDataset, ShardSampler
-from t2v_lightning.probe import batch_rows, call_probe, probe_fingerprint
+from t2v_lightning.fisher.fit_end import (
+    BatchLogits,
+    batch_inputs,
+    broadcast_from_rank_zero,
+    check_same_network,
+    pass_batches,
+)
+from t2v_lightning.probe import probe_fingerprint
 from t2v_lightning.safety import is_int
 
 __all__ = ["FisherCallback", "FisherError", "At", "AT_CHOICES"]
@@ -94,43 +93,6 @@ log = logging.getLogger(__name__)
 
 At = Literal["train_batch", "fit_end"]
 AT_CHOICES: tuple[str, ...] = ("train_batch", "fit_end")
-
-class _BatchLogits(nn.Module):
-    """The forward of the ``"fit_end"`` pass: ``module(inputs)`` or ``logits_fn(module, batch)``.
-
-    Holds the LightningModule as a child so that the Fisher taps freeze all of its parameters.
-    """
-
-    def __init__(self, module: nn.Module, logits_fn: Callable[[nn.Module, Any], torch.Tensor] | None) -> None:
-        super().__init__()
-        self.module = module
-        self.logits_fn = logits_fn
-        self.batch: Any = None
-
-    @override
-    def forward(self, inputs: torch.Tensor | None = None, **named: torch.Tensor) -> torch.Tensor:
-        # Mapping inputs (tokenised text) arrive as keyword arguments (see call_probe).
-        batch_inputs: torch.Tensor | dict[str, torch.Tensor] = named if inputs is None else inputs
-        if self.logits_fn is not None:
-            logits = self.logits_fn(self.module, self.batch)
-            source = "logits_fn(module, batch)"
-        else:
-            logits = call_probe(self.module, batch_inputs)
-            source = f"{type(self.module).__name__}.forward(inputs)"
-        rows = batch_rows(batch_inputs)
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != rows:
-            got = (
-                f"a tensor of shape {tuple(logits.shape)}"
-                if isinstance(logits, torch.Tensor)
-                else f"a {type(logits).__name__}"
-            )
-            raise FisherError(
-                f"FisherCallback needs logits of shape ({rows}, classes) but {source} returned "
-                f"{got}. Make the module's forward return logits, or pass "
-                "FisherCallback(logits_fn=lambda module, batch: <logits of the batch>)"
-            )
-        return logits
-
 
 class FisherCallback(Callback):
     """Accumulate the filter-wise Fisher of ``pl_module`` (or one of its submodules).
@@ -236,12 +198,8 @@ class FisherCallback(Callback):
         self._batch_size = batch_size
         self._logits_fn = logits_fn
         self._layers: list[tuple[str, nn.Module]] = []
-        self.sum_sq_grad: dict[str, torch.Tensor] = {}
-        self.num_samples = 0
-        # ids counted by this rank since the start (or the restore); ids counted before a
-        # restore, on any rank; the checkpoint state waiting for setup().
-        self._seen: torch.Tensor | None = None
-        self._skip: torch.Tensor | None = None
+        self._sums: FisherSums | None = None
+        # the checkpoint state waiting for setup()
         self._restored: dict[str, Any] | None = None
         self._strategy: Any = None
         self._rank = 0
@@ -260,6 +218,16 @@ class FisherCallback(Callback):
         return self._generate_state_key(
             estimator=self._estimator, seed=self._seed, mc_samples=self._mc_samples
         )
+
+    @property
+    def sum_sq_grad(self) -> dict[str, torch.Tensor]:
+        """Per embedded layer, this rank's float64 sums of squared gradient rows."""
+        return {} if self._sums is None else self._sums.sum_sq_grad
+
+    @property
+    def num_samples(self) -> int:
+        """Examples (batches for ``estimator="batch"``) this rank has summed over."""
+        return 0 if self._sums is None else self._sums.num_samples
 
     @property
     def output(self) -> str | os.PathLike[str] | None:
@@ -299,19 +267,15 @@ class FisherCallback(Callback):
         # Steps whose memory fits under glibc's raised trim threshold are then not given back to
         # the system and faulted in again at every step (t2v_lightning.allocator).
         settle_thresholds()
-        self.sum_sq_grad = {
-            name: torch.zeros(num_filters(module), dtype=torch.float64)
-            for name, module in self._layers
-        }
-        self.num_samples = 0
-        self._seen = torch.zeros(num_examples, dtype=torch.bool) if num_examples else None
-        self._skip = None
+        self._sums = FisherSums(
+            [(name, num_filters(module)) for name, module in self._layers], num_examples
+        )
         self._strategy = trainer.strategy
         self._rank = int(trainer.global_rank)
         self.embedding = None
         if self._restored is not None:
             restored, self._restored = self._restored, None
-            self._apply_restored(restored)
+            self._sums.restore(restored, self._rank)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -357,26 +321,6 @@ class FisherCallback(Callback):
         network = self._network(pl_module)
         self._accumulate(trainer, network, network, inputs, ids)
 
-    def _valid(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows that count: in range, not counted before, first occurrence within the batch."""
-        valid = ids >= 0
-        if self._seen is None:
-            return valid
-        in_range = valid & (ids < self._seen.numel())
-        rows = in_range.nonzero().flatten()
-        batch_ids = ids[rows]
-        fresh = ~self._seen[batch_ids]
-        if self._skip is not None:
-            fresh &= ~self._skip[batch_ids]
-        unique, inverse = torch.unique(batch_ids, return_inverse=True)
-        first = torch.full((unique.numel(),), batch_ids.numel(), dtype=torch.int64)
-        first = first.scatter_reduce(0, inverse, torch.arange(batch_ids.numel()), reduce="amin")
-        is_first = torch.zeros(batch_ids.numel(), dtype=torch.bool)
-        is_first[first] = True
-        valid = torch.zeros_like(valid)
-        valid[rows] = fresh & is_first
-        return valid
-
     def _accumulate(
         self,
         trainer: pl.Trainer,
@@ -385,7 +329,8 @@ class FisherCallback(Callback):
         inputs: torch.Tensor | Mapping[str, torch.Tensor],
         ids: torch.Tensor,
     ) -> None:
-        valid = self._valid(ids)
+        assert self._sums is not None, "setup() finds the layers first"
+        valid = self._sums.valid(ids)
         if not bool(valid.any()):
             return
         # Frozen batch-norm statistics, no dropout (SPEC section 7); each module's own mode is
@@ -411,11 +356,7 @@ class FisherCallback(Callback):
         finally:
             for module, training in modes:
                 module.training = training
-        for name, value in sums.items():
-            self.sum_sq_grad[name] += value.detach().to("cpu", torch.float64)
-        self.num_samples += count
-        if self._seen is not None:
-            self._seen[ids[valid]] = True
+        self._sums.update(sums, count, ids, valid)
 
     # ------------------------------------------------------------------ the "fit_end" pass
     def compute(
@@ -440,59 +381,18 @@ class FisherCallback(Callback):
                 f"{type(loader).__name__}. Call callback.compute(trainer, module, dataloader=...)"
             )
         network = self._network(pl_module)
-        _broadcast_from_rank_zero(trainer, pl_module)
-        batches, num_examples = self._pass_batches(trainer, loader)
+        broadcast_from_rank_zero(trainer, pl_module)
+        batches, num_examples = pass_batches(trainer, loader, self._batch_size)
         self._start(trainer, network, num_examples)
-        forward = _BatchLogits(pl_module, self._logits_fn)
+        forward = BatchLogits(pl_module, self._logits_fn)
         device = pl_module.device
         for batch, ids in batches:
             batch = move_data_to_device(batch, device)
             forward.batch = batch
-            inputs = self._inputs_of(batch, int(ids.numel()), device)
+            inputs = batch_inputs(batch, int(ids.numel()), device, self._logits_fn)
             self._accumulate(trainer, forward, network, inputs, ids)
         forward.batch = None
         return self._finish(trainer, network)
-
-    def _pass_batches(
-        self, trainer: pl.Trainer, loader: DataLoader
-    ) -> tuple[Iterable[tuple[Any, torch.Tensor]], int | None]:
-        """``(batch, ids)`` pairs of this rank, and the number of distinct ids (if known)."""
-        rank, world = int(trainer.global_rank), int(trainer.world_size)
-        dataset = loader.dataset
-        batch_size = self._batch_size or loader.batch_size
-        if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
-            num_examples = len(dataset)  # type: ignore[arg-type]
-            if num_examples == 0:
-                raise ValueError("FisherCallback: the training dataset is empty")
-            sharded = DataLoader(
-                IdsDataset(dataset, num_examples),
-                batch_size=batch_size or 32,
-                sampler=ShardSampler(num_examples, rank, world),
-                collate_fn=CollateWithIds(loader.collate_fn),
-                num_workers=loader.num_workers,
-                pin_memory=loader.pin_memory,
-            )
-            return sharded, num_examples
-        return _running_ids(loader, rank, world), None
-
-    def _inputs_of(
-        self, batch: Any, rows: int, device: torch.device
-    ) -> torch.Tensor | Mapping[str, torch.Tensor]:
-        if self._logits_fn is not None:
-            return torch.empty(rows, 0, device=device)  # logits_fn reads the batch itself
-        if isinstance(batch, torch.Tensor):
-            return batch
-        if (
-            isinstance(batch, (tuple, list))
-            and batch
-            and isinstance(batch[0], (torch.Tensor, Mapping))
-        ):
-            return batch[0]
-        raise FisherError(
-            "FisherCallback cannot find the inputs in a training batch of type "
-            f"{type(batch).__name__}: batches must be a tensor or (inputs, labels, ...) with a "
-            "tensor (or a mapping of tensors) first; otherwise pass FisherCallback(logits_fn=lambda module, batch: logits)"
-        )
 
     # ------------------------------------------------------------------ end of the pass
     @override
@@ -502,50 +402,10 @@ class FisherCallback(Callback):
         else:
             self._finish(trainer, self._network(pl_module))
 
-    def _flat_state(self) -> torch.Tensor:
-        parts = [self.sum_sq_grad[name] for name, _ in self._layers]
-        parts.append(torch.tensor([float(self.num_samples)], dtype=torch.float64))
-        if self._seen is not None:
-            parts.append(self._seen.to(torch.float64))
-        return torch.cat(parts)
-
-    def _reduced(self) -> tuple[dict[str, torch.Tensor], int, torch.Tensor | None]:
-        """Sums, count and per-id counts, summed over ranks (float64 all-reduce, op sum)."""
-        flat = self._flat_state()
-        strategy = self._strategy
-        if strategy is not None and int(getattr(strategy, "world_size", 1)) > 1:
-            flat = strategy.reduce(flat.to(strategy.root_device), reduce_op="sum")
-            flat = torch.as_tensor(flat).to("cpu", torch.float64)
-        sums: dict[str, torch.Tensor] = {}
-        position = 0
-        for name, _ in self._layers:
-            size = self.sum_sq_grad[name].numel()
-            sums[name] = flat[position : position + size].clone()
-            position += size
-        total = int(round(float(flat[position])))
-        counts = None if self._seen is None else flat[position + 1 :].clone()
-        return sums, total, counts
-
-    def _check_same_network(self, trainer: pl.Trainer, network: nn.Module) -> None:
-        """Every rank must have measured the same weights, or the sum over ranks is meaningless."""
-        if int(trainer.world_size) <= 1:
-            return
-        checksum = torch.stack(
-            [t.detach().to(torch.float64).sum() for t in network.state_dict().values() if t.is_floating_point()]
-        )
-        # One all-reduce of (c, -c) with max gives the largest and the smallest of each entry.
-        both = torch.cat([checksum, -checksum]).to(trainer.strategy.root_device)
-        extremes = torch.as_tensor(trainer.strategy.reduce(both, reduce_op="max")).to("cpu")
-        largest, smallest = extremes[: checksum.numel()], -extremes[checksum.numel() :]
-        if not bool((largest == smallest).all()):
-            raise FisherError(
-                "the ranks hold different weights for the embedded network; the Fisher summed over "
-                "ranks would mix networks (were the weights changed on one rank only?)"
-            )
-
     def _finish(self, trainer: pl.Trainer, network: nn.Module) -> TaskEmbedding:
-        self._check_same_network(trainer, network)
-        sums, total, counts = self._reduced()
+        check_same_network(trainer, network)
+        assert self._sums is not None
+        sums, total, counts = self._sums.reduce(self._strategy)
         if counts is not None and bool((counts > 1).any()):
             repeated = (counts > 1).nonzero().flatten()
             raise FisherError(
@@ -555,9 +415,7 @@ class FisherCallback(Callback):
                 "Trainer(use_distributed_sampler=False)) or use FisherCallback(at='fit_end')"
             )
         if counts is not None and self._at == "train_batch" and trainer.is_global_zero:
-            counted = counts > 0
-            if self._skip is not None:
-                counted |= self._skip
+            counted = self._sums.counted(counts)
             missing = int((~counted).sum())
             if missing:
                 warnings.warn(
@@ -607,15 +465,9 @@ class FisherCallback(Callback):
             "at": self._at,
             "identity": dict(self._identity),
         }
-        if self._at != "train_batch" or not self._layers:
+        if self._at != "train_batch" or self._sums is None:
             return state
-        sums, total, counts = self._reduced()
-        seen = None
-        if counts is not None:
-            seen = counts > 0
-            if self._skip is not None:
-                seen |= self._skip
-        state.update(sum_sq_grad=sums, num_samples=total, seen=seen)
+        state.update(self._sums.state(self._strategy))
         return state
 
     @override
@@ -643,60 +495,7 @@ class FisherCallback(Callback):
         if "sum_sq_grad" not in state_dict:
             return  # a "fit_end" callback's state: nothing accumulated to restore
         # setup() runs after checkpoint loading in some entry points and before it in others.
-        if self._layers:
-            self._apply_restored(state_dict)
+        if self._sums is not None:
+            self._sums.restore(state_dict, self._rank)
         else:
             self._restored = state_dict
-
-    def _apply_restored(self, state: dict[str, Any]) -> None:
-        stored = state["sum_sq_grad"]
-        if set(stored) != set(self.sum_sq_grad) or any(
-            stored[name].shape != self.sum_sq_grad[name].shape for name in stored
-        ):
-            raise ValueError("cannot resume: the checkpoint's Fisher state is for other layers")
-        seen = state.get("seen")
-        if seen is not None and (self._seen is None or seen.shape != self._seen.shape):
-            raise ValueError(
-                f"cannot resume: the checkpoint counted {tuple(seen.shape)} example ids, this run "
-                f"has {None if self._seen is None else tuple(self._seen.shape)}"
-            )
-        # Rank 0 alone carries the restored sums, so that the sum over ranks counts them once.
-        if self._rank == 0:
-            self.sum_sq_grad = {
-                name: value.to(torch.float64).clone() for name, value in stored.items()
-            }
-            self.num_samples = int(state["num_samples"])
-        else:
-            self.sum_sq_grad = {name: torch.zeros_like(value) for name, value in self.sum_sq_grad.items()}
-            self.num_samples = 0
-        if self._seen is not None:
-            self._seen.zero_()
-        self._skip = None if seen is None else torch.as_tensor(seen, dtype=torch.bool).clone()
-
-
-def _broadcast_from_rank_zero(trainer: pl.Trainer, module: nn.Module) -> None:
-    """Give every rank rank 0's parameters and buffers.
-
-    DDP keeps parameters equal, but each rank updates its batch-norm running statistics with its
-    own batches; rank 0's model is the one that checkpoints keep, so it is the one measured.
-    """
-    if int(trainer.world_size) <= 1:
-        return
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise FisherError(
-            "FisherCallback: the Trainer has several processes but torch.distributed is not "
-            "initialised; call compute() inside the run (e.g. from a hook), on every rank"
-        )
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            torch.distributed.broadcast(tensor.data, src=0)
-
-
-def _running_ids(loader: Iterable[Any], rank: int, world: int) -> Iterator[tuple[Any, torch.Tensor]]:
-    """Iterable datasets have no indices: number each rank's examples ``k * world + rank``."""
-    position = 0
-    for batch in loader:
-        rows = batch_rows(batch)
-        ids = torch.arange(position, position + rows, dtype=torch.int64) * world + rank
-        position += rows
-        yield batch, ids

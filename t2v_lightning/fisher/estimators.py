@@ -54,16 +54,23 @@ order, batch size or the number of processes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from t2v_lightning.choices import (
+    ESTIMATORS,
+    LIKELIHOODS,
+    Estimator,
+    FisherError,
+    Likelihood,
+    UnsupportedLayerError,
+)
+from t2v_lightning.fisher.layers.rule import layer_weight, sq_norms_of_rows
+from t2v_lightning.fisher.layers.table import embedded_layers, layer_rule, num_filters, row_size
 from t2v_lightning.probe import call_probe, find_nonfinite_layer, nonfinite_rows
 
 __all__ = [
@@ -80,29 +87,10 @@ __all__ = [
     "batch_filter_sums",
     "filter_values",
     "hash_seed",
+    "layer_weight",
+    "num_filters",
+    "row_size",
 ]
-
-Estimator = Literal["per_sample", "batch", "exact"]
-ESTIMATORS: tuple[str, ...] = ("per_sample", "batch", "exact")
-Likelihood = Literal["categorical", "bernoulli"]
-LIKELIHOODS: tuple[str, ...] = ("categorical", "bernoulli")
-
-# Intermediate tensors of one per-example computation are kept under this many elements by
-# splitting the batch (about 256 MiB of float32).
-_CHUNK_ELEMENTS = 64 * 1024 * 1024
-
-
-class FisherError(RuntimeError):
-    """The Fisher pass cannot produce a meaningful value (non-finite logits, unused layers...).
-
-    Args:
-        message: what went wrong.
-        example_ids: the ids of the examples involved, when the fault is tied to examples.
-    """
-
-    def __init__(self, message: str, example_ids: Sequence[int] | None = None) -> None:
-        super().__init__(message)
-        self.example_ids: list[int] = [] if example_ids is None else [int(i) for i in example_ids]
 
 
 def _precision_hint(dtype: torch.dtype) -> str:
@@ -126,95 +114,6 @@ def _ids_text(bad: list[int], ids: torch.Tensor | None) -> str:
     what = "example ids" if ids is not None else "batch rows"
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     return f"{what} {bad[:5]}{more}"
-
-
-class UnsupportedLayerError(ValueError):
-    """A module with weights that the filter-wise Fisher has no closed form for."""
-
-
-# --------------------------------------------------------------------------------------------
-# Which layers are embedded
-# --------------------------------------------------------------------------------------------
-
-
-def _is_same_padding_conv(module: nn.Module) -> bool:
-    # timm's Conv2dSame pads inside forward() ("same" padding as in TensorFlow); its
-    # ``padding`` attribute reads 0.
-    return type(module).__name__ == "Conv2dSame"
-
-
-def _is_batchnorm_act(module: nn.Module) -> bool:
-    # timm's BatchNormAct2d: batch norm, then ``drop`` and ``act`` inside the same module.
-    return isinstance(module, _BatchNorm) and hasattr(module, "act")
-
-
-def _layer_kind(module: nn.Module) -> str | None:
-    """The closed form that applies to ``module``, or None when it has none."""
-    kind = type(module)
-    if kind is nn.Linear or kind.__name__ == "NonDynamicallyQuantizableLinear":
-        return "linear"
-    if kind in (nn.Conv1d, nn.Conv2d) or _is_same_padding_conv(module):
-        return "conv"
-    if isinstance(module, _BatchNorm):
-        if _is_batchnorm_act(module) and not isinstance(getattr(module, "drop", None), nn.Module):
-            return None
-        return "batchnorm"
-    if kind is nn.GroupNorm:
-        return "groupnorm"
-    if kind is nn.LayerNorm:
-        return "layernorm"
-    return None
-
-
-def embedded_layers(network: nn.Module, head: str | None) -> list[tuple[str, nn.Module]]:
-    """The modules whose weights enter the embedding, in ``named_modules`` order.
-
-    Every module that owns a ``weight`` parameter, except the head (and its submodules). Modules
-    replaced by ``nn.Identity`` (a skipped prefix) own no weight and drop out by themselves.
-
-    Raises:
-        UnsupportedLayerError: a module with a weight has no closed form here (named).
-    """
-    layers: list[tuple[str, nn.Module]] = []
-    for name, module in network.named_modules():
-        if head is not None and (name == head or name.startswith(head + ".")):
-            continue
-        weight = module._parameters.get("weight")
-        if weight is None:
-            continue
-        if _layer_kind(module) is None:
-            raise UnsupportedLayerError(
-                f"layer {name!r} ({type(module).__name__}) has weights but no filter-wise Fisher "
-                "here; supported: Linear, Conv1d, Conv2d (incl. timm Conv2dSame), BatchNorm "
-                "(incl. timm BatchNormAct2d), GroupNorm, LayerNorm. Skip it with skip_layers "
-                "or use another probe"
-            )
-        if isinstance(module, _BatchNorm) and not module.track_running_stats:
-            raise UnsupportedLayerError(
-                f"layer {name!r} ({type(module).__name__}) normalises with batch statistics "
-                "(track_running_stats=False), so per-example gradients are not defined"
-            )
-        layers.append((name, module))
-    return layers
-
-
-def layer_weight(module: nn.Module) -> nn.Parameter:
-    """The ``weight`` parameter of an embedded layer."""
-    weight = module._parameters.get("weight")
-    if weight is None:
-        raise UnsupportedLayerError(f"{type(module).__name__} has no weight parameter")
-    return weight
-
-
-def num_filters(module: nn.Module) -> int:
-    """Rows of the module's weight reshaped to ``(out_channels, -1)``."""
-    return int(layer_weight(module).shape[0])
-
-
-def row_size(module: nn.Module) -> int:
-    """Entries per row of the module's weight reshaped to ``(out_channels, -1)``."""
-    weight = layer_weight(module)
-    return int(weight.numel() // weight.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,348 +196,6 @@ def sample_multilabels(
 
 
 # --------------------------------------------------------------------------------------------
-# Per-example squared row norms of weight gradients (closed forms)
-# --------------------------------------------------------------------------------------------
-
-
-def _chunks(batch: int, per_example: int) -> Iterator[slice]:
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
-    for start in range(0, batch, step):
-        yield slice(start, min(batch, start + step))
-
-
-def _sq_norms_of_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Sum of squares over the last dimension, in one pass (5-6x faster than square + sum)."""
-    return torch.linalg.vector_norm(rows, dim=-1).square()
-
-
-def _linear_sq_norms(inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    if inputs.ndim == 2:
-        return grad.square() * inputs.square().sum(-1, keepdim=True)
-    batch = inputs.shape[0]
-    a = inputs.reshape(batch, -1, inputs.shape[-1])  # B, T, in
-    d = grad.reshape(batch, -1, grad.shape[-1])  # B, T, out
-    positions, fan_in, fan_out = a.shape[1], a.shape[2], d.shape[2]
-    out = torch.empty(batch, fan_out, dtype=a.dtype, device=a.device)
-    if fan_out * fan_in <= positions * (fan_in + fan_out):
-        for part in _chunks(batch, fan_out * fan_in):
-            out[part] = _sq_norms_of_rows(torch.einsum("bto,bti->boi", d[part], a[part]))
-    else:
-        for part in _chunks(batch, positions * (positions + fan_out)):
-            gram = torch.einsum("bti,bsi->bts", a[part], a[part])
-            out[part] = torch.einsum("bto,bts,bso->bo", d[part], gram, d[part])
-    return out
-
-
-def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
-    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
-def _im2col(
-    inputs: torch.Tensor,
-    kernel: tuple[int, ...],
-    dilation: tuple[int, ...],
-    stride: tuple[int, ...],
-) -> torch.Tensor:
-    """``F.unfold`` of a padded B × C × H × W input: B × (C·k_h·k_w) × L, same order.
-
-    A strided view (B, C, k_h, k_w, H_out, W_out) of the input copied once by ``reshape``; a
-    1×1 stride-1 kernel is a pure view. Same values as ``F.unfold``, but one copy kernel instead
-    of ``unfold``'s many small parallel regions, which stall when the CPU threads are
-    oversubscribed (seconds instead of milliseconds on a busy machine).
-    """
-    batch, channels, height, width = inputs.shape
-    out_h = (height - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (width - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    if kernel[0] == kernel[1] == 1:
-        rows = slice(None, stride[0] * (out_h - 1) + 1, stride[0])
-        cols = slice(None, stride[1] * (out_w - 1) + 1, stride[1])
-        view = inputs[..., rows, cols]
-        return view.reshape(batch, channels, out_h * out_w)
-    inputs = inputs.contiguous()
-    s_b, s_c, s_h, s_w = inputs.stride()
-    view = inputs.as_strided(
-        (batch, channels, kernel[0], kernel[1], out_h, out_w),
-        (s_b, s_c, dilation[0] * s_h, dilation[1] * s_w, stride[0] * s_h, stride[1] * s_w),
-    )
-    return view.reshape(batch, channels * kernel[0] * kernel[1], out_h * out_w)
-
-
-def _conv_patches(module: Any, inputs: torch.Tensor) -> torch.Tensor:
-    """Input patches of a 2-D convolution: B × (C_in·k_h·k_w) × L, padding applied."""
-    padded = _conv_padded(module, inputs)
-    return _im2col(padded, tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride))
-
-
-def _conv_padded(module: Any, inputs: torch.Tensor) -> torch.Tensor:
-    """The input of a 2-D convolution with its padding applied (zeros, reflect, "same"...)."""
-    kernel = tuple(module.kernel_size)
-    stride = tuple(module.stride)
-    dilation = tuple(module.dilation)
-    padding = module.padding
-    if _is_same_padding_conv(module):
-        pad_h = _same_padding(inputs.shape[-2], kernel[0], stride[0], dilation[0])
-        pad_w = _same_padding(inputs.shape[-1], kernel[1], stride[1], dilation[1])
-        inputs = F.pad(inputs, (*pad_w, *pad_h))
-    elif padding == "same":
-        pads: list[int] = []
-        for k, d in zip(reversed(kernel), reversed(dilation)):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        inputs = F.pad(inputs, pads)
-    elif module.padding_mode != "zeros":
-        inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    elif padding != "valid" and any(p != 0 for p in padding):
-        pads = []
-        for p in reversed(padding):
-            pads += [p, p]
-        inputs = F.pad(inputs, pads)
-    return inputs
-
-
-def _depthwise_sq_norms(
-    module: Any, inputs: torch.Tensor, grad: torch.Tensor, by_offsets: bool | None = None
-) -> torch.Tensor:
-    r"""Depthwise convolution (one input and one output channel per group), without patches.
-
-    :math:`g_n[c, (i, j)] = \sum_p \delta_n[c, p]\, x_n[c, s p + d (i, j)]` is a cross-correlation
-    of example ``n``'s padded channel ``c`` with its own output gradient. On the CPU it runs as one
-    convolution with ``B·C`` groups (the output gradient as the kernel, dilated by the stride):
-    3-5x faster than the patch form on EfficientNet-Lite0's layers. Elsewhere it is one product and
-    sum over output positions per kernel offset, on strided views of the padded input
-    (``by_offsets``: force one or the other). Same values as the patch form, without its
-    k_h·k_w copies of the input or B·C tiny matrix products.
-    """
-    padded = _conv_padded(module, inputs)
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    batch, channels = grad.shape[0], grad.shape[1]
-    out_h, out_w = grad.shape[-2], grad.shape[-1]
-    if by_offsets is None:
-        by_offsets = grad.device.type != "cpu"
-    if not by_offsets:
-        rows = F.conv2d(
-            padded.reshape(1, batch * channels, *padded.shape[-2:]),
-            grad.reshape(batch * channels, 1, out_h, out_w),
-            stride=tuple(dilation),
-            dilation=tuple(stride),
-            groups=batch * channels,
-        )
-        # The output covers at least the k_h × k_w kernel offsets (one more row or column when
-        # the stride does not divide the padded size evenly).
-        rows = rows[..., : kernel[0], : kernel[1]]
-        return _sq_norms_of_rows(rows.reshape(batch, channels, -1))
-    out = torch.zeros(batch, channels, dtype=grad.dtype, device=grad.device)
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            top, left = i * dilation[0], j * dilation[1]
-            view = padded[
-                ...,
-                top : top + stride[0] * (out_h - 1) + 1 : stride[0],
-                left : left + stride[1] * (out_w - 1) + 1 : stride[1],
-            ]
-            out += (view * grad).sum((-2, -1)).square()
-    return out
-
-
-def _conv_sq_norms(module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    if inputs.ndim == 3:  # Conv1d as a 2-D convolution of height 1
-        inputs, grad = inputs.unsqueeze(-2), grad.unsqueeze(-2)
-        module = _Conv1dAs2d(module)
-    batch, out_channels = grad.shape[0], grad.shape[1]
-    groups = module.groups
-    kernel_area = module.kernel_size[0] * module.kernel_size[1]
-    # Measured on CPU (EfficientNet-Lite0 shapes, 1 thread, 25 images at 224 px): the grouped
-    # convolution takes 0.56 s where patches take 1.76 s over all depthwise layers, 3x3 and 5x5.
-    # Off the CPU, the per-offset sum is used for kernels of 5x5 and more (1.7-2.3x faster than
-    # patches on CPU when it was measured there; not measured on a GPU).
-    direct = grad.device.type == "cpu" or kernel_area >= 25
-    if groups > 1 and groups == out_channels == inputs.shape[1] and direct:
-        padded_size = _conv_padded(module, inputs[:1, :1]).shape[-2:]
-        if _output_size(padded_size, module) == list(grad.shape[-2:]):
-            return _depthwise_sq_norms(module, inputs, grad)
-    if _prefers_padded_gram(module, inputs, grad):
-        return _padded_gram_sq_norms(module, inputs, grad)
-    patches = _conv_patches(module, inputs)  # B, G*K, L
-    positions = patches.shape[-1]
-    if positions != grad[0, 0].numel():
-        raise FisherError(
-            f"convolution {type(module).__name__} with input {tuple(inputs.shape[1:])}: its "
-            f"output has {grad[0, 0].numel()} positions but its patches give {positions}; this "
-            "convolution pads or strides in a way the Fisher closed form does not know"
-        )
-    per_group_out = out_channels // groups
-    fan_in = patches.shape[1] // groups
-    patches = patches.reshape(batch, groups, fan_in, positions)
-    deltas = grad.reshape(batch, groups, per_group_out, positions)
-    out = torch.empty(batch, groups, per_group_out, dtype=grad.dtype, device=grad.device)
-    materialised = per_group_out * fan_in * positions
-    via_gram = positions * positions * (fan_in + per_group_out)
-    if materialised <= via_gram:
-        for part in _chunks(batch, groups * per_group_out * fan_in + groups * fan_in * positions):
-            rows = torch.einsum("bgol,bgkl->bgok", deltas[part], patches[part])
-            out[part] = _sq_norms_of_rows(rows)
-    else:
-        for part in _chunks(batch, groups * positions * positions * 2):
-            gram = torch.einsum("bgkl,bgkm->bglm", patches[part], patches[part])
-            mixed = torch.einsum("bglm,bgom->bgol", gram, deltas[part])
-            out[part] = (mixed * deltas[part]).sum(-1)
-    return out.reshape(batch, out_channels)
-
-
-def _output_size(padded_size: Sequence[int], module: Any) -> list[int]:
-    """Output height and width of a 2-D convolution over an input of ``padded_size``."""
-    return [
-        (size - dilation * (k - 1) - 1) // stride + 1
-        for size, k, stride, dilation in zip(
-            padded_size, module.kernel_size, module.stride, module.dilation
-        )
-    ]
-
-
-def _prefers_padded_gram(module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether :func:`_padded_gram_sq_norms` is the cheaper form for this convolution.
-
-    A cost in multiply-adds per example and group, each copied patch element counted as 16 of
-    them (more when the output is narrower than 8 positions, where the copy moves short runs).
-    Fitted on the 3x3 convolutions of ResNet-18/34/50 at 32, 64 and 224 px (CPU, 1 thread): it
-    picks the faster form wherever the two differ by more than 15%. CPU only: on other devices,
-    where copies are cheap and it has not been measured, the patch forms stay.
-    """
-    kernel_area = module.kernel_size[0] * module.kernel_size[1]
-    out_h, out_w = grad.shape[-2], grad.shape[-1]
-    positions = out_h * out_w
-    if grad.device.type != "cpu" or kernel_area == 1 or positions < 2:
-        return False
-    padded_h, padded_w = _conv_padded(module, inputs[:1, :1]).shape[-2:]
-    if _output_size((padded_h, padded_w), module) != [out_h, out_w]:
-        return False
-    groups = module.groups
-    fan_in = inputs.shape[1] // groups * kernel_area
-    per_group_out = grad.shape[1] // groups
-    copy_weight = 16 * max(1, 8 // min(out_h, out_w))
-    patches = min(positions * per_group_out * fan_in, positions * positions * (fan_in + per_group_out))
-    patches += copy_weight * fan_in * positions
-    padded = padded_h * padded_w
-    gram = padded * padded * (inputs.shape[1] // groups) + positions * positions * per_group_out
-    gram += 16 * kernel_area * positions * positions
-    return gram <= patches
-
-
-def _padded_gram_sq_norms(module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    r"""Per-example squared rows of a convolution through the Gram matrix of its padded input.
-
-    The patch Gram :math:`\langle a_n(p), a_n(q) \rangle` is the sum over kernel offsets
-    :math:`u` of :math:`A_n[s p + d u, s q + d u]`, where :math:`A_n = X_n^\top X_n` is the Gram
-    of example ``n``'s padded input over its positions (per group). No patches are copied:
-    cheaper than both patch forms for 3x3 kernels over small feature maps (ResNet layers 1-4 at
-    32 px: 1.5-5x), where copying the patches costs more than the products.
-    """
-    padded = _conv_padded(module, inputs)
-    batch, channels, height, width = padded.shape
-    groups = module.groups
-    out_channels, out_h, out_w = grad.shape[1], grad.shape[-2], grad.shape[-1]
-    per_group_out = out_channels // groups
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    x = padded.reshape(batch, groups, channels // groups, height * width)
-    deltas = grad.reshape(batch, groups, per_group_out, out_h * out_w)
-    out = torch.empty(batch, groups, per_group_out, dtype=grad.dtype, device=grad.device)
-    span_h, span_w = stride[0] * (out_h - 1) + 1, stride[1] * (out_w - 1) + 1
-    per_example = groups * ((height * width) ** 2 + (out_h * out_w) ** 2 + per_group_out * out_h * out_w)
-    for part in _chunks(batch, per_example):
-        rows = x[part]
-        full = torch.matmul(rows.transpose(-1, -2), rows)
-        full = full.reshape(rows.shape[0], groups, height, width, height, width)
-        gram = torch.empty(
-            rows.shape[0], groups, out_h, out_w, out_h, out_w, dtype=full.dtype, device=full.device
-        )
-        for i in range(kernel[0]):
-            top = slice(i * dilation[0], i * dilation[0] + span_h, stride[0])
-            for j in range(kernel[1]):
-                left = slice(j * dilation[1], j * dilation[1] + span_w, stride[1])
-                block = full[:, :, top, left, top, left]
-                if i == 0 and j == 0:
-                    gram.copy_(block)
-                else:
-                    gram.add_(block)
-        gram = gram.reshape(rows.shape[0], groups, out_h * out_w, out_h * out_w)
-        mixed = torch.matmul(deltas[part], gram)
-        out[part] = (mixed * deltas[part]).sum(-1)
-    return out.reshape(batch, out_channels)
-
-
-class _Conv1dAs2d:
-    """The geometry of a Conv1d seen as a Conv2d with a 1-high kernel (no weights)."""
-
-    def __init__(self, conv: Any) -> None:
-        self.kernel_size = (1, conv.kernel_size[0])
-        self.stride = (1, conv.stride[0])
-        self.dilation = (1, conv.dilation[0])
-        self.padding = conv.padding if isinstance(conv.padding, str) else (0, conv.padding[0])
-        self.padding_mode = conv.padding_mode
-        self.groups = conv.groups
-        pad = conv._reversed_padding_repeated_twice
-        self._reversed_padding_repeated_twice = [pad[0], pad[1], 0, 0]
-
-
-def _sum_over_positions(values: torch.Tensor, channels_dim: int = 1) -> torch.Tensor:
-    """Sum a B × C × ... tensor over everything but batch and channels."""
-    return values.reshape(values.shape[0], values.shape[channels_dim], -1).sum(-1)
-
-
-def _batchnorm_sq_norms(module: _BatchNorm, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    r"""Per-example scale gradient :math:`\sum_p \delta_n[c, p] (x_n[c, p] - \mu_c) / \sigma_c`.
-
-    Folded as :math:`(\sum_p \delta x - \mu \sum_p \delta) / \sigma`: two reductions over
-    positions and no normalised copy of the input (2.3x faster on EfficientNet-Lite0's layers).
-    The subtraction loses about ``|μ| / σ`` times fp32's rounding when the running mean dwarfs
-    the spread; the sums are formed in fp32 with pairwise summation.
-    """
-    batch, channels = inputs.shape[0], inputs.shape[1]
-    x = inputs.reshape(batch, channels, -1)
-    d = grad.reshape(batch, channels, -1)
-    mean = module.running_mean.to(inputs.dtype)  # type: ignore[union-attr]
-    inv_std = torch.rsqrt(module.running_var.to(inputs.dtype) + module.eps)  # type: ignore[union-attr]
-    return ((d * x).sum(-1) - mean * d.sum(-1)).mul_(inv_std).square_()
-
-
-def _groupnorm_sq_norms(module: nn.GroupNorm, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    normalised = F.group_norm(inputs, module.num_groups, eps=module.eps)
-    return _sum_over_positions(grad * normalised).square()
-
-
-def _layernorm_sq_norms(module: nn.LayerNorm, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    normalised = F.layer_norm(inputs, module.normalized_shape, eps=module.eps)
-    dims = len(module.normalized_shape)
-    per_example = (grad * normalised).reshape(inputs.shape[0], -1, *inputs.shape[-dims:]).sum(1)
-    rows = per_example.reshape(inputs.shape[0], num_filters(module), -1)
-    return _sq_norms_of_rows(rows)
-
-
-def per_example_sq_norms(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """B × out_channels: squared norms of the per-example weight-gradient rows of ``module``.
-
-    Args:
-        module: an embedded layer (see :func:`embedded_layers`).
-        inputs: the layer's input in the forward pass (B × ...).
-        grad: the gradient of the (per-example weighted) loss with respect to the layer's output
-            (for a timm ``BatchNormAct2d``: the batch-norm output, before its activation).
-    """
-    kind = _layer_kind(module)
-    if kind == "linear":
-        return _linear_sq_norms(inputs, grad)
-    if kind == "conv":
-        return _conv_sq_norms(module, inputs, grad)
-    if kind == "batchnorm":
-        return _batchnorm_sq_norms(module, inputs, grad)  # type: ignore[arg-type]
-    if kind == "groupnorm":
-        return _groupnorm_sq_norms(module, inputs, grad)  # type: ignore[arg-type]
-    if kind == "layernorm":
-        return _layernorm_sq_norms(module, inputs, grad)  # type: ignore[arg-type]
-    raise UnsupportedLayerError(f"no filter-wise Fisher for {type(module).__name__}")
-
-
-# --------------------------------------------------------------------------------------------
 # Hooks that read layer inputs and output gradients
 # --------------------------------------------------------------------------------------------
 
@@ -667,6 +224,8 @@ class LayerFisherTaps:
         self._network = network
         self._layers = list(layers)
         self._grad_scale = float(grad_scale)
+        # The rule of each layer, chosen once here, never per hook call.
+        self._rules = {name: layer_rule(name, module) for name, module in self._layers}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._inputs: dict[str, torch.Tensor] = {}
         self._roots: list[torch.Tensor] = []
@@ -704,12 +263,13 @@ class LayerFisherTaps:
         self._roots.clear()
 
     def _install(self, name: str, module: nn.Module) -> None:
-        if _is_batchnorm_act(module):
-            # The output gradient we need is the batch-norm output's, which is the input of the
-            # module's ``drop`` (then ``act``) submodule.
+        child = self._rules[name].output_child
+        if child is not None:
+            # The output gradient is read at the input of a child (timm's BatchNormAct2d: its
+            # batch-norm output goes through ``drop``, then ``act``).
             self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
-            drop = module.get_submodule("drop")
-            self._handles.append(drop.register_forward_pre_hook(self._pre_output_hook(name)))
+            inner = module.get_submodule(child)
+            self._handles.append(inner.register_forward_pre_hook(self._pre_output_hook(name)))
         else:
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
 
@@ -766,6 +326,7 @@ class LayerFisherTaps:
 
     def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         module = dict(self._layers)[name]
+        rule = self._rules[name]
 
         def hook(grad: torch.Tensor) -> None:
             inputs = self._inputs[name]
@@ -773,7 +334,7 @@ class LayerFisherTaps:
                 grad32 = grad.float()
                 if self._grad_scale != 1.0:
                     grad32 = grad32 / self._grad_scale
-                per_example = per_example_sq_norms(module, inputs.float(), grad32)
+                per_example = rule.sq_norms(module, inputs, grad32)
                 values = per_example.sum(0)
             bad = ~torch.isfinite(per_example).all(-1)
             seen = self._nonfinite.get(name)
@@ -1069,7 +630,7 @@ def _batch_gradient_sums(
     def reducer(names: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(grad: torch.Tensor) -> torch.Tensor:
             grad32 = grad.float() / scale if scale != 1.0 else grad.float()
-            value = _sq_norms_of_rows(grad32.reshape(grad32.shape[0], -1))
+            value = sq_norms_of_rows(grad32.reshape(grad32.shape[0], -1))
             for name in names:
                 sums[name] = value
             return grad.new_zeros(()).expand_as(grad)

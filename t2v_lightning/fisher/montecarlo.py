@@ -43,10 +43,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from t2v_lightning.choices import ESTIMATORS, Estimator
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import check_finite
 from t2v_lightning.fisher.callback import FisherCallback
-from t2v_lightning.fisher.estimators import ESTIMATORS, Estimator, embedded_layers
+from t2v_lightning.fisher.estimators import embedded_layers
 from t2v_lightning.fisher.sharding import IdsDataset, ShardSampler
 from t2v_lightning.prepare import PreparedTask, artifact_meta
 from t2v_lightning.probe import ProbeError, load_tensors_safely

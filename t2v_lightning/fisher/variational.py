@@ -62,18 +62,14 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
+from t2v_lightning.choices import FisherError, UnsupportedLayerError
 from t2v_lightning.embedding import TaskEmbedding
-from t2v_lightning.fisher.estimators import (
-    FisherError,
-    UnsupportedLayerError,
-    _is_same_padding_conv,
-    _same_padding,
-    hash_seed,
-)
+from t2v_lightning.fisher.estimators import hash_seed
+from t2v_lightning.fisher.layers.rule import INPUT_NOISE_FLOOR, LayerRule
+from t2v_lightning.fisher.layers.table import rule_for
 from t2v_lightning.prepare import PreparedTask, artifact_meta
 from t2v_lightning.probe import ProbeError
 from t2v_lightning.safety import is_int
@@ -99,9 +95,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INPUT_NOISE_FLOOR = 0.01
-"""Added to :math:`x^2` in the variance pass (the reference's ``input ** 2 + 1e-2``)."""
-
 VARIANCE_INIT_SCALE = 0.05
 """Initial :math:`\\sigma^2_o` = this × the variance of filter ``o``'s weights (+1e-8)."""
 
@@ -110,34 +103,10 @@ _LOG_EPS = 1e-8
 # A function of (layer index, layer output) returning standard normal noise of the output's shape.
 NoiseSampler = Callable[[int, torch.Tensor], torch.Tensor]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 # --------------------------------------------------------------------------------------------
 # Which layers get variances
 # --------------------------------------------------------------------------------------------
-
-
-def _overrides_forward(module: nn.Module, base: type[nn.Module]) -> bool:
-    return type(module).forward is not base.forward
-
-
-def _variance_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv"`` or None when the local reparametrization has no form for it."""
-    kind = type(module)
-    if isinstance(module, nn.Linear):
-        # timm's Linear only casts for torchscript; other subclasses that rewrite forward may
-        # compute something else than x @ W.T + b.
-        trusted = kind.__name__ in ("NonDynamicallyQuantizableLinear",) or (
-            kind.__name__ == "Linear" and kind.__module__.startswith("timm.")
-        )
-        return "linear" if trusted or not _overrides_forward(module, nn.Linear) else None
-    for base in _CONVS:
-        if isinstance(module, base):
-            if _is_same_padding_conv(module) or not _overrides_forward(module, base):
-                return "conv"
-            return None
-    return None
 
 
 def _within(name: str, parent: str) -> bool:
@@ -178,7 +147,7 @@ def variational_layers(
         weight = module._parameters.get("weight")
         if weight is None or weight.ndim < 2:
             continue
-        if _variance_kind(module) is None:
+        if _variance_rule(module) is None:
             raise UnsupportedLayerError(
                 f"layer {name!r} ({type(module).__name__}) has a {weight.ndim}-D weight but no "
                 "variational form here; supported: Linear, Conv1d, Conv2d, Conv3d (any groups, "
@@ -193,13 +162,27 @@ def variational_layers(
 # --------------------------------------------------------------------------------------------
 
 
+def _variance_rule(module: nn.Module) -> LayerRule | None:
+    """The rule of ``module`` in the layer table if it has a variational form, else None."""
+    rule = rule_for(module)
+    return rule if rule is not None and rule.variational else None
+
+
+def _rule(module: nn.Module) -> LayerRule:
+    rule = _variance_rule(module)
+    if rule is None:
+        raise UnsupportedLayerError(f"no variational form for {type(module).__name__}")
+    return rule
+
+
 def receptive_field_sums(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     r"""The layer's sums of :math:`x^2 + 0.01` over each output's receptive field, one per group.
 
     :math:`\text{layer}(x^2 + 0.01;\ \sigma^2)[o] = \sigma^2_o \cdot s[g(o)]`, where :math:`s`
     runs the layer's geometry (stride, padding, dilation, padding mode, timm's "same" padding)
     with a kernel of ones over the channel sums of :math:`x^2 + 0.01` of each group :math:`g`.
-    Zero padding adds zeros, not 0.01, as in the reference. Computed in float32.
+    Zero padding adds zeros, not 0.01, as in the reference. Computed in float32 by the layer's
+    rule (:mod:`t2v_lightning.fisher.layers`).
 
     Args:
         module: a layer accepted by :func:`variational_layers`.
@@ -209,76 +192,7 @@ def receptive_field_sums(module: nn.Module, inputs: torch.Tensor) -> torch.Tenso
         Linear: ``(..., 1)``. Convolution: ``(B, groups, *output positions)`` (no batch
         dimension for unbatched inputs).
     """
-    kind = _variance_kind(module)
-    squared = inputs.float().square()
-    if kind == "linear":
-        fan_in = squared.shape[-1]
-        return squared.sum(-1, keepdim=True) + INPUT_NOISE_FLOOR * fan_in
-    if kind != "conv":
-        raise UnsupportedLayerError(f"no variational form for {type(module).__name__}")
-    conv = cast(_ConvNd, module)
-    spatial = conv.weight.ndim - 2
-    unbatched = squared.ndim == spatial + 1
-    if unbatched:
-        squared = squared.unsqueeze(0)
-    batch, channels = squared.shape[0], squared.shape[1]
-    groups = int(conv.groups)
-    per_group_in = channels // groups
-    summed = squared.reshape(batch, groups, per_group_in, *squared.shape[2:]).sum(2)
-    summed = summed + INPUT_NOISE_FLOOR * per_group_in
-    if _is_same_padding_conv(conv):
-        pads: list[int] = []
-        for axis in reversed(range(spatial)):
-            pads += _same_padding(
-                summed.shape[2 + axis],
-                conv.kernel_size[axis],
-                conv.stride[axis],
-                conv.dilation[axis],
-            )
-        summed = F.pad(summed, pads)
-    ones = torch.ones(groups, 1, *conv.kernel_size, dtype=summed.dtype, device=summed.device)
-    field = conv._conv_forward(summed, ones, None)  # type: ignore[operator]
-    return field.squeeze(0) if unbatched else field
-
-
-def _grouped(
-    module: nn.Module, field: torch.Tensor, per_filter: torch.Tensor, output_shape: torch.Size
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """Views that broadcast a receptive-field sum and a per-filter vector to the layer's output.
-
-    A convolution's output ``(B, out, *positions)`` is viewed as ``(B, groups, out / groups,
-    *positions)``; ``field`` becomes ``(B, groups, 1, *positions)`` and ``per_filter``
-    ``(groups, out / groups, 1, ...)``. Linear layers need no view.
-
-    Returns:
-        ``(field, per_filter, grouped output shape)``.
-
-    Raises:
-        FisherError: the receptive fields do not match the output positions (a layer whose
-            ``forward`` pads or strides in a way the geometry here does not know).
-    """
-    if _variance_kind(module) == "linear":
-        if field.shape[:-1] != output_shape[:-1]:
-            raise FisherError(
-                f"{type(module).__name__}: output {tuple(output_shape)} but input rows "
-                f"{tuple(field.shape[:-1])}"
-            )
-        return field, per_filter, tuple(output_shape)
-    groups = int(cast(_ConvNd, module).groups)
-    spatial = cast(torch.Tensor, module.weight).ndim - 2
-    lead = len(output_shape) - spatial - 1  # 1 batched, 0 unbatched
-    expected = (*output_shape[:lead], groups, *output_shape[lead + 1 :])
-    if tuple(field.shape) != expected:
-        raise FisherError(
-            f"{type(module).__name__}: its output has shape {tuple(output_shape)} but its "
-            f"receptive fields give {tuple(field.shape)}; it pads or strides in a way the local "
-            "reparametrization does not know"
-        )
-    per_group_out = per_filter.numel() // groups
-    grouped = (*output_shape[:lead], groups, per_group_out, *output_shape[lead + 1 :])
-    field = field.unsqueeze(lead + 1)
-    per_filter = per_filter.reshape(groups, per_group_out, *([1] * spatial))
-    return field, per_filter, grouped
+    return _rule(module).receptive_field_sums(module, inputs)
 
 
 def output_variance(module: nn.Module, inputs: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -292,14 +206,7 @@ def output_variance(module: nn.Module, inputs: torch.Tensor, variance: torch.Ten
     Returns:
         A float32 tensor of the shape of the layer's output.
     """
-    field = receptive_field_sums(module, inputs)
-    per_filter = variance.float().reshape(-1)
-    if _variance_kind(module) == "linear":
-        return field * per_filter
-    lead = field.ndim - (cast(torch.Tensor, module.weight).ndim - 2) - 1
-    shape = (*field.shape[:lead], per_filter.numel(), *field.shape[lead + 1 :])
-    field, per_filter, _ = _grouped(module, field, per_filter, torch.Size(shape))
-    return (field * per_filter).reshape(shape)
+    return _rule(module).output_variance(module, inputs, variance)
 
 
 def add_weight_noise(
@@ -308,6 +215,7 @@ def add_weight_noise(
     output: torch.Tensor,
     logvar: torch.Tensor,
     noise: torch.Tensor,
+    rule: LayerRule | None = None,
 ) -> torch.Tensor:
     r"""``output + sqrt(layer(x² + 0.01; σ²)) * noise`` in float32.
 
@@ -321,10 +229,12 @@ def add_weight_noise(
         output: the layer's output on ``inputs``.
         logvar: per-filter log-variances (one entry per filter).
         noise: standard normal noise of ``output``'s shape.
+        rule: the layer's rule (``None``: looked up in the layer table).
     """
-    field = receptive_field_sums(module, inputs)
+    rule = _rule(module) if rule is None else rule
+    field = rule.receptive_field_sums(module, inputs)
     sigma = torch.exp(0.5 * logvar.float().reshape(-1))
-    field, sigma, grouped = _grouped(module, field, sigma, output.shape)
+    field, sigma, grouped = rule.grouped(module, field, sigma, output.shape)
     noisy = torch.addcmul(
         output.float().reshape(grouped), noise.reshape(grouped) * sigma, field.sqrt()
     )
@@ -502,7 +412,7 @@ class VariationalLayers(nn.Module):
         try:
             for index, (name, variance) in enumerate(zip(self.names, self.layer_variances())):
                 layer = network.get_submodule(name)
-                hook = _noise_hook(index, name, variance, noise, run)
+                hook = _noise_hook(index, name, variance, noise, run, _rule(layer))
                 handles.append(layer.register_forward_hook(hook))
             yield run
         finally:
@@ -527,14 +437,21 @@ class VariationalLayers(nn.Module):
 
 
 def _noise_hook(
-    index: int, name: str, variance: FilterVariance, noise: NoiseSampler, run: NoiseRun
+    index: int,
+    name: str,
+    variance: FilterVariance,
+    noise: NoiseSampler,
+    run: NoiseRun,
+    rule: LayerRule,
 ) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         run.calls[name] += 1
         if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
             raise UnsupportedLayerError(f"layer {name!r} must take and return a tensor")
         with torch.autocast(device_type=output.device.type, enabled=False):
-            noisy = add_weight_noise(module, args[0], output, variance.logvar, noise(index, output))
+            noisy = add_weight_noise(
+                module, args[0], output, variance.logvar, noise(index, output), rule
+            )
         return noisy.to(output.dtype)
 
     return hook

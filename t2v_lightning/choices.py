@@ -1,0 +1,68 @@
+"""The words every part of the package shares: the estimators, likelihoods and methods, the
+Fisher errors, and the one check of a choice made at the boundary.
+
+This module imports nothing of the package, so that :mod:`t2v_lightning.prepare`, the Fisher
+methods under :mod:`t2v_lightning.fisher` and the command line can all name the same choices
+without importing each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, TypeVar
+
+__all__ = [
+    "Estimator",
+    "ESTIMATORS",
+    "Likelihood",
+    "LIKELIHOODS",
+    "Method",
+    "METHODS",
+    "FisherError",
+    "UnsupportedLayerError",
+    "check_choice",
+]
+
+Estimator = Literal["per_sample", "batch", "exact"]
+ESTIMATORS: tuple[str, ...] = ("per_sample", "batch", "exact")
+"""Monte Carlo estimators: labels sampled per example, the squared mean gradient of each
+mini-batch (the 2019 reference), the expectation over every label."""
+
+Likelihood = Literal["categorical", "bernoulli"]
+LIKELIHOODS: tuple[str, ...] = ("categorical", "bernoulli")
+"""One class per example (softmax), or independent 0/1 outputs (multi-label, sigmoids)."""
+
+Method = Literal["montecarlo", "variational"]
+METHODS: tuple[str, ...] = ("montecarlo", "variational")
+"""Fisher by sampling labels from the model, or the paper's variational method."""
+
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def check_choice(name: str, value: _Choice, choices: Sequence[str]) -> _Choice:
+    """``value`` if it is one of ``choices``; else ``ValueError`` naming the argument.
+
+    Example:
+        >>> check_choice("estimator", "exact", ESTIMATORS)
+        'exact'
+    """
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+class FisherError(RuntimeError):
+    """The Fisher pass cannot produce a meaningful value (non-finite logits, unused layers...).
+
+    Args:
+        message: what went wrong.
+        example_ids: the ids of the examples involved, when the fault is tied to examples.
+    """
+
+    def __init__(self, message: str, example_ids: Sequence[int] | None = None) -> None:
+        super().__init__(message)
+        self.example_ids: list[int] = [] if example_ids is None else [int(i) for i in example_ids]
+
+
+class UnsupportedLayerError(ValueError):
+    """A module with weights that the filter-wise Fisher has no rule for (named in the message)."""

@@ -1,0 +1,142 @@
+"""The layer table: which rule embeds each module type, and which layers of a network are embedded.
+
+:data:`RULES` maps a module type to its :class:`~t2v_lightning.fisher.layers.rule.LayerRule`.
+A module finds its rule through its class and then its bases (:func:`rule_for`); a rule found
+through a base holds for the subclass when the rule :meth:`accepts` it (by default, when the
+subclass keeps the base's ``forward``). Types of optional packages (timm) are keyed by their
+qualified name, ``"module.Class"``, so that the table never imports them. The rule of each layer
+is chosen once, when the layers are picked (:func:`embedded_layers`, and
+:func:`~t2v_lightning.fisher.variational.variational_layers` for the variational method); a
+module with weights and no rule fails there with :class:`UnsupportedLayerError`, naming it.
+
+How to add a layer type
+-----------------------
+1. Write its rule: a subclass of :class:`~t2v_lightning.fisher.layers.rule.LayerRule` in the
+   module of its family (``linear.py``, ``conv.py``, ``norm.py``, or a new one), overriding:
+
+   * :meth:`sq_norms(module, inputs, grad) <LayerRule.sq_norms>` → ``(B, rows)``: per example,
+     the squared norm of each row of the weight gradient, rows being those of
+     ``weight.reshape(weight.shape[0], -1)``. ``inputs`` is the layer's first input as the
+     forward received it (integer ids for a lookup table: index with them; ``(B, T, ...)`` for
+     a sequence); ``grad`` is the float32 gradient at the layer's output, zero at positions and
+     examples that the loss masks out, so masked positions add nothing by themselves;
+   * :meth:`rows <LayerRule.rows>` / :meth:`row_size <LayerRule.row_size>` only if the rows
+     are not ``weight.shape[0]`` rows of ``weight[0].numel()`` entries (they are for
+     ``weight (in, out)`` of Hugging Face's ``Conv1D``: one value per input feature);
+   * :meth:`check <LayerRule.check>` to refuse unusable instances with a message naming them;
+     :meth:`accepts <LayerRule.accepts>` to change which subclasses the rule covers;
+     :attr:`output_child <LayerRule.output_child>` if the output gradient is read at a child;
+   * for the variational method, ``variational = True`` and :meth:`receptive_field_sums`,
+     :meth:`output_variance` and :meth:`grouped`; else leave ``variational = False``
+     (1-D weights get no variance anyway).
+2. Add one entry to :data:`RULES` below: ``nn.Embedding: EmbeddingRule()``, or
+   ``"transformers.pytorch_utils.Conv1D": Conv1DRule()`` for a package not to import.
+3. Test it against brute-force autograd (``tests/reference.py``: ``brute_force_fisher``
+   differentiates each example's log-likelihood with respect to the weight) in
+   ``tests/test_layer_rules.py``.
+
+Nothing else changes: the hooks, the estimators and the variational pass ask the rule.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from t2v_lightning.choices import UnsupportedLayerError
+from t2v_lightning.fisher.layers.conv import ConvRule
+from t2v_lightning.fisher.layers.linear import LinearRule
+from t2v_lightning.fisher.layers.norm import (
+    BatchNormActRule,
+    BatchNormRule,
+    GroupNormRule,
+    LayerNormRule,
+)
+from t2v_lightning.fisher.layers.rule import LayerRule
+
+__all__ = ["RULES", "embedded_layers", "layer_rule", "num_filters", "row_size", "rule_for"]
+
+_LINEAR = LinearRule()
+_CONV = ConvRule()
+_BATCH_NORM_ACT = BatchNormActRule()
+
+RULES: dict[type | str, LayerRule] = {
+    nn.Linear: _LINEAR,
+    "timm.layers.linear.Linear": _LINEAR,  # casts for torchscript only
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
+    nn.Conv3d: ConvRule(monte_carlo=False),
+    "timm.layers.conv2d_same.Conv2dSame": ConvRule(tf_same=True),
+    "timm.models.layers.conv2d_same.Conv2dSame": ConvRule(tf_same=True),  # timm < 0.9
+    _BatchNorm: BatchNormRule(),
+    "timm.layers.norm_act.BatchNormAct2d": _BATCH_NORM_ACT,
+    "timm.layers.norm_act.SyncBatchNormAct": _BATCH_NORM_ACT,
+    "timm.models.layers.norm_act.BatchNormAct2d": _BATCH_NORM_ACT,  # timm < 0.9
+    nn.GroupNorm: GroupNormRule(),
+    nn.LayerNorm: LayerNormRule(),
+}
+"""Module type (or ``"package.module.Class"``) → the rule that embeds it."""
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule of ``module``'s type or of its nearest registered base that accepts it, or None."""
+    for kind in type(module).__mro__:
+        rule = RULES.get(kind) or RULES.get(f"{kind.__module__}.{kind.__qualname__}")
+        if rule is not None:
+            return rule if rule.accepts(module, kind) else None
+    return None
+
+
+_SUPPORTED = (
+    "Linear, Conv1d, Conv2d (incl. timm Conv2dSame), BatchNorm (incl. timm BatchNormAct2d), "
+    "GroupNorm, LayerNorm"
+)
+
+
+def layer_rule(name: str, module: nn.Module) -> LayerRule:
+    """The Monte Carlo rule of the embedded layer ``name``, checked.
+
+    Raises:
+        UnsupportedLayerError: no rule, or one that refuses this instance (named).
+    """
+    rule = rule_for(module)
+    if rule is None or not rule.monte_carlo:
+        raise UnsupportedLayerError(
+            f"layer {name!r} ({type(module).__name__}) has weights but no filter-wise Fisher "
+            f"here; supported: {_SUPPORTED}. Skip it with skip_layers or use another probe"
+        )
+    rule.check(name, module)
+    return rule
+
+
+def embedded_layers(network: nn.Module, head: str | None) -> list[tuple[str, nn.Module]]:
+    """The modules whose weights enter the embedding, in ``named_modules`` order.
+
+    Every module that owns a ``weight`` parameter, except the head (and its submodules). Modules
+    replaced by ``nn.Identity`` (a skipped prefix) own no weight and drop out by themselves.
+
+    Raises:
+        UnsupportedLayerError: a module with a weight has no rule here (named).
+    """
+    layers: list[tuple[str, nn.Module]] = []
+    for name, module in network.named_modules():
+        if head is not None and (name == head or name.startswith(head + ".")):
+            continue
+        if module._parameters.get("weight") is None:
+            continue
+        layer_rule(name, module)
+        layers.append((name, module))
+    return layers
+
+
+_PLAIN = LayerRule()
+
+
+def num_filters(module: nn.Module) -> int:
+    """Values of an embedded layer in the embedding (rows of its weight, per its rule)."""
+    return (rule_for(module) or _PLAIN).rows(module)
+
+
+def row_size(module: nn.Module) -> int:
+    """Entries per row of an embedded layer's weight (per its rule)."""
+    return (rule_for(module) or _PLAIN).row_size(module)
