@@ -214,6 +214,14 @@ def probe_tokenizer(probe: nn.Module) -> Any:
     return probe.tokenizer
 
 
+def weights_fingerprint(probe: nn.Module) -> str:
+    """The fingerprint of the probe's weights, as its artifacts record it."""
+    from t2v_lightning.probe import probe_fingerprint
+
+    model = getattr(probe, "model", probe)
+    return probe_fingerprint(model if isinstance(model, nn.Module) else probe)
+
+
 def _vocabulary(probe: nn.Module, tokenizer: Any) -> int:
     sizes = [int(getattr(probe, "vocab_size", 0) or 0)]
     if hasattr(tokenizer, "__len__"):
@@ -334,12 +342,14 @@ def _tasks(
 
 
 def _identity(
-    corpus: Corpus, settings: DiversitySettings, probe_spec: str, task: TokenTask
+    corpus: Corpus, settings: DiversitySettings, probe_spec: str, fingerprint: str,
+    task: TokenTask,
 ) -> dict[str, Any]:
     return {
         "index": task.index,
         "corpus": corpus.identity(),
         "probe": probe_spec,
+        "probe_fingerprint": fingerprint,
         **settings.task_identity(),
         "tokens_sha256": task.fingerprint(),
     }
@@ -396,6 +406,7 @@ def embed_corpus_tasks(
     overwrite: bool = False,
     progress: TextIO | None = None,
     embedder: EmbedderFactory = default_embedder,
+    fingerprint: str | None = None,
 ) -> CorpusStats:
     """Embed this rank's share of a corpus's tasks, one artifact each, skipping those written.
 
@@ -415,6 +426,8 @@ def embed_corpus_tasks(
         overwrite: embed again the tasks already written.
         progress: where to report progress (``None``: nowhere).
         embedder: builds the task embedder (default: :class:`LMTaskEmbedder`).
+        fingerprint: the probe's weights' fingerprint (``None``: computed here); a task
+            written with other weights is not skipped.
 
     Returns:
         What the pass read.
@@ -427,6 +440,8 @@ def embed_corpus_tasks(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     device = device or torch.device("cpu")
+    if fingerprint is None:
+        fingerprint = weights_fingerprint(probe)
     stats = CorpusStats()
     mine = len(range(rank, settings.num_tasks, world_size))
     label = corpus_label(corpus)
@@ -437,7 +452,7 @@ def embed_corpus_tasks(
     for task in _tasks(corpus, tokenizer, probe, settings, stats):
         if task.index % world_size != rank:
             continue
-        identity = _identity(corpus, settings, probe_spec, task)
+        identity = _identity(corpus, settings, probe_spec, fingerprint, task)
         path = task_file(folder, task.index)
         action = _existing(path, identity, overwrite)
         if action == "skip":
@@ -503,10 +518,11 @@ def _work(
     tokenizer = probe_tokenizer(probe)
     stream = sys.stderr if run.verbose and rank == 0 else None
     stats: dict[str, CorpusStats] = {}
+    fingerprint = weights_fingerprint(probe)
     for name, corpus, folder in _groups(run):
         stats[name] = embed_corpus_tasks(
             corpus, probe, tokenizer, run.settings, folder, run.probe_spec, rank, world_size,
-            device, run.overwrite, stream, run.embedder,
+            device, run.overwrite, stream, run.embedder, fingerprint,
         )
     return stats
 

@@ -285,3 +285,16 @@ def test_against_takes_a_hub_configuration_after_a_colon(tmp_path: Path) -> None
     odd = write_corpus(tmp_path / "a:b.jsonl", documents(3))
     assert lm_diversity.against_spec(str(odd)).data == str(odd)
     assert lm_diversity.against_spec("allenai/c4").config is None
+
+
+def test_tasks_of_other_weights_at_the_same_path_are_not_reused(
+    corpus: Path, tmp_path: Path
+) -> None:
+    lm_dir = save_tiny_lm(tmp_path / "lm", seed=1)
+    out = tmp_path / "tasks"
+    settings = options(lm_dir, tmp_path, num_tasks=2)
+    corpus_diversity(f"lm:{lm_dir}", str(corpus), out, **settings)
+    save_tiny_lm(lm_dir, seed=2)  # retrained in place
+    with pytest.raises(SettingsMismatchError, match=r"task_0000.safetensors was made with "
+                       r"other settings \(probe_fingerprint: "):
+        corpus_diversity(f"lm:{lm_dir}", str(corpus), out, **settings)
