@@ -24,6 +24,7 @@ pairs and a bootstrap interval over tasks).
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import hashlib
 import json
@@ -71,6 +72,7 @@ __all__ = [
 ]
 
 Corpus = CorpusSpec | SyntheticCorpus
+_RANKS_TIMEOUT = datetime.timedelta(days=7)
 EmbedderFactory = Callable[[nn.Module, "DiversitySettings", torch.device], Any]
 
 
@@ -595,10 +597,17 @@ def _launch(run: _Run, placement: Placement) -> CorpusDiversityReport:
         device = _single_device(placement.accelerator, placement.devices)
         return _report(run, _work(run, 0, 1, device), 1)
     from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy, Strategy
 
+    # Ranks meet once, at the end: one whose tasks were all written before waits there for
+    # the others, so the collective's timeout is days, not Lightning's 30 minutes.
+    strategy: str | Strategy = placement.strategy
+    if placement.strategy in ("ddp", "ddp_spawn", "auto"):
+        start: Literal["spawn", "popen"] = "spawn" if placement.strategy == "ddp_spawn" else "popen"
+        strategy = DDPStrategy(start_method=start, timeout=_RANKS_TIMEOUT)
     fabric = Fabric(
         accelerator=placement.accelerator, devices=placement.devices,  # type: ignore[arg-type]
-        strategy=placement.strategy, num_nodes=placement.num_nodes,
+        strategy=strategy, num_nodes=placement.num_nodes,
     )
     result = fabric.launch(functools.partial(_rank_main, run))
     assert isinstance(result, CorpusDiversityReport)

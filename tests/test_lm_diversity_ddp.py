@@ -63,3 +63,14 @@ def test_two_processes_write_the_one_process_artifacts(tmp_path: Path) -> None:
     assert double.stderr.count("(rank 0 of 2):") == 9
     assert "(rank 1 of 2)" not in double.stderr
     assert double.stdout.count("diversity coefficient: ") == 1
+
+
+def test_a_rank_failing_stops_every_rank_with_status_2(tmp_path: Path) -> None:
+    lm_dir = save_tiny_lm(tmp_path / "lm")
+    corpus = write_corpus(tmp_path / "corpus.jsonl", documents(40), column="body")
+    done = run_diversity(lm_dir, corpus, tmp_path / "out", tmp_path / "cache",
+                         "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("t2v: error:")]
+    assert errors == ["t2v: error: --text_column 'text' is not a column of "
+                      f"{corpus}; its columns: id, body"] * 2
