@@ -4,8 +4,10 @@ Writes a JSON-lines corpus of ``--size_gb`` gigabytes (and a quarter of it) unde
 then, in a fresh process per case, cuts ``--num_tasks`` tasks of ``--task_size`` sequences of
 ``--max_length`` tokens from one shuffled pass (``t2v_lightning.data.corpus.token_tasks``),
 streamed and not streamed, and records the process's peak resident memory (``ru_maxrss``) and
-the time. Memory that stays the same from the small corpus to the large one is what "flat"
-means. Everything written (corpus, ``datasets``' Arrow cache) is deleted at the end unless
+the time; the resident memory is also split (sampled after each task) into anonymous memory
+(the process's own) and file-backed pages (the memory-mapped Arrow files of a non-streamed
+corpus: page cache that the kernel reclaims under pressure). Memory that stays the same from
+the small corpus to the large one is what "flat" means. Everything written (corpus, ``datasets``' Arrow cache) is deleted at the end unless
 ``--keep``.
 
 The tokenizer is a byte-level BPE (vocabulary 2,000) trained on the corpus's first documents:
@@ -64,6 +66,17 @@ def train_tokenizer(corpus: Path, folder: Path) -> None:
                             pad_token="<eos>").save_pretrained(folder)
 
 
+def resident() -> tuple[float, float]:
+    """This process's resident anonymous and file-backed memory now (MB, Linux)."""
+    fields = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssFile"):
+                fields[name] = int(value.split()[0]) / 1024
+    return fields.get("RssAnon", float("nan")), fields.get("RssFile", float("nan"))
+
+
 def read(args: argparse.Namespace) -> None:
     """One case, in this process: cut the tasks and print peak RSS as JSON."""
     from transformers import AutoTokenizer
@@ -76,14 +89,18 @@ def read(args: argparse.Namespace) -> None:
     stats = CorpusStats()
     start = time.perf_counter()
     tasks = 0
+    anon_peak = file_peak = 0.0
     for _ in token_tasks(spec, tokenizer, args.num_tasks, args.task_size, args.max_length,
                          seed=0, stats=stats):
         tasks += 1
+        anon, mapped = resident()
+        anon_peak, file_peak = max(anon_peak, anon), max(file_peak, mapped)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({
         "tasks": tasks, "documents_read": stats.documents, "seconds": round(seconds, 1),
         "rss_after_imports_mb": round(base / 1024, 1), "peak_rss_mb": round(peak / 1024, 1),
+        "peak_anonymous_mb": round(anon_peak, 1), "peak_file_backed_mb": round(file_peak, 1),
     }))
 
 
