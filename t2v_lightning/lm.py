@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,20 +56,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import t2v_lightning
+from t2v_lightning.causal_lm import (
+    CausalLMProbe,
+    is_language_model,
+    lm_probe,
+    position_ids_from_mask,
+)
+from t2v_lightning.choices import FisherError
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
-from t2v_lightning.fisher.estimators import FisherError
 from t2v_lightning.fisher.tokens import (
     SequenceLayer,
     SequenceTaps,
     TokenCategorical,
-    position_ids_from_mask,
     sequence_layers,
     token_draw_ids,
 )
 from t2v_lightning.probe import ProbeError, probe_fingerprint
 from t2v_lightning.safety import check_seed, is_int
+from t2v_lightning.version import __version__
 
 __all__ = [
     "LM_ESTIMATORS",
@@ -97,129 +101,6 @@ _EXACT_REFUSED = (
     "needs one backward pass per vocabulary entry at every position ({vocab} × positions per "
     "sequence); use 'per_sample' (unbiased, the default) or 'batch' (the published code's)"
 )
-
-
-class CausalLMProbe(nn.Module):
-    """A ``transformers`` causal language model and its tokenizer, used as a Task2Vec probe.
-
-    Args:
-        model: an ``AutoModelForCausalLM`` model (GPT-2, Llama, ...).
-        tokenizer: its tokenizer (``None`` when the model came without one).
-        source: where it was loaded from (a hub id or a directory).
-
-    ``forward(input_ids, attention_mask)`` returns the model's own next-token logits (positions
-    from the mask). The embedding covers :attr:`body` (the model without its LM head).
-    """
-
-    def __init__(self, model: nn.Module, tokenizer: Any = None, source: str = "") -> None:
-        super().__init__()
-        self.model = model
-        self._tokenizer = tokenizer
-        self.source = source
-        self.model.eval()
-
-    @property
-    def tokenizer(self) -> Any:
-        """The model's tokenizer."""
-        if self._tokenizer is None:
-            raise ProbeError(
-                f"the language model {self.source!r} came without a tokenizer (none found in its "
-                "directory); save one there with tokenizer.save_pretrained"
-            )
-        return self._tokenizer
-
-    @property
-    def body(self) -> nn.Module:
-        """The model without its LM head (``model.transformer`` for GPT-2, ``model.model`` for Llama)."""
-        body: nn.Module = getattr(self.model, "base_model")  # noqa: B009 (typed as Tensor | Module)
-        return body
-
-    @property
-    def body_prefix(self) -> str:
-        """Qualified name of :attr:`body` inside :attr:`model`, with a trailing dot."""
-        prefix = str(getattr(self.model, "base_model_prefix", ""))
-        return f"{prefix}." if prefix and hasattr(self.model, prefix) else ""
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        """The LM head (possibly tied to the token table; only copies of it are ever fitted)."""
-        head = getattr(self.model, "get_output_embeddings")()  # noqa: B009
-        if not isinstance(head, nn.Linear):
-            raise ProbeError(
-                f"the LM head of {self.source!r} is a {type(head).__name__}, not an nn.Linear"
-            )
-        return head
-
-    @property
-    def vocab_size(self) -> int:
-        """Rows of the LM head: the number of tokens a position can take."""
-        return int(self.lm_head.weight.shape[0])
-
-    def get_classifier(self) -> nn.Module:
-        """The LM head (timm's interface, used by :func:`~t2v_lightning.find_head`)."""
-        return self.lm_head
-
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (after the last norm), positions counted over real tokens."""
-        output = self.body(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-        return output.last_hidden_state  # type: ignore[no-any-return]
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Next-token logits of the model's own head (B × T × V)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        logits: torch.Tensor = self.lm_head(self.hidden_states(input_ids, attention_mask))
-        return logits
-
-
-def is_language_model(probe: nn.Module) -> bool:
-    """Whether ``probe`` is a causal-LM probe (from ``get_probe("lm:...")``)."""
-    return isinstance(probe, CausalLMProbe)
-
-
-def lm_probe(source: str) -> CausalLMProbe:
-    """Load a causal language model and its tokenizer (``get_probe("lm:<source>")``).
-
-    Args:
-        source: a local ``save_pretrained`` directory (read offline), or a hub id (downloaded
-            when online, else read from the cache).
-
-    Returns:
-        The probe in eval mode, float32.
-
-    Raises:
-        ProbeError: transformers missing, or no causal language model at ``source``.
-    """
-    if not isinstance(source, str) or not source:
-        raise ProbeError("the language model after 'lm:' must be a directory or a hub id")
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ProbeError(
-            "language-model probes need transformers: pip install 't2v-lightning[lm]'"
-        ) from err
-    local = os.path.isdir(source)
-    if not local and (os.sep in source.rstrip("/").split("/", 1)[-1] or source.startswith(".")):
-        raise ProbeError(f"lm:{source}: no such directory")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
-        where = "directory" if local else "hub id (offline: only cached models load)"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ProbeError(f"lm:{source}: cannot load a causal language model from this {where}: "
-                         f"{first}") from err
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None
-    return CausalLMProbe(model, tokenizer, source)
 
 
 @dataclass(frozen=True)
@@ -667,7 +548,7 @@ def embed_lm(
         "head_weight_decay": settings.head_weight_decay,
         "head_train_loss": loss,
         "versions": {
-            "t2v_lightning": t2v_lightning.__version__,
+            "t2v_lightning": __version__,
             "torch": torch.__version__,
             "lightning": lightning.__version__,
         },

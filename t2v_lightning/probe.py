@@ -188,9 +188,12 @@ def get_probe(
                 f"probe {name!r}: num_classes, pretrained and weights do not apply to language "
                 "models (their weights come with them; the LM head is the head)"
             )
-        from t2v_lightning.lm import lm_probe  # optional dependencies (transformers)
+        from t2v_lightning.causal_lm import lm_probe  # optional dependencies (transformers)
 
-        model = lm_probe(name[len("lm:") :])
+        try:
+            model = lm_probe(name[len("lm:") :])
+        except ValueError as err:
+            raise ProbeError(str(err)) from err
     elif name.startswith("timm:"):
         model = _timm_model(name[len("timm:") :], pretrained)
     else:

@@ -238,12 +238,12 @@ def test_token_table_sums_repeated_tokens_before_squaring() -> None:
     """Direct check of the table rule: two positions of one sequence looking up the same row."""
     from torch import nn
 
-    from t2v_lightning.fisher.tokens import table_sq_norms
+    from t2v_lightning.fisher.layers.embedding import EmbeddingRule
 
     table = nn.Embedding(5, 3)
     ids = torch.tensor([[2, 4, 2], [1, 1, 0]])
     grad = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(0))
-    out = table_sq_norms(table, ids, grad)
+    out = EmbeddingRule().sq_norms(table, ids, grad)
     expected = torch.zeros(2, 5)
     for n in range(2):
         per_sequence = torch.zeros(5, 3)
@@ -251,12 +251,15 @@ def test_token_table_sums_repeated_tokens_before_squaring() -> None:
         expected[n] = per_sequence.square().sum(1)
     torch.testing.assert_close(out, expected)
     assert float(out[0, 2]) == pytest.approx(float((grad[0, 0] + grad[0, 2]).square().sum()))
+    # nn.Embedding's padding_idx row gets no gradient: none here either
+    padded = EmbeddingRule().sq_norms(nn.Embedding(5, 3, padding_idx=1), ids, grad)
+    assert torch.equal(padded[:, 1], torch.zeros(2)) and torch.equal(padded[0], out[0])
 
 
 def test_conv1d_rows_are_input_features() -> None:
     from transformers.pytorch_utils import Conv1D
 
-    from t2v_lightning.fisher.tokens import conv1d_sq_norms
+    from t2v_lightning.fisher.layers.linear import Conv1DRule
 
     layer = Conv1D(5, 3)  # weight (in=3, out=5)
     x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(1))
@@ -265,7 +268,7 @@ def test_conv1d_rows_are_input_features() -> None:
         torch.autograd.grad((layer(x[n]) * grad[n]).sum(), layer.weight)[0].square().sum(1)
         for n in range(2)
     ])
-    torch.testing.assert_close(conv1d_sq_norms(layer, x, grad), expected.detach())
+    torch.testing.assert_close(Conv1DRule().sq_norms(layer, x, grad), expected.detach())
 
 
 def test_fisher_needs_no_path_dependence(tmp_path: Path) -> None:
