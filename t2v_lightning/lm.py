@@ -62,10 +62,13 @@ from t2v_lightning.causal_lm import (
     lm_probe,
     position_ids_from_mask,
 )
-from t2v_lightning.choices import FisherError
+from t2v_lightning.choices import ESTIMATOR_FACTS, METHODS, FisherError, check_choice
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
+from t2v_lightning.fisher.likelihoods import Predictions
 from t2v_lightning.fisher.tokens import (
+    EXACT_REFUSED,
+    TOKEN_LIKELIHOOD,
     SequenceLayer,
     SequenceTaps,
     TokenCategorical,
@@ -96,11 +99,15 @@ log = logging.getLogger(__name__)
 LM_ESTIMATORS: tuple[str, ...] = ("per_sample", "batch")
 LM_PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed")
 
-_EXACT_REFUSED = (
-    "estimator='exact' is not offered for language models: the exact expectation over labels "
-    "needs one backward pass per vocabulary entry at every position ({vocab} × positions per "
-    "sequence); use 'per_sample' (unbiased, the default) or 'batch' (the published code's)"
-)
+# Estimators and methods of the image path that language models do not offer, and why.
+_REFUSED_ESTIMATORS: dict[str, str] = {"exact": EXACT_REFUSED}
+_REFUSED_METHODS: dict[str, str] = {
+    "variational": (
+        "method='variational' is not offered for language models: its weight-noise layers "
+        "cover conv and linear layers, not the token and position tables, HF Conv1D or "
+        "RMSNorm that an LM embedding is made of; use method='montecarlo'"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -135,14 +142,13 @@ class LMSettings:
     precision: str = "32-true"
 
     def __post_init__(self) -> None:
-        if self.estimator == "exact":
-            raise ValueError(_EXACT_REFUSED.format(vocab="V"))
-        if self.estimator not in LM_ESTIMATORS:
-            raise ValueError(f"estimator must be one of {LM_ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator in _REFUSED_ESTIMATORS:
+            raise ValueError(_REFUSED_ESTIMATORS[self.estimator])
+        check_choice("estimator", self.estimator, LM_ESTIMATORS)
         if not is_int(self.mc_samples) or self.mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {self.mc_samples!r}")
-        if self.estimator == "batch" and self.mc_samples != 1:
-            raise ValueError("mc_samples applies to estimator='per_sample' only")
+        if not ESTIMATOR_FACTS[self.estimator].uses_mc_samples and self.mc_samples != 1:
+            raise ValueError(f"mc_samples does not apply to estimator={self.estimator!r}")
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not is_int(self.head_epochs) or self.head_epochs < 0:
@@ -186,16 +192,13 @@ def lm_settings(
     """:class:`LMSettings` from :class:`~t2v_lightning.Task2Vec`'s arguments (``None``: SPEC
     section 8's value); an argument that does not apply to a language model is refused with a
     ``ValueError`` that names it and says why."""
-    if estimator == "exact":
-        raise ValueError(_EXACT_REFUSED.format(vocab="V"))
-    if method == "variational" or any(value is not None for value in variational):
-        raise ValueError(
-            "method='variational' is not offered for language models: its weight-noise layers "
-            "cover conv and linear layers, not the token and position tables, HF Conv1D or "
-            "RMSNorm that an LM embedding is made of; use method='montecarlo'"
-        )
-    if method != "montecarlo":
-        raise ValueError(f"method must be 'montecarlo' for a language model, got {method!r}")
+    if estimator in _REFUSED_ESTIMATORS:
+        raise ValueError(_REFUSED_ESTIMATORS[estimator])
+    if any(value is not None for value in variational):
+        method = "variational"  # its options were given
+    if method in _REFUSED_METHODS:
+        raise ValueError(_REFUSED_METHODS[method])
+    check_choice("method", method, ("montecarlo",))
     refused = {
         "likelihood": (likelihood != "categorical",
                        "a language model's likelihood is the next-token distribution"),
@@ -216,7 +219,7 @@ def lm_settings(
             raise ValueError(f"{name}={value!r} does not apply to a language-model probe: {why}")
     defaults = LMSettings.__dataclass_fields__
     return LMSettings(
-        estimator=estimator or "per_sample",  # type: ignore[arg-type]
+        estimator=estimator or LM_ESTIMATORS[0],  # type: ignore[arg-type]
         mc_samples=defaults["mc_samples"].default if mc_samples is None else mc_samples,  # type: ignore[arg-type]
         batch_size=defaults["batch_size"].default if batch_size is None else batch_size,  # type: ignore[arg-type]
         head_epochs=defaults["head_epochs"].default if head_epochs is None else head_epochs,  # type: ignore[arg-type]
@@ -416,7 +419,8 @@ def lm_fisher(
     """
     layers = sequence_layers(probe.body, probe.body_prefix)
     ids_of = torch.arange(len(task)) if sequence_ids is None else sequence_ids
-    mc = settings.mc_samples if settings.estimator == "per_sample" else 1
+    facts = ESTIMATOR_FACTS[settings.estimator]
+    mc = settings.mc_samples if facts.uses_mc_samples else 1
     count = 0
     was_training = probe.training
     probe.eval()
@@ -428,30 +432,33 @@ def lm_fisher(
                 ids = task.input_ids[part].to(device)
                 mask = task.attention_mask[part].to(device)
                 real = mask.bool()
-                taps.start_batch(mask, one_sequence=settings.estimator == "batch")
+                taps.start_batch(mask, one_sequence=facts.per_batch)
                 with _autocast(device, settings.precision):
                     hidden = probe.hidden_states(ids, mask)
                 states = hidden[real]  # M × D, real positions in order
                 with torch.no_grad():
                     logits = F.linear(states.detach().float(), weight, bias)
-                    probs = TokenCategorical.log_probs(logits).exp_()
+                    log_probs = TOKEN_LIKELIHOOD.log_probs(logits)
                     del logits
-                    expected_row = probs @ weight  # Σ_k p_t(k) W_k
+                    predictions = Predictions(log_probs, log_probs.exp())
+                    expected_row = predictions.probs @ weight  # Σ_k p_t(k) W_k
                     positions = position_ids_from_mask(mask)[real].cpu()
                     rows = ids_of[part].unsqueeze(1).expand_as(mask)[real.cpu()]
                     keys = token_draw_ids(rows, positions)
                 scale = (1.0 / mc) ** 0.5
-                if settings.estimator == "batch":
+                if facts.per_batch:
                     scale = 1.0 / states.shape[0]  # token mean of the mini-batch
                 for draw in range(mc):
-                    labels = TokenCategorical.sample(probs, keys, settings.seed, draw)
+                    labels = TOKEN_LIKELIHOOD.sample(predictions, keys, settings.seed, draw)
                     with torch.no_grad():
-                        grad_states = (weight[labels] - expected_row).mul_(scale)
+                        grad_states = TOKEN_LIKELIHOOD.hidden_score_gradient(
+                            predictions.probs, labels, weight, expected_row
+                        ).mul_(scale)
                     torch.autograd.grad(
                         states, taps.roots, grad_outputs=grad_states.to(states.dtype),
                         retain_graph=draw < mc - 1, allow_unused=True,
                     )
-                del probs, expected_row
+                del predictions, log_probs, expected_row
                 taps.check_all_fired()
                 if taps.nonfinite:
                     raise FisherError(
@@ -459,7 +466,7 @@ def lm_fisher(
                         f"{sorted(taps.nonfinite)[:5]} for sequences {ids_of[part].tolist()[:5]}",
                         example_ids=ids_of[part].tolist(),
                     )
-                count += 1 if settings.estimator == "batch" else int(ids.shape[0])
+                count += 1 if facts.per_batch else int(ids.shape[0])
             sums = dict(taps.sums)
     finally:
         probe.train(was_training)
@@ -530,6 +537,7 @@ def embed_lm(
     weight, bias, loss = fit_lm_head(probe, task, settings, device)
     sums, count, layers = lm_fisher(probe, task, weight, bias, settings, device)
     hessian, offsets = _filter_values(sums, count, layers)
+    facts = ESTIMATOR_FACTS[settings.estimator]
     meta: dict[str, Any] = {
         "probe": f"lm:{probe.source}",
         "probe_class": type(probe.model).__name__,
@@ -552,16 +560,16 @@ def embed_lm(
             "torch": torch.__version__,
             "lightning": lightning.__version__,
         },
-        "method": "montecarlo",
+        "method": METHODS[0],
         "estimator": settings.estimator,
-        "mc_samples": settings.mc_samples if settings.estimator == "per_sample" else None,
+        "mc_samples": settings.mc_samples if facts.uses_mc_samples else None,
         "seed": settings.seed,
         "world_size": 1,
         "precision": settings.precision,
         "num_tokens": int(task.attention_mask.sum()),
         "max_length": int(task.input_ids.shape[1]),
     }
-    if settings.estimator == "batch":
+    if facts.per_batch:
         meta["num_batches"] = count
         meta["num_samples"] = len(task)
     else:

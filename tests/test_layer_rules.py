@@ -16,7 +16,7 @@ from torch import nn
 
 import t2v_lightning.fisher
 from t2v_lightning.choices import UnsupportedLayerError
-from t2v_lightning.fisher import estimators
+from t2v_lightning.fisher import taps as taps_module
 from t2v_lightning.fisher.estimators import LayerFisherTaps, batch_filter_sums, embedded_layers
 from t2v_lightning.fisher.layers import table
 from t2v_lightning.fisher.layers.conv import ConvRule
@@ -82,7 +82,7 @@ def test_the_rule_is_chosen_before_the_pass(monkeypatch: pytest.MonkeyPatch, tin
 
         monkeypatch.setattr(table, "rule_for", no_lookup)
         monkeypatch.setattr(table, "layer_rule", no_lookup)
-        monkeypatch.setattr(estimators, "layer_rule", no_lookup)
+        monkeypatch.setattr(taps_module, "layer_rule", no_lookup)
         sums, count = batch_filter_sums(
             tiny_convnet, taps, inputs, torch.arange(3), torch.ones(3, dtype=torch.bool), "exact", 0
         )

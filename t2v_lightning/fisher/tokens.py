@@ -31,7 +31,7 @@ What is particular to sequences lives here:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +40,17 @@ from torch import nn
 
 from t2v_lightning.causal_lm import position_ids_from_mask
 from t2v_lightning.choices import FisherError, UnsupportedLayerError
-from t2v_lightning.fisher.estimators import uniform_by_id
 from t2v_lightning.fisher.layers.rule import LayerRule
 from t2v_lightning.fisher.layers.table import layer_rule
+from t2v_lightning.fisher.likelihoods import OutputLikelihood, Predictions
+from t2v_lightning.fisher.sampling import uniform_by_id
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
 __all__ = [
+    "EXACT_REFUSED",
+    "TOKEN_LIKELIHOOD",
+    "sample_tokens",
     "SequenceLayer",
     "SequenceTaps",
     "TokenCategorical",
@@ -122,43 +128,68 @@ def as_one_sequence(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(1, -1, *tensor.shape[2:])
 
 
-class TokenCategorical:
-    """The likelihood of next tokens: one categorical distribution per real position.
+EXACT_REFUSED = (
+    "estimator='exact' is not offered for language models: the exact expectation over labels "
+    "needs one backward pass per vocabulary entry at every position (V × positions per "
+    "sequence); use 'per_sample' (unbiased, the default) or 'batch' (the published code's)"
+)
 
-    Labels are drawn by inverse CDF from uniforms keyed by ``(seed, sequence id, real position,
+
+class TokenCategorical(OutputLikelihood):
+    r"""The likelihood of next tokens: one categorical distribution per real position.
+
+    The logits are ``(B, T, V)`` and the batch's ``attention_mask`` says which positions are
+    real; everything is over the M real positions, in order (:meth:`predict`). Labels are drawn
+    by inverse CDF from uniforms keyed by ``(seed, token_draw_ids(sequence id, real position),
     draw)``, so a token's label does not depend on the batch, the padding or the order.
+
+    The Fisher pass of :mod:`t2v_lightning.lm` needs the score's gradient at the final hidden
+    state only: for a linear head :math:`W`, :math:`\nabla_h \log p_t(y) = W_y - \sum_k p_t(k)
+    W_k` (:meth:`hidden_score_gradient`), so the logits never enter the autograd graph.
     """
 
     name = "token_categorical"
 
-    @staticmethod
+    def predict(
+        self, logits: torch.Tensor, ids: torch.Tensor | None = None, inputs: Inputs | None = None
+    ) -> Predictions:
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+            raise FisherError(f"a language model returns logits (batch, positions, vocabulary), got {shape}")
+        if not isinstance(inputs, Mapping) or "attention_mask" not in inputs:
+            raise FisherError("the token likelihood needs the batch's attention_mask")
+        real = inputs["attention_mask"].to(logits.device).bool()
+        log_probs = self.log_probs(logits[real])
+        return Predictions(log_probs, log_probs.detach().exp())
+
     def sample(
-        probs: torch.Tensor, keys: torch.Tensor, seed: int, draw: int = 0, rows_per_chunk: int = 256
+        self, predictions: Predictions, ids: torch.Tensor, seed: int, draw: int
     ) -> torch.Tensor:
-        """One token per row of ``probs`` (M × V): ``probs`` of the position it is scored at.
+        """One token per real position (``ids``: :func:`token_draw_ids` of those positions)."""
+        return sample_tokens(predictions.probs, ids, seed, draw)
+
+    def log_likelihood(self, predictions: Predictions, labels: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p_t(y_t)` per real position (M); a sequence's :math:`\ell_n` sums its own."""
+        return predictions.scores.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+    def exact_terms(self, predictions: Predictions) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
+        raise FisherError(EXACT_REFUSED)
+
+    @staticmethod
+    def hidden_score_gradient(
+        probs: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+        expected_row: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:math:`\nabla_h \\log p_t(y_t) = W_{y_t} - \\sum_k p_t(k) W_k` for each real position (M × D).
 
         Args:
-            probs: next-token probabilities of M real positions.
-            keys: :func:`token_draw_ids` of those positions (M).
-            seed: the task's seed.
-            draw: index of the draw (``mc_samples`` > 1).
-            rows_per_chunk: rows whose float64 CDF is built at once (memory: × V × 8 bytes).
+            probs: M × V probabilities from the head ``weight`` (V × D).
+            labels: M tokens.
+            weight: the head.
+            expected_row: ``probs @ weight`` when already computed (several draws).
         """
-        u = uniform_by_id(keys, seed, draw).to(probs.device)
-        labels = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
-        for start in range(0, probs.shape[0], rows_per_chunk):
-            part = slice(start, start + rows_per_chunk)
-            cdf = probs[part].detach().to(torch.float64).cumsum(-1)
-            target = (u[part] * cdf[:, -1]).unsqueeze(-1)
-            labels[part] = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-        return labels.clamp_(max=probs.shape[-1] - 1)
-
-    @staticmethod
-    def score_gradient(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Gradient of ``log p(label)`` with respect to the logits: ``onehot(label) - probs``."""
-        grad = -probs.detach().to(torch.float32)
-        grad[torch.arange(labels.numel(), device=labels.device), labels] += 1.0
-        return grad
+        expected = probs @ weight if expected_row is None else expected_row
+        return weight[labels] - expected
 
     @staticmethod
     def log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -170,6 +201,32 @@ class TokenCategorical:
                 "NaN / inf, or its activations overflow"
             )
         return log_probs
+
+
+def sample_tokens(
+    probs: torch.Tensor, keys: torch.Tensor, seed: int, draw: int = 0, rows_per_chunk: int = 256
+) -> torch.Tensor:
+    """One token per row of ``probs`` (M × V): the distribution of the position it is scored at.
+
+    Args:
+        probs: next-token probabilities of M real positions.
+        keys: :func:`token_draw_ids` of those positions (M).
+        seed: the task's seed.
+        draw: index of the draw (``mc_samples`` > 1).
+        rows_per_chunk: rows whose float64 CDF is built at once (memory: × V × 8 bytes).
+    """
+    u = uniform_by_id(keys, seed, draw).to(probs.device)
+    labels = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+    for start in range(0, probs.shape[0], rows_per_chunk):
+        part = slice(start, start + rows_per_chunk)
+        cdf = probs[part].detach().to(torch.float64).cumsum(-1)
+        target = (u[part] * cdf[:, -1]).unsqueeze(-1)
+        labels[part] = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return labels.clamp_(max=probs.shape[-1] - 1)
+
+
+TOKEN_LIKELIHOOD = TokenCategorical()
+"""The likelihood object of language-model tasks."""
 
 
 class SequenceTaps:
