@@ -9,11 +9,14 @@ without importing each other.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 __all__ = [
     "Estimator",
     "ESTIMATORS",
+    "ESTIMATOR_FACTS",
+    "EstimatorFacts",
     "Likelihood",
     "LIKELIHOODS",
     "Method",
@@ -27,6 +30,29 @@ Estimator = Literal["per_sample", "batch", "exact"]
 ESTIMATORS: tuple[str, ...] = ("per_sample", "batch", "exact")
 """Monte Carlo estimators: labels sampled per example, the squared mean gradient of each
 mini-batch (the 2019 reference), the expectation over every label."""
+
+
+
+@dataclass(frozen=True)
+class EstimatorFacts:
+    """What the rest of the package needs to know about an estimator besides its math.
+
+    Args:
+        uses_mc_samples: it draws ``mc_samples`` labels per example (recorded in the meta).
+        per_batch: it squares mini-batch gradients: it counts batches (``num_batches`` in the
+            meta, not ``num_samples``) and estimates the Fisher divided by the batch size.
+    """
+
+    uses_mc_samples: bool
+    per_batch: bool
+
+
+ESTIMATOR_FACTS: dict[str, EstimatorFacts] = {
+    "per_sample": EstimatorFacts(uses_mc_samples=True, per_batch=False),
+    "batch": EstimatorFacts(uses_mc_samples=False, per_batch=True),
+    "exact": EstimatorFacts(uses_mc_samples=False, per_batch=False),
+}
+"""``estimator=`` value → its facts (one per :data:`ESTIMATORS`)."""
 
 Likelihood = Literal["categorical", "bernoulli"]
 LIKELIHOODS: tuple[str, ...] = ("categorical", "bernoulli")

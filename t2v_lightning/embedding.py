@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from t2v_lightning.choices import ESTIMATOR_FACTS
+
 FORMAT_NAME = "t2v-lightning-embedding"
 # 2: the header holds a SHA-256 ``checksum`` of the layers, meta and tensors, and a file of
 # version 2 or later without one is corrupt. Version 1 files (no checksum) are still read.
@@ -382,6 +384,10 @@ class EmbeddingScaleWarning(UserWarning):
     """Two embeddings compared were made at different scales (see :func:`scale_of`)."""
 
 
+# Methods whose embeddings hold something else than the Fisher, whatever their estimator.
+_METHOD_SCALES = {"variational": "variational (inverse weight-noise variances)"}
+
+
 def scale_of(embedding: TaskEmbedding) -> str | None:
     """What an embedding's values estimate, from its meta; ``None`` when the meta does not say.
 
@@ -389,15 +395,15 @@ def scale_of(embedding: TaskEmbedding) -> str | None:
     batch size; the variational method stores inverse variances, another quantity altogether.
     """
     meta = embedding.meta
-    if meta.get("method") == "variational":
-        return "variational (inverse weight-noise variances)"
-    estimator = meta.get("estimator")
-    if estimator == "batch":
+    if str(meta.get("method")) in _METHOD_SCALES:
+        return _METHOD_SCALES[str(meta.get("method"))]
+    facts = ESTIMATOR_FACTS.get(str(meta.get("estimator")))
+    if facts is None:
+        return None
+    if facts.per_batch:
         size = meta.get("batch_size")
         return f"F / {size} (batch estimator)" if size else "F / batch size (batch estimator)"
-    if estimator in ("per_sample", "exact"):
-        return "F (per-example estimator)"
-    return None
+    return "F (per-example estimator)"
 
 
 def _scale_difference(a: TaskEmbedding, b: TaskEmbedding) -> tuple[str, str] | None:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,20 +56,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import t2v_lightning
+from t2v_lightning.causal_lm import (
+    CausalLMProbe,
+    is_language_model,
+    lm_probe,
+    position_ids_from_mask,
+)
+from t2v_lightning.choices import ESTIMATOR_FACTS, METHODS, FisherError, check_choice
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
-from t2v_lightning.fisher.estimators import FisherError
+from t2v_lightning.fisher.likelihoods import Predictions
 from t2v_lightning.fisher.tokens import (
+    EXACT_REFUSED,
+    TOKEN_LIKELIHOOD,
     SequenceLayer,
     SequenceTaps,
     TokenCategorical,
-    position_ids_from_mask,
     sequence_layers,
     token_draw_ids,
 )
 from t2v_lightning.probe import ProbeError, probe_fingerprint
 from t2v_lightning.safety import check_seed, is_int
+from t2v_lightning.version import __version__
 
 __all__ = [
     "LM_ESTIMATORS",
@@ -92,134 +99,15 @@ log = logging.getLogger(__name__)
 LM_ESTIMATORS: tuple[str, ...] = ("per_sample", "batch")
 LM_PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed")
 
-_EXACT_REFUSED = (
-    "estimator='exact' is not offered for language models: the exact expectation over labels "
-    "needs one backward pass per vocabulary entry at every position ({vocab} × positions per "
-    "sequence); use 'per_sample' (unbiased, the default) or 'batch' (the published code's)"
-)
-
-
-class CausalLMProbe(nn.Module):
-    """A ``transformers`` causal language model and its tokenizer, used as a Task2Vec probe.
-
-    Args:
-        model: an ``AutoModelForCausalLM`` model (GPT-2, Llama, ...).
-        tokenizer: its tokenizer (``None`` when the model came without one).
-        source: where it was loaded from (a hub id or a directory).
-
-    ``forward(input_ids, attention_mask)`` returns the model's own next-token logits (positions
-    from the mask). The embedding covers :attr:`body` (the model without its LM head).
-    """
-
-    def __init__(self, model: nn.Module, tokenizer: Any = None, source: str = "") -> None:
-        super().__init__()
-        self.model = model
-        self._tokenizer = tokenizer
-        self.source = source
-        self.model.eval()
-
-    @property
-    def tokenizer(self) -> Any:
-        """The model's tokenizer."""
-        if self._tokenizer is None:
-            raise ProbeError(
-                f"the language model {self.source!r} came without a tokenizer (none found in its "
-                "directory); save one there with tokenizer.save_pretrained"
-            )
-        return self._tokenizer
-
-    @property
-    def body(self) -> nn.Module:
-        """The model without its LM head (``model.transformer`` for GPT-2, ``model.model`` for Llama)."""
-        body: nn.Module = getattr(self.model, "base_model")  # noqa: B009 (typed as Tensor | Module)
-        return body
-
-    @property
-    def body_prefix(self) -> str:
-        """Qualified name of :attr:`body` inside :attr:`model`, with a trailing dot."""
-        prefix = str(getattr(self.model, "base_model_prefix", ""))
-        return f"{prefix}." if prefix and hasattr(self.model, prefix) else ""
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        """The LM head (possibly tied to the token table; only copies of it are ever fitted)."""
-        head = getattr(self.model, "get_output_embeddings")()  # noqa: B009
-        if not isinstance(head, nn.Linear):
-            raise ProbeError(
-                f"the LM head of {self.source!r} is a {type(head).__name__}, not an nn.Linear"
-            )
-        return head
-
-    @property
-    def vocab_size(self) -> int:
-        """Rows of the LM head: the number of tokens a position can take."""
-        return int(self.lm_head.weight.shape[0])
-
-    def get_classifier(self) -> nn.Module:
-        """The LM head (timm's interface, used by :func:`~t2v_lightning.find_head`)."""
-        return self.lm_head
-
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (after the last norm), positions counted over real tokens."""
-        output = self.body(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-        return output.last_hidden_state  # type: ignore[no-any-return]
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Next-token logits of the model's own head (B × T × V)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        logits: torch.Tensor = self.lm_head(self.hidden_states(input_ids, attention_mask))
-        return logits
-
-
-def is_language_model(probe: nn.Module) -> bool:
-    """Whether ``probe`` is a causal-LM probe (from ``get_probe("lm:...")``)."""
-    return isinstance(probe, CausalLMProbe)
-
-
-def lm_probe(source: str) -> CausalLMProbe:
-    """Load a causal language model and its tokenizer (``get_probe("lm:<source>")``).
-
-    Args:
-        source: a local ``save_pretrained`` directory (read offline), or a hub id (downloaded
-            when online, else read from the cache).
-
-    Returns:
-        The probe in eval mode, float32.
-
-    Raises:
-        ProbeError: transformers missing, or no causal language model at ``source``.
-    """
-    if not isinstance(source, str) or not source:
-        raise ProbeError("the language model after 'lm:' must be a directory or a hub id")
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ProbeError(
-            "language-model probes need transformers: pip install 't2v-lightning[lm]'"
-        ) from err
-    local = os.path.isdir(source)
-    if not local and (os.sep in source.rstrip("/").split("/", 1)[-1] or source.startswith(".")):
-        raise ProbeError(f"lm:{source}: no such directory")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
-        where = "directory" if local else "hub id (offline: only cached models load)"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ProbeError(f"lm:{source}: cannot load a causal language model from this {where}: "
-                         f"{first}") from err
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None
-    return CausalLMProbe(model, tokenizer, source)
+# Estimators and methods of the image path that language models do not offer, and why.
+_REFUSED_ESTIMATORS: dict[str, str] = {"exact": EXACT_REFUSED}
+_REFUSED_METHODS: dict[str, str] = {
+    "variational": (
+        "method='variational' is not offered for language models: its weight-noise layers "
+        "cover conv and linear layers, not the token and position tables, HF Conv1D or "
+        "RMSNorm that an LM embedding is made of; use method='montecarlo'"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -254,14 +142,13 @@ class LMSettings:
     precision: str = "32-true"
 
     def __post_init__(self) -> None:
-        if self.estimator == "exact":
-            raise ValueError(_EXACT_REFUSED.format(vocab="V"))
-        if self.estimator not in LM_ESTIMATORS:
-            raise ValueError(f"estimator must be one of {LM_ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator in _REFUSED_ESTIMATORS:
+            raise ValueError(_REFUSED_ESTIMATORS[self.estimator])
+        check_choice("estimator", self.estimator, LM_ESTIMATORS)
         if not is_int(self.mc_samples) or self.mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {self.mc_samples!r}")
-        if self.estimator == "batch" and self.mc_samples != 1:
-            raise ValueError("mc_samples applies to estimator='per_sample' only")
+        if not ESTIMATOR_FACTS[self.estimator].uses_mc_samples and self.mc_samples != 1:
+            raise ValueError(f"mc_samples does not apply to estimator={self.estimator!r}")
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not is_int(self.head_epochs) or self.head_epochs < 0:
@@ -305,16 +192,13 @@ def lm_settings(
     """:class:`LMSettings` from :class:`~t2v_lightning.Task2Vec`'s arguments (``None``: SPEC
     section 8's value); an argument that does not apply to a language model is refused with a
     ``ValueError`` that names it and says why."""
-    if estimator == "exact":
-        raise ValueError(_EXACT_REFUSED.format(vocab="V"))
-    if method == "variational" or any(value is not None for value in variational):
-        raise ValueError(
-            "method='variational' is not offered for language models: its weight-noise layers "
-            "cover conv and linear layers, not the token and position tables, HF Conv1D or "
-            "RMSNorm that an LM embedding is made of; use method='montecarlo'"
-        )
-    if method != "montecarlo":
-        raise ValueError(f"method must be 'montecarlo' for a language model, got {method!r}")
+    if estimator in _REFUSED_ESTIMATORS:
+        raise ValueError(_REFUSED_ESTIMATORS[estimator])
+    if any(value is not None for value in variational):
+        method = "variational"  # its options were given
+    if method in _REFUSED_METHODS:
+        raise ValueError(_REFUSED_METHODS[method])
+    check_choice("method", method, ("montecarlo",))
     refused = {
         "likelihood": (likelihood != "categorical",
                        "a language model's likelihood is the next-token distribution"),
@@ -335,7 +219,7 @@ def lm_settings(
             raise ValueError(f"{name}={value!r} does not apply to a language-model probe: {why}")
     defaults = LMSettings.__dataclass_fields__
     return LMSettings(
-        estimator=estimator or "per_sample",  # type: ignore[arg-type]
+        estimator=estimator or LM_ESTIMATORS[0],  # type: ignore[arg-type]
         mc_samples=defaults["mc_samples"].default if mc_samples is None else mc_samples,  # type: ignore[arg-type]
         batch_size=defaults["batch_size"].default if batch_size is None else batch_size,  # type: ignore[arg-type]
         head_epochs=defaults["head_epochs"].default if head_epochs is None else head_epochs,  # type: ignore[arg-type]
@@ -535,7 +419,8 @@ def lm_fisher(
     """
     layers = sequence_layers(probe.body, probe.body_prefix)
     ids_of = torch.arange(len(task)) if sequence_ids is None else sequence_ids
-    mc = settings.mc_samples if settings.estimator == "per_sample" else 1
+    facts = ESTIMATOR_FACTS[settings.estimator]
+    mc = settings.mc_samples if facts.uses_mc_samples else 1
     count = 0
     was_training = probe.training
     probe.eval()
@@ -547,30 +432,33 @@ def lm_fisher(
                 ids = task.input_ids[part].to(device)
                 mask = task.attention_mask[part].to(device)
                 real = mask.bool()
-                taps.start_batch(mask, one_sequence=settings.estimator == "batch")
+                taps.start_batch(mask, one_sequence=facts.per_batch)
                 with _autocast(device, settings.precision):
                     hidden = probe.hidden_states(ids, mask)
                 states = hidden[real]  # M × D, real positions in order
                 with torch.no_grad():
                     logits = F.linear(states.detach().float(), weight, bias)
-                    probs = TokenCategorical.log_probs(logits).exp_()
+                    log_probs = TOKEN_LIKELIHOOD.log_probs(logits)
                     del logits
-                    expected_row = probs @ weight  # Σ_k p_t(k) W_k
+                    predictions = Predictions(log_probs, log_probs.exp())
+                    expected_row = predictions.probs @ weight  # Σ_k p_t(k) W_k
                     positions = position_ids_from_mask(mask)[real].cpu()
                     rows = ids_of[part].unsqueeze(1).expand_as(mask)[real.cpu()]
                     keys = token_draw_ids(rows, positions)
                 scale = (1.0 / mc) ** 0.5
-                if settings.estimator == "batch":
+                if facts.per_batch:
                     scale = 1.0 / states.shape[0]  # token mean of the mini-batch
                 for draw in range(mc):
-                    labels = TokenCategorical.sample(probs, keys, settings.seed, draw)
+                    labels = TOKEN_LIKELIHOOD.sample(predictions, keys, settings.seed, draw)
                     with torch.no_grad():
-                        grad_states = (weight[labels] - expected_row).mul_(scale)
+                        grad_states = TOKEN_LIKELIHOOD.hidden_score_gradient(
+                            predictions.probs, labels, weight, expected_row
+                        ).mul_(scale)
                     torch.autograd.grad(
                         states, taps.roots, grad_outputs=grad_states.to(states.dtype),
                         retain_graph=draw < mc - 1, allow_unused=True,
                     )
-                del probs, expected_row
+                del predictions, log_probs, expected_row
                 taps.check_all_fired()
                 if taps.nonfinite:
                     raise FisherError(
@@ -578,7 +466,7 @@ def lm_fisher(
                         f"{sorted(taps.nonfinite)[:5]} for sequences {ids_of[part].tolist()[:5]}",
                         example_ids=ids_of[part].tolist(),
                     )
-                count += 1 if settings.estimator == "batch" else int(ids.shape[0])
+                count += 1 if facts.per_batch else int(ids.shape[0])
             sums = dict(taps.sums)
     finally:
         probe.train(was_training)
@@ -649,6 +537,7 @@ def embed_lm(
     weight, bias, loss = fit_lm_head(probe, task, settings, device)
     sums, count, layers = lm_fisher(probe, task, weight, bias, settings, device)
     hessian, offsets = _filter_values(sums, count, layers)
+    facts = ESTIMATOR_FACTS[settings.estimator]
     meta: dict[str, Any] = {
         "probe": f"lm:{probe.source}",
         "probe_class": type(probe.model).__name__,
@@ -667,20 +556,20 @@ def embed_lm(
         "head_weight_decay": settings.head_weight_decay,
         "head_train_loss": loss,
         "versions": {
-            "t2v_lightning": t2v_lightning.__version__,
+            "t2v_lightning": __version__,
             "torch": torch.__version__,
             "lightning": lightning.__version__,
         },
-        "method": "montecarlo",
+        "method": METHODS[0],
         "estimator": settings.estimator,
-        "mc_samples": settings.mc_samples if settings.estimator == "per_sample" else None,
+        "mc_samples": settings.mc_samples if facts.uses_mc_samples else None,
         "seed": settings.seed,
         "world_size": 1,
         "precision": settings.precision,
         "num_tokens": int(task.attention_mask.sum()),
         "max_length": int(task.input_ids.shape[1]),
     }
-    if settings.estimator == "batch":
+    if facts.per_batch:
         meta["num_batches"] = count
         meta["num_samples"] = len(task)
     else:

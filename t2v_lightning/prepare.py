@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from t2v_lightning.choices import LIKELIHOODS, Likelihood
+from t2v_lightning.choices import LIKELIHOODS, Likelihood, check_choice
 from t2v_lightning.features import (
     DatasetError,
     SelectedInputs,
@@ -91,8 +91,7 @@ class TaskSettings:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        check_choice("likelihood", self.likelihood, LIKELIHOODS)
         if self.likelihood == "bernoulli" and self.balanced_sampling:
             raise ValueError(
                 "balanced_sampling=True weights examples by 1/(size of their class), which is not "

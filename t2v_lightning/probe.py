@@ -14,7 +14,7 @@ import pickle
 import re
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,32 +169,12 @@ def get_probe(
         raise ProbeError(f"num_classes must be a positive integer or None, got {num_classes!r}")
     if pretrained and weights is not None:
         raise ProbeError("pass either pretrained=True or weights=<path>, not both")
-    model: nn.Module
-    if name in PACKAGED_PROBES and weights is None:
-        model_name, packaged = PACKAGED_PROBES[name]
-        model = get_probe(model_name, weights=resolve_weights(packaged))
-    elif name in PACKAGED_PROBES:
-        model = get_probe(PACKAGED_PROBES[name][0])
-    elif name.startswith("text:"):
-        from t2v_lightning.text import text_probe  # optional dependencies (transformers)
-
-        try:
-            model = text_probe(name[len("text:") :])
-        except ValueError as err:
-            raise ProbeError(str(err)) from err
-    elif name.startswith("lm:"):
-        if num_classes is not None or weights is not None or pretrained:
-            raise ProbeError(
-                f"probe {name!r}: num_classes, pretrained and weights do not apply to language "
-                "models (their weights come with them; the LM head is the head)"
-            )
-        from t2v_lightning.lm import lm_probe  # optional dependencies (transformers)
-
-        model = lm_probe(name[len("lm:") :])
-    elif name.startswith("timm:"):
-        model = _timm_model(name[len("timm:") :], pretrained)
-    else:
-        model = _torchvision_model(name, pretrained)
+    if name.startswith("lm:") and (num_classes is not None or weights is not None or pretrained):
+        raise ProbeError(
+            f"probe {name!r}: num_classes, pretrained and weights do not apply to language "
+            "models (their weights come with them; the LM head is the head)"
+        )
+    model = _build_model(name, pretrained, packaged_weights=weights is None)
     if weights is not None:
         state = read_state_dict(weights)
         _resize_head_to(model, state)
@@ -243,6 +223,50 @@ def _timm_model(name: str, pretrained: bool) -> nn.Module:
     if not timm.is_model(name):
         raise ProbeError(f"unknown timm model {name!r} (see timm.list_models())")
     return timm.create_model(name, pretrained=pretrained)
+
+
+
+def _text_model(name: str, pretrained: bool) -> nn.Module:
+    """A sentence-encoder probe (:mod:`t2v_lightning.text`; its weights always load, offline)."""
+    from t2v_lightning.text import text_probe  # optional dependencies (transformers)
+
+    try:
+        return text_probe(name)
+    except ValueError as err:
+        raise ProbeError(str(err)) from err
+
+
+def _lm_model(name: str, pretrained: bool) -> nn.Module:
+    """A causal language model with its tokenizer (:mod:`t2v_lightning.causal_lm`)."""
+    from t2v_lightning.causal_lm import lm_probe  # optional dependencies (transformers)
+
+    try:
+        return lm_probe(name)
+    except ValueError as err:
+        raise ProbeError(str(err)) from err
+
+
+PROBE_LOADERS: dict[str, Callable[[str, bool], nn.Module]] = {
+    "text:": _text_model,
+    "timm:": _timm_model,
+    "lm:": _lm_model,
+}
+"""Name prefix → the function ``(name after the prefix, pretrained) -> model`` that builds it.
+
+A family of probes is one entry here; names without a known prefix are torchvision models, and
+the short names of :data:`PACKAGED_PROBES` are looked up before any prefix.
+"""
+
+
+def _build_model(name: str, pretrained: bool, packaged_weights: bool) -> nn.Module:
+    """The model ``name`` stands for, before any ``weights`` file or head change."""
+    if name in PACKAGED_PROBES:
+        model_name, packaged = PACKAGED_PROBES[name]
+        return get_probe(model_name, weights=resolve_weights(packaged) if packaged_weights else None)
+    prefix = next((prefix for prefix in PROBE_LOADERS if name.startswith(prefix)), None)
+    if prefix is not None:
+        return PROBE_LOADERS[prefix](name[len(prefix) :], pretrained)
+    return _torchvision_model(name, pretrained)
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self, override
 
-from t2v_lightning.choices import Estimator
+from t2v_lightning.choices import ESTIMATORS, METHODS, Estimator, check_choice
 from t2v_lightning.fisher.montecarlo import MonteCarloSettings
 from t2v_lightning.fisher.variational import VariationalSettings
 from t2v_lightning.probe import (
@@ -104,6 +104,8 @@ class ProbeClassifier(pl.LightningModule):
         if not head_weight_decay >= 0:
             raise ValueError(f"head_weight_decay must be >= 0, got {head_weight_decay!r}")
         check_seed(seed)
+        check_choice("method", method, METHODS)
+        check_choice("estimator", estimator, ESTIMATORS)
         self.save_hyperparameters()
         self.skip_layers = skip_layers
         self.method: Method = method
@@ -294,8 +296,9 @@ class ProbeClassifier(pl.LightningModule):
         variational = {f"variational_{name}": (getattr(self, f"variational_{name}"),
                                                getattr(VariationalSettings, name))
                        for name in ("epochs", "lr", "head_lr", "beta")}
-        chosen, other = (monte_carlo, variational) if self.method == "montecarlo" else (
-            variational, monte_carlo)
+        by_method = {"montecarlo": monte_carlo, "variational": variational}
+        chosen = by_method.pop(self.method)
+        (other,) = by_method.values()
         options: dict[str, Any] = {name: value for name, (value, _) in chosen.items()}
         options.update({name: value for name, (value, default) in other.items() if value != default})
         if checkpoint_dir is not None:

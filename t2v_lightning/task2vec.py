@@ -13,7 +13,8 @@ task, two steps:
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -22,7 +23,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import Dataset
 
-from t2v_lightning.choices import METHODS, Estimator, FisherError, Likelihood, Method
+from t2v_lightning.choices import (
+    LIKELIHOODS,
+    METHODS,
+    Estimator,
+    FisherError,
+    Likelihood,
+    Method,
+    check_choice,
+)
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
 from t2v_lightning.fisher.montecarlo import MonteCarloSettings, embed_montecarlo
@@ -38,15 +47,51 @@ from t2v_lightning.trainers import TrainerSpec, quiet_lightning
 
 __all__ = ["Task2Vec", "DatasetError"]
 
-# The options of each method; passing one with the other method is an error that names it.
-_OPTIONS: dict[str, tuple[str, ...]] = {
-    "montecarlo": (
-        "estimator", "mc_samples", "checkpoint_dir", "checkpoint_every_n_steps", "resume_from"
+@dataclass(frozen=True)
+class _MethodRunner:
+    """How :class:`Task2Vec` runs one method: its options, settings, Trainer and Fisher."""
+
+    options: tuple[str, ...]
+    """Its ``Task2Vec`` arguments; passing one with another method is an error that names it."""
+    settings: Callable[[dict[str, Any]], MonteCarloSettings | VariationalSettings]
+    """The method's settings object from the options given."""
+    stage: str
+    """The name of its Trainer (progress bars, messages)."""
+    epochs: Callable[[Any], int]
+    """Epochs of its Trainer, from its settings."""
+    embed: Callable[[PreparedTask, pl.Trainer, Any], TaskEmbedding]
+    """The method itself: a prepared task to its embedding."""
+    check_probe: Callable[[nn.Module, str, int], None] | None = None
+    """Refuses an unusable probe before any data is read."""
+    likelihoods: tuple[str, ...] = LIKELIHOODS
+    """The likelihoods it implements."""
+
+
+_METHODS: dict[str, _MethodRunner] = {
+    "montecarlo": _MethodRunner(
+        options=(
+            "estimator", "mc_samples", "checkpoint_dir", "checkpoint_every_n_steps", "resume_from"
+        ),
+        settings=lambda options: MonteCarloSettings(**options),
+        stage="Fisher pass",
+        epochs=lambda settings: 1,
+        embed=embed_montecarlo,
     ),
-    "variational": (
-        "variational_epochs", "variational_lr", "variational_head_lr", "variational_beta"
+    "variational": _MethodRunner(
+        options=(
+            "variational_epochs", "variational_lr", "variational_head_lr", "variational_beta"
+        ),
+        settings=lambda options: VariationalSettings(
+            **{name.removeprefix("variational_"): value for name, value in options.items()}
+        ),
+        stage="variational",
+        epochs=lambda settings: settings.epochs,
+        embed=embed_variational,
+        check_probe=check_variational_probe,
+        likelihoods=("categorical",),
     ),
 }
+"""``method=`` value → how it runs (one per :data:`~t2v_lightning.choices.METHODS`)."""
 
 
 class Task2Vec:
@@ -164,8 +209,7 @@ class Task2Vec:
     ) -> None:
         if not isinstance(probe, nn.Module):
             raise TypeError(f"probe must be a torch.nn.Module, got {type(probe).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        runner = _METHODS[check_choice("method", method, METHODS)]
         # A language model (get_probe("lm:...")) is embedded by its own pass (SPEC section 8).
         self.lm: LMSettings | None = None
         if is_language_model(probe):
@@ -181,6 +225,7 @@ class Task2Vec:
             )
             estimator = None
             method = "montecarlo"
+            runner = _METHODS[method]
         chosen: dict[str, Any] = {
             "estimator": estimator,
             "mc_samples": mc_samples,
@@ -193,16 +238,18 @@ class Task2Vec:
             "variational_beta": variational_beta,
         }
         given = {name: value for name, value in chosen.items() if value is not None}
-        for other, names in _OPTIONS.items():
-            ignored = [name for name in names if other != method and name in given]
+        for other, other_runner in _METHODS.items():
+            ignored = [name for name in other_runner.options if other != method and name in given]
             if ignored:
                 raise ValueError(
                     f"{ignored[0]}={given[ignored[0]]!r} is an option of method={other!r}, which "
                     f"this Task2Vec does not run (method={method!r}); leave it out"
                 )
-        if likelihood == "bernoulli" and method != "montecarlo":
+        if likelihood not in runner.likelihoods:
+            check_choice("likelihood", likelihood, LIKELIHOODS)
+            methods = " or ".join(f"method={m!r}" for m, r in _METHODS.items() if likelihood in r.likelihoods)
             raise ValueError(
-                f"likelihood='bernoulli' is implemented for method='montecarlo' only, got "
+                f"likelihood={likelihood!r} is implemented for {methods} only, got "
                 f"method={method!r}"
             )
         if not is_int(skip_layers) or skip_layers < 0:
@@ -225,14 +272,9 @@ class Task2Vec:
             seed=seed,
             num_workers=num_workers,
         )
-        options = {name: given[name] for name in _OPTIONS[method] if name in given}
-        self.settings: MonteCarloSettings | VariationalSettings
-        if method == "montecarlo":
-            self.settings = MonteCarloSettings(**options)
-        else:
-            self.settings = VariationalSettings(
-                **{name.removeprefix("variational_"): value for name, value in options.items()}
-            )
+        self.settings: MonteCarloSettings | VariationalSettings = runner.settings(
+            {name: given[name] for name in runner.options if name in given}
+        )
         self.trainer_spec = TrainerSpec(
             accelerator=accelerator,
             devices=devices,
@@ -282,16 +324,15 @@ class Task2Vec:
         if self.lm is not None:
             return self._embed_lm(dataset, task_name)
         try:
-            if isinstance(self.settings, VariationalSettings):
-                check_variational_probe(self.probe, self.head, self.task.skip_layers)
+            runner = _METHODS[self.method]
+            if runner.check_probe is not None:
+                runner.check_probe(self.probe, self.head, self.task.skip_layers)
             with quiet_lightning(), keyboard_interrupts_kept():
                 # One Trainer runs the method; its device is where the preparation runs too.
                 trainer = self._pass_trainer()
                 prepared = self._prepare(dataset, task_name, trainer.strategy.root_device)
                 try:
-                    if isinstance(self.settings, VariationalSettings):
-                        return embed_variational(prepared, trainer, self.settings)
-                    return embed_montecarlo(prepared, trainer, self.settings)
+                    return runner.embed(prepared, trainer, self.settings)
                 except FisherError as err:
                     if not err.example_ids:
                         raise
@@ -317,9 +358,8 @@ class Task2Vec:
         )
 
     def _pass_trainer(self) -> pl.Trainer:
-        if isinstance(self.settings, VariationalSettings):
-            return self.trainer_spec.build("variational", self.settings.epochs)
-        return self.trainer_spec.build("Fisher pass", 1)
+        runner = _METHODS[self.method]
+        return self.trainer_spec.build(runner.stage, runner.epochs(self.settings))
 
     def _prepare(
         self, dataset: Dataset, task_name: str | None, device: torch.device

@@ -149,3 +149,29 @@ def test_no_module_imports_the_package_root(tmp_path: Path) -> None:
         path = tmp_path / "example.py"
         path.write_text(source)
         assert imports_of(path, {"t2v_lightning", "t2v_lightning.version"}) == {"t2v_lightning"}
+
+
+_CHOICE_WORDS = {"per_sample", "batch", "exact", "montecarlo", "variational"}
+
+
+def test_estimators_and_methods_are_dispatched_through_tables() -> None:
+    """No ``== "per_sample"``-style comparison with an estimator or method name outside
+    ``choices.py``, and no ``isinstance`` test on a method's settings in ``task2vec.py``."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "choices.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if {side.value for side in sides if isinstance(side, ast.Constant)} & _CHOICE_WORDS:
+                    found.append(f"{path.name}:{node.lineno}")
+            is_settings_test = (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "isinstance"
+                and "Settings" in ast.unparse(node.args[1])
+            )
+            if is_settings_test and path.name == "task2vec.py":
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found

@@ -17,6 +17,9 @@ pytest.importorskip("transformers")
 from t2v_lightning import Task2Vec, get_probe
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
+from t2v_lightning.fisher.layers.embedding import EmbeddingRule
+from t2v_lightning.fisher.layers.linear import Conv1DRule, LinearRule
+from t2v_lightning.fisher.layers.norm import LayerNormRule, RMSNormRule
 from t2v_lightning.fisher.tokens import sequence_layers
 from t2v_lightning.lm import CausalLMProbe, LMSettings, embed_lm, fit_lm_head, read_lm_task
 from t2v_lightning.probe import ProbeError, probe_fingerprint
@@ -43,10 +46,10 @@ def test_gpt2_small_shapes_give_134993_values() -> None:
     model = GPT2LMHeadModel(GPT2Config())  # GPT-2 small's shapes, random weights
     layers = sequence_layers(model.transformer, "transformer.")
     assert sum(layer.num_rows for layer in layers) == 134_993
-    kinds = {layer.name: layer.kind for layer in layers}
-    assert kinds["transformer.wte"] == "table" and kinds["transformer.wpe"] == "table"
-    assert kinds["transformer.h.0.attn.c_attn"] == "conv1d"
-    assert kinds["transformer.ln_f"] == "norm"
+    kinds = {layer.name: type(layer.rule) for layer in layers}
+    assert kinds["transformer.wte"] is EmbeddingRule and kinds["transformer.wpe"] is EmbeddingRule
+    assert kinds["transformer.h.0.attn.c_attn"] is Conv1DRule
+    assert kinds["transformer.ln_f"] is LayerNormRule
     assert not any("lm_head" in name for name in kinds)
     # Conv1D rows are input features: c_fc (768 -> 3072) gives 768 values, mlp.c_proj 3072.
     rows = {layer.name: layer.num_rows for layer in layers}
@@ -61,10 +64,10 @@ def test_lm_probe_loads_gpt2_and_llama_offline(gpt2_dir: Path, llama_dir: Path) 
     assert names[:3] == ["transformer.wte", "transformer.wpe", "transformer.h.0.ln_1"]
     llama = get_probe(f"lm:{llama_dir}")
     layers = sequence_layers(llama.body, llama.body_prefix)
-    kinds = {layer.name: layer.kind for layer in layers}
-    assert kinds["model.embed_tokens"] == "table"
-    assert kinds["model.layers.0.input_layernorm"] == "norm"  # LlamaRMSNorm
-    assert kinds["model.layers.0.self_attn.q_proj"] == "linear"
+    kinds = {layer.name: type(layer.rule) for layer in layers}
+    assert kinds["model.embed_tokens"] is EmbeddingRule
+    assert kinds["model.layers.0.input_layernorm"] is RMSNormRule  # LlamaRMSNorm
+    assert kinds["model.layers.0.self_attn.q_proj"] is LinearRule
     assert not any("rotary" in name or "lm_head" in name for name in kinds)
 
 
@@ -182,3 +185,18 @@ def test_bad_lm_tasks_are_named(gpt2_dir: Path) -> None:
              {"input_ids": [4, 5], "attention_mask": [1, 1], "text": "ignored"}]
     task = read_lm_task(lists, probe.vocab_size)
     assert task.input_ids.tolist() == [[1, 2, 3], [4, 5, 0]]
+
+
+def test_language_model_norms_are_entries_of_the_table() -> None:
+    """Every RMSNorm class the table names exists in transformers and finds the RMSNorm rule."""
+    import importlib
+
+    from t2v_lightning.fisher.layers.table import RULES, rule_for
+
+    names = [key for key in RULES if isinstance(key, str) and key.endswith("RMSNorm")]
+    assert len(names) >= 10
+    for key in names:
+        module_name, _, class_name = key.rpartition(".")
+        kind = getattr(importlib.import_module(module_name), class_name)
+        assert isinstance(rule_for(kind(8)), RMSNormRule), key
+    assert isinstance(rule_for(torch.nn.RMSNorm(8)), RMSNormRule)

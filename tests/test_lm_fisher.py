@@ -22,9 +22,11 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from t2v_lightning import get_probe
+from t2v_lightning.causal_lm import position_ids_from_mask
+from t2v_lightning.fisher.likelihoods import Predictions
 from t2v_lightning.fisher.tokens import (
     TokenCategorical,
-    position_ids_from_mask,
+    sample_tokens,
     sequence_layers,
     token_draw_ids,
 )
@@ -88,7 +90,7 @@ def _draws(probe: CausalLMProbe, task: LMTask, seed: int, draw: int) -> list[tor
     for n in range(len(task)):
         log_probs, ids = _real(probe, task, n)
         keys = token_draw_ids(torch.full((ids.numel(),), n), torch.arange(ids.numel()))
-        labels.append(TokenCategorical.sample(log_probs.detach().exp(), keys, seed, draw))
+        labels.append(sample_tokens(log_probs.detach().exp(), keys, seed, draw))
     return labels
 
 
@@ -184,14 +186,16 @@ def test_labels_drawn_one_position_late_are_caught(
     settings = LMSettings(head_epochs=0, seed=11, batch_size=2)
     sample: Callable[..., torch.Tensor] = TokenCategorical.sample
 
-    def late(probs: torch.Tensor, keys: torch.Tensor, seed: int, draw: int = 0) -> torch.Tensor:
+    def late(self: TokenCategorical, predictions: Predictions, keys: torch.Tensor, seed: int,
+             draw: int = 0) -> torch.Tensor:
+        probs = predictions.probs
         later = probs.clone()
         same_sequence = (keys[1:] >> 32) == (keys[:-1] >> 32)
         later[:-1][same_sequence] = probs[1:][same_sequence]  # the next position's distribution
-        return sample(later, keys, seed, draw)
+        return sample(self, Predictions(predictions.scores, later), keys, seed, draw)
 
     def rows(sampler: Callable[..., torch.Tensor]) -> torch.Tensor:
-        monkeypatch.setattr(TokenCategorical, "sample", staticmethod(sampler))
+        monkeypatch.setattr(TokenCategorical, "sample", sampler)
         sums, _, _ = lm_fisher(gpt2, task, gpt2.lm_head.weight.detach(), None, settings, CPU)
         return torch.cat([sums[layer.name] for layer in layers])
 
@@ -215,11 +219,12 @@ def test_labels_come_from_the_distribution_at_their_own_position(
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     sample = TokenCategorical.sample
 
-    def spy(probs: torch.Tensor, keys: torch.Tensor, seed: int, draw: int = 0) -> torch.Tensor:
-        seen.append((probs.clone(), keys.clone()))
-        return sample(probs, keys, seed, draw)
+    def spy(self: TokenCategorical, predictions: Predictions, keys: torch.Tensor, seed: int,
+            draw: int = 0) -> torch.Tensor:
+        seen.append((predictions.probs.clone(), keys.clone()))
+        return sample(self, predictions, keys, seed, draw)
 
-    monkeypatch.setattr(TokenCategorical, "sample", staticmethod(spy))
+    monkeypatch.setattr(TokenCategorical, "sample", spy)
     settings = LMSettings(head_epochs=0, batch_size=len(task))
     lm_fisher(gpt2, task, gpt2.lm_head.weight.detach(), None, settings, CPU)
     (probs, keys), = seen
@@ -238,12 +243,12 @@ def test_token_table_sums_repeated_tokens_before_squaring() -> None:
     """Direct check of the table rule: two positions of one sequence looking up the same row."""
     from torch import nn
 
-    from t2v_lightning.fisher.tokens import table_sq_norms
+    from t2v_lightning.fisher.layers.embedding import EmbeddingRule
 
     table = nn.Embedding(5, 3)
     ids = torch.tensor([[2, 4, 2], [1, 1, 0]])
     grad = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(0))
-    out = table_sq_norms(table, ids, grad)
+    out = EmbeddingRule().sq_norms(table, ids, grad)
     expected = torch.zeros(2, 5)
     for n in range(2):
         per_sequence = torch.zeros(5, 3)
@@ -251,12 +256,15 @@ def test_token_table_sums_repeated_tokens_before_squaring() -> None:
         expected[n] = per_sequence.square().sum(1)
     torch.testing.assert_close(out, expected)
     assert float(out[0, 2]) == pytest.approx(float((grad[0, 0] + grad[0, 2]).square().sum()))
+    # nn.Embedding's padding_idx row gets no gradient: none here either
+    padded = EmbeddingRule().sq_norms(nn.Embedding(5, 3, padding_idx=1), ids, grad)
+    assert torch.equal(padded[:, 1], torch.zeros(2)) and torch.equal(padded[0], out[0])
 
 
 def test_conv1d_rows_are_input_features() -> None:
     from transformers.pytorch_utils import Conv1D
 
-    from t2v_lightning.fisher.tokens import conv1d_sq_norms
+    from t2v_lightning.fisher.layers.linear import Conv1DRule
 
     layer = Conv1D(5, 3)  # weight (in=3, out=5)
     x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(1))
@@ -265,7 +273,7 @@ def test_conv1d_rows_are_input_features() -> None:
         torch.autograd.grad((layer(x[n]) * grad[n]).sum(), layer.weight)[0].square().sum(1)
         for n in range(2)
     ])
-    torch.testing.assert_close(conv1d_sq_norms(layer, x, grad), expected.detach())
+    torch.testing.assert_close(Conv1DRule().sq_norms(layer, x, grad), expected.detach())
 
 
 def test_fisher_needs_no_path_dependence(tmp_path: Path) -> None:
@@ -276,3 +284,26 @@ def test_fisher_needs_no_path_dependence(tmp_path: Path) -> None:
     sums, count, layers = lm_fisher(probe, task, probe.lm_head.weight.detach(), None,
                                     LMSettings(head_epochs=0), CPU)
     assert count == 4 and all(float(sums[layer.name].sum()) > 0 for layer in layers)
+
+
+def test_token_likelihood_object_predicts_over_real_positions_and_refuses_exact() -> None:
+    from t2v_lightning.choices import FisherError
+    from t2v_lightning.fisher.tokens import TOKEN_LIKELIHOOD
+
+    logits = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
+    predictions = TOKEN_LIKELIHOOD.predict(logits, inputs={"attention_mask": mask})
+    torch.testing.assert_close(predictions.scores, logits[mask.bool()].log_softmax(-1))
+    keys = token_draw_ids(torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 2, 0, 1]))
+    labels = TOKEN_LIKELIHOOD.sample(predictions, keys, seed=0, draw=0)
+    assert labels.shape == (5,)
+    torch.testing.assert_close(TOKEN_LIKELIHOOD.log_likelihood(predictions, labels),
+                               predictions.scores[torch.arange(5), labels])
+    weight = torch.randn(6, 3)
+    hidden = torch.randn(5, 3, requires_grad=True)
+    log_p = (hidden @ weight.T).log_softmax(-1)[torch.arange(5), labels].sum()
+    (expected,) = torch.autograd.grad(log_p, hidden)
+    probs = (hidden @ weight.T).softmax(-1).detach()
+    torch.testing.assert_close(TOKEN_LIKELIHOOD.hidden_score_gradient(probs, labels, weight), expected)
+    with pytest.raises(FisherError, match="one backward pass per vocabulary entry"):
+        TOKEN_LIKELIHOOD.exact_terms(predictions)

@@ -166,3 +166,20 @@ def test_embeddings_from_different_probes_are_not_comparable() -> None:
     with pytest.raises(IncompatibleEmbeddingsError):
         check_comparable(make_embedding(n=6), make_embedding(n=7))
     check_comparable(make_embedding(seed=0), make_embedding(seed=1))
+
+
+def test_get_probe_picks_its_loader_from_the_prefix_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2v_lightning import probe as probe_module
+
+    assert set(probe_module.PROBE_LOADERS) >= {"text:", "timm:"}
+    built: list[tuple[str, bool]] = []
+
+    def toy(name: str, pretrained: bool) -> nn.Module:
+        built.append((name, pretrained))
+        return nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+
+    monkeypatch.setitem(probe_module.PROBE_LOADERS, "toy:", toy)
+    model = probe_module.get_probe("toy:small", num_classes=3)
+    assert built == [("small", False)]
+    assert model[1].out_features == 3 and not model.training
+    assert probe_module.probe_name(model) == "toy:small"

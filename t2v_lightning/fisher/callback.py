@@ -67,7 +67,15 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from t2v_lightning.allocator import settle_thresholds
-from t2v_lightning.choices import ESTIMATORS, LIKELIHOODS, Estimator, FisherError, Likelihood
+from t2v_lightning.choices import (
+    ESTIMATOR_FACTS,
+    ESTIMATORS,
+    LIKELIHOODS,
+    Estimator,
+    FisherError,
+    Likelihood,
+    check_choice,
+)
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.accumulator import FisherSums
 from t2v_lightning.fisher.estimators import (
@@ -156,10 +164,8 @@ class FisherCallback(Callback):
         likelihood: Likelihood = "categorical",
     ) -> None:
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        check_choice("estimator", estimator, ESTIMATORS)
         if not is_int(mc_samples) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         if not is_int(seed):
@@ -434,7 +440,7 @@ class FisherCallback(Callback):
             meta["method"] = "montecarlo"
         meta.update(
             estimator=self._estimator,
-            mc_samples=self._mc_samples if self._estimator == "per_sample" else None,
+            mc_samples=self._mc_samples if ESTIMATOR_FACTS[self._estimator].uses_mc_samples else None,
             likelihood=self._likelihood,
             seed=self._seed,
             world_size=int(trainer.world_size),
@@ -443,7 +449,7 @@ class FisherCallback(Callback):
         )
         if self._head is not None:
             meta["head_fingerprint"] = probe_fingerprint(network.get_submodule(self._head))
-        if self._estimator == "batch":
+        if ESTIMATOR_FACTS[self._estimator].per_batch:
             meta["num_batches"] = total
         else:
             meta["num_samples"] = total

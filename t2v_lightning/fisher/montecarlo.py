@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from t2v_lightning.choices import ESTIMATORS, Estimator
+from t2v_lightning.choices import ESTIMATORS, Estimator, check_choice
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import check_finite
 from t2v_lightning.fisher.callback import FisherCallback
@@ -255,8 +255,7 @@ class MonteCarloSettings:
     resume_from: str | None = None
 
     def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        check_choice("estimator", self.estimator, ESTIMATORS)
         if not is_int(self.mc_samples) or self.mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {self.mc_samples!r}")
         if not is_int(self.checkpoint_every_n_steps) or self.checkpoint_every_n_steps < 1:

@@ -67,9 +67,9 @@ from typing_extensions import override
 
 from t2v_lightning.choices import FisherError, UnsupportedLayerError
 from t2v_lightning.embedding import TaskEmbedding
-from t2v_lightning.fisher.estimators import hash_seed
 from t2v_lightning.fisher.layers.rule import INPUT_NOISE_FLOOR, LayerRule
 from t2v_lightning.fisher.layers.table import rule_for
+from t2v_lightning.fisher.sampling import hash_seed
 from t2v_lightning.prepare import PreparedTask, artifact_meta
 from t2v_lightning.probe import ProbeError
 from t2v_lightning.safety import is_int

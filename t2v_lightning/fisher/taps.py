@@ -1,0 +1,249 @@
+"""The hooks that turn each embedded layer's output gradient into per-filter Fisher sums.
+
+:class:`LayerFisherTaps` reads every embedded layer's input in the forward pass and its output
+gradient in the backward pass (tensor hooks on module outputs: module backward hooks break on the
+in-place activations of real probes), and hands both to the layer's rule
+(:mod:`t2v_lightning.fisher.layers`), chosen once when the taps are made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from t2v_lightning.choices import FisherError, UnsupportedLayerError
+from t2v_lightning.fisher.faults import ids_text, precision_hint
+from t2v_lightning.fisher.layers.table import layer_rule
+
+__all__ = ["LayerFisherTaps"]
+
+
+class LayerFisherTaps:
+    """Hooks on the embedded layers of a network that turn output gradients into Fisher sums.
+
+    Use as a context manager around forward/backward passes; every hook is removed on exit and
+    the ``requires_grad`` flags of the network's parameters are restored. Inside the context all
+    parameters are frozen, so backward passes compute input gradients only.
+
+    After each backward pass through :meth:`backward`, ``batch_sums[name]`` holds (fp32, one
+    value per filter) the sum over examples of the squared per-example gradient rows of that
+    layer, summed over the backward passes since :meth:`start_batch`.
+
+    Args:
+        network: the network whose layers are tapped (a module, not a DDP wrapper).
+        layers: ``(name, module)`` pairs from :func:`embedded_layers`.
+        grad_scale: the loss is multiplied by this before backward and gradients are divided by
+            it (in fp32) before they are squared; keeps fp16 gradients out of the underflow range.
+    """
+
+    def __init__(
+        self, network: nn.Module, layers: Sequence[tuple[str, nn.Module]], grad_scale: float = 1.0
+    ) -> None:
+        self._network = network
+        self._layers = list(layers)
+        self._grad_scale = float(grad_scale)
+        # The rule of each layer, chosen once here, never per hook call.
+        self._rules = {name: layer_rule(name, module) for name, module in self._layers}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._roots: list[torch.Tensor] = []
+        self._calls: dict[str, int] = {}
+        self._fired: set[str] = set()
+        self._saved_flags: list[tuple[nn.Parameter, bool]] = []
+        self.batch_sums: dict[str, torch.Tensor] = {}
+        # Per layer, the batch rows whose per-example values were NaN / inf (kept on the device,
+        # checked once per batch by check_finite), and the dtype of the gradients seen.
+        self._nonfinite: dict[str, torch.Tensor] = {}
+        self._grad_dtype = torch.float32
+        self._active = True
+
+    # context management ----------------------------------------------------------------------
+    def __enter__(self) -> LayerFisherTaps:
+        self._saved_flags = [(p, p.requires_grad) for p in self._network.parameters()]
+        for param, _ in self._saved_flags:
+            param.requires_grad_(False)
+        try:
+            for name, module in self._layers:
+                self._install(name, module)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for param, flag in self._saved_flags:
+            param.requires_grad_(flag)
+        self._saved_flags.clear()
+        self._inputs.clear()
+        self._roots.clear()
+
+    def _install(self, name: str, module: nn.Module) -> None:
+        child = self._rules[name].output_child
+        if child is not None:
+            # The output gradient is read at the input of a child (timm's BatchNormAct2d: its
+            # batch-norm output goes through ``drop``, then ``act``).
+            self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+            inner = module.get_submodule(child)
+            self._handles.append(inner.register_forward_pre_hook(self._pre_output_hook(name)))
+        else:
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+
+    def _input_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if not self._active:
+                return
+            self._record_call(name)
+            self._inputs[name] = args[0].detach()
+
+        return hook
+
+    def _pre_output_hook(self, name: str) -> Callable[..., tuple[torch.Tensor, ...] | None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+            if not self._active:
+                return None
+            tapped = self._tap(name, args[0])
+            return None if tapped is args[0] else (tapped, *args[1:])
+
+        return hook
+
+    def _forward_hook(self, name: str) -> Callable[..., torch.Tensor | None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            if not self._active:
+                return None
+            self._record_call(name)
+            self._inputs[name] = args[0].detach()
+            tapped = self._tap(name, output)
+            return None if tapped is output else tapped
+
+        return hook
+
+    def _record_call(self, name: str) -> None:
+        self._calls[name] = self._calls.get(name, 0) + 1
+        if self._calls[name] > 1:
+            raise UnsupportedLayerError(
+                f"layer {name!r} runs more than once per forward pass (shared weights); its "
+                "per-example gradient is not a single closed form. Skip it or use another probe"
+            )
+
+    def _tap(self, name: str, output: torch.Tensor) -> torch.Tensor:
+        """Hook the gradient of ``output``; returns the tensor the network should continue with."""
+        if not isinstance(output, torch.Tensor):
+            raise UnsupportedLayerError(f"layer {name!r} does not return a tensor")
+        if output.requires_grad:
+            output.register_hook(self._grad_hook(name))
+            return output
+        # Nothing before this layer needs a gradient: start the backward graph here. The clone
+        # keeps in-place activations (ReLU(inplace=True)) off the leaf.
+        root = output.detach().requires_grad_()
+        root.register_hook(self._grad_hook(name))
+        self._roots.append(root)
+        return root.clone()
+
+    def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        module = dict(self._layers)[name]
+        rule = self._rules[name]
+
+        def hook(grad: torch.Tensor) -> None:
+            inputs = self._inputs[name]
+            with torch.autocast(device_type=grad.device.type, enabled=False):
+                grad32 = grad.float()
+                if self._grad_scale != 1.0:
+                    grad32 = grad32 / self._grad_scale
+                per_example = rule.sq_norms(module, inputs, grad32)
+                values = per_example.sum(0)
+            bad = ~torch.isfinite(per_example).all(-1)
+            seen = self._nonfinite.get(name)
+            self._nonfinite[name] = bad if seen is None else seen | bad
+            self._grad_dtype = grad.dtype
+            self._fired.add(name)
+            total = self.batch_sums.get(name)
+            self.batch_sums[name] = values if total is None else total + values
+
+        return hook
+
+    # driving ---------------------------------------------------------------------------------
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run forward passes without the taps (for the ``batch`` estimator's weight gradients)."""
+        self._active = False
+        try:
+            yield
+        finally:
+            self._active = True
+
+    def start_batch(self) -> None:
+        """Forget the previous batch's inputs, roots and sums."""
+        self._inputs.clear()
+        self._roots.clear()
+        self._calls.clear()
+        self._fired.clear()
+        self._nonfinite = {}
+        self.batch_sums = {}
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool) -> None:
+        """Backpropagate ``loss`` to the tapped layers (input gradients only)."""
+        if not self._roots:
+            raise FisherError(
+                "no embedded layer was reached by the forward pass with a fresh gradient root; "
+                "the input or the network's parameters may require gradients outside the taps"
+            )
+        torch.autograd.grad(
+            loss * self._grad_scale if self._grad_scale != 1.0 else loss,
+            self._roots,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+
+    @property
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        """The tapped ``(name, module)`` pairs, in order."""
+        return list(self._layers)
+
+    @property
+    def grad_scale(self) -> float:
+        """The factor applied to losses before backward."""
+        return self._grad_scale
+
+    def check_all_fired(self) -> None:
+        """Every embedded layer must have received a gradient; name those that did not."""
+        missing = [name for name, _ in self._layers if name not in self._fired]
+        if missing:
+            raise FisherError(
+                f"layers {missing} received no gradient from the logits (not called in forward, "
+                "or called through a functional path that bypasses the module); they cannot be "
+                "embedded"
+            )
+
+    def check_finite(self, ids: torch.Tensor | None = None) -> None:
+        """Raise :class:`FisherError` if a per-example value of this batch was NaN or infinite.
+
+        The message names the layers (the backward pass meets the one nearest the output first;
+        the layers before it inherit its NaN / inf) and the examples (``ids`` of the batch rows).
+        """
+        names = [name for name, _ in self._layers if name in self._nonfinite]
+        if not names:
+            return
+        flags = torch.stack([self._nonfinite[name].any() for name in names]).cpu()
+        if not bool(flags.any()):
+            return
+        broken = [name for name, flag in zip(names, flags.tolist()) if flag]
+        rows = self._nonfinite[broken[-1]].nonzero().flatten().cpu()
+        bad = rows.tolist() if ids is None else ids.detach().cpu()[rows].tolist()
+        raise FisherError(
+            f"non-finite per-example gradients (NaN or inf) at layer {broken[-1]!r} for "
+            f"{ids_text(bad, ids)}; {len(broken)} layer(s) affected: {broken[:5]}. The squared "
+            "gradients overflow, or the probe's weights or activations hold NaN / inf"
+            + precision_hint(self._grad_dtype)
+            + (
+                f" (or a smaller grad_scale than {self._grad_scale:g})"
+                if self._grad_dtype == torch.float16 and self._grad_scale != 1.0
+                else ""
+            ),
+            example_ids=bad if ids is not None else None,
+        )
