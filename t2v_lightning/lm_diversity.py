@@ -207,7 +207,7 @@ def load_probe(spec: str) -> nn.Module:
 
 def probe_tokenizer(probe: nn.Module) -> Any:
     """The tokenizer of a language-model probe (``ProbeError`` when it came without one)."""
-    from t2v_lightning.lm import is_language_model
+    from t2v_lightning.causal_lm import is_language_model
 
     if not is_language_model(probe):
         raise ValueError(
@@ -240,7 +240,8 @@ class LMTaskEmbedder:
     Trainer to find the device)."""
 
     def __init__(self, probe: nn.Module, settings: DiversitySettings, device: torch.device) -> None:
-        from t2v_lightning.lm import LMSettings, is_language_model
+        from t2v_lightning.causal_lm import is_language_model
+        from t2v_lightning.lm import LMSettings
 
         if not is_language_model(probe):
             raise ValueError(
