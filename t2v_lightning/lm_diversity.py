@@ -51,7 +51,7 @@ from t2v_lightning.data.corpus import (
     synthetic_task,
     token_tasks,
 )
-from t2v_lightning.embedding import EmbeddingFileError, TaskEmbedding, artifact_damage
+from t2v_lightning.embedding import EmbeddingFileError, TaskEmbedding
 from t2v_lightning.safety import check_seed
 from t2v_lightning.similarity.diversity import (
     DiversityCoefficient,
@@ -373,9 +373,7 @@ def _existing(path: Path, identity: dict[str, Any], overwrite: bool) -> Literal[
         return "embed"
     if overwrite:
         return "replace"
-    if artifact_damage(path) is not None:
-        return "replace"
-    try:
+    try:  # checksum included: a truncated or damaged artifact is embedded again
         recorded = TaskEmbedding.load(path).meta.get("diversity_task")
     except (EmbeddingFileError, OSError):
         return "replace"

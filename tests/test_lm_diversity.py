@@ -298,3 +298,25 @@ def test_tasks_of_other_weights_at_the_same_path_are_not_reused(
     with pytest.raises(SettingsMismatchError, match=r"task_0000.safetensors was made with "
                        r"other settings \(probe_fingerprint: "):
         corpus_diversity(f"lm:{lm_dir}", str(corpus), out, **settings)
+
+
+@pytest.mark.slow
+def test_offline_example_runs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "lm_corpus_diversity.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--folder", str(tmp_path / "example"), "--num-tasks", "3",
+         "--task-size", "4"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1",
+             "PYTHONPATH": os.pathsep.join([str(script.parents[1]), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "random weights: these numbers show the pipeline" in done.stdout
+    for name in ("varied diversity", "narrow diversity", "cross-diversity varied x narrow",
+                 "lower bound", "upper bound"):
+        assert name in done.stdout
+    assert len(list((tmp_path / "example" / "tasks_varied").glob("task_*.safetensors"))) == 3
