@@ -35,7 +35,15 @@ What :func:`embed_lm` computes (SPEC section 8, with its items 1-5):
 4. the embedding: one value per row of ``weight.reshape(weight.shape[0], -1)`` of every module
    of the model but the LM head with a weight: token table, position table (where the model
    has one), layer norms / RMSNorms, attention and MLP projections (``Conv1D``: a row is an
-   input feature; ``nn.Linear``: an output unit). GPT-2 small gives 134,993 values.
+   input feature; ``nn.Linear``: an output unit), each by its rule in the layer table
+   (:mod:`t2v_lightning.fisher.layers.table`). GPT-2 small gives 134,993 values.
+
+Label draws are keyed by ``(seed, sequence index in the task, real position, draw)``: a task's
+artifact depends on its sequences and ``seed`` only, not on the batch size, the padding or the
+process that computes it (a driver giving every task its own seed gives tasks independent
+draws). ``precision="bf16-mixed"`` runs the model under bfloat16 autocast; head fitting, the
+likelihood and the sums stay float32 / float64. ``estimator="exact"`` and
+``method="variational"`` are refused with a message saying why.
 
 The gradient of :math:`\log p(y_t)` with respect to the final hidden state is
 :math:`W_{y_t} - \sum_k p_t(k) W_k` (:math:`W` the fitted head), so the pass backpropagates

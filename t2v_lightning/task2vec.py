@@ -99,7 +99,11 @@ class Task2Vec:
 
     Args:
         probe: the probe network (e.g. from :func:`~t2v_lightning.get_probe`). It is copied; the
-            object passed here is never modified.
+            object passed here is never modified. A causal language model from
+            ``get_probe("lm:...")`` embeds tasks of token sequences (mappings with
+            ``input_ids`` and ``attention_mask``, no label) by :func:`t2v_lightning.lm.embed_lm`,
+            with SPEC section 8's defaults where an argument is left at ``None``; the arguments
+            that do not apply to it are refused.
         head: qualified name of the classifier module; ``None`` finds it (``get_classifier()``,
             then ``fc``, ``classifier``, the last ``nn.Linear``).
         method: ``"montecarlo"`` (Fisher by sampling labels from the model) or
