@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "diversity_coefficient": "t2v_lightning.similarity.diversity",
     "cross_diversity_coefficient": "t2v_lightning.similarity.diversity",
     "embed_batches": "t2v_lightning.similarity.diversity",
+    "corpus_diversity": "t2v_lightning.lm_diversity",
     "plot_distance_matrix": "t2v_lightning.plot",
     "plot_taxonomy_agreement": "t2v_lightning.plot",
 }

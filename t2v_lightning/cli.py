@@ -9,7 +9,9 @@
 * ``t2v distance FILES...``: the distance matrix between artifacts, as CSV and as a clustered
   figure;
 * ``t2v select --target T --experts DIR_OR_FILES...``: the experts ranked for a target task by
-  the asymmetric distance (SPEC section 4).
+  the asymmetric distance (SPEC section 4);
+* ``t2v diversity --probe lm:DIR --data CORPUS --output DIR``: the diversity coefficient of a
+  text corpus (SPEC section 8; :mod:`t2v_lightning.lm_diversity`).
 
 Options are the typed ``__init__`` arguments of :class:`ProbeClassifier` (``--model.*``),
 :class:`~t2v_lightning.data.datamodule.TaskDataModule` (``--data.*``) and Lightning's Trainer
@@ -994,6 +996,10 @@ def main(args: Sequence[str] | None = None) -> None:
             distance_main(argv[1:])
         elif argv and argv[0] == "select":
             select_main(argv[1:])
+        elif argv and argv[0] == "diversity":
+            from t2v_lightning.lm_diversity import diversity_main
+
+            diversity_main(argv[1:])
         else:
             if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
                 sys.argv[1:] = _expand_shorthands(argv)

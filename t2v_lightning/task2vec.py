@@ -41,6 +41,7 @@ from t2v_lightning.fisher.variational import (
     check_variational_probe,
     embed_variational,
 )
+from t2v_lightning.lm import LMSettings, embed_lm, is_language_model, lm_settings
 from t2v_lightning.prepare import PreparedTask, TaskSettings, check_probe, prepare_task
 from t2v_lightning.probe import uncompiled
 from t2v_lightning.safety import is_int, keyboard_interrupts_kept
@@ -100,7 +101,11 @@ class Task2Vec:
 
     Args:
         probe: the probe network (e.g. from :func:`~t2v_lightning.get_probe`). It is copied; the
-            object passed here is never modified.
+            object passed here is never modified. A causal language model from
+            ``get_probe("lm:...")`` embeds tasks of token sequences (mappings with
+            ``input_ids`` and ``attention_mask``, no label) by :func:`t2v_lightning.lm.embed_lm`,
+            with SPEC section 8's defaults where an argument is left at ``None``; the arguments
+            that do not apply to it are refused.
         head: qualified name of the classifier module; ``None`` finds it (``get_classifier()``,
             then ``fc``, ``classifier``, the last ``nn.Linear``).
         method: ``"montecarlo"`` (Fisher by sampling labels from the model) or
@@ -124,14 +129,19 @@ class Task2Vec:
         max_samples: number of examples used (``None``: as many as the dataset has).
         skip_layers: the first ``k`` top-level children of the probe run once, are cached and
             are left out of the embedding (ResNet: 6 skips conv1 … layer2).
-        balanced_sampling: draw examples with weight 1/(size of their class), with replacement.
-        batch_size: examples per step (head fitting, caching and the Fisher pass).
-        reset_head: replace the head by a fresh linear layer with one output per class; with
+        balanced_sampling: draw examples with weight 1/(size of their class), with replacement
+            (``None``: True; not for language models).
+        batch_size: examples per step (head fitting, caching and the Fisher pass; ``None``: 100,
+            8 sequences for language models).
+        reset_head: (``None``: True) replace the head by a fresh linear layer with one output
+            per class (language models always start from a copy of their LM head); with
             ``False`` the probe's head is kept (its outputs must cover the labels).
-        head_epochs: epochs of head fitting (0 keeps the head as it is).
-        head_lr: learning rate of head fitting.
+        head_epochs: epochs of head fitting (0 keeps the head as it is; ``None``: 10, 5 for
+            language models).
+        head_lr: learning rate of head fitting (``None``: 4e-4, 5e-5 for language models).
         head_weight_decay: weight decay of head fitting.
-        head_optimizer: ``"adam"`` or ``"sgd"``.
+        head_optimizer: ``"adam"`` or ``"sgd"`` (``None``: adam); ``"adamw"`` (eps 1e-8), the
+            only one for language models and their default.
         seed: seed of example selection, head initialisation, shuffling and label sampling.
         accelerator: Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
         devices: Lightning devices.
@@ -188,13 +198,13 @@ class Task2Vec:
         variational_beta: float | None = None,
         max_samples: int | None = 10000,
         skip_layers: int = 0,
-        balanced_sampling: bool = True,
-        batch_size: int = 100,
-        reset_head: bool = True,
-        head_epochs: int = 10,
-        head_lr: float = 4e-4,
+        balanced_sampling: bool | None = None,
+        batch_size: int | None = None,
+        reset_head: bool | None = None,
+        head_epochs: int | None = None,
+        head_lr: float | None = None,
         head_weight_decay: float = 1e-4,
-        head_optimizer: Literal["adam", "sgd"] = "adam",
+        head_optimizer: Literal["adam", "sgd", "adamw"] | None = None,
         seed: int = 0,
         accelerator: str = "auto",
         devices: int | str | Sequence[int] = 1,
@@ -211,6 +221,22 @@ class Task2Vec:
         if not isinstance(probe, nn.Module):
             raise TypeError(f"probe must be a torch.nn.Module, got {type(probe).__name__}")
         runner = _METHODS[check_choice("method", method, METHODS)]
+        # A language model (get_probe("lm:...")) is embedded by its own pass (SPEC section 8).
+        self.lm: LMSettings | None = None
+        if is_language_model(probe):
+            self.lm = lm_settings(
+                method=method, estimator=estimator, mc_samples=mc_samples, likelihood=likelihood,
+                max_samples=max_samples, skip_layers=skip_layers,
+                balanced_sampling=balanced_sampling, batch_size=batch_size, reset_head=reset_head,
+                head_epochs=head_epochs, head_lr=head_lr, head_weight_decay=head_weight_decay,
+                head_optimizer=head_optimizer, seed=seed, precision=precision,
+                checkpoint_dir=checkpoint_dir, resume_from=resume_from,
+                variational=(variational_epochs, variational_lr, variational_head_lr,
+                             variational_beta),
+            )
+            estimator = None
+            method = "montecarlo"
+            runner = _METHODS[method]
         chosen: dict[str, Any] = {
             "estimator": estimator,
             "mc_samples": mc_samples,
@@ -253,13 +279,13 @@ class Task2Vec:
             likelihood=likelihood,
             max_samples=max_samples,
             skip_layers=skip_layers,
-            balanced_sampling=balanced_sampling,
-            batch_size=batch_size,
-            reset_head=reset_head,
-            head_epochs=head_epochs,
-            head_lr=head_lr,
+            balanced_sampling=True if balanced_sampling is None else balanced_sampling,
+            batch_size=100 if batch_size is None else batch_size,
+            reset_head=True if reset_head is None else reset_head,
+            head_epochs=10 if head_epochs is None else head_epochs,
+            head_lr=4e-4 if head_lr is None else head_lr,
             head_weight_decay=head_weight_decay,
-            head_optimizer=head_optimizer,
+            head_optimizer="adam" if head_optimizer is None else head_optimizer,  # type: ignore[arg-type]
             seed=seed,
             num_workers=num_workers,
             exclude=patterns,
@@ -284,6 +310,11 @@ class Task2Vec:
         the method in that same Trainer). The result also unpacks as ``network, inputs, labels,
         meta``.
         """
+        if self.lm is not None:
+            raise ValueError(
+                "prepare() reads labelled tasks; a language-model task has no label (embed() "
+                "fits the head and runs the Fisher pass of t2v_lightning.lm)"
+            )
         with quiet_lightning(), keyboard_interrupts_kept():
             trainer = self._pass_trainer()
             return self._prepare(dataset, task_name, trainer.strategy.root_device)
@@ -308,6 +339,8 @@ class Task2Vec:
                 batch); its exit status is 143, not 0, and nothing is returned or written.
             KeyboardInterrupt: Ctrl-C (Lightning's ``SystemExit(1)`` is turned back into it).
         """
+        if self.lm is not None:
+            return self._embed_lm(dataset, task_name)
         try:
             runner = _METHODS[self.method]
             if runner.check_probe is not None:
@@ -328,6 +361,19 @@ class Task2Vec:
         except SIGTERMException:
             # Lightning's SystemExit carries no code, so a killed script would exit with 0.
             raise SIGTERMException(128 + signal.SIGTERM) from None
+
+    def _embed_lm(self, dataset: Dataset, task_name: str | None) -> TaskEmbedding:
+        assert self.lm is not None
+        with quiet_lightning():
+            trainer = self.trainer_spec.build("Fisher pass", 1)
+        if trainer.world_size > 1:
+            raise ValueError(
+                "a language-model task is embedded on one device (devices=1, num_nodes=1); "
+                "tasks are spread over devices by running several of them (t2v diversity)"
+            )
+        return embed_lm(
+            self.probe, dataset, self.lm, trainer.strategy.root_device, task_name  # type: ignore[arg-type]
+        )
 
     def _pass_trainer(self) -> pl.Trainer:
         runner = _METHODS[self.method]

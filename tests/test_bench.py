@@ -98,3 +98,17 @@ def test_embed_cost_reports_ratios_and_page_faults(tmp_path: Path, allocator: li
     assert all(len(runs) == 2 and min(runs) >= 0 for runs in results["page_faults"].values())
     if steady:  # freed memory stays in the process: the plain pass faults in (almost) nothing new
         assert min(results["page_faults"]["plain"]) < 1000
+
+
+def test_lm_diversity_times_ours_against_plain_and_the_published_procedure(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "lm.json"
+    text = _run("lm_diversity.py", "--sequences", "4", "--length", "16", "--batch", "2",
+                "--layers", "2", "--width", "32", "--heads", "2", "--vocab", "64",
+                "--repeats", "2", "--threads", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    names = {"plain", "fisher", "fisher_batch", "task", "task_no_head", "reference"}
+    assert set(report["best"]) == names and set(report["peak_rss_mib"]) == names
+    assert all(len(report["seconds"][name]) == 2 for name in names)
+    assert report["ratio"]["plain"] == 1.0 and report["ratio"]["reference"] > 0
+    assert "vs the published procedure" in text and "target task <= 2.5x plain" in text

@@ -15,7 +15,10 @@ first and ``f_j`` of the second.
 
 The confidence interval follows the paper's convention: Student's t interval of the mean of the
 pairwise distances, treating them as independent samples. Pairs that share a batch are not
-independent, so the interval is optimistic; more batches, not more pairs, make it honest.
+independent, so the interval is optimistic; more batches, not more pairs, make it honest. The
+bootstrap interval over batches (SPEC section 8) is the honest one: resample the batches with
+replacement, recompute the mean distance over the pairs of different batches, and take the
+percentiles of the resampled means.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -36,6 +39,7 @@ from t2v_lightning.similarity.distance import Distance, _check_distance, cdist, 
 __all__ = [
     "DiversityCoefficient",
     "SupportsEmbed",
+    "bootstrap_interval",
     "cross_diversity_coefficient",
     "diversity_coefficient",
     "embed_batches",
@@ -56,6 +60,11 @@ class DiversityCoefficient:
         confidence: the interval's confidence level.
         num_pairs: the number of distances averaged.
         distances: the distances themselves (1-D, float64).
+        bootstrap_low: lower end of the bootstrap interval over batches (same confidence; NaN
+            when not computed or with fewer than 2 batches a side).
+        bootstrap_high: upper end.
+        num_tasks: the number of batch embeddings (tasks) the distances come from (for a
+            cross-diversity, those of the first dataset; 0 when not known).
     """
 
     mean: float
@@ -65,6 +74,9 @@ class DiversityCoefficient:
     confidence: float
     num_pairs: int
     distances: torch.Tensor
+    bootstrap_low: float = math.nan
+    bootstrap_high: float = math.nan
+    num_tasks: int = 0
 
     @property
     def ci_half_width(self) -> float:
@@ -86,6 +98,61 @@ def _summarise(distances: torch.Tensor, confidence: float) -> DiversityCoefficie
     return DiversityCoefficient(mean, std, mean - half, mean + half, confidence, count, values)
 
 
+def bootstrap_interval(
+    matrix: torch.Tensor,
+    confidence: float = 0.95,
+    num_resamples: int = 1000,
+    seed: int = 0,
+    cross: bool = False,
+) -> tuple[float, float]:
+    r"""Percentile bootstrap interval of a mean distance, resampling tasks (not pairs).
+
+    Each resample draws the tasks with replacement (counts :math:`c`) and recomputes the mean
+    over the pairs of *different* tasks: for a pairwise matrix :math:`D` (zero diagonal),
+    :math:`\sum_{i \neq j} c_i c_j D_{ij} / ((\sum c)^2 - \sum c_i^2)`; for a cross matrix
+    (rows one dataset's tasks, columns the other's, each side resampled on its own)
+    :math:`a^\top D b / (\sum a \sum b)`. Resamples that hold a single distinct task are
+    dropped.
+
+    Args:
+        matrix: ``n x n`` distances between the tasks of one dataset, or ``m x n`` between two.
+        confidence: the interval's confidence level.
+        num_resamples: bootstrap resamples.
+        seed: the resampling's seed.
+        cross: ``matrix`` is a cross matrix.
+
+    Returns:
+        ``(low, high)``; NaN for a pairwise matrix of fewer than 2 tasks.
+    """
+    _check_confidence(confidence)
+    values = matrix.to(torch.float64)
+    rows, cols = values.shape
+    if num_resamples < 1 or (not cross and rows < 2):
+        return math.nan, math.nan
+    generator = torch.Generator().manual_seed(seed)
+
+    def counts(n: int) -> torch.Tensor:
+        draws = torch.randint(0, n, (num_resamples, n), generator=generator)
+        return torch.zeros(num_resamples, n, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones(num_resamples, n, dtype=torch.float64)
+        )
+
+    if cross:
+        a, b = counts(rows), counts(cols)
+        means = torch.einsum("ri,ij,rj->r", a, values, b) / (rows * cols)
+    else:
+        c = counts(rows)
+        off = values - torch.diag(torch.diagonal(values))
+        pairs = c.sum(1) ** 2 - (c**2).sum(1)
+        kept = pairs > 0
+        means = torch.einsum("ri,ij,rj->r", c[kept], off, c[kept]) / pairs[kept]
+    if means.numel() == 0:
+        return math.nan, math.nan
+    tail = (1.0 - confidence) / 2.0
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    return float(low), float(high)
+
+
 def _check_confidence(confidence: float) -> None:
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (
         0.0 < confidence < 1.0
@@ -97,6 +164,8 @@ def diversity_coefficient(
     embeddings: Sequence[TaskEmbedding],
     distance: Distance = "cosine",
     confidence: float = 0.95,
+    num_resamples: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> DiversityCoefficient:
     r"""The diversity coefficient: mean distance between embeddings of random batches of a dataset.
 
@@ -109,10 +178,13 @@ def diversity_coefficient(
     Args:
         embeddings: ``n ≥ 2`` embeddings of batches of one dataset (see :func:`embed_batches`).
         distance: the distance (cosine, as in the paper, by default).
-        confidence: the confidence level of the interval.
+        confidence: the confidence level of both intervals.
+        num_resamples: bootstrap resamples of the batches (0: no bootstrap interval).
+        bootstrap_seed: the resampling's seed.
 
     Returns:
-        A :class:`DiversityCoefficient` over the ``n (n - 1) / 2`` pairs.
+        A :class:`DiversityCoefficient` over the ``n (n - 1) / 2`` pairs, with the t interval
+        over pairs and the bootstrap interval over batches.
 
     Example:
         >>> import torch
@@ -132,7 +204,10 @@ def diversity_coefficient(
         mask = ~torch.eye(n, dtype=torch.bool)
     else:
         mask = torch.ones(n, n, dtype=torch.bool).triu(diagonal=1)
-    return _summarise(matrix[mask], confidence)
+    low, high = bootstrap_interval(matrix, confidence, num_resamples, bootstrap_seed)
+    return replace(
+        _summarise(matrix[mask], confidence), bootstrap_low=low, bootstrap_high=high, num_tasks=n
+    )
 
 
 def cross_diversity_coefficient(
@@ -140,6 +215,8 @@ def cross_diversity_coefficient(
     b_embeddings: Sequence[TaskEmbedding],
     distance: Distance = "cosine",
     confidence: float = 0.95,
+    num_resamples: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> DiversityCoefficient:
     r"""The cross-diversity coefficient: mean distance between batches of two datasets.
 
@@ -151,14 +228,22 @@ def cross_diversity_coefficient(
         a_embeddings: ``m`` batch embeddings of the first dataset.
         b_embeddings: ``n`` batch embeddings of the second (same probe and layers).
         distance: the distance (cosine by default).
-        confidence: the confidence level of the interval.
+        confidence: the confidence level of both intervals.
+        num_resamples: bootstrap resamples (each dataset's batches resampled on its own; 0: no
+            bootstrap interval).
+        bootstrap_seed: the resampling's seed.
 
     Returns:
-        A :class:`DiversityCoefficient` over the ``m n`` pairs.
+        A :class:`DiversityCoefficient` over the ``m n`` pairs (``num_tasks``: ``m``).
     """
     _check_distance(distance)
     _check_confidence(confidence)
-    return _summarise(cdist(a_embeddings, b_embeddings, distance).flatten(), confidence)
+    matrix = cdist(a_embeddings, b_embeddings, distance)
+    low, high = bootstrap_interval(matrix, confidence, num_resamples, bootstrap_seed, cross=True)
+    return replace(
+        _summarise(matrix.flatten(), confidence), bootstrap_low=low, bootstrap_high=high,
+        num_tasks=int(matrix.shape[0]),
+    )
 
 
 class SupportsEmbed(Protocol):

@@ -24,7 +24,7 @@ from t2v_lightning.fisher.layers.rule import (
     sq_norms_of_rows,
 )
 
-__all__ = ["LinearRule", "linear_sq_norms"]
+__all__ = ["Conv1DRule", "LinearRule", "linear_sq_norms", "outer_row_sq_norms"]
 
 
 def linear_sq_norms(inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -73,3 +73,39 @@ class LinearRule(LayerRule):
                 f"{tuple(field.shape[:-1])}"
             )
         return field, per_filter, tuple(output_shape)
+
+
+def outer_row_sq_norms(rows: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    r"""``(B, R)``: :math:`\lVert \sum_t \text{rows}[b, t, r]\ \text{other}[b, t, :] \rVert^2`.
+
+    The per-example gradient of a weight whose row :math:`r` collects
+    :math:`\text{rows}[t, r] \cdot \text{other}[t]` over positions :math:`t`. Materialises the
+    per-example sums (B × R × O, one batched matmul) when that is cheaper than the Gram matrix
+    of ``other`` over positions (B × T × T), else uses
+    :math:`\sum_{t,s} r_t r_s \langle o_t, o_s \rangle` as two batched matmuls.
+    """
+    batch, positions, size_r = rows.shape
+    size_o = other.shape[-1]
+    out = torch.empty(batch, size_r, dtype=rows.dtype, device=rows.device)
+    if size_r * size_o <= positions * (size_r + size_o):
+        for part in chunks(batch, size_r * size_o):
+            out[part] = sq_norms_of_rows(torch.bmm(rows[part].transpose(1, 2), other[part]))
+    else:
+        for part in chunks(batch, positions * (positions + size_r)):
+            gram = torch.bmm(other[part], other[part].transpose(1, 2))  # B, T, T
+            out[part] = (torch.bmm(gram, rows[part]) * rows[part]).sum(1)
+    return out
+
+
+class Conv1DRule(LayerRule):
+    r"""Hugging Face's ``Conv1D`` (GPT-2's projections): a linear layer whose weight is stored
+    ``(in, out)``, :math:`y = x W + b`.
+
+    A row of ``weight.reshape(weight.shape[0], -1)`` is one *input* feature :math:`i`: over
+    positions :math:`t`, :math:`g_n[i] = \sum_t a_n[t, i]\, \delta_n[t]`. No variational form.
+    """
+
+    def sq_norms(self, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        a = inputs.float()
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        return outer_row_sq_norms(a, grad.reshape(grad.shape[0], -1, grad.shape[-1]))

@@ -17,7 +17,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from t2v_lightning.choices import UnsupportedLayerError
 from t2v_lightning.fisher.layers.rule import LayerRule, sq_norms_of_rows
 
-__all__ = ["BatchNormActRule", "BatchNormRule", "GroupNormRule", "LayerNormRule"]
+__all__ = [
+    "BatchNormActRule", "BatchNormRule", "GroupNormRule", "LayerNormRule", "RMSNormRule",
+    "rms_normalise",
+]
 
 
 def _sum_over_positions(values: torch.Tensor, channels_dim: int = 1) -> torch.Tensor:
@@ -93,3 +96,38 @@ class LayerNormRule(LayerRule):
         per_example = (grad * normalised).reshape(inputs.shape[0], -1, *inputs.shape[-dims:]).sum(1)
         rows = per_example.reshape(inputs.shape[0], self.rows(module), -1)
         return sq_norms_of_rows(rows)
+
+
+def rms_normalise(inputs: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x²) + eps)`` over the last dimension (RMSNorm without its weight)."""
+    return inputs * torch.rsqrt(inputs.square().mean(-1, keepdim=True) + eps)
+
+
+class RMSNormRule(LayerRule):
+    r"""RMSNorm over the last dimension: ``nn.RMSNorm`` and the language models' own classes
+    (Llama's ``LlamaRMSNorm``, ...). The weight scales :math:`\hat x = x / \sqrt{\overline{x^2} +
+    \epsilon}` per feature, so :math:`g_n = \sum_t \delta_n[t] \odot \hat x_n[t]`. Gemma's
+    ``(1 + weight)`` has the same gradient."""
+
+    def check(self, name: str, module: nn.Module) -> None:
+        weight = module._parameters.get("weight")
+        if weight is None or weight.ndim != 1:
+            raise UnsupportedLayerError(f"layer {name!r} ({type(module).__name__}): not a 1-D scale")
+        self._eps(module)
+
+    @staticmethod
+    def _eps(module: nn.Module) -> float:
+        for attribute in ("variance_epsilon", "eps", "epsilon"):
+            value = getattr(module, attribute, None)
+            if isinstance(value, (int, float)):
+                return float(value)
+        if isinstance(module, nn.RMSNorm):  # eps=None: the input dtype's machine epsilon
+            return float(torch.finfo(torch.float32).eps)
+        raise UnsupportedLayerError(
+            f"{type(module).__name__}: no epsilon found (variance_epsilon / eps)"
+        )
+
+    def sq_norms(self, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        normalised = rms_normalise(inputs.float(), self._eps(module))
+        per_example = grad * normalised
+        return per_example.reshape(inputs.shape[0], -1, per_example.shape[-1]).sum(1).square()

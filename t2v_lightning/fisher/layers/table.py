@@ -51,12 +51,13 @@ from t2v_lightning.choices import UnsupportedLayerError
 from t2v_lightning.fisher.layers.attention import MultiheadAttentionRule
 from t2v_lightning.fisher.layers.conv import ConvRule
 from t2v_lightning.fisher.layers.embedding import EmbeddingRule
-from t2v_lightning.fisher.layers.linear import LinearRule
+from t2v_lightning.fisher.layers.linear import Conv1DRule, LinearRule
 from t2v_lightning.fisher.layers.norm import (
     BatchNormActRule,
     BatchNormRule,
     GroupNormRule,
     LayerNormRule,
+    RMSNormRule,
 )
 from t2v_lightning.fisher.layers.rule import LayerRule
 
@@ -76,6 +77,12 @@ __all__ = [
 _LINEAR = LinearRule()
 _CONV = ConvRule()
 _BATCH_NORM_ACT = BatchNormActRule()
+_RMS_NORM = RMSNormRule()
+_RMS_NORM_FAMILIES = (
+    ("llama", "Llama"), ("mistral", "Mistral"), ("mixtral", "Mixtral"), ("qwen2", "Qwen2"),
+    ("qwen3", "Qwen3"), ("gemma", "Gemma"), ("gemma2", "Gemma2"), ("phi3", "Phi3"),
+    ("olmo2", "Olmo2"), ("smollm3", "SmolLM3"), ("granite", "Granite"),
+)
 
 RULES: dict[type | str, LayerRule] = {
     nn.Linear: _LINEAR,
@@ -91,8 +98,13 @@ RULES: dict[type | str, LayerRule] = {
     "timm.models.layers.norm_act.BatchNormAct2d": _BATCH_NORM_ACT,  # timm < 0.9
     nn.GroupNorm: GroupNormRule(),
     nn.LayerNorm: LayerNormRule(),
+    nn.RMSNorm: _RMS_NORM,
     nn.Embedding: EmbeddingRule(),
     nn.MultiheadAttention: MultiheadAttentionRule(),
+    "transformers.pytorch_utils.Conv1D": Conv1DRule(),
+    # Language models' RMSNorm classes (transformers): one per model family.
+    **{f"transformers.models.{family}.modeling_{family}.{name}RMSNorm": _RMS_NORM
+       for family, name in _RMS_NORM_FAMILIES},
 }
 """Module type (or ``"package.module.Class"``) → the rule that embeds it."""
 
@@ -108,7 +120,7 @@ def rule_for(module: nn.Module) -> LayerRule | None:
 
 _SUPPORTED = (
     "Linear, Conv1d, Conv2d (incl. timm Conv2dSame), BatchNorm (incl. timm BatchNormAct2d), "
-    "GroupNorm, LayerNorm, Embedding, MultiheadAttention"
+    "GroupNorm, LayerNorm, RMSNorm (incl. Llama-style models'), Embedding, MultiheadAttention, HF Conv1D"
 )
 
 
