@@ -6,9 +6,11 @@ import configparser
 import inspect
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,85 @@ def test_make_test_requires_every_extra_that_has_tests() -> None:
     assert re.search(r"^TEST_ENV :=.*T2V_REQUIRE_EXTRAS=1", makefile, flags=re.MULTILINE)
     recipe = makefile.split("\ntest: ", 1)[1].split("\n\n", 1)[0]
     assert "$(TEST_ENV) $(PY) -m pytest" in recipe and "lint" in recipe
+
+
+# ------------------------------------------------------------------------------ the wheel
+PACKAGE_INPUTS = ("setup.cfg", "pyproject.toml", "README.md", "t2v_lightning")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel, built with ``pip wheel --no-deps`` from a copy of the package's sources.
+
+    A copy, so that the build's ``build/`` and ``*.egg-info`` do not land in the repository;
+    without build isolation, so that nothing is downloaded (setuptools comes with the test
+    extra).
+    """
+    source = tmp_path_factory.mktemp("source")
+    for name in PACKAGE_INPUTS:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copyfile(ROOT / name, source / name)
+    out = tmp_path_factory.mktemp("wheelhouse")
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "--quiet", "--wheel-dir", str(out), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (built,) = out.glob("t2v_lightning-*.whl")
+    return built
+
+
+def test_the_wheel_carries_every_file_of_the_package(wheel: Path) -> None:
+    assert wheel.name.startswith(f"t2v_lightning-{__version__}-py3-none-any")
+    package = ROOT / "t2v_lightning"
+    expected = {
+        path.relative_to(ROOT).as_posix()
+        for path in package.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+    assert {"t2v_lightning/py.typed", "t2v_lightning/data/cub_taxonomy.csv"} <= expected
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        info = f"t2v_lightning-{__version__}.dist-info"
+        entry_points = archive.read(f"{info}/entry_points.txt").decode()
+        metadata = archive.read(f"{info}/METADATA").decode()
+    assert {name for name in names if name.startswith("t2v_lightning/")} == expected
+    assert re.search(r"^t2v = t2v_lightning\.cli:main$", entry_points, flags=re.MULTILINE)
+    assert f"\nVersion: {__version__}\n" in metadata
+    for extra in ("text", "test", "docs", "lint", "demo", "timm"):
+        assert f"Provides-Extra: {extra}\n" in metadata, extra
+
+
+def test_t2v_runs_from_the_wheel_outside_the_repository(wheel: Path, tmp_path: Path) -> None:
+    """Installed from the wheel alone (dependencies from this environment), away from the tree."""
+    target = tmp_path / "site"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
+         "--target", str(target), str(wheel)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    where = subprocess.run(
+        [sys.executable, "-c", "import t2v_lightning; print(t2v_lightning.__file__)"],
+        capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(target), where.stdout + where.stderr
+    script = target / "bin" / "t2v"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True,
+                          cwd=elsewhere, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(re.findall(r"^    (\w+) ", done.stdout, flags=re.MULTILINE)) == set(cli.SUBCOMMANDS)
+    # the package data comes from the wheel too
+    data = subprocess.run(
+        [sys.executable, "-c", "from importlib.resources import files; "
+         "print(files('t2v_lightning.data').joinpath('cub_taxonomy.csv').read_text()[:40])"],
+        capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120,
+    )
+    assert data.returncode == 0 and data.stdout.strip(), data.stderr
