@@ -40,7 +40,12 @@ from .conftest import TinyConvNet, ToyImages, randomise_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md"))
+SITE_PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md"))
+# The README's blocks are checked the same way (a page name relative to docs/).
+README = "../README.md"
+PAGES = [*SITE_PAGES, README]
+# The landing page, in docs/ until it replaces the README; then the README itself.
+LANDING = "landing_draft.md" if (DOCS / "landing_draft.md").is_file() else README
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```\s*$", flags=re.MULTILINE | re.DOTALL)
 LANGUAGES = {"python", "bash", "text"}
 # The programs a bash block may call; anything else is "command not found" (PATH is empty).
@@ -83,8 +88,10 @@ def _place(artifacts: dict[str, Path], folder: Path, names: dict[str, str]) -> N
 A, B, C = "digits_0_4", "digits_5_9", "mnist_subset_0_4"
 ALL = {f"embeddings/{name}.safetensors": name for name in (A, B, C)}
 SELECTION = {
-    "target.safetensors": A, "new_task.safetensors": A,
-    "experts/digits_5_9.safetensors": B, "experts/mnist_subset_0_4.safetensors": C,
+    "target.safetensors": A,
+    "new_task.safetensors": A,
+    "experts/digits_5_9.safetensors": B,
+    "experts/mnist_subset_0_4.safetensors": C,
     "bench/cache/model_selection/0/embeddings/targets/t_mnist_all.safetensors": A,
     "bench/cache/model_selection/0/embeddings/sources/digits_5_9.safetensors": B,
     "bench/cache/model_selection/0/embeddings/sources/mnist_subset_0_4.safetensors": C,
@@ -92,6 +99,7 @@ SELECTION = {
 SETUP: dict[str, dict[str, str]] = {
     "getting-started.md": ALL,
     "landing_draft.md": ALL,
+    README: {**ALL, **SELECTION, **{f"embeddings/small/{n}.safetensors": n for n in (A, B, C)}},
     "guides/comparing-tasks.md": ALL,
     "guides/choosing-an-expert.md": SELECTION,
     "cli.md": {**SELECTION, **{f"embeddings/small/{n}.safetensors": n for n in (A, B, C)}},
@@ -111,7 +119,7 @@ def scratch(
 
 # ------------------------------------------------------------------------------ pages
 def test_every_block_has_a_known_language() -> None:
-    assert len(PAGES) >= 15
+    assert len(SITE_PAGES) >= 15
     for page in PAGES:
         for language, code in FENCE.findall((DOCS / page).read_text()):
             assert language in LANGUAGES, f"{page}: a ```{language} block:\n{code[:200]}"
@@ -124,7 +132,7 @@ def test_the_getting_started_quick_start_is_the_readmes() -> None:
 # Pages whose Python blocks take more than a few seconds: they run with the slow tests.
 SLOW_PAGES = {"guides/data-diversity.md", "guides/multilabel-and-text.md"}
 # Python run elsewhere (compared above): the README's quick start.
-RUN_ELSEWHERE = {"getting-started.md", "landing_draft.md"}
+RUN_ELSEWHERE = {"getting-started.md", "landing_draft.md", README}
 
 
 def _python_pages() -> list[object]:
@@ -163,10 +171,17 @@ def recorded_commands(code: str, cwd: Path) -> list[list[str]]:
         for name in PROGRAMS
     )
     script = f"set -e\n{shims}\n{code}\nwait\n"
-    env = {"PATH": "/nonexistent", "HOME": str(cwd), "RECORD": str(record),
-           "SLURM_ARRAY_TASK_ID": "3", "NODE_RANK": "0", "HOST0": "localhost"}
-    done = subprocess.run(["/bin/bash", "-c", script], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=60)
+    env = {
+        "PATH": "/nonexistent",
+        "HOME": str(cwd),
+        "RECORD": str(record),
+        "SLURM_ARRAY_TASK_ID": "3",
+        "NODE_RANK": "0",
+        "HOST0": "localhost",
+    }
+    done = subprocess.run(
+        ["/bin/bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, f"bash: {done.stderr}"
     return [command.split(SEP) for command in record.read_text().split(END) if command]
 
@@ -248,8 +263,12 @@ def test_the_command_line_quick_start_runs_for_real(
 @pytest.mark.parametrize("example", ["fisher_callback_in_your_project.py", "text_diversity.py"])
 def test_examples_named_in_the_docs_run(example: str, tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / example)], cwd=tmp_path, capture_output=True,
-        text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, str(ROOT / "examples" / example)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip()
@@ -290,8 +309,12 @@ def test_public_names_have_a_summary_and_document_their_arguments() -> None:
         from griffe_examples import ExampleSections
     finally:
         sys.path.remove(str(DOCS / "hooks"))
-    package = griffe.load("t2v_lightning", search_paths=[str(ROOT)], docstring_parser="google",
-                          extensions=griffe.load_extensions(ExampleSections))
+    package = griffe.load(
+        "t2v_lightning",
+        search_paths=[str(ROOT)],
+        docstring_parser="google",
+        extensions=griffe.load_extensions(ExampleSections),
+    )
     problems = []
     for name in api_names():
         item = package[name.removeprefix("t2v_lightning.")]
@@ -299,8 +322,10 @@ def test_public_names_have_a_summary_and_document_their_arguments() -> None:
         targets = [(item, item.members.get("__init__") if item.is_class else item)]
         if item.is_class:
             targets += [
-                (member, member) for key, member in item.members.items()
-                if member.is_function and not key.startswith("_")
+                (member, member)
+                for key, member in item.members.items()
+                if member.is_function
+                and not key.startswith("_")
                 and not _lightning_hook(owner, key)  # type: ignore[arg-type]
             ]
         for documented, function in targets:
@@ -310,8 +335,12 @@ def test_public_names_have_a_summary_and_document_their_arguments() -> None:
                 continue
             if function is None or getattr(owner, "__dataclass_fields__", None) is not None:
                 continue  # a result type: its fields are documented as attributes
-            params = {p.name for p in function.parameters if p.name not in ("self", "cls")
-                      and p.kind.value not in ("variadic positional", "variadic keyword")}
+            params = {
+                p.name
+                for p in function.parameters
+                if p.name not in ("self", "cls")
+                and p.kind.value not in ("variadic positional", "variadic keyword")
+            }
             names = {
                 param.name
                 for section in documented.docstring.parse("google", warnings=False)
@@ -319,14 +348,16 @@ def test_public_names_have_a_summary_and_document_their_arguments() -> None:
                 for param in section.value
             }
             if params - names:
-                problems.append(f"{documented.path}: arguments not documented: "
-                                f"{sorted(params - names)}")
+                problems.append(
+                    f"{documented.path}: arguments not documented: {sorted(params - names)}"
+                )
     assert not problems, "\n".join(problems)
 
 
 @pytest.mark.slow
-def test_docstring_examples_of_the_reference_run(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_docstring_examples_of_the_reference_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     tried = 0
@@ -369,14 +400,17 @@ def test_the_site_builds_offline_with_strict_checks(tmp_path: Path) -> None:
     pytest.importorskip("mkdocs")
     pytest.importorskip("material")
     pytest.importorskip("mkdocstrings_handlers.python")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1",
-           "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    for page in PAGES:
+    for page in SITE_PAGES:
         if page != "landing_draft.md":
             html = page.removesuffix(".md").removesuffix("index")
             assert (tmp_path / html / "index.html").is_file() or html == "", page
@@ -389,3 +423,25 @@ def test_the_site_builds_offline_with_strict_checks(tmp_path: Path) -> None:
     for html_file in tmp_path.rglob("*.html"):
         assert "fonts.googleapis" not in html_file.read_text(), html_file
 
+
+def test_the_landing_page_is_short_and_links_into_the_docs() -> None:
+    """``docs/landing_draft.md`` (until it replaces README.md; then the README) as a README."""
+    text = (DOCS / LANDING).read_text()
+    assert 150 <= len(text.splitlines()) <= 200
+    assert blocks(LANDING, "python") == [readme_quick_start()]
+    assert blocks(LANDING, "bash")[1:] == blocks("getting-started.md", "bash")[-1:]
+    for heading in (
+        "## Set up",
+        "## Quick start in Python",
+        "## Quick start on the command line",
+        "## What differs from the 2019 reference code",
+    ):
+        assert f"\n{heading}\n" in text, heading
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if not link.startswith(("http://", "https://"))]
+    assert "docs/images/demo_distance_matrix.png" in local
+    for link in local:  # relative to the repository root, where the README lives
+        assert (ROOT / link).exists(), link
+    for page in SITE_PAGES:
+        if page not in ("landing_draft.md", "index.md", "changelog.md"):
+            assert f"docs/{page}" in local, f"the landing page does not link docs/{page}"

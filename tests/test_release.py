@@ -93,10 +93,27 @@ def test_extras_guard_fails_missing_modules_only_when_required(
     (tmp_path / "test_guarded.py").write_text(textwrap.dedent(GUARDED))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "T2V_REQUIRE_EXTRAS": required}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "tests.conftest",
-         "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", str(tmp_path),
-         str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rA",
+            "-p",
+            "tests.conftest",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            os.devnull,
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
     if required:
         assert done.returncode == 1, done.stdout
@@ -141,15 +158,29 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp_path_factory.mktemp("source")
     for name in PACKAGE_INPUTS:
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, source / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(
+                ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            )
         else:
             shutil.copyfile(ROOT / name, source / name)
     out = tmp_path_factory.mktemp("wheelhouse")
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "--quiet", "--wheel-dir", str(out), str(source)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--wheel-dir",
+            str(out),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (built,) = out.glob("t2v_lightning-*.whl")
@@ -181,9 +212,21 @@ def test_t2v_runs_from_the_wheel_outside_the_repository(wheel: Path, tmp_path: P
     """Installed from the wheel alone (dependencies from this environment), away from the tree."""
     target = tmp_path / "site"
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
-         "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
@@ -191,18 +234,31 @@ def test_t2v_runs_from_the_wheel_outside_the_repository(wheel: Path, tmp_path: P
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
     where = subprocess.run(
         [sys.executable, "-c", "import t2v_lightning; print(t2v_lightning.__file__)"],
-        capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        timeout=120,
     )
     assert Path(where.stdout.strip()).is_relative_to(target), where.stdout + where.stderr
     script = target / "bin" / "t2v"
-    done = subprocess.run([str(script), "--help"], capture_output=True, text=True,
-                          cwd=elsewhere, env=env, timeout=300)
+    done = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert set(re.findall(r"^    (\w+) ", done.stdout, flags=re.MULTILINE)) == set(cli.SUBCOMMANDS)
     # the package data comes from the wheel too
     data = subprocess.run(
-        [sys.executable, "-c", "from importlib.resources import files; "
-         "print(files('t2v_lightning.data').joinpath('cub_taxonomy.csv').read_text()[:40])"],
-        capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "from importlib.resources import files; "
+            "print(files('t2v_lightning.data').joinpath('cub_taxonomy.csv').read_text()[:40])",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        timeout=120,
     )
     assert data.returncode == 0 and data.stdout.strip(), data.stderr
