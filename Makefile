@@ -48,7 +48,7 @@ format-check: $(STAMP_TEST)
 
 # The documentation site, built offline into site/ (mkdocs.yml; every warning is an error).
 docs: $(STAMP_TEST)
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m mkdocs build --strict --site-dir site
 
 demo: $(STAMP_DEMO)
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m t2v_lightning.demo

@@ -354,7 +354,6 @@ def test_public_names_have_a_summary_and_document_their_arguments() -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.slow
 def test_docstring_examples_of_the_reference_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
