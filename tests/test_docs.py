@@ -253,8 +253,10 @@ def test_the_command_line_quick_start_runs_for_real(
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     monkeypatch.chdir(tmp_path)
     code = blocks("getting-started.md", "bash")[-1]
-    for command in recorded_commands(code, tmp_path):
-        check_command(command, capsys, run_everything=True)
+    # line by line: a later line's glob must see what the earlier lines wrote
+    for line in code.splitlines():
+        for command in recorded_commands(line, tmp_path):
+            check_command(command, capsys, run_everything=True)
     assert len(list(tmp_path.glob("embeddings/*.safetensors"))) == 3
     assert (tmp_path / "matrix.png").is_file() and (tmp_path / "matrix.csv").is_file()
 
