@@ -1,4 +1,4 @@
-"""The ``t2v`` command line: ``fit``, ``validate`` and ``embed`` on LightningCLI, and ``distance``.
+"""The ``t2v`` command: ``fit``, ``validate``, ``embed`` (LightningCLI), ``distance``, ``select``.
 
 * ``t2v fit``: trains the classifier head of a probe on one task (:class:`ProbeClassifier`) and
   saves a Lightning checkpoint holding that head;
@@ -77,6 +77,7 @@ from t2v_lightning.trainers import phase_progress
 __all__ = [
     "EmbeddingJob",
     "EmbeddingTrainer",
+    "SUBCOMMANDS",
     "T2VCLI",
     "distance_main",
     "embedding_jobs",
@@ -978,6 +979,37 @@ def _expand_shorthands(argv: list[str]) -> list[str]:
     return expanded
 
 
+# ------------------------------------------------------------------------------ t2v --help
+# One line per subcommand for ``t2v --help`` (tests/test_release.py checks that every
+# subcommand that main() dispatches is listed here).
+SUBCOMMANDS: dict[str, str] = {
+    "fit": "train a probe's head on a task, save a Lightning checkpoint",
+    "validate": "accuracy of a fitted head on the task's test split",
+    "embed": "write each task's embedding artifact; sweeps resume",
+    "distance": "distances between artifacts: CSV, figure, nearest tasks",
+    "select": "rank experts for a target task by the asymmetric distance",
+    "diversity": "diversity coefficient of a text corpus with a causal language model",
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    """What ``t2v --help`` prints: the subcommands, one line each, and ``--version``."""
+    from t2v_lightning.version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="t2v",
+        description="Task2Vec task embeddings: the diagonal Fisher information of a probe "
+        "network, on PyTorch Lightning.",
+        epilog="'t2v SUBCOMMAND --help' lists a subcommand's options; fit, validate and embed "
+        "also take --config FILE.yaml and --print_config.",
+    )
+    parser.add_argument("--version", action="version", version=f"t2v {__version__}")
+    commands = parser.add_subparsers(title="subcommands", metavar="SUBCOMMAND")
+    for name, summary in SUBCOMMANDS.items():
+        commands.add_parser(name, help=summary)
+    return parser
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """The ``t2v`` console script.
 
@@ -990,6 +1022,8 @@ def main(args: Sequence[str] | None = None) -> None:
     if args is None:  # run as the t2v command: the process is ours (t2v_lightning.allocator)
         keep_freed_memory()
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] in (["-h"], ["--help"], ["--version"]):
+        _top_parser().parse_args(argv[:1])  # prints the help or the version, and exits 0
     _quiet_warnings()
     try:
         if argv and argv[0] == "distance":

@@ -112,7 +112,11 @@ class TaskEmbedding:
         return int(self.hessian.numel())
 
     def layer(self, name: str) -> torch.Tensor:
-        """The slice of ``hessian`` that belongs to the module ``name``."""
+        """The slice of ``hessian`` that belongs to the module ``name``.
+
+        Args:
+            name: a module's qualified name, a key of :attr:`layers` (e.g. ``"layer2.0.conv1"``).
+        """
         if name not in self.layers:
             raise KeyError(f"no layer {name!r} in this embedding; it has {list(self.layers)}")
         start, stop = self.layers[name]
@@ -188,6 +192,9 @@ class TaskEmbedding:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TaskEmbedding:
         """Read an artifact written by :meth:`save`; never unpickles anything.
+
+        Args:
+            path: the ``.safetensors`` artifact.
 
         Raises:
             FileNotFoundError: the file does not exist.

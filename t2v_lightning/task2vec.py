@@ -309,6 +309,10 @@ class Task2Vec:
         the device of this object's Trainers (a Trainer is built to find it; :meth:`embed` runs
         the method in that same Trainer). The result also unpacks as ``network, inputs, labels,
         meta``.
+
+        Args:
+            dataset: the task, as for :meth:`embed`.
+            task_name: the name recorded in the metadata (``None``: none).
         """
         if self.lm is not None:
             raise ValueError(

@@ -437,7 +437,14 @@ class FisherCallback(Callback):
         inputs: torch.Tensor | Mapping[str, torch.Tensor],
         ids: torch.Tensor,
     ) -> None:
-        """One Fisher step on a batch of inputs with their example ids."""
+        """One Fisher step on a batch of inputs with their example ids.
+
+        Args:
+            trainer: the Trainer running the pass (its strategy places and reduces).
+            pl_module: the LightningModule whose ``network`` is embedded.
+            inputs: the batch's inputs (a tensor, or a mapping of tensors for text probes).
+            ids: the dataset index of each row of ``inputs`` (int64); labels are sampled by id.
+        """
         network = self._network(pl_module)
         self._accumulate(trainer, network, network, inputs, ids)
 
@@ -490,6 +497,11 @@ class FisherCallback(Callback):
         Runs the ``"fit_end"`` pass: each rank visits its share of the dataset's indices with the
         module in eval mode, the sums are reduced across ranks and rank 0 writes ``output`` if
         one was given. Under DDP, call it on every rank.
+
+        Args:
+            trainer: the Trainer whose strategy places the module and reduces across ranks.
+            pl_module: the trained LightningModule to embed.
+            dataloader: the examples to embed (``None``: the Trainer's training data).
 
         Returns:
             The task embedding (also kept as :attr:`embedding`).
