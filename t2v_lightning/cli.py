@@ -988,8 +988,22 @@ SUBCOMMANDS: dict[str, str] = {
     "embed": "write each task's embedding artifact; sweeps resume",
     "distance": "distances between artifacts: CSV, figure, nearest tasks",
     "select": "rank experts for a target task by the asymmetric distance",
-    "diversity": "diversity coefficient of a text corpus with a causal language model",
+    "diversity": "diversity coefficient of a text corpus (LM probe)",
 }
+
+
+class _SubcommandListFormatter(argparse.HelpFormatter):
+    """Python 3.11's formatter measures the subcommands' names one indent short, which puts the
+    summary of the longest (``diversity``) on a line of its own; count that indent."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        names = getattr(action, "choices", None)
+        if isinstance(action, argparse._SubParsersAction) and names:
+            longest = max(len(name) for name in names)
+            self._action_max_length = max(
+                self._action_max_length, longest + self._current_indent + self._indent_increment
+            )
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -1002,6 +1016,7 @@ def _top_parser() -> argparse.ArgumentParser:
         "network, on PyTorch Lightning.",
         epilog="'t2v SUBCOMMAND --help' lists a subcommand's options; fit, validate and embed "
         "also take --config FILE.yaml and --print_config.",
+        formatter_class=_SubcommandListFormatter,
     )
     parser.add_argument("--version", action="version", version=f"t2v {__version__}")
     commands = parser.add_subparsers(title="subcommands", metavar="SUBCOMMAND")
