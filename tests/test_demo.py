@@ -96,10 +96,11 @@ def test_the_demo_pipeline_writes_artifacts_matrix_figure_and_neighbours(
         assert f"  {command}" in out
 
 
-def test_the_demos_closing_commands_are_those_of_the_readme() -> None:
-    """The commands the demo ends with name the datasets and options the README documents."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+def test_the_demos_closing_commands_are_those_of_the_docs() -> None:
+    """The commands the demo ends with name the datasets and options that the "Your own data"
+    page documents."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "guides" / "your-own-data.md"
+    section = page.read_text().split("\n## ", 1)[0]
     for name in ("imagefolder", "hf", "csv"):
         assert any(f"--data.name {name}" in c for c in demo.OWN_DATA_COMMANDS)
         assert f"--data.name {name}" in section

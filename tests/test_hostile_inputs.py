@@ -1,4 +1,4 @@
-"""A hostile or careless user, second sweep: every case backs a row of the README's table.
+"""A hostile or careless user, second sweep: every case backs a row of docs/reliability.md.
 
 Lost files (a ``config.yaml`` replaced by Lightning's, ``save`` over an existing file), silently
 wrong artifacts (a sweep that resumes another task's artifact, a checkpoint of another task or

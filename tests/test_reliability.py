@@ -1,6 +1,6 @@
 """Hostile input, corrupt files, interrupted runs and numerical faults.
 
-Each test here backs one row of the README's "What happens when…" table: a bad file, a bad
+Each test here backs one row of docs/reliability.md ("What happens when…"): a bad file, a bad
 weights file, a killed run or a NaN gives a clear error that names what is wrong (the file, the
 layer, the example), executes nothing, and leaves no partial artifact behind.
 
