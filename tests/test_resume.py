@@ -135,6 +135,18 @@ def test_resume_refuses_a_checkpoint_of_another_run(
         Task2Vec(probe, resume_from=str(tmp_path / "nothing.ckpt"), **options()).embed(data)
 
 
+def test_a_left_checkpoint_is_never_written_over_without_resuming(
+    task: tuple[torch.nn.Module, ToyImages], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe, data = task
+    interrupted_run(monkeypatch, probe, data, tmp_path, stop_at_batch=3)
+    (left,) = tmp_path.glob("*.ckpt")
+    before = left.read_bytes()
+    with pytest.raises(FileExistsError, match=r"checkpoint_dir: .*resume_from='last'"):
+        Task2Vec(probe, checkpoint_dir=str(tmp_path), **options()).embed(data)
+    assert left.read_bytes() == before
+
+
 def test_resume_last_without_a_checkpoint_starts_afresh(
     task: tuple[torch.nn.Module, ToyImages], tmp_path: Path,
     uninterrupted: dict[str, TaskEmbedding],

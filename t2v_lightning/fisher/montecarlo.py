@@ -341,6 +341,12 @@ def embed_montecarlo(
     skip = None
     checkpoint = settings.checkpoint(prepared.meta.get("task_name"))
     resume = settings.resume_path(checkpoint)
+    if checkpoint is not None and resume != checkpoint and os.path.lexists(checkpoint):
+        # an interrupted pass's checkpoint (or any file of that name) is never written over
+        raise FileExistsError(
+            f"checkpoint_dir: {checkpoint} exists (an interrupted Fisher pass?); pass "
+            "resume_from='last' to continue it, or remove it to start afresh"
+        )
     if resume is not None:
         fresh = FisherPassModule(prepared.network, prepared.inputs, task.batch_size)
         skip = restore_fisher_pass(resume, fresh, callback)
