@@ -56,11 +56,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from t2v_lightning.data.task import (
     DatasetEntry,
     DatasetNotFoundError,
+    LabelledDataset,
     Normalize,
     Task,
     TaskInfo,
@@ -117,7 +117,7 @@ def imagenet_eval_transform(
     return transforms.Compose(steps)
 
 
-class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
+class ImageFileDataset(LabelledDataset):
     """Images read from files (converted to RGB), with int labels.
 
     Args:
@@ -137,14 +137,6 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         self.paths = [str(p) for p in paths]
         self._targets = [int(t) for t in targets]
         self.transform = transform
-
-    @property
-    def targets(self) -> list[int]:
-        """The label of every item, in order."""
-        return list(self._targets)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
 
@@ -286,15 +278,18 @@ def find_cub_dir(root: str | Path) -> Path:
     """
     root = Path(root).expanduser()
     candidates = [root / "CUB_200_2011", root / "cub" / "CUB_200_2011", root]
+    return _find_dir(root, candidates, "images.txt", "CUB-200-2011", CUB_HINT)
+
+
+def _find_dir(root: Path, candidates: Sequence[Path], marker: str, title: str, hint: str) -> Path:
+    """The first of ``candidates`` holding the file ``marker``; else an error naming them."""
     for c in candidates:
-        if (c / "images.txt").is_file():
+        if (c / marker).is_file():
             return c
     if not root.exists():
-        raise DatasetNotFoundError(f"data root {root} does not exist. {CUB_HINT}")
-    tried = ", ".join(str(c / "images.txt") for c in candidates)
-    raise DatasetNotFoundError(
-        f"CUB-200-2011 not found under {root} (looked for {tried}). {CUB_HINT}"
-    )
+        raise DatasetNotFoundError(f"data root {root} does not exist. {hint}")
+    tried = ", ".join(str(c / marker) for c in candidates)
+    raise DatasetNotFoundError(f"{title} not found under {root} (looked for {tried}). {hint}")
 
 
 def _read_pairs(path: Path, hint: str) -> list[tuple[int, str]]:
@@ -405,15 +400,7 @@ def find_inat_dir(root: str | Path) -> Path:
     """
     root = Path(root).expanduser()
     candidates = [root / "inat2018", root / "iNat2018", root]
-    for c in candidates:
-        if (c / "train2018.json").is_file():
-            return c
-    if not root.exists():
-        raise DatasetNotFoundError(f"data root {root} does not exist. {INAT_HINT}")
-    tried = ", ".join(str(c / "train2018.json") for c in candidates)
-    raise DatasetNotFoundError(
-        f"iNaturalist 2018 not found under {root} (looked for {tried}). {INAT_HINT}"
-    )
+    return _find_dir(root, candidates, "train2018.json", "iNaturalist 2018", INAT_HINT)
 
 
 def _load_json(path: Path, hint: str) -> Any:

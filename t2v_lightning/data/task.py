@@ -141,6 +141,15 @@ class DatasetEntry:
     build_source: BuildSourceTask | None = None
 
 
+def download_failed(name: str, root: object, err: BaseException) -> DatasetNotFoundError:
+    """The one-line error of a failed download of dataset ``name`` into ``root``."""
+    cause = " ".join(str(err).split()) or type(err).__name__
+    return DatasetNotFoundError(
+        f"downloading {name!r} into {root} failed: {cause[:400]} (check the network, or "
+        f"place the files under {root} yourself and leave download off)"
+    )
+
+
 def check_normalize(normalize: str) -> None:
     """Raise a ValueError naming the argument when ``normalize`` is not a known choice."""
     choices = get_args(Normalize)
@@ -297,7 +306,25 @@ def class_mapping(classes: Sequence[int] | Mapping[int, int]) -> dict[int, int]:
     return mapping
 
 
-class ClassSubset(Dataset[tuple[torch.Tensor, int]]):
+class LabelledDataset(Dataset[tuple[torch.Tensor, int]]):
+    """A map-style dataset of ``(input, label)`` that keeps every label, in order.
+
+    Subclasses fill ``self._targets`` (one int per example) and define ``__getitem__``; the
+    labels are read without loading any input, and the length is the number of labels.
+    """
+
+    _targets: list[int]
+
+    @property
+    def targets(self) -> list[int]:
+        """The label of every example, in order."""
+        return list(self._targets)
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+
+class ClassSubset(LabelledDataset):
     """The items of some classes of a dataset, relabelled ``0 .. C - 1``.
 
     Args:
@@ -330,14 +357,6 @@ class ClassSubset(Dataset[tuple[torch.Tensor, int]]):
         self.indices = [i for i, t in enumerate(source) if t in self.class_map]
         self._targets = [self.class_map[source[i]] for i in self.indices]
         self.num_classes = len(set(self.class_map.values()))
-
-    @property
-    def targets(self) -> list[int]:
-        """The task label of every item, in order."""
-        return list(self._targets)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, _ = self.dataset[self.indices[index]]
