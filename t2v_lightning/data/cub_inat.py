@@ -66,6 +66,7 @@ from t2v_lightning.data.task import (
     TaskInfo,
     check_input_size,
     check_normalize,
+    facts_entry,
 )
 from t2v_lightning.safety import contained_path, open_image
 
@@ -690,23 +691,34 @@ def _describe_meta(
     return _inat_info(dataset, task_id, spec_i), spec_i
 
 
-def _entry(
-    dataset: str, max_tasks: int, inat_offset: int, inat_limit: int | None, summary: str
-) -> DatasetEntry:
-    def describe(root: str, task_id: int | None) -> TaskInfo:
-        return _describe_meta(dataset, root, int(task_id or 0), inat_limit, inat_offset)[0]
+@dataclass(frozen=True)
+class _CubInatTask:
+    """One task of ``dataset`` under ``root``: task ids below ``inat_offset`` are CUB's."""
+
+    dataset: str
+    root: str
+    task_id: int
+    inat_limit: int | None
+    inat_offset: int
+
+    def _meta(self) -> tuple[TaskInfo, CubTaskSpec | InatTaskSpec]:
+        return _describe_meta(
+            self.dataset, self.root, self.task_id, self.inat_limit, self.inat_offset
+        )
+
+    def info(self) -> TaskInfo:
+        """The task's facts (reads iNat's annotations for an iNat task, no image)."""
+        return self._meta()[0]
 
     def build(
-        root: str,
-        task_id: int | None,
-        train: bool,
-        input_size: int | None,
-        download: bool,
-        normalize: Normalize,
+        self, root: str, train: bool, input_size: int | None, download: bool, normalize: Normalize
     ) -> Task:
+        """Load the task's images (nothing is downloaded: the scripts fetch them)."""
         if download:
-            log.info("%s cannot be downloaded from Python; using the files under %s", dataset, root)
-        info, spec = _describe_meta(dataset, root, int(task_id or 0), inat_limit, inat_offset)
+            log.info(
+                "%s cannot be downloaded from Python; using the files under %s", self.dataset, root
+            )
+        info, spec = self._meta()
         transform = imagenet_eval_transform(input_size, normalize)
         data: ImageFileDataset
         if isinstance(spec, CubTaskSpec):
@@ -715,15 +727,20 @@ def _entry(
             data = InatDataset(root, train, spec.category_ids, transform)
         return _finish(info, data, train, input_size, normalize)
 
+
+def _entry(
+    dataset: str, max_tasks: int, inat_offset: int, inat_limit: int | None, summary: str
+) -> DatasetEntry:
+    def facts(root: str, task_id: int | None) -> _CubInatTask:
+        return _CubInatTask(dataset, root, int(task_id or 0), inat_limit, inat_offset)
+
     def count(root: str) -> int:
         if inat_offset >= max_tasks > 0:
             return max_tasks
         n = len(inat_tasks(root))
         return inat_offset + (n if inat_limit is None else min(n, inat_limit))
 
-    return DatasetEntry(
-        build=build, describe=describe, max_tasks=max_tasks, count_tasks=count, summary=summary
-    )
+    return facts_entry(facts, max_tasks=max_tasks, count_tasks=count, summary=summary)
 
 
 def dataset_entries() -> dict[str, DatasetEntry]:

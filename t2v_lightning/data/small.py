@@ -57,6 +57,7 @@ from t2v_lightning.data.task import (
     TaskInfo,
     class_mapping,
     download_failed,
+    facts_entry,
 )
 
 log = logging.getLogger(__name__)
@@ -581,26 +582,12 @@ def _entry(
 ) -> DatasetEntry:
     """The registry entry whose task ``task_id`` is ``facts(task_id)``, read from ``sources``."""
 
-    def build(
-        root: str,
-        task_id: int | None,
-        train: bool,
-        input_size: int | None,
-        download: bool,
-        normalize: Normalize,
-    ) -> Task:
-        return facts(task_id).build(root, train, input_size, download, normalize)
-
-    def describe(root: str, task_id: int | None) -> TaskInfo:
-        return facts(task_id).info()
-
     def download(root: str) -> None:
         for s in sources:
             _torchvision_download(s, root)
 
-    return DatasetEntry(
-        build=build,
-        describe=describe,
+    return facts_entry(
+        lambda root, task_id: facts(task_id),
         max_tasks=max_tasks,
         download=download if all(SOURCES[s].downloadable for s in sources) else None,
         summary=summary,

@@ -141,6 +141,44 @@ class DatasetEntry:
     build_source: BuildSourceTask | None = None
 
 
+class TaskFacts(Protocol):
+    """One task of a dataset entry: its facts without loading it, and how to load it."""
+
+    def info(self) -> TaskInfo:
+        """The task's name, class count and metadata (no image read)."""
+        ...
+
+    def build(
+        self, root: str, train: bool, input_size: int | None, download: bool, normalize: Normalize
+    ) -> Task:
+        """Load the task (the arguments of :class:`BuildTask` but its id)."""
+        ...
+
+
+def facts_entry(facts: Callable[[str, int | None], TaskFacts], **fields: Any) -> DatasetEntry:
+    """The entry whose task ``task_id`` under ``root`` is ``facts(root, task_id)``.
+
+    Args:
+        facts: ``facts(root, task_id)``: the task's :class:`TaskFacts`.
+        fields: the entry's other fields (``max_tasks``, ``download``, ``summary``, ...).
+    """
+
+    def build(
+        root: str,
+        task_id: int | None,
+        train: bool,
+        input_size: int | None,
+        download: bool,
+        normalize: Normalize,
+    ) -> Task:
+        return facts(root, task_id).build(root, train, input_size, download, normalize)
+
+    def describe(root: str, task_id: int | None) -> TaskInfo:
+        return facts(root, task_id).info()
+
+    return DatasetEntry(build=build, describe=describe, **fields)
+
+
 def download_failed(name: str, root: object, err: BaseException) -> DatasetNotFoundError:
     """The one-line error of a failed download of dataset ``name`` into ``root``."""
     cause = " ".join(str(err).split()) or type(err).__name__

@@ -377,9 +377,9 @@ class FisherCallback(Callback):
         if not bool(valid.any()):
             return
         sums, count = eval_filter_sums(
-            forward, self._layers, grad_scale_for(trainer, self._grad_scale), inputs, ids, valid, self._estimator,
-            self._seed, self._mc_samples, trainer.precision_plugin.forward_context,
-            self._likelihood,
+            forward, self._layers, grad_scale_for(trainer, self._grad_scale), inputs, ids, valid,
+            self._estimator, self._seed, self._mc_samples,
+            trainer.precision_plugin.forward_context, self._likelihood,
         )
         self._sums.update(sums, count, ids, valid)
 
