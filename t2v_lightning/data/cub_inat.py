@@ -56,16 +56,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from t2v_lightning.data.task import (
     DatasetEntry,
     DatasetNotFoundError,
+    LabelledDataset,
     Normalize,
     Task,
     TaskInfo,
     check_input_size,
     check_normalize,
+    facts_entry,
 )
 from t2v_lightning.safety import contained_path, open_image
 
@@ -117,7 +118,7 @@ def imagenet_eval_transform(
     return transforms.Compose(steps)
 
 
-class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
+class ImageFileDataset(LabelledDataset):
     """Images read from files (converted to RGB), with int labels.
 
     Args:
@@ -137,14 +138,6 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         self.paths = [str(p) for p in paths]
         self._targets = [int(t) for t in targets]
         self.transform = transform
-
-    @property
-    def targets(self) -> list[int]:
-        """The label of every item, in order."""
-        return list(self._targets)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
 
@@ -286,15 +279,18 @@ def find_cub_dir(root: str | Path) -> Path:
     """
     root = Path(root).expanduser()
     candidates = [root / "CUB_200_2011", root / "cub" / "CUB_200_2011", root]
+    return _find_dir(root, candidates, "images.txt", "CUB-200-2011", CUB_HINT)
+
+
+def _find_dir(root: Path, candidates: Sequence[Path], marker: str, title: str, hint: str) -> Path:
+    """The first of ``candidates`` holding the file ``marker``; else an error naming them."""
     for c in candidates:
-        if (c / "images.txt").is_file():
+        if (c / marker).is_file():
             return c
     if not root.exists():
-        raise DatasetNotFoundError(f"data root {root} does not exist. {CUB_HINT}")
-    tried = ", ".join(str(c / "images.txt") for c in candidates)
-    raise DatasetNotFoundError(
-        f"CUB-200-2011 not found under {root} (looked for {tried}). {CUB_HINT}"
-    )
+        raise DatasetNotFoundError(f"data root {root} does not exist. {hint}")
+    tried = ", ".join(str(c / marker) for c in candidates)
+    raise DatasetNotFoundError(f"{title} not found under {root} (looked for {tried}). {hint}")
 
 
 def _read_pairs(path: Path, hint: str) -> list[tuple[int, str]]:
@@ -405,15 +401,7 @@ def find_inat_dir(root: str | Path) -> Path:
     """
     root = Path(root).expanduser()
     candidates = [root / "inat2018", root / "iNat2018", root]
-    for c in candidates:
-        if (c / "train2018.json").is_file():
-            return c
-    if not root.exists():
-        raise DatasetNotFoundError(f"data root {root} does not exist. {INAT_HINT}")
-    tried = ", ".join(str(c / "train2018.json") for c in candidates)
-    raise DatasetNotFoundError(
-        f"iNaturalist 2018 not found under {root} (looked for {tried}). {INAT_HINT}"
-    )
+    return _find_dir(root, candidates, "train2018.json", "iNaturalist 2018", INAT_HINT)
 
 
 def _load_json(path: Path, hint: str) -> Any:
@@ -703,23 +691,34 @@ def _describe_meta(
     return _inat_info(dataset, task_id, spec_i), spec_i
 
 
-def _entry(
-    dataset: str, max_tasks: int, inat_offset: int, inat_limit: int | None, summary: str
-) -> DatasetEntry:
-    def describe(root: str, task_id: int | None) -> TaskInfo:
-        return _describe_meta(dataset, root, int(task_id or 0), inat_limit, inat_offset)[0]
+@dataclass(frozen=True)
+class _CubInatTask:
+    """One task of ``dataset`` under ``root``: task ids below ``inat_offset`` are CUB's."""
+
+    dataset: str
+    root: str
+    task_id: int
+    inat_limit: int | None
+    inat_offset: int
+
+    def _meta(self) -> tuple[TaskInfo, CubTaskSpec | InatTaskSpec]:
+        return _describe_meta(
+            self.dataset, self.root, self.task_id, self.inat_limit, self.inat_offset
+        )
+
+    def info(self) -> TaskInfo:
+        """The task's facts (reads iNat's annotations for an iNat task, no image)."""
+        return self._meta()[0]
 
     def build(
-        root: str,
-        task_id: int | None,
-        train: bool,
-        input_size: int | None,
-        download: bool,
-        normalize: Normalize,
+        self, root: str, train: bool, input_size: int | None, download: bool, normalize: Normalize
     ) -> Task:
+        """Load the task's images (nothing is downloaded: the scripts fetch them)."""
         if download:
-            log.info("%s cannot be downloaded from Python; using the files under %s", dataset, root)
-        info, spec = _describe_meta(dataset, root, int(task_id or 0), inat_limit, inat_offset)
+            log.info(
+                "%s cannot be downloaded from Python; using the files under %s", self.dataset, root
+            )
+        info, spec = self._meta()
         transform = imagenet_eval_transform(input_size, normalize)
         data: ImageFileDataset
         if isinstance(spec, CubTaskSpec):
@@ -728,15 +727,20 @@ def _entry(
             data = InatDataset(root, train, spec.category_ids, transform)
         return _finish(info, data, train, input_size, normalize)
 
+
+def _entry(
+    dataset: str, max_tasks: int, inat_offset: int, inat_limit: int | None, summary: str
+) -> DatasetEntry:
+    def facts(root: str, task_id: int | None) -> _CubInatTask:
+        return _CubInatTask(dataset, root, int(task_id or 0), inat_limit, inat_offset)
+
     def count(root: str) -> int:
         if inat_offset >= max_tasks > 0:
             return max_tasks
         n = len(inat_tasks(root))
         return inat_offset + (n if inat_limit is None else min(n, inat_limit))
 
-    return DatasetEntry(
-        build=build, describe=describe, max_tasks=max_tasks, count_tasks=count, summary=summary
-    )
+    return facts_entry(facts, max_tasks=max_tasks, count_tasks=count, summary=summary)
 
 
 def dataset_entries() -> dict[str, DatasetEntry]:

@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
-from t2v_lightning.data.task import DatasetNotFoundError, DataSourceError
+from t2v_lightning.data.task import DatasetNotFoundError, DataSourceError, LabelledDataset
 from t2v_lightning.safety import MAX_IMAGE_PIXELS, check_image_pixels
 
 __all__ = [
@@ -108,7 +107,7 @@ def _reason(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-class ImageSourceDataset(Dataset[tuple[torch.Tensor, int]]):
+class ImageSourceDataset(LabelledDataset):
     """Images read through :func:`open_image` when indexed, with int labels.
 
     Args:
@@ -131,14 +130,6 @@ class ImageSourceDataset(Dataset[tuple[torch.Tensor, int]]):
         self._targets = [int(t) for t in targets]
         self.transform = transform
         self.names = list(names) if names is not None else None
-
-    @property
-    def targets(self) -> list[int]:
-        """The label of every example, in order."""
-        return list(self._targets)
-
-    def __len__(self) -> int:
-        return len(self._targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         source = self.sources[index]

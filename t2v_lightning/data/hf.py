@@ -23,10 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from t2v_lightning.data.folders import open_image
-from t2v_lightning.data.task import DatasetNotFoundError, DataSourceError
+from t2v_lightning.data.task import DatasetNotFoundError, DataSourceError, LabelledDataset
 
 __all__ = [
     "ImageColumnDataset",
@@ -207,7 +206,7 @@ def image_source(value: Any, where: str) -> tuple[str | bytes, str]:
     raise DataSourceError(f"{where} holds no image (got {type(value).__name__})")
 
 
-class ImageColumnDataset(Dataset[tuple[torch.Tensor, int]]):
+class ImageColumnDataset(LabelledDataset):
     """The images of one column of a (non-streamed) Hugging Face dataset, read when indexed.
 
     Args:
@@ -234,14 +233,6 @@ class ImageColumnDataset(Dataset[tuple[torch.Tensor, int]]):
         self._targets = [int(t) for t in targets]
         self.transform = transform
         self.where = where
-
-    @property
-    def targets(self) -> list[int]:
-        """The label of every row, in order."""
-        return list(self._targets)
-
-    def __len__(self) -> int:
-        return len(self._targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         where = f"row {index} of column {self.column!r} of {self.where}"

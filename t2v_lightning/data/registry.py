@@ -36,6 +36,7 @@ from t2v_lightning.data.task import (
     check_input_size,
     check_normalize,
     class_mapping,
+    download_failed,
 )
 from t2v_lightning.safety import is_int
 
@@ -311,11 +312,7 @@ def download_dataset(name: str, root: str) -> None:
     except DatasetNotFoundError:
         raise
     except (RuntimeError, OSError) as err:  # torchvision: RuntimeError("Error downloading ...")
-        cause = " ".join(str(err).split()) or type(err).__name__
-        raise DatasetNotFoundError(
-            f"downloading {name!r} into {root} failed: {cause[:400]} (check the network, or "
-            f"place the files under {root} yourself and leave download off)"
-        ) from err
+        raise download_failed(name, root, err) from err
 
 
 __all__ = [

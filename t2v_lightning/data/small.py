@@ -56,6 +56,8 @@ from t2v_lightning.data.task import (
     Task,
     TaskInfo,
     class_mapping,
+    download_failed,
+    facts_entry,
 )
 
 log = logging.getLogger(__name__)
@@ -334,11 +336,7 @@ def _torchvision_download(kind: str, root: str) -> None:
     try:
         _fetch(kind, root)
     except (RuntimeError, OSError) as err:  # torchvision: RuntimeError("Error downloading ...")
-        cause = " ".join(str(err).split()) or type(err).__name__
-        raise DatasetNotFoundError(
-            f"downloading {kind!r} into {root} failed: {cause[:400]} (check the network, or "
-            f"place the files under {root} yourself and leave download off)"
-        ) from err
+        raise download_failed(kind, root, err) from err
 
 
 def _fetch(kind: str, root: str) -> None:
@@ -523,139 +521,106 @@ def _metadata(
     return meta
 
 
-def _build(
-    source: str,
-    *,
-    dataset_name: str,
-    task_id: int | None,
-    task_name: str,
-    classes: tuple[int, ...] | Mapping[int, int] | None,
-    class_names: Sequence[str],
-    root: str,
-    train: bool,
-    input_size: int | None,
-    download: bool,
-    normalize: Normalize,
-) -> Task:
-    transform = ImageTransform(input_size, normalize)
-    images, targets = load_arrays(source, root, train=train, download=download)
-    dataset: Any = ImageTensorDataset(images, targets, transform)
-    extra: dict[str, Any] = {}
-    if classes is not None:
-        dataset = ClassSubset(dataset, classes)
-        mapping = class_mapping(classes)
-        extra["source_dataset"] = source
-        extra["source_classes"] = [
-            src for src, _ in sorted(mapping.items(), key=lambda kv: (kv[1], kv[0]))
-        ]
-    spec = SOURCES[source]
-    extra["split"] = "train" if train else ("test" if spec.official_split else "held_out")
-    extra["input_size"] = input_size if input_size is not None else int(images.shape[-1])
-    extra["normalize"] = normalize
-    return Task(
-        dataset=dataset,
-        num_classes=len(class_names),
-        name=task_name,
-        metadata=_metadata(dataset_name, task_id, class_names, extra),
+@dataclass(frozen=True)
+class _TaskFacts:
+    """One task of a registry entry: which source, which classes, under which names."""
+
+    source: str
+    dataset_name: str
+    task_id: int | None
+    task_name: str
+    classes: tuple[int, ...] | Mapping[int, int] | None
+    class_names: Sequence[str]
+
+    def source_facts(self) -> dict[str, Any]:
+        """The source dataset and its labels in task-label order (for a subset of classes)."""
+        if self.classes is None:
+            return {}
+        mapping = class_mapping(self.classes)
+        return {
+            "source_dataset": self.source,
+            "source_classes": [
+                src for src, _ in sorted(mapping.items(), key=lambda kv: (kv[1], kv[0]))
+            ],
+        }
+
+    def info(self) -> TaskInfo:
+        """The task's facts without loading it."""
+        return TaskInfo(
+            self.task_name,
+            len(self.class_names),
+            _metadata(self.dataset_name, self.task_id, self.class_names, self.source_facts()),
+        )
+
+    def build(
+        self, root: str, train: bool, input_size: int | None, download: bool, normalize: Normalize
+    ) -> Task:
+        """Load the task's images (see :class:`~t2v_lightning.data.task.BuildTask`)."""
+        transform = ImageTransform(input_size, normalize)
+        images, targets = load_arrays(self.source, root, train=train, download=download)
+        dataset: Any = ImageTensorDataset(images, targets, transform)
+        if self.classes is not None:
+            dataset = ClassSubset(dataset, self.classes)
+        extra = self.source_facts()
+        spec = SOURCES[self.source]
+        extra["split"] = "train" if train else ("test" if spec.official_split else "held_out")
+        extra["input_size"] = input_size if input_size is not None else int(images.shape[-1])
+        extra["normalize"] = normalize
+        return Task(
+            dataset=dataset,
+            num_classes=len(self.class_names),
+            name=self.task_name,
+            metadata=_metadata(self.dataset_name, self.task_id, self.class_names, extra),
+        )
+
+
+def _entry(
+    facts: Callable[[int | None], _TaskFacts],
+    sources: Sequence[str],
+    summary: str,
+    max_tasks: int | None = None,
+) -> DatasetEntry:
+    """The registry entry whose task ``task_id`` is ``facts(task_id)``, read from ``sources``."""
+
+    def download(root: str) -> None:
+        for s in sources:
+            _torchvision_download(s, root)
+
+    return facts_entry(
+        lambda root, task_id: facts(task_id),
+        max_tasks=max_tasks,
+        download=download if all(SOURCES[s].downloadable for s in sources) else None,
+        summary=summary,
     )
 
 
 def _single_entry(source: str) -> DatasetEntry:
     spec = SOURCES[source]
-
-    def build(
-        root: str,
-        task_id: int | None,
-        train: bool,
-        input_size: int | None,
-        download: bool,
-        normalize: Normalize,
-    ) -> Task:
-        return _build(
-            source,
-            dataset_name=source,
-            task_id=None,
-            task_name=spec.title,
-            classes=None,
-            class_names=spec.class_names,
-            root=root,
-            train=train,
-            input_size=input_size,
-            download=download,
-            normalize=normalize,
-        )
-
-    def describe(root: str, task_id: int | None) -> TaskInfo:
-        return TaskInfo(
-            spec.title, len(spec.class_names), _metadata(source, None, spec.class_names)
-        )
-
-    return DatasetEntry(
-        build=build,
-        describe=describe,
-        download=functools.partial(_torchvision_download, source) if spec.downloadable else None,
-        summary=f"{spec.title} ({len(spec.class_names)} classes)",
+    facts = _TaskFacts(source, source, None, spec.title, None, spec.class_names)
+    return _entry(
+        lambda task_id: facts, [source], f"{spec.title} ({len(spec.class_names)} classes)"
     )
 
 
 def _class_task_entry(dataset_name: str, tasks: Sequence[ClassTask]) -> DatasetEntry:
     multi = len(tasks) > 1
 
-    def pick(task_id: int | None) -> ClassTask:
-        return tasks[task_id if task_id is not None else 0]
-
-    def build(
-        root: str,
-        task_id: int | None,
-        train: bool,
-        input_size: int | None,
-        download: bool,
-        normalize: Normalize,
-    ) -> Task:
-        task = pick(task_id)
-        return _build(
-            task.source,
-            dataset_name=dataset_name,
-            task_id=task_id,
-            task_name=task.name,
-            classes=task.classes,
-            class_names=task.task_class_names(),
-            root=root,
-            train=train,
-            input_size=input_size,
-            download=download,
-            normalize=normalize,
+    def facts(task_id: int | None) -> _TaskFacts:
+        task = tasks[task_id if task_id is not None else 0]
+        return _TaskFacts(
+            task.source, dataset_name, task_id, task.name, task.classes, task.task_class_names()
         )
 
-    def describe(root: str, task_id: int | None) -> TaskInfo:
-        task = pick(task_id)
-        names = task.task_class_names()
-        mapping = class_mapping(task.classes)
-        extra = {
-            "source_dataset": task.source,
-            "source_classes": [
-                s for s, _ in sorted(mapping.items(), key=lambda kv: (kv[1], kv[0]))
-            ],
-        }
-        return TaskInfo(task.name, len(names), _metadata(dataset_name, task_id, names, extra))
-
     sources = sorted({t.source for t in tasks})
-    downloadable = all(SOURCES[s].downloadable for s in sources)
-
-    def download(root: str) -> None:
-        for s in sources:
-            _torchvision_download(s, root)
-
-    return DatasetEntry(
-        build=build,
-        describe=describe,
-        max_tasks=len(tasks) if multi else None,
-        download=download if downloadable else None,
-        summary=(
+    return _entry(
+        facts,
+        sources,
+        (
             f"{len(tasks)} tasks over {', '.join(sources)}"
             if multi
             else f"{tasks[0].name} ({len(tasks[0].task_class_names())} classes)"
         ),
+        max_tasks=len(tasks) if multi else None,
     )
 
 

@@ -141,6 +141,53 @@ class DatasetEntry:
     build_source: BuildSourceTask | None = None
 
 
+class TaskFacts(Protocol):
+    """One task of a dataset entry: its facts without loading it, and how to load it."""
+
+    def info(self) -> TaskInfo:
+        """The task's name, class count and metadata (no image read)."""
+        ...
+
+    def build(
+        self, root: str, train: bool, input_size: int | None, download: bool, normalize: Normalize
+    ) -> Task:
+        """Load the task (the arguments of :class:`BuildTask` but its id)."""
+        ...
+
+
+def facts_entry(facts: Callable[[str, int | None], TaskFacts], **fields: Any) -> DatasetEntry:
+    """The entry whose task ``task_id`` under ``root`` is ``facts(root, task_id)``.
+
+    Args:
+        facts: ``facts(root, task_id)``: the task's :class:`TaskFacts`.
+        fields: the entry's other fields (``max_tasks``, ``download``, ``summary``, ...).
+    """
+
+    def build(
+        root: str,
+        task_id: int | None,
+        train: bool,
+        input_size: int | None,
+        download: bool,
+        normalize: Normalize,
+    ) -> Task:
+        return facts(root, task_id).build(root, train, input_size, download, normalize)
+
+    def describe(root: str, task_id: int | None) -> TaskInfo:
+        return facts(root, task_id).info()
+
+    return DatasetEntry(build=build, describe=describe, **fields)
+
+
+def download_failed(name: str, root: object, err: BaseException) -> DatasetNotFoundError:
+    """The one-line error of a failed download of dataset ``name`` into ``root``."""
+    cause = " ".join(str(err).split()) or type(err).__name__
+    return DatasetNotFoundError(
+        f"downloading {name!r} into {root} failed: {cause[:400]} (check the network, or "
+        f"place the files under {root} yourself and leave download off)"
+    )
+
+
 def check_normalize(normalize: str) -> None:
     """Raise a ValueError naming the argument when ``normalize`` is not a known choice."""
     choices = get_args(Normalize)
@@ -297,7 +344,25 @@ def class_mapping(classes: Sequence[int] | Mapping[int, int]) -> dict[int, int]:
     return mapping
 
 
-class ClassSubset(Dataset[tuple[torch.Tensor, int]]):
+class LabelledDataset(Dataset[tuple[torch.Tensor, int]]):
+    """A map-style dataset of ``(input, label)`` that keeps every label, in order.
+
+    Subclasses fill ``self._targets`` (one int per example) and define ``__getitem__``; the
+    labels are read without loading any input, and the length is the number of labels.
+    """
+
+    _targets: list[int]
+
+    @property
+    def targets(self) -> list[int]:
+        """The label of every example, in order."""
+        return list(self._targets)
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+
+class ClassSubset(LabelledDataset):
     """The items of some classes of a dataset, relabelled ``0 .. C - 1``.
 
     Args:
@@ -330,14 +395,6 @@ class ClassSubset(Dataset[tuple[torch.Tensor, int]]):
         self.indices = [i for i, t in enumerate(source) if t in self.class_map]
         self._targets = [self.class_map[source[i]] for i in self.indices]
         self.num_classes = len(set(self.class_map.values()))
-
-    @property
-    def targets(self) -> list[int]:
-        """The task label of every item, in order."""
-        return list(self._targets)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, _ = self.dataset[self.indices[index]]

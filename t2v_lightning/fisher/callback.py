@@ -34,16 +34,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
@@ -51,42 +48,43 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from t2v_lightning.allocator import settle_thresholds
-from t2v_lightning.choices import (
-    ESTIMATOR_FACTS,
-    ESTIMATORS,
-    LIKELIHOODS,
-    Estimator,
-    FisherError,
-    Likelihood,
-    UnsupportedLayerError,
-    check_choice,
-)
+from t2v_lightning.choices import Estimator, FisherError, Likelihood, UnsupportedLayerError
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.accumulator import FisherSums
-from t2v_lightning.fisher.estimators import LayerFisherTaps, batch_filter_sums, filter_values
+from t2v_lightning.fisher.checks import (
+    AT_CHOICES,
+    WEIGHTS_CHOICES,  # noqa: F401  (still importable from here)
+    check_arguments,
+    check_resume,
+    network_of,
+    pick_layers,
+)
+from t2v_lightning.fisher.estimators import eval_filter_sums
 from t2v_lightning.fisher.fit_end import (
     BatchLogits,
+    SpawnHandoff,
     batch_inputs,
+    check_loader,
     check_same_network,
     checkpoint_weights,
+    fit_output,
+    grad_scale_for,
     log_summary,
     pass_batches,
     rank_zero_weights,
     through_pipeline,
 )
-from t2v_lightning.fisher.layers.table import check_exclude, embedded_layers, num_filters
+from t2v_lightning.fisher.layers.table import check_exclude, num_filters
+from t2v_lightning.fisher.record import fisher_embedding
 from t2v_lightning.fisher.sharding import check_counted, check_id_batch
-from t2v_lightning.probe import ProbeError, batch_rows, probe_fingerprint
-from t2v_lightning.safety import is_int
+from t2v_lightning.probe import ProbeError, batch_rows
 
 __all__ = ["FisherCallback", "FisherError", "At", "AT_CHOICES", "Weights", "DEFAULT_OUTPUT"]
 
 log = logging.getLogger(__name__)
 
 At = Literal["fit_end", "train_batch"]
-AT_CHOICES: tuple[str, ...] = ("fit_end", "train_batch")
 Weights = Literal["last", "best"]
-WEIGHTS_CHOICES: tuple[str, ...] = ("last", "best")
 DEFAULT_OUTPUT = "task_embedding.safetensors"
 """File name of the ``"fit_end"`` artifact in ``trainer.log_dir`` when no ``output`` is given."""
 
@@ -163,31 +161,11 @@ class FisherCallback(Callback):
         weights: Weights = "last",
     ) -> None:
         super().__init__()
-        check_choice("likelihood", likelihood, LIKELIHOODS)
-        check_choice("estimator", estimator, ESTIMATORS)
-        _check_count("mc_samples", mc_samples)
-        _check_count("num_examples", num_examples, optional=True)
-        if not is_int(seed):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        if grad_scale is not None and not grad_scale > 0:
-            raise ValueError(f"grad_scale must be positive, got {grad_scale!r}")
-        check_choice("at", at, AT_CHOICES)
-        check_choice("weights", weights, WEIGHTS_CHOICES)
-        if at == "train_batch" and num_examples is None:
-            raise ValueError(
-                "at='train_batch' needs num_examples (the number of distinct example ids its "
-                "(inputs, ids) batches carry); to embed your own project's trained model leave "
-                "at='fit_end'"
-            )
-        _check_count("batch_size", batch_size, optional=True)
-        if logits_fn is not None and not callable(logits_fn):
-            raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}")
-        if head is not None and (not isinstance(head, str) or not head):
-            raise ValueError(f"head must be a qualified module name, got {head!r}")
-        if network is not None and (not isinstance(network, str) or not network):
-            raise ValueError(f"network must be a submodule path, got {network!r}")
-        if not isinstance(overwrite, bool):
-            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+        check_arguments(
+            estimator=estimator, mc_samples=mc_samples, seed=seed, num_examples=num_examples,
+            head=head, network=network, overwrite=overwrite, grad_scale=grad_scale, at=at,
+            batch_size=batch_size, logits_fn=logits_fn, likelihood=likelihood, weights=weights,
+        )
         self._estimator: Estimator = estimator
         self._mc_samples = mc_samples
         self._likelihood: Likelihood = likelihood
@@ -218,9 +196,7 @@ class FisherCallback(Callback):
         self._embedded = False
         # ddp_spawn: rank 0 of the spawned processes leaves the result here for the parent
         # process, whose own copy of the callback never sees a hook (see `embedding`).
-        self._handoff = os.path.join(
-            tempfile.gettempdir(), f"t2v-fisher-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
-        )
+        self._handoff = SpawnHandoff()
         self._embedding: TaskEmbedding | None = None
         self._meta_extra: dict[str, Any] = {}
 
@@ -271,11 +247,8 @@ class FisherCallback(Callback):
 
         After a ``ddp_spawn`` fit, the parent process reads the one its rank 0 made.
         """
-        if self._embedding is None and os.path.isfile(self._handoff):
-            try:
-                self._embedding = TaskEmbedding.load(self._handoff)
-            finally:
-                os.remove(self._handoff)
+        if self._embedding is None:
+            self._embedding = self._handoff.take()
         return self._embedding
 
     @embedding.setter
@@ -284,43 +257,10 @@ class FisherCallback(Callback):
 
     # ------------------------------------------------------------------ setup
     def _network(self, pl_module: nn.Module) -> nn.Module:
-        if self._network_path is None:
-            return pl_module
-        try:
-            return pl_module.get_submodule(self._network_path)
-        except AttributeError as err:
-            raise ValueError(
-                f"FisherCallback(network={self._network_path!r}): the LightningModule has no such "
-                "submodule"
-            ) from err
+        return network_of(pl_module, self._network_path)
 
     def _pick_layers(self, network: nn.Module) -> list[tuple[str, nn.Module]]:
-        """The embedded layers: every layer with weights but the head and ``exclude``."""
-        if self._head is not None:
-            try:
-                network.get_submodule(self._head)
-            except AttributeError as err:
-                names = [name for name, _ in network.named_modules() if name][:20]
-                raise ValueError(
-                    f"FisherCallback(head={self._head!r}): the network has no such module; some "
-                    f"of its modules: {names}"
-                ) from err
-        try:
-            layers = embedded_layers(network, self._head, self._exclude)
-        except UnsupportedLayerError as err:
-            raise UnsupportedLayerError(
-                f"FisherCallback: {err}; leave it out with "
-                f"FisherCallback(exclude=[{err.layer!r}])",
-                layer=err.layer,
-            ) from None
-        except ValueError as err:  # an exclude pattern that matches nothing
-            raise ValueError(f"FisherCallback(exclude={list(self._exclude)}): {err}") from None
-        if not layers:
-            raise ValueError(
-                "FisherCallback: the network has no layer with weights to embed (after head= and "
-                "exclude=)"
-            )
-        return layers
+        return pick_layers(network, self._head, self._exclude)
 
     def _start(self, trainer: pl.Trainer, network: nn.Module, num_examples: int | None) -> None:
         """Find the layers and zero the statistics (then apply a pending restore)."""
@@ -353,16 +293,7 @@ class FisherCallback(Callback):
                 "FisherCallback(weights='best') needs a ModelCheckpoint among the Trainer's "
                 "callbacks (its best model is the one embedded)"
             )
-        output = self._output
-        if output is None:
-            log_dir = trainer.log_dir  # every rank must ask (Lightning broadcasts it)
-            output = os.path.join(log_dir or os.getcwd(), DEFAULT_OUTPUT)
-        self._fit_output = os.fspath(output)
-        if trainer.is_global_zero and not self._overwrite and os.path.exists(self._fit_output):
-            raise FileExistsError(
-                f"FisherCallback: {self._fit_output} exists; pass FisherCallback(overwrite=True) "
-                "to replace it, or another output="
-            )
+        self._fit_output = fit_output(trainer, self._output, DEFAULT_OUTPUT, self._overwrite)
 
     @override
     def on_train_batch_start(
@@ -381,13 +312,11 @@ class FisherCallback(Callback):
         embedded layer reached by the logits), and forgets the result; any problem stops ``fit``
         before its first training step. The random number generators are left as they were.
         """
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            raise ValueError(
-                "FisherCallback needs a single torch DataLoader of training data; the Trainer has "
-                f"{type(loader).__name__} (checked before training). Pass one DataLoader, or "
-                "embed later with callback.compute(trainer, module, dataloader=...)"
-            )
+        check_loader(
+            trainer.train_dataloader,
+            " (checked before training). Pass one DataLoader, or embed later with "
+            "callback.compute(trainer, module, dataloader=...)",
+        )
         network = self._network(pl_module)
         rows = batch_rows(batch)
         ids = torch.arange(rows, dtype=torch.int64)
@@ -407,12 +336,6 @@ class FisherCallback(Callback):
     def _min_classes(self) -> int:
         # A categorical over one class has zero Fisher: refuse it rather than write zeros.
         return 2 if self._likelihood == "categorical" else 1
-
-    def _scale_for(self, trainer: pl.Trainer) -> float:
-        if self._grad_scale is not None:
-            return self._grad_scale
-        precision = str(getattr(trainer, "precision", "32-true"))
-        return 1024.0 if precision.startswith("16") else 1.0
 
     # ------------------------------------------------------------------ accumulation
     @override
@@ -460,29 +383,11 @@ class FisherCallback(Callback):
         valid = self._sums.valid(ids)
         if not bool(valid.any()):
             return
-        # Frozen batch-norm statistics, no dropout (SPEC section 7); each module's own mode is
-        # put back afterwards (a user's module may keep parts of itself in eval mode).
-        modes = [(module, module.training) for module in forward.modules()]
-        forward.eval()
-        try:
-            with torch.enable_grad(), LayerFisherTaps(
-                forward, self._layers, self._scale_for(trainer)
-            ) as taps:
-                sums, count = batch_filter_sums(
-                    forward,
-                    taps,
-                    inputs,
-                    ids,
-                    valid,
-                    self._estimator,
-                    self._seed,
-                    self._mc_samples,
-                    forward_context=trainer.precision_plugin.forward_context,
-                    likelihood=self._likelihood,
-                )
-        finally:
-            for module, training in modes:
-                module.training = training
+        sums, count = eval_filter_sums(
+            forward, self._layers, grad_scale_for(trainer, self._grad_scale), inputs, ids, valid,
+            self._estimator, self._seed, self._mc_samples,
+            trainer.precision_plugin.forward_context, self._likelihood,
+        )
         self._sums.update(sums, count, ids, valid)
 
     # ------------------------------------------------------------------ the "fit_end" pass
@@ -513,11 +418,7 @@ class FisherCallback(Callback):
     def _run_pass(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any, output: str | None
     ) -> TaskEmbedding:
-        if not isinstance(loader, DataLoader):
-            raise ValueError(
-                "FisherCallback needs a single torch DataLoader of training data; the Trainer has "
-                f"{type(loader).__name__}. Call callback.compute(trainer, module, dataloader=...)"
-            )
+        check_loader(loader, ". Call callback.compute(trainer, module, dataloader=...)")
         network = self._network(pl_module)
         started = time.perf_counter()
         with rank_zero_weights(trainer, pl_module):
@@ -578,11 +479,7 @@ class FisherCallback(Callback):
             self._meta_extra = facts
             embedding = self._run_pass(trainer, pl_module, trainer.train_dataloader, self._fit_output)
         self._meta_extra = {}
-        if (
-            trainer.is_global_zero
-            and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
-        ):
-            embedding.save(self._handoff, overwrite=True)  # read by the parent process
+        self._handoff.leave(trainer, embedding)
 
     def _finish(self, trainer: pl.Trainer, network: nn.Module, output: Any) -> TaskEmbedding:
         check_same_network(trainer, network)
@@ -596,38 +493,11 @@ class FisherCallback(Callback):
         if counts is not None:
             warn_missing = self._at == "train_batch" and trainer.is_global_zero
             check_counted(counts, self._sums.counted(counts) if warn_missing else None)
-        hessian, offsets = filter_values(sums, total, self._layers)
-        meta = dict(self._meta)
-        if self._at == "fit_end":
-            meta.setdefault("probe_class", type(network).__name__)
-            meta.setdefault("probe_fingerprint", probe_fingerprint(network, exclude=self._head))
-            meta.setdefault("head", self._head)
-            meta["method"] = "montecarlo"
-        meta.update(
-            estimator=self._estimator,
-            mc_samples=self._mc_samples if ESTIMATOR_FACTS[self._estimator].uses_mc_samples else None,
-            likelihood=self._likelihood,
-            seed=self._seed,
-            world_size=int(trainer.world_size),
-            precision=str(trainer.precision),
-            fisher_at=self._at,
+        embedding = fisher_embedding(
+            trainer, network, sums, total, self._layers, meta=self._meta, extra=self._meta_extra,
+            estimator=self._estimator, mc_samples=self._mc_samples, likelihood=self._likelihood,
+            seed=self._seed, at=self._at, head=self._head, exclude=self._exclude,
         )
-        if self._head is not None:
-            meta["head_fingerprint"] = probe_fingerprint(network.get_submodule(self._head))
-        if ESTIMATOR_FACTS[self._estimator].per_batch:
-            meta["num_batches"] = total
-        else:
-            meta["num_samples"] = total
-        meta.update(self._meta_extra)
-        if self._exclude:
-            meta["exclude"] = list(self._exclude)
-        embedding = TaskEmbedding(hessian, torch.ones_like(hessian), offsets, meta)
-        if trainer.is_global_zero and not bool(hessian.any()):
-            rank_zero_warn(
-                "FisherCallback: every value of the embedding is zero (does the model's output "
-                "depend on the embedded layers? a one-output model under likelihood='categorical' "
-                "has no Fisher)"
-            )
         self.embedding = embedding
         if output is not None and trainer.is_global_zero:
             path = embedding.save(output, overwrite=self._overwrite)
@@ -635,16 +505,20 @@ class FisherCallback(Callback):
         return embedding
 
     # ------------------------------------------------------------------ checkpointing
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """The global state (summed over ranks). Under DDP, every rank must call it together."""
-        state: dict[str, Any] = {
+    def _settings(self) -> dict[str, Any]:
+        # What a checkpoint's Fisher state must share with the run resuming from it.
+        return {
             "estimator": self._estimator,
             "seed": self._seed,
             "mc_samples": self._mc_samples,
             "likelihood": self._likelihood,
-            "at": self._at,
-            "identity": dict(self._identity),
+        }
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The global state (summed over ranks). Under DDP, every rank must call it together."""
+        state: dict[str, Any] = {
+            **self._settings(), "at": self._at, "identity": dict(self._identity)
         }
         if self._at != "train_batch" or self._sums is None:
             return state
@@ -653,26 +527,7 @@ class FisherCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("likelihood", "categorical") != self._likelihood:
-            raise ValueError(
-                "cannot resume: the checkpoint's Fisher state has "
-                f"likelihood={state_dict.get('likelihood', 'categorical')!r} but this "
-                f"FisherCallback has {self._likelihood!r}"
-            )
-        for key in ("estimator", "seed", "mc_samples"):
-            if state_dict.get(key) != getattr(self, f"_{key}"):
-                raise ValueError(
-                    f"cannot resume: the checkpoint's Fisher state has {key}={state_dict.get(key)!r}"
-                    f" but this FisherCallback has {getattr(self, f'_{key}')!r}"
-                )
-        # Checkpoints of earlier versions keep the identity under "meta".
-        stored = state_dict.get("identity", state_dict.get("meta")) or {}
-        for key, value in self._identity.items():
-            if key in stored and stored[key] != value:
-                raise ValueError(
-                    f"cannot resume: the checkpoint was made for {key}={stored[key]!r}, this "
-                    f"run has {key}={value!r} (another task, probe or setting)"
-                )
+        check_resume(state_dict, self._settings(), self._identity)
         if "sum_sq_grad" not in state_dict:
             return  # a "fit_end" callback's state: nothing accumulated to restore
         # setup() runs after checkpoint loading in some entry points and before it in others.
@@ -681,9 +536,3 @@ class FisherCallback(Callback):
         else:
             self._restored = state_dict
 
-
-def _check_count(name: str, value: object, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -80,6 +80,7 @@ __all__ = [
     "sample_labels",
     "sample_multilabels",
     "batch_filter_sums",
+    "eval_filter_sums",
     "filter_values",
     "hash_seed",
     "layer_weight",
@@ -241,6 +242,46 @@ def batch_filter_sums(
     return step(
         _Batch(network, taps, inputs, ids, valid, form, seed, mc_samples, forward_context)
     )
+
+
+def eval_filter_sums(
+    forward: nn.Module,
+    layers: Sequence[tuple[str, nn.Module]],
+    grad_scale: float,
+    inputs: Inputs,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    estimator: Estimator,
+    seed: int,
+    mc_samples: int,
+    forward_context: Callable[[], AbstractContextManager[object]],
+    likelihood: Likelihood,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """:func:`batch_filter_sums` with ``layers`` tapped and ``forward`` in eval mode meanwhile.
+
+    Frozen batch-norm statistics, no dropout (SPEC section 7); each module's own mode is put back
+    afterwards (a user's module may keep parts of itself in eval mode). ``grad_scale`` multiplies
+    the loss before backward (the taps divide it out).
+    """
+    modes = [(module, module.training) for module in forward.modules()]
+    forward.eval()
+    try:
+        with torch.enable_grad(), LayerFisherTaps(forward, layers, grad_scale) as taps:
+            return batch_filter_sums(
+                forward,
+                taps,
+                inputs,
+                ids,
+                valid,
+                estimator,
+                seed,
+                mc_samples,
+                forward_context=forward_context,
+                likelihood=likelihood,
+            )
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _batch_gradient_sums(batch: _Batch) -> dict[str, torch.Tensor]:

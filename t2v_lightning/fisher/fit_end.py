@@ -10,6 +10,8 @@ back afterwards), and checks that all ranks measured the same ones.
 from __future__ import annotations
 
 import os
+import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
@@ -30,9 +33,13 @@ from t2v_lightning.safety import check_checkpoint_path
 
 __all__ = [
     "BatchLogits",
+    "SpawnHandoff",
     "batch_inputs",
+    "check_loader",
     "check_same_network",
     "checkpoint_weights",
+    "fit_output",
+    "grad_scale_for",
     "log_summary",
     "pass_batches",
     "rank_zero_weights",
@@ -146,6 +153,69 @@ def batch_inputs(
         "tensor (or a mapping of tensors) first; otherwise pass "
         "FisherCallback(logits_fn=<a module-level function (module, batch) -> logits>)"
     )
+
+
+def fit_output(
+    trainer: pl.Trainer, output: str | os.PathLike[str] | None, default: str, overwrite: bool
+) -> str:
+    """The file the end of fit writes: ``output``, or ``default`` in ``trainer.log_dir``.
+
+    Raises:
+        FileExistsError: (rank 0) the file exists and ``overwrite`` is off.
+    """
+    if output is None:
+        log_dir = trainer.log_dir  # every rank must ask (Lightning broadcasts it)
+        output = os.path.join(log_dir or os.getcwd(), default)
+    path = os.fspath(output)
+    if trainer.is_global_zero and not overwrite and os.path.exists(path):
+        raise FileExistsError(
+            f"FisherCallback: {path} exists; pass FisherCallback(overwrite=True) "
+            "to replace it, or another output="
+        )
+    return path
+
+
+def grad_scale_for(trainer: pl.Trainer, grad_scale: float | None) -> float:
+    """``grad_scale``, or (``None``) 1024 under fp16 precision and 1 otherwise."""
+    if grad_scale is not None:
+        return grad_scale
+    precision = str(getattr(trainer, "precision", "32-true"))
+    return 1024.0 if precision.startswith("16") else 1.0
+
+
+class SpawnHandoff:
+    """The file through which rank 0 of ``ddp_spawn``'s processes hands the embedding over.
+
+    The parent process's own copy of the callback never sees a hook; it reads the file once.
+    """
+
+    def __init__(self) -> None:
+        self.path = os.path.join(
+            tempfile.gettempdir(), f"t2v-fisher-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
+        )
+
+    def leave(self, trainer: pl.Trainer, embedding: TaskEmbedding) -> None:
+        """Rank 0 of spawned processes: write ``embedding`` for the parent process."""
+        if trainer.is_global_zero and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            embedding.save(self.path, overwrite=True)
+
+    def take(self) -> TaskEmbedding | None:
+        """The parent process: the embedding left by rank 0 (then the file is gone), or ``None``."""
+        if not os.path.isfile(self.path):
+            return None
+        try:
+            return TaskEmbedding.load(self.path)
+        finally:
+            os.remove(self.path)
+
+
+def check_loader(loader: object, hint: str) -> None:
+    """Refuse training data that is not one torch ``DataLoader`` (``hint`` ends the message)."""
+    if not isinstance(loader, DataLoader):
+        raise ValueError(
+            "FisherCallback needs a single torch DataLoader of training data; the Trainer has "
+            f"{type(loader).__name__}{hint}"
+        )
 
 
 def check_same_network(trainer: pl.Trainer, network: nn.Module) -> None:

@@ -86,6 +86,13 @@ def _labels(labels: torch.Tensor, n: int | None, name: str = "labels") -> torch.
     return labels.long().cpu()
 
 
+def _centred(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checked features with their mean removed, and the checked labels."""
+    f = _matrix(features, "features")
+    y = _labels(labels, f.shape[0])
+    return f - f.mean(0, keepdim=True), y
+
+
 def _matrix(values: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(values).__name__}")
@@ -275,9 +282,7 @@ def h_score(features: torch.Tensor, labels: torch.Tensor) -> float:
         features: the candidate's penultimate features on the target, (n, D).
         labels: the target labels, (n,).
     """
-    f = _matrix(features, "features")
-    y = _labels(labels, f.shape[0])
-    f = f - f.mean(0, keepdim=True)
+    f, y = _centred(features, labels)
     s, diagonal = _class_projection_terms(f, y)
     if len(s) == 0 or float(s.max()) == 0.0:
         return 0.0
@@ -321,9 +326,7 @@ def h_score_shrinkage(features: torch.Tensor, labels: torch.Tensor) -> float:
         features: the candidate's penultimate features on the target, (n, D).
         labels: the target labels, (n,).
     """
-    f = _matrix(features, "features")
-    y = _labels(labels, f.shape[0])
-    f = f - f.mean(0, keepdim=True)
+    f, y = _centred(features, labels)
     n, d = f.shape
     a = ledoit_wolf_shrinkage(f)
     mu = float((f * f).sum()) / (n * d)
