@@ -22,6 +22,27 @@ from t2v_lightning.fisher.layers.table import layer_rule
 __all__ = ["LayerFisherTaps"]
 
 
+
+def freeze_parameters(network: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    """Turn off every parameter's ``requires_grad`` (only input gradients are needed) and
+    return the flags as they were, for :func:`release`."""
+    saved = [(param, param.requires_grad) for param in network.parameters()]
+    for param, _ in saved:
+        param.requires_grad_(False)
+    return saved
+
+
+def release(
+    handles: list[torch.utils.hooks.RemovableHandle], saved_flags: list[tuple[nn.Parameter, bool]]
+) -> None:
+    """Remove the hooks and put the ``requires_grad`` flags back as they were (both emptied)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+    for param, flag in saved_flags:
+        param.requires_grad_(flag)
+    saved_flags.clear()
+
 class LayerFisherTaps:
     """Hooks on the embedded layers of a network that turn output gradients into Fisher sums.
 
@@ -64,9 +85,7 @@ class LayerFisherTaps:
 
     # context management ----------------------------------------------------------------------
     def __enter__(self) -> LayerFisherTaps:
-        self._saved_flags = [(p, p.requires_grad) for p in self._network.parameters()]
-        for param, _ in self._saved_flags:
-            param.requires_grad_(False)
+        self._saved_flags = freeze_parameters(self._network)
         try:
             for name, module in self._layers:
                 self._install(name, module)
@@ -76,12 +95,7 @@ class LayerFisherTaps:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for param, flag in self._saved_flags:
-            param.requires_grad_(flag)
-        self._saved_flags.clear()
+        release(self._handles, self._saved_flags)
         self._inputs.clear()
         self._roots.clear()
 

@@ -44,6 +44,7 @@ from t2v_lightning.fisher.layers.rule import LayerRule
 from t2v_lightning.fisher.layers.table import layer_rule
 from t2v_lightning.fisher.likelihoods import OutputLikelihood, Predictions
 from t2v_lightning.fisher.sampling import uniform_by_id
+from t2v_lightning.fisher.taps import freeze_parameters, release
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -258,20 +259,13 @@ class SequenceTaps:
         self.nonfinite: set[str] = set()
 
     def __enter__(self) -> SequenceTaps:
-        self._saved_flags = [(p, p.requires_grad) for p in self._network.parameters()]
-        for param, _ in self._saved_flags:
-            param.requires_grad_(False)
+        self._saved_flags = freeze_parameters(self._network)
         for layer in self._layers:
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for param, flag in self._saved_flags:
-            param.requires_grad_(flag)
-        self._saved_flags.clear()
+        release(self._handles, self._saved_flags)
         self._inputs.clear()
         self.roots.clear()
 
