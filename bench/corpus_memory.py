@@ -31,7 +31,80 @@ import sys
 import time
 from pathlib import Path
 
-WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you", "were", "her", "she", "there", "been", "one", "all", "we", "their", "has", "would", "when", "if", "so", "no", "will", "can", "more", "other", "what", "time", "into", "only", "some", "could", "them", "see", "these", "first", "new", "people", "corpus", "language", "model", "token", "sequence", "diversity", "coefficient", "data", "quality", "measure", "task"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "been",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "would",
+    "when",
+    "if",
+    "so",
+    "no",
+    "will",
+    "can",
+    "more",
+    "other",
+    "what",
+    "time",
+    "into",
+    "only",
+    "some",
+    "could",
+    "them",
+    "see",
+    "these",
+    "first",
+    "new",
+    "people",
+    "corpus",
+    "language",
+    "model",
+    "token",
+    "sequence",
+    "diversity",
+    "coefficient",
+    "data",
+    "quality",
+    "measure",
+    "task",
+]
 
 
 def write_corpus(path: Path, size_bytes: int, seed: int = 0) -> int:
@@ -59,11 +132,15 @@ def train_tokenizer(corpus: Path, folder: Path) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>",
-                            pad_token="<eos>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>"
+    ).save_pretrained(folder)
 
 
 def resident() -> tuple[float, float]:
@@ -90,18 +167,27 @@ def read(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     tasks = 0
     anon_peak = file_peak = 0.0
-    for _ in token_tasks(spec, tokenizer, args.num_tasks, args.task_size, args.max_length,
-                         seed=0, stats=stats):
+    for _ in token_tasks(
+        spec, tokenizer, args.num_tasks, args.task_size, args.max_length, seed=0, stats=stats
+    ):
         tasks += 1
         anon, mapped = resident()
         anon_peak, file_peak = max(anon_peak, anon), max(file_peak, mapped)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({
-        "tasks": tasks, "documents_read": stats.documents, "seconds": round(seconds, 1),
-        "rss_after_imports_mb": round(base / 1024, 1), "peak_rss_mb": round(peak / 1024, 1),
-        "peak_anonymous_mb": round(anon_peak, 1), "peak_file_backed_mb": round(file_peak, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "tasks": tasks,
+                "documents_read": stats.documents,
+                "seconds": round(seconds, 1),
+                "rss_after_imports_mb": round(base / 1024, 1),
+                "peak_rss_mb": round(peak / 1024, 1),
+                "peak_anonymous_mb": round(anon_peak, 1),
+                "peak_file_backed_mb": round(file_peak, 1),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -124,7 +210,9 @@ def main() -> None:
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {
-        "num_tasks": args.num_tasks, "task_size": args.task_size, "max_length": args.max_length,
+        "num_tasks": args.num_tasks,
+        "task_size": args.task_size,
+        "max_length": args.max_length,
         "cases": [],
     }
     try:
@@ -137,18 +225,32 @@ def main() -> None:
         train_tokenizer(corpora[0][0], tokenizer)
         for path, count in corpora:
             for streaming in (True, False):
-                command = [sys.executable, __file__, "--read", str(path), "--tokenizer",
-                           str(tokenizer), "--cache_dir", str(folder / "hf_cache"),
-                           "--num_tasks", str(args.num_tasks), "--task_size",
-                           str(args.task_size), "--max_length", str(args.max_length)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--read",
+                    str(path),
+                    "--tokenizer",
+                    str(tokenizer),
+                    "--cache_dir",
+                    str(folder / "hf_cache"),
+                    "--num_tasks",
+                    str(args.num_tasks),
+                    "--task_size",
+                    str(args.task_size),
+                    "--max_length",
+                    str(args.max_length),
+                ]
                 if streaming:
                     command.append("--streaming")
                 env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-                done = subprocess.run(command, capture_output=True, text=True, env=env,
-                                      check=True)
+                done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
                 case = json.loads(done.stdout.strip().splitlines()[-1])
-                case.update(corpus_gb=round(path.stat().st_size / 1e9, 3), documents=count,
-                            streaming=streaming)
+                case.update(
+                    corpus_gb=round(path.stat().st_size / 1e9, 3),
+                    documents=count,
+                    streaming=streaming,
+                )
                 print(json.dumps(case), flush=True)
                 results["cases"].append(case)  # type: ignore[attr-defined]
     finally:

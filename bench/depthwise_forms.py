@@ -54,10 +54,15 @@ def main() -> None:
     recorded: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
     original = ConvRule.sq_norms
 
-    def record(rule: ConvRule, module: Any, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def record(
+        rule: ConvRule, module: Any, inputs: torch.Tensor, grad: torch.Tensor
+    ) -> torch.Tensor:
         channels = grad.shape[1]
-        if (getattr(module, "groups", 1) > 1 and module.groups == channels == inputs.shape[1]
-                and inputs.ndim == 4):
+        if (
+            getattr(module, "groups", 1) > 1
+            and module.groups == channels == inputs.shape[1]
+            and inputs.ndim == 4
+        ):
             recorded.append((rule.geometry(module), inputs.detach().clone(), grad.detach().clone()))
         return original(rule, module, inputs, grad)
 
@@ -66,9 +71,15 @@ def main() -> None:
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)
         ids = torch.arange(args.batch)
         with torch.enable_grad(), LayerFisherTaps(network, layers) as taps:
-            batch_filter_sums(network, taps, x, ids,
-                              torch.ones(args.batch, dtype=torch.bool, device=device),
-                              "per_sample", 0)
+            batch_filter_sums(
+                network,
+                taps,
+                x,
+                ids,
+                torch.ones(args.batch, dtype=torch.bool, device=device),
+                "per_sample",
+                0,
+            )
     finally:
         ConvRule.sq_norms = original  # type: ignore[method-assign]
 
@@ -80,12 +91,8 @@ def main() -> None:
         return torch.linalg.vector_norm(rows, dim=-1).square()
 
     forms = {
-        "grouped convolution": lambda m, i, g: depthwise_sq_norms(
-            m, i, g, by_offsets=False
-        ),
-        "per-offset sum": lambda m, i, g: depthwise_sq_norms(
-            m, i, g, by_offsets=True
-        ),
+        "grouped convolution": lambda m, i, g: depthwise_sq_norms(m, i, g, by_offsets=False),
+        "per-offset sum": lambda m, i, g: depthwise_sq_norms(m, i, g, by_offsets=True),
         "patches": patches,
     }
 
@@ -108,22 +115,29 @@ def main() -> None:
                 sync()
                 seconds[kind(module)] += time.perf_counter() - start
                 reference = forms["patches"](module, inputs, grad) if name != "patches" else value
-                error = float(((value - reference).abs().max() / reference.abs().max().clamp_min(
-                    1e-30)).cpu())
+                error = float(
+                    ((value - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).cpu()
+                )
                 worst_error = max(worst_error, error)
             if name not in best:
                 best[name] = seconds
             else:
                 best[name] = collections.Counter(
-                    {key: min(best[name][key], seconds[key]) for key in seconds})
+                    {key: min(best[name][key], seconds[key]) for key in seconds}
+                )
     kinds = sorted({kind(module) for module, _, _ in recorded})
-    print(f"{args.model}, {len(recorded)} depthwise layers, batch {args.batch} of "
-          f"3x{args.size}x{args.size}, {args.device}, {torch.get_num_threads()} CPU threads, best of "
-          f"{args.repeats}")
+    print(
+        f"{args.model}, {len(recorded)} depthwise layers, batch {args.batch} of "
+        f"3x{args.size}x{args.size}, {args.device}, {torch.get_num_threads()} CPU threads, best of "
+        f"{args.repeats}"
+    )
     print(f"{'form':<22}" + "".join(f"{k:>16}" for k in kinds) + f"{'total s':>10}")
     for name, seconds in best.items():
-        print(f"{name:<22}" + "".join(f"{seconds[k]:>16.4f}" for k in kinds)
-              + f"{sum(seconds.values()):>10.4f}")
+        print(
+            f"{name:<22}"
+            + "".join(f"{seconds[k]:>16.4f}" for k in kinds)
+            + f"{sum(seconds.values()):>10.4f}"
+        )
     print(f"largest relative difference from the patch form: {worst_error:.1e}")
 
 

@@ -29,8 +29,10 @@ def random_embeddings(num: int, dim: int, seed: int = 0) -> list[TaskEmbedding]:
     scales = torch.ones(dim)
     layers = {"layer": (0, dim)}
     meta = {"probe": "bench", "probe_fingerprint": "bench"}
-    return [TaskEmbedding(h, scales, layers, {**meta, "task_name": f"task{i}"})
-            for i, h in enumerate(hessians)]
+    return [
+        TaskEmbedding(h, scales, layers, {**meta, "task_name": f"task{i}"})
+        for i, h in enumerate(hessians)
+    ]
 
 
 def _load_average() -> str:
@@ -50,9 +52,11 @@ def main() -> None:
 
     embeddings = random_embeddings(args.num_embeddings, args.dim)
     n, d = args.num_embeddings, args.dim
-    print(f"pdist of {n} embeddings of dimension {d}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"load average {_load_average()}")
+    print(
+        f"pdist of {n} embeddings of dimension {d}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"load average {_load_average()}"
+    )
     for distance in args.distances:
         best, best_cpu = float("inf"), float("inf")
         for _ in range(args.repeats):
@@ -61,8 +65,10 @@ def main() -> None:
             best = min(best, time.perf_counter() - start)
             best_cpu = min(best_cpu, time.process_time() - start_cpu)
         pairs = n * (n - 1) / 2 if distance != "asymmetric_kl" else n * n
-        print(f"{distance:>18s}: {best:7.2f} s wall, {best_cpu:7.2f} s CPU  "
-              f"({pairs * d / best / 1e9:5.2f} G pair-entries/s)")
+        print(
+            f"{distance:>18s}: {best:7.2f} s wall, {best_cpu:7.2f} s CPU  "
+            f"({pairs * d / best / 1e9:5.2f} G pair-entries/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -59,16 +59,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--head-epochs", type=int, default=10)
     parser.add_argument("--estimator", default="per_sample")
-    parser.add_argument("--keep-head", action="store_true",
-                        help="reset_head=False: keep the probe's head (no fresh head)")
-    parser.add_argument("--all-examples", action="store_true",
-                        help="every example once (max_samples=None, balanced_sampling=False)")
+    parser.add_argument(
+        "--keep-head",
+        action="store_true",
+        help="reset_head=False: keep the probe's head (no fresh head)",
+    )
+    parser.add_argument(
+        "--all-examples",
+        action="store_true",
+        help="every example once (max_samples=None, balanced_sampling=False)",
+    )
     parser.add_argument("--skip", type=int, nargs="+", default=[0, 6], help="skip_layers values")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--steady-allocator", action="store_true",
-                        help="run with glibc's malloc keeping freed memory (no heap trimming)")
+    parser.add_argument(
+        "--steady-allocator",
+        action="store_true",
+        help="run with glibc's malloc keeping freed memory (no heap trimming)",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     steady = False
@@ -77,8 +86,10 @@ def main() -> None:
 
         steady = keep_freed_memory()
         if not steady:
-            parser.error("--steady-allocator: keep_freed_memory() changed nothing (not glibc, "
-                         "MALLOC_* / GLIBC_TUNABLES set, or T2V_DEFAULT_MALLOC set)")
+            parser.error(
+                "--steady-allocator: keep_freed_memory() changed nothing (not glibc, "
+                "MALLOC_* / GLIBC_TUNABLES set, or T2V_DEFAULT_MALLOC set)"
+            )
 
     import torch
     import torch.nn.functional as F
@@ -113,8 +124,13 @@ def main() -> None:
 
     def t2v(skip: int) -> Task2Vec:
         return Task2Vec(
-            probe, estimator=args.estimator, skip_layers=skip, batch_size=args.batch,
-            head_epochs=args.head_epochs, accelerator=args.accelerator, progress_bar=False,
+            probe,
+            estimator=args.estimator,
+            skip_layers=skip,
+            batch_size=args.batch,
+            head_epochs=args.head_epochs,
+            accelerator=args.accelerator,
+            progress_bar=False,
             reset_head=not args.keep_head,
             max_samples=None if args.all_examples else args.examples,
             balanced_sampling=not args.all_examples,
@@ -156,18 +172,29 @@ def main() -> None:
     for name, seconds in best.items():
         ratios = paired[name]
         median = statistics.median(ratios)
-        print(f"{name:<18}{seconds:>9.2f}{seconds / best['plain']:>9.2f}   "
-              f"{median:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}){'':>10}"
-              f"{statistics.median(faults[name]):>9.0f}")
+        print(
+            f"{name:<18}{seconds:>9.2f}{seconds / best['plain']:>9.2f}   "
+            f"{median:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}){'':>10}"
+            f"{statistics.median(faults[name]):>9.0f}"
+        )
     for skip in args.skip:
         fisher = best[f"embed skip {skip}"] - best[f"prepare skip {skip}"]
         print(f"Fisher phase skip {skip}: {fisher:.2f} s ({fisher / best['plain']:.2f}x plain)")
     print(f"target: whole embed <= {target(args)}x")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "load_average": load_before, "seconds": best,
-                       "timings": timings, "page_faults": faults, "steady_allocator": steady},
-                      handle, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "load_average": load_before,
+                    "seconds": best,
+                    "timings": timings,
+                    "page_faults": faults,
+                    "steady_allocator": steady,
+                },
+                handle,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -97,8 +97,14 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
             for number, (x, _) in enumerate(batches):
                 ids = torch.arange(number * args.batch, number * args.batch + x.shape[0])
                 batch_filter_sums(
-                    network, taps, x, ids, torch.ones(x.shape[0], dtype=torch.bool, device=device),
-                    estimator, 0, forward_context=autocast,  # type: ignore[arg-type]
+                    network,
+                    taps,
+                    x,
+                    ids,
+                    torch.ones(x.shape[0], dtype=torch.bool, device=device),
+                    estimator,
+                    0,
+                    forward_context=autocast,  # type: ignore[arg-type]
                 )
 
     def variational_epoch() -> None:
@@ -127,10 +133,13 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         from t2v_lightning.trainers import TrainerSpec, quiet_lightning
 
         with quiet_lightning():
-            callback = FisherCallback(at="train_batch", num_examples=args.examples, head=head, network="network")
+            callback = FisherCallback(
+                at="train_batch", num_examples=args.examples, head=head, network="network"
+            )
             module = FisherPassModule(network, TensorInputs(inputs), args.batch)
             trainer = TrainerSpec(
-                accelerator="gpu" if device.type == "cuda" else "cpu", progress_bar=False,
+                accelerator="gpu" if device.type == "cuda" else "cpu",
+                progress_bar=False,
                 precision="bf16-mixed" if args.precision == "bf16" else "32-true",
             ).build("Fisher pass", 1, [callback])
             trainer.fit(module)
@@ -208,11 +217,15 @@ def _timed(run: Any, sync: Any) -> float:
 
 def _in_subprocess(args: argparse.Namespace, only: str) -> dict[str, Any]:
     """Run one measurement (``--only``) in a fresh Python process with the same options."""
-    command = [sys.executable, __file__, "--only", only] + [
-        f"--{key.replace('_', '-')}={value}"
-        for key, value in vars(args).items()
-        if key not in ("only", "measure", "json", "channels_last")
-    ] + (["--channels-last"] if args.channels_last else [])
+    command = (
+        [sys.executable, __file__, "--only", only]
+        + [
+            f"--{key.replace('_', '-')}={value}"
+            for key, value in vars(args).items()
+            if key not in ("only", "measure", "json", "channels_last")
+        ]
+        + (["--channels-last"] if args.channels_last else [])
+    )
     output = subprocess.run(
         command, check=True, capture_output=True, text=True, env=dict(os.environ)
     ).stdout
@@ -240,10 +253,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per subprocess")
     parser.add_argument("--rounds", type=int, default=2, help="alternating subprocess rounds")
-    parser.add_argument("--measure", nargs="+", choices=MEASUREMENTS,
-                        default=[m for m in MEASUREMENTS if m != "lightning_per_sample"])
-    parser.add_argument("--paired-rounds", type=int, default=6,
-                        help="rounds of the paired measurement (0: skip it)")
+    parser.add_argument(
+        "--measure",
+        nargs="+",
+        choices=MEASUREMENTS,
+        default=[m for m in MEASUREMENTS if m != "lightning_per_sample"],
+    )
+    parser.add_argument(
+        "--paired-rounds", type=int, default=6, help="rounds of the paired measurement (0: skip it)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--only", choices=(*MEASUREMENTS, "paired"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,8 +286,10 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, best of {args.rounds}x{args.repeats}; load average "
         f"{load_before} -> {_load_average()}"
     )
-    print(f"{'pass':<22}{'seconds':>9}{'x plain':>9}{'images/s':>10}{'peak MiB':>10}"
-          f"{'paired x plain (range)':>26}")
+    print(
+        f"{'pass':<22}{'seconds':>9}{'x plain':>9}{'images/s':>10}{'peak MiB':>10}"
+        f"{'paired x plain (range)':>26}"
+    )
     for name in names:
         result = results[name]
         ratio = result["seconds"] / plain["seconds"]
@@ -277,18 +297,31 @@ def main() -> None:
         if name in paired.get("ratios", {}):
             low, high = paired["spread"][name]
             pair = f"{paired['ratios'][name]:.2f} ({low:.2f}-{high:.2f})"
-        print(f"{name:<22}{result['seconds']:>9.2f}{ratio:>9.2f}"
-              f"{args.examples / result['seconds']:>10.0f}{result['peak_mib']:>10.0f}{pair:>26}")
+        print(
+            f"{name:<22}{result['seconds']:>9.2f}{ratio:>9.2f}"
+            f"{args.examples / result['seconds']:>10.0f}{result['peak_mib']:>10.0f}{pair:>26}"
+        )
     if paired:
-        print(f"paired: median over {paired['rounds']} rounds of (pass / plain pass) timed back to "
-              "back in one process")
-    print("targets: per_sample <= 1.5x, batch <= 1.1x (exact: one backward per class; "
-          "variational: one of its epochs)")
+        print(
+            f"paired: median over {paired['rounds']} rounds of (pass / plain pass) timed back to "
+            "back in one process"
+        )
+    print(
+        "targets: per_sample <= 1.5x, batch <= 1.1x (exact: one backward per class; "
+        "variational: one of its epochs)"
+    )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "only"},
-                       "load_average": load_before, "results": results, "paired": paired},
-                      handle, indent=1)
+            json.dump(
+                {
+                    "args": {k: v for k, v in vars(args).items() if k != "only"},
+                    "load_average": load_before,
+                    "results": results,
+                    "paired": paired,
+                },
+                handle,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

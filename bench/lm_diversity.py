@@ -92,8 +92,13 @@ def build_probe(args: argparse.Namespace) -> CausalLMProbe:
 
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=args.vocab, n_positions=max(1024, args.length), n_embd=args.width,
-        n_layer=args.layers, n_head=args.heads, bos_token_id=0, eos_token_id=0,
+        vocab_size=args.vocab,
+        n_positions=max(1024, args.length),
+        n_embd=args.width,
+        n_layer=args.layers,
+        n_head=args.heads,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return CausalLMProbe(GPT2LMHeadModel(config).eval(), None, "gpt2-random")
 
@@ -134,8 +139,11 @@ def reference_procedure(
             loss.backward()  # through the tie: the whole model
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    weights = {name: module.weight for name, module in model.named_modules()
-               if "lm_head" not in name and isinstance(getattr(module, "weight", None), torch.nn.Parameter)}
+    weights = {
+        name: module.weight
+        for name, module in model.named_modules()
+        if "lm_head" not in name and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+    }
     squares = {name: torch.zeros_like(weight) for name, weight in weights.items()}
     batches = 0
     for start in range(0, ids.shape[0], batch):
@@ -144,16 +152,18 @@ def reference_procedure(
         with torch.no_grad():
             sampled = torch.distributions.Categorical(logits=logits).sample()
         # the published pairing: logits at t with the label drawn at t + 1
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                               sampled[:, 1:].reshape(-1))
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), sampled[:, 1:].reshape(-1)
+        )
         model.zero_grad(set_to_none=True)
         loss.backward()
         for name, weight in weights.items():
             if weight.grad is not None:
                 squares[name] += weight.grad.square()
         batches += 1
-    return torch.cat([(value / batches).reshape(value.shape[0], -1).mean(1)
-                      for value in squares.values()])
+    return torch.cat(
+        [(value / batches).reshape(value.shape[0], -1).mean(1) for value in squares.values()]
+    )
 
 
 def machine_load() -> str:
@@ -173,8 +183,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
-    parser.add_argument("--runs", nargs="+",
-                        default=["plain", "fisher", "fisher_batch", "task", "task_no_head", "reference"])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["plain", "fisher", "fisher_batch", "task", "task_no_head", "reference"],
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -186,22 +199,39 @@ def main() -> None:
     settings = LMSettings(batch_size=args.batch, precision=args.precision)
     runs: dict[str, Callable[[], Any]] = {
         "plain": lambda: plain_pass(probe, items, args.batch),
-        "fisher": lambda: lm_fisher(probe, task, head, None,
-                                    LMSettings(batch_size=args.batch, head_epochs=0,
-                                               precision=args.precision), cpu),
-        "fisher_batch": lambda: lm_fisher(probe, task, head, None,
-                                          LMSettings(batch_size=args.batch, head_epochs=0,
-                                                     estimator="batch", precision=args.precision),
-                                          cpu),
+        "fisher": lambda: lm_fisher(
+            probe,
+            task,
+            head,
+            None,
+            LMSettings(batch_size=args.batch, head_epochs=0, precision=args.precision),
+            cpu,
+        ),
+        "fisher_batch": lambda: lm_fisher(
+            probe,
+            task,
+            head,
+            None,
+            LMSettings(
+                batch_size=args.batch, head_epochs=0, estimator="batch", precision=args.precision
+            ),
+            cpu,
+        ),
         "task": lambda: embed_lm(probe, items, settings, cpu),
-        "task_no_head": lambda: embed_lm(probe, items, LMSettings(
-            batch_size=args.batch, head_epochs=0, precision=args.precision), cpu),
+        "task_no_head": lambda: embed_lm(
+            probe,
+            items,
+            LMSettings(batch_size=args.batch, head_epochs=0, precision=args.precision),
+            cpu,
+        ),
         "reference": lambda: reference_procedure(probe, items, args.batch),
     }
     names = [name for name in runs if name in args.runs]
     if "plain" not in names:
         parser.error("--runs must include plain (the ratios' denominator)")
-    embed_lm(probe, items[: args.batch], LMSettings(batch_size=args.batch, head_epochs=1), cpu)  # warm-up
+    embed_lm(
+        probe, items[: args.batch], LMSettings(batch_size=args.batch, head_epochs=1), cpu
+    )  # warm-up
     load_before = machine_load()
     seconds: dict[str, list[float]] = {name: [] for name in names}
     peaks: dict[str, float] = {}
@@ -215,8 +245,10 @@ def main() -> None:
             peaks[name] = max(peaks.get(name, 0.0), (memory.peak - memory.before) / 2**20)
             print(f"  round {repeat + 1} {name}: {seconds[name][-1]:.1f} s", flush=True)
     best = {name: min(values) for name, values in seconds.items()}
-    paired = {name: statistics.median(s / p for s, p in zip(values, seconds["plain"]))
-              for name, values in seconds.items()}
+    paired = {
+        name: statistics.median(s / p for s, p in zip(values, seconds["plain"]))
+        for name, values in seconds.items()
+    }
     header = (
         f"GPT-2 random weights: {args.layers} layers, width {args.width}, vocabulary {args.vocab}; "
         f"{args.sequences} sequences x {args.length} tokens, batch {args.batch}, "
@@ -225,30 +257,43 @@ def main() -> None:
     )
     lines = [header, f"{'run':<14}{'seconds':>9}{'x plain':>9}{'paired':>8}{'peak RSS MiB':>14}"]
     for name in names:
-        lines.append(f"{name:<14}{best[name]:>9.2f}{best[name] / best['plain']:>9.2f}"
-                     f"{paired[name]:>8.2f}{peaks[name]:>14.0f}")
+        lines.append(
+            f"{name:<14}{best[name]:>9.2f}{best[name] / best['plain']:>9.2f}"
+            f"{paired[name]:>8.2f}{peaks[name]:>14.0f}"
+        )
     if "reference" in best and "task" in best:
-        lines.append(f"whole task (ours, defaults) vs the published procedure: "
-                     f"{best['task'] / best['reference']:.2f}x its time "
-                     f"({best['reference'] / best['task']:.1f}x faster)")
+        lines.append(
+            f"whole task (ours, defaults) vs the published procedure: "
+            f"{best['task'] / best['reference']:.2f}x its time "
+            f"({best['reference'] / best['task']:.1f}x faster)"
+        )
     for name, limit in TARGETS.items():
         if name in best:
             ratio = best[name] / best["plain"]
-            lines.append(f"target {name} <= {limit}x plain: {ratio:.2f}x "
-                         f"{'met' if ratio <= limit else 'NOT met'}")
+            lines.append(
+                f"target {name} <= {limit}x plain: {ratio:.2f}x "
+                f"{'met' if ratio <= limit else 'NOT met'}"
+            )
     print("\n".join(lines))
     if args.json is not None:
         try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, check=False).stdout.strip()
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
         except OSError:
             commit = ""
         report = {
             "settings": vars(args) | {"json": str(args.json)},
-            "seconds": seconds, "best": best, "paired_ratio": paired, "peak_rss_mib": peaks,
+            "seconds": seconds,
+            "best": best,
+            "paired_ratio": paired,
+            "peak_rss_mib": peaks,
             "ratio": {name: best[name] / best["plain"] for name in names},
-            "targets": TARGETS, "load_average": [load_before, machine_load()],
-            "torch": torch.__version__, "commit": commit, "text": lines,
+            "targets": TARGETS,
+            "load_average": [load_before, machine_load()],
+            "torch": torch.__version__,
+            "commit": commit,
+            "text": lines,
         }
         tmp = args.json.with_suffix(".tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n")

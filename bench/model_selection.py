@@ -140,8 +140,7 @@ SOURCES: tuple[TaskSpec, ...] = (
     TaskSpec("digits_all", "digits", ALL10, True),
     TaskSpec("fashion_tops", "fashion_mnist", (0, 2, 4, 6), True),
     TaskSpec("fashion_footwear", "fashion_mnist", (5, 7, 9), True),
-    TaskSpec("fashion_tops_vs_footwear", "fashion_mnist",
-             _group([(0, 2, 4, 6), (5, 7, 9)]), True),
+    TaskSpec("fashion_tops_vs_footwear", "fashion_mnist", _group([(0, 2, 4, 6), (5, 7, 9)]), True),
     TaskSpec("fashion_trouser_dress_bag", "fashion_mnist", (1, 3, 8), True),
 )
 """The experts' training tasks (training splits)."""
@@ -157,16 +156,21 @@ SOURCES_WITHOUT_FASHION: tuple[TaskSpec, ...] = (
 TARGETS: tuple[TaskSpec, ...] = (
     TaskSpec("t_mnist_3_5_8", "mnist_subset", (3, 5, 8), False),
     TaskSpec("t_mnist_1_7", "mnist_subset", (1, 7), False),
-    TaskSpec("t_mnist_low_vs_high", "mnist_subset", _group([(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]),
-             False),
+    TaskSpec(
+        "t_mnist_low_vs_high", "mnist_subset", _group([(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]), False
+    ),
     TaskSpec("t_mnist_all", "mnist_subset", ALL10, False),
     TaskSpec("t_digits_0_4", "digits", (0, 1, 2, 3, 4), False),
     TaskSpec("t_digits_all", "digits", ALL10, False),
     TaskSpec("t_fashion_all", "fashion_mnist", ALL10, False),
     TaskSpec("t_fashion_tshirt_vs_shirt", "fashion_mnist", (0, 6), False),
     TaskSpec("t_fashion_pullover_coat_shirt", "fashion_mnist", (2, 4, 6), False),
-    TaskSpec("t_fashion_clothes_vs_accessories", "fashion_mnist",
-             _group([(0, 1, 2, 3, 4, 6), (5, 7, 8, 9)]), False),
+    TaskSpec(
+        "t_fashion_clothes_vs_accessories",
+        "fashion_mnist",
+        _group([(0, 1, 2, 3, 4, 6), (5, 7, 8, 9)]),
+        False,
+    ),
     TaskSpec("t_fashion_sandal_bag_boot", "fashion_mnist", (5, 8, 9), False),
     TaskSpec("t_fashion_trouser_vs_dress", "fashion_mnist", (1, 3), False),
 )
@@ -200,17 +204,30 @@ class Settings:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-QUICK = {"input_size": 32, "source_images": 60, "target_train_per_class": 6,
-         "target_test_per_class": 10, "expert_epochs": 1, "embed_samples": 40,
-         "embed_skip_layers": 3, "embed_head_epochs": 1}
+QUICK = {
+    "input_size": 32,
+    "source_images": 60,
+    "target_train_per_class": 6,
+    "target_test_per_class": 10,
+    "expert_epochs": 1,
+    "embed_samples": 40,
+    "embed_skip_layers": 3,
+    "embed_head_epochs": 1,
+}
 
 
 # ------------------------------------------------------------------------------ data
 class TaskImages(Dataset):
     """Chosen images of a task: ``(normalised 3 x S x S image, task label)``, with ``targets``."""
 
-    def __init__(self, base: Dataset, indices: Sequence[int], labels: Sequence[int],
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        base: Dataset,
+        indices: Sequence[int],
+        labels: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         self.base = base
         self.indices = list(indices)
         self.targets = [int(y) for y in labels]
@@ -225,8 +242,12 @@ class TaskImages(Dataset):
         return (image - self.mean) / self.std, self.targets[index]
 
 
-def _balanced_pick(labels: np.ndarray, per_class: Sequence[int], rng: np.random.Generator,
-                   skip: Mapping[int, int] | None = None) -> list[int]:
+def _balanced_pick(
+    labels: np.ndarray,
+    per_class: Sequence[int],
+    rng: np.random.Generator,
+    skip: Mapping[int, int] | None = None,
+) -> list[int]:
     """Positions of ``per_class[c]`` examples of each class ``c`` (after the first ``skip[c]``
     of a fixed shuffle), in a fixed shuffled order."""
     chosen: list[int] = []
@@ -234,12 +255,13 @@ def _balanced_pick(labels: np.ndarray, per_class: Sequence[int], rng: np.random.
         where = np.flatnonzero(labels == label)
         where = where[rng.permutation(len(where))]
         start = (skip or {}).get(label, 0)
-        chosen.extend(where[start:start + per_class[label]].tolist())
+        chosen.extend(where[start : start + per_class[label]].tolist())
     return sorted(chosen)
 
 
-def task_splits(spec: TaskSpec, settings: Settings, mean: Sequence[float], std: Sequence[float],
-                data_root: str) -> dict[str, TaskImages]:
+def task_splits(
+    spec: TaskSpec, settings: Settings, mean: Sequence[float], std: Sequence[float], data_root: str
+) -> dict[str, TaskImages]:
     """The images of a task: ``{"train": ...}`` for a source, ``train`` and ``test`` for a target.
 
     Sources take up to ``source_images`` examples, spread evenly over the task's labels; targets
@@ -249,23 +271,34 @@ def task_splits(spec: TaskSpec, settings: Settings, mean: Sequence[float], std: 
     from t2v_lightning.data.registry import get_task
     from t2v_lightning.data.task import get_targets
 
-    task = get_task(spec.dataset, data_root, train=spec.train, input_size=settings.input_size,
-                    normalize="none", classes=spec.mapping())
+    task = get_task(
+        spec.dataset,
+        data_root,
+        train=spec.train,
+        input_size=settings.input_size,
+        normalize="none",
+        classes=spec.mapping(),
+    )
     labels = np.asarray(get_targets(task.dataset))
     counts = np.bincount(labels, minlength=spec.num_classes())
     seed = int(hashlib.sha256(f"{settings.seed}:{spec.name}".encode()).hexdigest()[:8], 16)
     if spec.train:
         share = settings.source_images // spec.num_classes()
-        picked = _balanced_pick(labels, [min(share, int(n)) for n in counts],
-                                np.random.default_rng(seed))
+        picked = _balanced_pick(
+            labels, [min(share, int(n)) for n in counts], np.random.default_rng(seed)
+        )
         return {"train": TaskImages(task.dataset, picked, labels[picked], mean, std)}
     train_n = [min(settings.target_train_per_class, int(n) // 2) for n in counts]
     test_n = [min(settings.target_test_per_class, int(n) - t) for n, t in zip(counts, train_n)]
     train = _balanced_pick(labels, train_n, np.random.default_rng(seed))
-    test = _balanced_pick(labels, test_n, np.random.default_rng(seed), skip=dict(enumerate(train_n)))
+    test = _balanced_pick(
+        labels, test_n, np.random.default_rng(seed), skip=dict(enumerate(train_n))
+    )
     assert not set(train) & set(test)
-    return {"train": TaskImages(task.dataset, train, labels[train], mean, std),
-            "test": TaskImages(task.dataset, test, labels[test], mean, std)}
+    return {
+        "train": TaskImages(task.dataset, train, labels[train], mean, std),
+        "test": TaskImages(task.dataset, test, labels[test], mean, std),
+    }
 
 
 # ------------------------------------------------------------------------------ the networks
@@ -309,8 +342,9 @@ def prefix_features(prefix: nn.Module, images: TaskImages) -> tuple[torch.Tensor
     return torch.cat(outputs), torch.cat(labels)
 
 
-def fine_tune(tail: ExpertTail, features: torch.Tensor, labels: torch.Tensor,
-              settings: Settings) -> ExpertTail:
+def fine_tune(
+    tail: ExpertTail, features: torch.Tensor, labels: torch.Tensor, settings: Settings
+) -> ExpertTail:
     """Train ``tail`` (every weight, batch norm in training mode) on cached prefix outputs."""
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(tail.parameters(), lr=settings.expert_lr, weight_decay=1e-4)
@@ -320,7 +354,7 @@ def fine_tune(tail: ExpertTail, features: torch.Tensor, labels: torch.Tensor,
     for _ in range(settings.expert_epochs):
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(labels), settings.expert_batch):
-            batch = order[start:start + settings.expert_batch]
+            batch = order[start : start + settings.expert_batch]
             if len(batch) < 2:  # batch norm needs two examples
                 continue
             loss = nn.functional.cross_entropy(tail(features[batch].float()), labels[batch])
@@ -334,12 +368,14 @@ def fine_tune(tail: ExpertTail, features: torch.Tensor, labels: torch.Tensor,
 @torch.no_grad()
 def tail_features(tail: ExpertTail, features: torch.Tensor) -> np.ndarray:
     tail.eval()
-    return torch.cat([tail.features(features[i:i + 200].float())
-                      for i in range(0, len(features), 200)]).numpy()
+    return torch.cat(
+        [tail.features(features[i : i + 200].float()) for i in range(0, len(features), 200)]
+    ).numpy()
 
 
-def linear_probe_error(train: np.ndarray, train_y: np.ndarray, test: np.ndarray,
-                       test_y: np.ndarray, c: float) -> float:
+def linear_probe_error(
+    train: np.ndarray, train_y: np.ndarray, test: np.ndarray, test_y: np.ndarray, c: float
+) -> float:
     """Test error of logistic regression on standardised frozen features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -385,14 +421,22 @@ def zoo(quick: bool, data_root: str) -> tuple[tuple[TaskSpec, ...], tuple[TaskSp
         return QUICK_SOURCES, QUICK_TARGETS
     if fashion_available(data_root):
         return SOURCES, TARGETS
-    log.warning("Fashion-MNIST not found: %d sources without it, and %d targets",
-                len(SOURCES_WITHOUT_FASHION) + 4, sum(t.dataset != "fashion_mnist" for t in TARGETS))
+    log.warning(
+        "Fashion-MNIST not found: %d sources without it, and %d targets",
+        len(SOURCES_WITHOUT_FASHION) + 4,
+        sum(t.dataset != "fashion_mnist" for t in TARGETS),
+    )
     sources = tuple(s for s in SOURCES if s.dataset != "fashion_mnist") + SOURCES_WITHOUT_FASHION
     return sources, tuple(t for t in TARGETS if t.dataset != "fashion_mnist")
 
 
-def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
-        targets: Sequence[TaskSpec], data_root: str = "data") -> dict[str, Any]:
+def run(
+    cache: Path,
+    settings: Settings,
+    sources: Sequence[TaskSpec],
+    targets: Sequence[TaskSpec],
+    data_root: str = "data",
+) -> dict[str, Any]:
     """Build (or read from ``cache``) the experts, the errors and the embeddings.
 
     Returns:
@@ -417,11 +461,14 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
         timings[phase] = timings.get(phase, 0.0) + seconds
         _write_json(timings_path, timings)
         return seconds
+
     probe = get_probe("efficientnet_lite0")
     mean, std = probe_normalization(probe)
     prefix = frozen_prefix(probe)
-    splits = {spec.name: task_splits(spec, settings, mean, std, data_root)
-              for spec in (*sources, *targets)}
+    splits = {
+        spec.name: task_splits(spec, settings, mean, std, data_root)
+        for spec in (*sources, *targets)
+    }
 
     # 1. frozen-prefix outputs of every image, once
     cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -432,8 +479,13 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
                 start = time.perf_counter()
                 x, y = prefix_features(prefix, images)
                 _save_tensors(path, {"x": x, "y": y})
-                log.info("prefix features %s.%s: %d images, %.1f s", name, part, len(y),
-                         spent("prefix_features", start))
+                log.info(
+                    "prefix features %s.%s: %d images, %.1f s",
+                    name,
+                    part,
+                    len(y),
+                    spent("prefix_features", start),
+                )
             stored = _load_tensors(path)
             cached[f"{name}.{part}"] = (stored["x"], stored["y"])
 
@@ -449,8 +501,12 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
             x, y = cached[f"{spec.name}.train"]
             fine_tune(tail, x, y, settings)
             _save_tensors(path, tail.state_dict())
-            log.info("expert %s: fine-tuned on %d images, %.1f s", spec.name, len(y),
-                     spent("fine_tuning", start))
+            log.info(
+                "expert %s: fine-tuned on %d images, %.1f s",
+                spec.name,
+                len(y),
+                spent("fine_tuning", start),
+            )
         tails[spec.name] = tail.eval()
 
     # 3. ground truth: linear classifiers on each expert's frozen features
@@ -468,17 +524,32 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
         x_test, y_test = cached[f"{spec.name}.test"]
         for name in missing:
             row[name] = linear_probe_error(
-                tail_features(tails[name], x_train), y_train.numpy(),
-                tail_features(tails[name], x_test), y_test.numpy(), settings.linear_c)
+                tail_features(tails[name], x_train),
+                y_train.numpy(),
+                tail_features(tails[name], x_test),
+                y_test.numpy(),
+                settings.linear_c,
+            )
         _write_json(errors_path, errors)
-        log.info("errors on %s (%d train, %d test images): %.1f s", spec.name, len(y_train),
-                 len(y_test), spent("linear_probes", start))
+        log.info(
+            "errors on %s (%d train, %d test images): %.1f s",
+            spec.name,
+            len(y_train),
+            len(y_test),
+            spent("linear_probes", start),
+        )
 
     # 4. Task2Vec embeddings of every source and target with the ImageNet probe
-    task2vec = Task2Vec(probe, max_samples=settings.embed_samples,
-                        skip_layers=settings.embed_skip_layers,
-                        head_epochs=settings.embed_head_epochs, batch_size=100,
-                        seed=settings.seed, accelerator="cpu", progress_bar=False)
+    task2vec = Task2Vec(
+        probe,
+        max_samples=settings.embed_samples,
+        skip_layers=settings.embed_skip_layers,
+        head_epochs=settings.embed_head_epochs,
+        batch_size=100,
+        seed=settings.seed,
+        accelerator="cpu",
+        progress_bar=False,
+    )
     paths: dict[str, dict[str, Path]] = {"sources": {}, "targets": {}}
     embed_seconds_path = folder / "embed_seconds.json"
     embed_seconds: dict[str, float] = (
@@ -490,8 +561,10 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
             if not path.exists():
                 start = time.perf_counter()
                 embedding = task2vec.embed(splits[spec.name]["train"], task_name=spec.name)
-                embedding.meta.update(benchmark_task=asdict(spec) | {"classes": spec.mapping()},
-                                      input_size=settings.input_size)
+                embedding.meta.update(
+                    benchmark_task=asdict(spec) | {"classes": spec.mapping()},
+                    input_size=settings.input_size,
+                )
                 path.parent.mkdir(parents=True, exist_ok=True)
                 embedding.save(path)
                 embed_seconds[spec.name] = spent("task2vec", start)
@@ -501,23 +574,30 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
 
     # 5. transferability estimators: one pass of every candidate over each target's training
     # images (the images the linear probes of the ground truth are trained on), timed
-    heads: dict[str, nn.Module] = {name: tail.classifier for name, tail in tails.items()
-                                   if tail.classifier is not None}
+    heads: dict[str, nn.Module] = {
+        name: tail.classifier for name, tail in tails.items() if tail.classifier is not None
+    }
     heads[IMAGENET] = probe.get_classifier()  # the 1000 ImageNet classes
     scores_path = folder / "transferability.json"
     transfer: dict[str, Any] = json.loads(scores_path.read_text()) if scores_path.exists() else {}
     for spec in targets:
         done = transfer.get(spec.name, {}).get("scores", {})
         version = transfer.get(spec.name, {}).get("version")
-        if version == SCORES_VERSION and set(done) == set(tails) and all(set(v) == set(TRANSFERABILITY_METHODS)
-                                           for v in done.values()):
+        if (
+            version == SCORES_VERSION
+            and set(done) == set(tails)
+            and all(set(v) == set(TRANSFERABILITY_METHODS) for v in done.values())
+        ):
             continue
         start = time.perf_counter()
         prefix_features(prefix, splits[spec.name]["train"])  # timed only: a candidate's own pass
-        entry: dict[str, Any] = {"version": SCORES_VERSION,
-                                 "prefix_seconds": time.perf_counter() - start, "tail_seconds": {},
-                                 "score_seconds": {m: {} for m in TRANSFERABILITY_METHODS},
-                                 "scores": {}}
+        entry: dict[str, Any] = {
+            "version": SCORES_VERSION,
+            "prefix_seconds": time.perf_counter() - start,
+            "tail_seconds": {},
+            "score_seconds": {m: {} for m in TRANSFERABILITY_METHODS},
+            "scores": {},
+        }
         x, y = cached[f"{spec.name}.train"]
         entry["images"] = len(y)
         for name, tail in tails.items():
@@ -529,16 +609,28 @@ def run(cache: Path, settings: Settings, sources: Sequence[TaskSpec],
             entry["scores"][name] = {}
             for method in TRANSFERABILITY_METHODS:
                 since = time.perf_counter()
-                entry["scores"][name][method] = transferability(method, y, features=features,
-                                                                logits=logits)
+                entry["scores"][name][method] = transferability(
+                    method, y, features=features, logits=logits
+                )
                 entry["score_seconds"][method][name] = time.perf_counter() - since
         transfer[spec.name] = entry
         _write_json(scores_path, transfer)
-        log.info("transferability on %s (%d candidates, %d images): %.1f s", spec.name,
-                 len(tails), len(y), spent("transferability", start))
-    return {"errors": errors, "sources": paths["sources"], "targets": paths["targets"],
-            "folder": folder, "build_seconds": timings, "transferability": transfer,
-            "embed_seconds": embed_seconds}
+        log.info(
+            "transferability on %s (%d candidates, %d images): %.1f s",
+            spec.name,
+            len(tails),
+            len(y),
+            spent("transferability", start),
+        )
+    return {
+        "errors": errors,
+        "sources": paths["sources"],
+        "targets": paths["targets"],
+        "folder": folder,
+        "build_seconds": timings,
+        "transferability": transfer,
+        "embed_seconds": embed_seconds,
+    }
 
 
 # ------------------------------------------------------------------------------ the report
@@ -555,9 +647,14 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def evaluate(errors: Mapping[str, Mapping[str, float]], source_embeddings: Mapping[str, TaskEmbedding],
-             target_embeddings: Mapping[str, TaskEmbedding], alpha: float = DEFAULT_ALPHA,
-             distance: str = "cosine", datasets: Mapping[str, str] | None = None) -> dict[str, Any]:
+def evaluate(
+    errors: Mapping[str, Mapping[str, float]],
+    source_embeddings: Mapping[str, TaskEmbedding],
+    target_embeddings: Mapping[str, TaskEmbedding],
+    alpha: float = DEFAULT_ALPHA,
+    distance: str = "cosine",
+    datasets: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Compare the Task2Vec pick with always-ImageNet, chance and the oracle on every target.
 
     Errors are fractions; every ``*_minus_best`` is in percentage points over the oracle (the
@@ -570,8 +667,7 @@ def evaluate(errors: Mapping[str, Mapping[str, float]], source_embeddings: Mappi
     for target, embedding in target_embeddings.items():
         row_errors = errors[target]
         start = time.perf_counter()
-        ranking = select_expert(embedding, dict(source_embeddings), alpha=alpha,
-                                distance=distance)  # type: ignore[arg-type]
+        ranking = select_expert(embedding, dict(source_embeddings), alpha=alpha, distance=distance)  # type: ignore[arg-type]
         select_seconds = time.perf_counter() - start
         experts = list(source_embeddings)
         best = min(row_errors.values())
@@ -579,36 +675,46 @@ def evaluate(errors: Mapping[str, Mapping[str, float]], source_embeddings: Mappi
         pick = ranking.best_name
         chance = float(np.mean([row_errors[e] for e in experts]))
         scores = [float(ranking.scores[ranking.names.index(e)]) for e in experts]
-        values = {"task2vec": row_errors[pick], "imagenet": row_errors[IMAGENET],
-                  "chance": chance, "oracle": best}
+        values = {
+            "task2vec": row_errors[pick],
+            "imagenet": row_errors[IMAGENET],
+            "chance": chance,
+            "oracle": best,
+        }
         if datasets is not None:
             same = [row_errors[e] for e in experts if datasets[e] == datasets[target]]
             values["same_dataset"] = float(np.mean(same)) if same else float("nan")
-        rows.append({
-            "target": target,
-            "pick": pick,
-            "oracle": oracle,
-            "best_expert": min(experts, key=row_errors.__getitem__),
-            "errors": values,
-            "minus_best": {k: 100 * (v - best) for k, v in values.items()},
-            "relative": {k: 100 * (v - best) / best if best > 0 else float("nan")
-                         for k, v in values.items()},
-            "spearman": _spearman(scores, [row_errors[e] for e in experts]),
-            "ranked": ranking.ranked_names,
-            "scores": dict(zip(experts, scores)),
-            "select_seconds": select_seconds,
-        })
+        rows.append(
+            {
+                "target": target,
+                "pick": pick,
+                "oracle": oracle,
+                "best_expert": min(experts, key=row_errors.__getitem__),
+                "errors": values,
+                "minus_best": {k: 100 * (v - best) for k, v in values.items()},
+                "relative": {
+                    k: 100 * (v - best) / best if best > 0 else float("nan")
+                    for k, v in values.items()
+                },
+                "spearman": _spearman(scores, [row_errors[e] for e in experts]),
+                "ranked": ranking.ranked_names,
+                "scores": dict(zip(experts, scores)),
+                "select_seconds": select_seconds,
+            }
+        )
     mean = {
         "errors": {k: _nanmean([r["errors"][k] for r in rows]) for k in rows[0]["errors"]},
-        "minus_best": {k: _nanmean([r["minus_best"][k] for r in rows])
-                       for k in rows[0]["minus_best"]},
-        "relative": {k: _nanmean([r["relative"][k] for r in rows])
-                     for k in rows[0]["relative"]},
+        "minus_best": {
+            k: _nanmean([r["minus_best"][k] for r in rows]) for k in rows[0]["minus_best"]
+        },
+        "relative": {k: _nanmean([r["relative"][k] for r in rows]) for k in rows[0]["relative"]},
         "spearman": _nanmean([r["spearman"] for r in rows]),
-        "task2vec_beats_imagenet": sum(r["errors"]["task2vec"] < r["errors"]["imagenet"]
-                                       for r in rows),
-        "imagenet_beats_task2vec": sum(r["errors"]["task2vec"] > r["errors"]["imagenet"]
-                                       for r in rows),
+        "task2vec_beats_imagenet": sum(
+            r["errors"]["task2vec"] < r["errors"]["imagenet"] for r in rows
+        ),
+        "imagenet_beats_task2vec": sum(
+            r["errors"]["task2vec"] > r["errors"]["imagenet"] for r in rows
+        ),
         "picked_best_expert": sum(r["pick"] == r["best_expert"] for r in rows),
     }
     return {"alpha": alpha, "distance": distance, "rows": rows, "mean": mean}
@@ -650,8 +756,14 @@ def plot(result: Mapping[str, Any], errors: Mapping[str, Mapping[str, float]], p
     figure, axis = plt.subplots(figsize=(max(6.0, 0.75 * len(rows) + 2), 4.2))
     for i, r in enumerate(rows):
         values = [100 * v for k, v in errors[r["target"]].items() if k != IMAGENET]
-        axis.scatter([i] * len(values), values, color="0.75", s=14, zorder=1,
-                     label="fine-tuned experts" if i == 0 else None)
+        axis.scatter(
+            [i] * len(values),
+            values,
+            color="0.75",
+            s=14,
+            zorder=1,
+            label="fine-tuned experts" if i == 0 else None,
+        )
     x = np.arange(len(rows))
     for key, marker, color, label in (
         ("oracle", "v", "black", "oracle (best of all)"),
@@ -659,12 +771,21 @@ def plot(result: Mapping[str, Any], errors: Mapping[str, Mapping[str, float]], p
         ("chance", "_", "tab:gray", "chance (mean of experts)"),
         ("task2vec", "o", "tab:red", f"Task2Vec pick (α = {result['alpha']:g})"),
     ):
-        axis.scatter(x, [100 * r["errors"][key] for r in rows], marker=marker, s=60 if key != "chance" else 200,
-                     color=color, label=label, zorder=3, facecolors="none" if key == "task2vec" else None,
-                     linewidths=2 if key in ("task2vec", "chance") else 1)
+        axis.scatter(
+            x,
+            [100 * r["errors"][key] for r in rows],
+            marker=marker,
+            s=60 if key != "chance" else 200,
+            color=color,
+            label=label,
+            zorder=3,
+            facecolors="none" if key == "task2vec" else None,
+            linewidths=2 if key in ("task2vec", "chance") else 1,
+        )
     axis.set_xticks(x)
-    axis.set_xticklabels([r["target"].removeprefix("t_") for r in rows], rotation=40, ha="right",
-                         fontsize=8)
+    axis.set_xticklabels(
+        [r["target"].removeprefix("t_") for r in rows], rotation=40, ha="right", fontsize=8
+    )
     axis.set_ylabel("target test error (%), linear probe")
     axis.set_title("Expert selection: Task2Vec pick vs best expert, per target task")
     axis.legend(fontsize=7, loc="upper left")
@@ -685,8 +806,14 @@ def _weighted_tau(scores: Sequence[float], errors: Sequence[float]) -> float:
     return float(weightedtau(np.asarray(scores, float), -np.asarray(errors, float)).statistic)
 
 
-METHOD_LABELS = {"task2vec": "Task2Vec", "logme": "LogME", "leep": "LEEP", "nce": "NCE",
-                 "hscore": "H-score", "hscore_shrinkage": "H-score (shrinkage)"}
+METHOD_LABELS = {
+    "task2vec": "Task2Vec",
+    "logme": "LogME",
+    "leep": "LEEP",
+    "nce": "NCE",
+    "hscore": "H-score",
+    "hscore_shrinkage": "H-score (shrinkage)",
+}
 
 
 def _method_label(method: str, top_k: int) -> str:
@@ -696,9 +823,14 @@ def _method_label(method: str, top_k: int) -> str:
     return METHOD_LABELS[method]
 
 
-def evaluate_methods(errors: Mapping[str, Mapping[str, float]], result: Mapping[str, Any],
-                     transfer: Mapping[str, Any], embed_seconds: Mapping[str, float],
-                     sources: Sequence[str], top_k: int = TOP_K) -> dict[str, Any]:
+def evaluate_methods(
+    errors: Mapping[str, Mapping[str, float]],
+    result: Mapping[str, Any],
+    transfer: Mapping[str, Any],
+    embed_seconds: Mapping[str, float],
+    sources: Sequence[str],
+    top_k: int = TOP_K,
+) -> dict[str, Any]:
     """Task2Vec, every transferability estimator, and Task2Vec's top ``top_k`` reranked by each.
 
     Per method and target: the pick (the estimators pick among every candidate, ImageNet
@@ -712,8 +844,11 @@ def evaluate_methods(errors: Mapping[str, Mapping[str, float]], result: Mapping[
     ranking; its experts' embeddings are computed once, whatever the number of targets, and
     are reported apart (``per_expert_once_seconds``).
     """
-    methods = ["task2vec", *TRANSFERABILITY_METHODS,
-               *(f"task2vec+{m}@{top_k}" for m in TRANSFERABILITY_METHODS)]
+    methods = [
+        "task2vec",
+        *TRANSFERABILITY_METHODS,
+        *(f"task2vec+{m}@{top_k}" for m in TRANSFERABILITY_METHODS),
+    ]
     per_target: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for row in result["rows"]:
         target = row["target"]
@@ -727,32 +862,55 @@ def evaluate_methods(errors: Mapping[str, Mapping[str, float]], result: Mapping[
         select_seconds = float(row["select_seconds"])
         embed = float(embed_seconds.get(target, float("nan")))
 
-        def entry(pick: str, scores: Mapping[str, float], passes_n: int, seconds: float,
-                  fixed: float, per_candidate: float, row_errors: Mapping[str, float] = row_errors,
-                  experts: Sequence[str] = experts, target: str = target,
-                  oracle: str = oracle) -> dict[str, Any]:
+        def entry(
+            pick: str,
+            scores: Mapping[str, float],
+            passes_n: int,
+            seconds: float,
+            fixed: float,
+            per_candidate: float,
+            row_errors: Mapping[str, float] = row_errors,
+            experts: Sequence[str] = experts,
+            target: str = target,
+            oracle: str = oracle,
+        ) -> dict[str, Any]:
             best = min(row_errors.values())
             chosen = [scores[e] for e in experts]
             truth = [row_errors[e] for e in experts]
-            return {"target": target, "pick": pick, "error": row_errors[pick],
-                    "minus_best": 100 * (row_errors[pick] - best),
-                    "relative": 100 * (row_errors[pick] - best) / best if best > 0
-                    else float("nan"),
-                    "picked_oracle": pick == oracle,
-                    "spearman": -_spearman(chosen, truth), "weighted_tau": _weighted_tau(chosen, truth),
-                    "forward_passes": passes_n, "seconds": seconds,
-                    "fixed_seconds": fixed, "per_candidate_seconds": per_candidate}
+            return {
+                "target": target,
+                "pick": pick,
+                "error": row_errors[pick],
+                "minus_best": 100 * (row_errors[pick] - best),
+                "relative": 100 * (row_errors[pick] - best) / best if best > 0 else float("nan"),
+                "picked_oracle": pick == oracle,
+                "spearman": -_spearman(chosen, truth),
+                "weighted_tau": _weighted_tau(chosen, truth),
+                "forward_passes": passes_n,
+                "seconds": seconds,
+                "fixed_seconds": fixed,
+                "per_candidate_seconds": per_candidate,
+            }
 
         task2vec_scores = {e: -float(v) for e, v in row["scores"].items()}  # higher is better
-        per_target["task2vec"].append(entry(row["pick"], task2vec_scores, 0, embed + select_seconds,
-                                            embed, select_seconds / max(len(experts), 1)))
+        per_target["task2vec"].append(
+            entry(
+                row["pick"],
+                task2vec_scores,
+                0,
+                embed + select_seconds,
+                embed,
+                select_seconds / max(len(experts), 1),
+            )
+        )
         for method in TRANSFERABILITY_METHODS:
             scores = {c: float(cost["scores"][c][method]) for c in candidates}
             pick = max(candidates, key=lambda c: scores[c])  # ties: the first candidate
             spent = {c: passes[c] + cost["score_seconds"][method][c] for c in candidates}
             total = float(sum(spent.values()))
-            per_target[method].append(entry(pick, scores, len(candidates), total, 0.0,
-                                            total / len(candidates)))
+            per_target[method].append(
+                entry(pick, scores, len(candidates), total, 0.0, total / len(candidates))
+            )
             shortlist = ranked[:top_k]
             pick = max(shortlist, key=lambda c: scores[c])  # ties: Task2Vec's order
             # the reranked ranking: the shortlist by the estimator, the rest in Task2Vec's order
@@ -760,20 +918,40 @@ def evaluate_methods(errors: Mapping[str, Mapping[str, float]], result: Mapping[
             combined = {c: float(len(order) - i) for i, c in enumerate(order)}
             rerank = float(sum(spent[c] for c in shortlist))
             per_target[f"task2vec+{method}@{top_k}"].append(
-                entry(pick, combined, len(shortlist), embed + select_seconds + rerank,
-                      embed + rerank, select_seconds / max(len(experts), 1)))
+                entry(
+                    pick,
+                    combined,
+                    len(shortlist),
+                    embed + select_seconds + rerank,
+                    embed + rerank,
+                    select_seconds / max(len(experts), 1),
+                )
+            )
     source_embeds = [float(embed_seconds[s]) for s in sources if s in embed_seconds]
     summary = {}
     for method, rows in per_target.items():
         summary[method] = {
             key: _nanmean([float(r[key]) for r in rows])
-            for key in ("minus_best", "relative", "spearman", "weighted_tau", "forward_passes",
-                        "seconds", "fixed_seconds", "per_candidate_seconds")
+            for key in (
+                "minus_best",
+                "relative",
+                "spearman",
+                "weighted_tau",
+                "forward_passes",
+                "seconds",
+                "fixed_seconds",
+                "per_candidate_seconds",
+            )
         } | {"picked_oracle": sum(bool(r["picked_oracle"]) for r in rows), "targets": len(rows)}
     summary["task2vec"]["per_expert_once_seconds"] = (
-        float(np.mean(source_embeds)) if source_embeds else float("nan"))
-    return {"top_k": top_k, "candidates": len(next(iter(transfer.values()))["scores"]),
-            "per_target": per_target, "mean": summary}
+        float(np.mean(source_embeds)) if source_embeds else float("nan")
+    )
+    return {
+        "top_k": top_k,
+        "candidates": len(next(iter(transfer.values()))["scores"]),
+        "per_target": per_target,
+        "mean": summary,
+    }
 
 
 def methods_table(methods: Mapping[str, Any]) -> str:
@@ -787,12 +965,16 @@ def methods_table(methods: Mapping[str, Any]) -> str:
         name = _method_label(method, methods["top_k"])
         if method == "task2vec":
             passes = "1 probe embed"
-            growth = (f"{m['fixed_seconds']:.1f} s + N × {1000 * m['per_candidate_seconds']:.2f} ms"
-                      f" (+ {m['per_expert_once_seconds']:.1f} s per expert, once)")
+            growth = (
+                f"{m['fixed_seconds']:.1f} s + N × {1000 * m['per_candidate_seconds']:.2f} ms"
+                f" (+ {m['per_expert_once_seconds']:.1f} s per expert, once)"
+            )
         elif "@" in method:
             passes = f"1 probe embed + {m['forward_passes']:.0f}"
-            growth = (f"{m['fixed_seconds']:.1f} s + N × {1000 * m['per_candidate_seconds']:.2f} ms"
-                      f" (+ Task2Vec's experts, once)")
+            growth = (
+                f"{m['fixed_seconds']:.1f} s + N × {1000 * m['per_candidate_seconds']:.2f} ms"
+                f" (+ Task2Vec's experts, once)"
+            )
         else:
             passes = f"{m['forward_passes']:.0f} (N)"
             growth = f"N × {m['per_candidate_seconds']:.2f} s"
@@ -804,8 +986,9 @@ def methods_table(methods: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_regret_vs_cost(methods: Mapping[str, Any], imagenet: float, chance: float, path: Path,
-                        title: str) -> None:
+def plot_regret_vs_cost(
+    methods: Mapping[str, Any], imagenet: float, chance: float, path: Path, title: str
+) -> None:
     """Mean points of error over the oracle against seconds per target, one marker per method."""
     import matplotlib
 
@@ -813,16 +996,29 @@ def plot_regret_vs_cost(methods: Mapping[str, Any], imagenet: float, chance: flo
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(9.5, 4.5))
-    colors = {"task2vec": "tab:red", "logme": "tab:blue", "leep": "tab:green", "nce": "tab:purple",
-              "hscore": "tab:brown", "hscore_shrinkage": "tab:orange"}
+    colors = {
+        "task2vec": "tab:red",
+        "logme": "tab:blue",
+        "leep": "tab:green",
+        "nce": "tab:purple",
+        "hscore": "tab:brown",
+        "hscore_shrinkage": "tab:orange",
+    }
     for method, m in methods["mean"].items():
         base = method.split("+")[-1].split("@")[0]
         two_stage = "@" in method
         label = _method_label(method, methods["top_k"])
-        axis.scatter([m["seconds"]], [m["minus_best"]], color=colors[base], s=70,
-                     marker="D" if two_stage else ("*" if method == "task2vec" else "o"),
-                     facecolors="none" if two_stage else None, linewidths=1.5, label=label,
-                     zorder=3)
+        axis.scatter(
+            [m["seconds"]],
+            [m["minus_best"]],
+            color=colors[base],
+            s=70,
+            marker="D" if two_stage else ("*" if method == "task2vec" else "o"),
+            facecolors="none" if two_stage else None,
+            linewidths=1.5,
+            label=label,
+            zorder=3,
+        )
     axis.axhline(imagenet, color="tab:blue", linestyle="--", linewidth=1, label="always ImageNet")
     axis.axhline(chance, color="0.5", linestyle=":", linewidth=1, label="chance (mean expert)")
     axis.set_xscale("log")
@@ -837,8 +1033,11 @@ def plot_regret_vs_cost(methods: Mapping[str, Any], imagenet: float, chance: flo
     plt.close(figure)
 
 
-def diagnosis(errors: Mapping[str, Mapping[str, float]], sources: Mapping[str, TaskEmbedding],
-              targets: Mapping[str, TaskEmbedding]) -> list[dict[str, Any]]:
+def diagnosis(
+    errors: Mapping[str, Mapping[str, float]],
+    sources: Mapping[str, TaskEmbedding],
+    targets: Mapping[str, TaskEmbedding],
+) -> list[dict[str, Any]]:
     """The headline numbers for other values of α and other distances (not tuned: reported)."""
     out = []
     # The other distances divide by the Fisher and refuse its exact zeros (dead filters).
@@ -849,9 +1048,15 @@ def diagnosis(errors: Mapping[str, Mapping[str, float]], sources: Mapping[str, T
             except ValueError as err:  # distances that refuse zero Fisher entries
                 out.append({"distance": distance, "alpha": alpha, "error": str(err)})
                 continue
-            out.append({"distance": distance, "alpha": alpha,
-                        "task2vec_minus_best": m["minus_best"]["task2vec"],
-                        "spearman": m["spearman"], "picked_best": m["picked_best_expert"]})
+            out.append(
+                {
+                    "distance": distance,
+                    "alpha": alpha,
+                    "task2vec_minus_best": m["minus_best"]["task2vec"],
+                    "spearman": m["spearman"],
+                    "picked_best": m["picked_best_expert"],
+                }
+            )
     return out
 
 
@@ -865,14 +1070,23 @@ def _shown(path: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", default=str(ROOT / "bench" / "cache" / "model_selection"),
-                        help="folder of cached features, experts, artifacts and errors")
-    parser.add_argument("--output", default=None,
-                        help="folder of the report (results.json, table.md, figures; default "
-                        "bench/results/model_selection, or model_selection_quick with --quick)")
+    parser.add_argument(
+        "--cache",
+        default=str(ROOT / "bench" / "cache" / "model_selection"),
+        help="folder of cached features, experts, artifacts and errors",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="folder of the report (results.json, table.md, figures; default "
+        "bench/results/model_selection, or model_selection_quick with --quick)",
+    )
     parser.add_argument("--data_root", default="data", help="data folder (Fashion-MNIST)")
-    parser.add_argument("--quick", action="store_true",
-                        help="2 experts, 2 targets, tiny sizes: checks that everything runs")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 experts, 2 targets, tiny sizes: checks that everything runs",
+    )
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="α of the headline")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     options = parser.parse_args(argv)
@@ -882,21 +1096,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(options.threads)
     start = time.perf_counter()
     sources, targets = zoo(options.quick, options.data_root)
-    settings = Settings(**(QUICK if options.quick else {}),
-                        sources=tuple(s.name for s in sources),
-                        targets=tuple(t.name for t in targets))
+    settings = Settings(
+        **(QUICK if options.quick else {}),
+        sources=tuple(s.name for s in sources),
+        targets=tuple(t.name for t in targets),
+    )
     built = run(Path(options.cache), settings, sources, targets, options.data_root)
     source_embeddings = {n: TaskEmbedding.load(p) for n, p in built["sources"].items()}
     target_embeddings = {n: TaskEmbedding.load(p) for n, p in built["targets"].items()}
     datasets = {spec.name: spec.dataset for spec in (*sources, *targets)}
-    result = evaluate(built["errors"], source_embeddings, target_embeddings, options.alpha,
-                      datasets=datasets)
+    result = evaluate(
+        built["errors"], source_embeddings, target_embeddings, options.alpha, datasets=datasets
+    )
     checks = diagnosis(built["errors"], source_embeddings, target_embeddings)
-    methods = evaluate_methods(built["errors"], result, built["transferability"],
-                               built["embed_seconds"], [s.name for s in sources])
+    methods = evaluate_methods(
+        built["errors"],
+        result,
+        built["transferability"],
+        built["embed_seconds"],
+        [s.name for s in sources],
+    )
     seconds = time.perf_counter() - start
-    output = Path(options.output or ROOT / "bench" / "results" / (
-        "model_selection_quick" if options.quick else "model_selection"))
+    output = Path(
+        options.output
+        or ROOT
+        / "bench"
+        / "results"
+        / ("model_selection_quick" if options.quick else "model_selection")
+    )
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(result)
     figure = output / "model_selection.png"
@@ -904,10 +1131,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     method_table = methods_table(methods)
     run_kind = "smoke run (--quick), not a result" if options.quick else "full zoo"
     plot_regret_vs_cost(
-        methods, result["mean"]["minus_best"]["imagenet"], result["mean"]["minus_best"]["chance"],
+        methods,
+        result["mean"]["minus_best"]["imagenet"],
+        result["mean"]["minus_best"]["chance"],
         output / "regret_vs_cost.png",
         f"Expert selection: regret against cost per target — {run_kind}\n"
-        f"{len(sources)} experts + ImageNet, {len(targets)} targets, torch threads: {options.threads}")
+        f"{len(sources)} experts + ImageNet, {len(targets)} targets, torch threads: {options.threads}",
+    )
     report = {
         "settings": asdict(settings),
         "cache": _shown(built["folder"]),
@@ -915,7 +1145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "build_seconds": built["build_seconds"],
         "load_average": os.getloadavg(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
-                   f"{torch.__version__}, {options.threads} threads",
+        f"{torch.__version__}, {options.threads} threads",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "errors": built["errors"],
         "result": result,
@@ -927,28 +1157,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _write_json(output / "results.json", report)
     (output / "table.md").write_text(table + "\n\n" + method_table + "\n")
     print(table)
-    print(f"\nmethods ({run_kind}; Spearman and weighted τ over the fine-tuned experts; "
-          f"seconds per target as measured when the scores were computed):")
+    print(
+        f"\nmethods ({run_kind}; Spearman and weighted τ over the fine-tuned experts; "
+        f"seconds per target as measured when the scores were computed):"
+    )
     print(method_table)
-    print("\nother α and distances (mean pick − best in points, Spearman, targets whose pick "
-          "is the best fine-tuned expert):")
+    print(
+        "\nother α and distances (mean pick − best in points, Spearman, targets whose pick "
+        "is the best fine-tuned expert):"
+    )
     for c in checks:
         if "error" in c:
             print(f"  {c['distance']:<18} α={c['alpha']:<5g} {c['error'][:80]}")
         else:
-            print(f"  {c['distance']:<18} α={c['alpha']:<5g} {c['task2vec_minus_best']:+6.2f}  "
-                  f"{c['spearman']:+.2f}  {c['picked_best']}/{len(target_embeddings)}")
+            print(
+                f"  {c['distance']:<18} α={c['alpha']:<5g} {c['task2vec_minus_best']:+6.2f}  "
+                f"{c['spearman']:+.2f}  {c['picked_best']}/{len(target_embeddings)}"
+            )
     m = result["mean"]
-    print(f"\nmean test error: Task2Vec pick {100 * m['errors']['task2vec']:.2f}%, always ImageNet "
-          f"{100 * m['errors']['imagenet']:.2f}%, chance {100 * m['errors']['chance']:.2f}%, "
-          f"oracle {100 * m['errors']['oracle']:.2f}%; a random expert of the target's dataset "
-          f"{100 * m['errors']['same_dataset']:.2f}% (pick − best: Task2Vec "
-          f"{m['minus_best']['task2vec']:+.2f}, same dataset {m['minus_best']['same_dataset']:+.2f} "
-          f"points)")
+    print(
+        f"\nmean test error: Task2Vec pick {100 * m['errors']['task2vec']:.2f}%, always ImageNet "
+        f"{100 * m['errors']['imagenet']:.2f}%, chance {100 * m['errors']['chance']:.2f}%, "
+        f"oracle {100 * m['errors']['oracle']:.2f}%; a random expert of the target's dataset "
+        f"{100 * m['errors']['same_dataset']:.2f}% (pick − best: Task2Vec "
+        f"{m['minus_best']['task2vec']:+.2f}, same dataset {m['minus_best']['same_dataset']:+.2f} "
+        f"points)"
+    )
     build = ", ".join(f"{k} {v:.0f} s" for k, v in built["build_seconds"].items())
-    print(f"{len(sources)} experts + ImageNet, {len(targets)} targets; this run {seconds:.0f} s "
-          f"(load average {os.getloadavg()[0]:.1f}); building the cache took {build}; report in "
-          f"{output}, cache in {built['folder']}")
+    print(
+        f"{len(sources)} experts + ImageNet, {len(targets)} targets; this run {seconds:.0f} s "
+        f"(load average {os.getloadavg()[0]:.1f}); building the cache took {build}; report in "
+        f"{output}, cache in {built['folder']}"
+    )
     return report
 
 

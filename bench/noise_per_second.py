@@ -60,8 +60,10 @@ def _crossing(rows: list[dict[str, float]], noise: float) -> dict[str, float] | 
     for low, high in itertools.pairwise(rows):
         if low["noise"] >= noise >= high["noise"]:
             share = math.log(low["noise"] / noise) / math.log(low["noise"] / high["noise"])
-            return {key: math.exp(math.log(low[key]) + share * math.log(high[key] / low[key]))
-                    for key in ("examples", "seconds")}
+            return {
+                key: math.exp(math.log(low[key]) + share * math.log(high[key] / low[key]))
+                for key in ("examples", "seconds")
+            }
     return None
 
 
@@ -74,9 +76,12 @@ def _concentration(a: Any, b: Any) -> dict[str, float]:
     total = (a + b + 1e-8).double()
     contribution = ((a.double() - b.double()) / total).square()
     ordered = contribution.sort(descending=True).values
-    share = {f"top_{percent}%": float(ordered[: max(1, round(ordered.numel() * percent / 100))]
-                                      .sum() / ordered.sum())
-             for percent in (1, 5)}
+    share = {
+        f"top_{percent}%": float(
+            ordered[: max(1, round(ordered.numel() * percent / 100))].sum() / ordered.sum()
+        )
+        for percent in (1, 5)
+    }
     middle = ((a + b) / 2).double()
     ranks = middle.argsort().argsort().double() / max(1, middle.numel() - 1)
     share["smallest_quarter"] = float(contribution[ranks < 0.25].sum() / contribution.sum())
@@ -92,12 +97,17 @@ def main() -> None:
     parser.add_argument("--max-per-sample", type=int, default=10000)
     parser.add_argument("--max-batch", type=int, default=10000)
     parser.add_argument("--seeds", type=int, nargs=2, default=[0, 1])
-    parser.add_argument("--probe-seed", type=int, default=0,
-                        help="seed of the probe's random weights (another probe, another curve)")
+    parser.add_argument(
+        "--probe-seed",
+        type=int,
+        default=0,
+        help="seed of the probe's random weights (another probe, another curve)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--figure", default=os.path.join(os.path.dirname(__file__), "results",
-                                                         "noise_vs_time.png"))
+    parser.add_argument(
+        "--figure", default=os.path.join(os.path.dirname(__file__), "results", "noise_vs_time.png")
+    )
     parser.add_argument("--json", help="also write the curves to this JSON file")
     args = parser.parse_args()
 
@@ -135,7 +145,10 @@ def main() -> None:
     probe = get_probe(args.model, num_classes=args.classes)
     with quiet_lightning():
         network, _, _, _ = Task2Vec(
-            probe, max_samples=1000, batch_size=args.batch, accelerator=args.device,
+            probe,
+            max_samples=1000,
+            batch_size=args.batch,
+            accelerator=args.device,
             progress_bar=False,
         ).prepare(TensorDataset(images, labels))
     head = "fc" if hasattr(network, "fc") else "classifier"
@@ -159,8 +172,13 @@ def main() -> None:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 sums, n = batch_filter_sums(
-                    network, taps, x, ids, torch.ones(args.batch, dtype=torch.bool, device=device),
-                    estimator, seed,  # type: ignore[arg-type]
+                    network,
+                    taps,
+                    x,
+                    ids,
+                    torch.ones(args.batch, dtype=torch.bool, device=device),
+                    estimator,
+                    seed,  # type: ignore[arg-type]
                 )
                 for name, value in sums.items():
                     totals[name] = totals.get(name, 0) + value.detach().double()
@@ -171,8 +189,9 @@ def main() -> None:
                 seen += args.batch
                 if seen in points:
                     hessian, offsets = filter_values(totals, count, layers)
-                    embedding = TaskEmbedding(hessian * scale, torch.ones_like(hessian), offsets,
-                                              meta)
+                    embedding = TaskEmbedding(
+                        hessian * scale, torch.ones_like(hessian), offsets, meta
+                    )
                     out.append((seen, elapsed, embedding))
         return out
 
@@ -189,9 +208,14 @@ def main() -> None:
         # The same embeddings at the scale batch stores them (F / B).
         divisor = scale if estimator == "batch" else float(args.batch)
         results[f"{estimator}_over_B"] = [
-            {**row, "noise": task_distance(
-                TaskEmbedding(a.hessian / divisor, a.scale, a.layers, meta),
-                TaskEmbedding(b.hessian / divisor, b.scale, b.layers, meta), "cosine")}
+            {
+                **row,
+                "noise": task_distance(
+                    TaskEmbedding(a.hessian / divisor, a.scale, a.layers, meta),
+                    TaskEmbedding(b.hessian / divisor, b.scale, b.layers, meta),
+                    "cosine",
+                ),
+            }
             for row, (_, _, a), (_, _, b) in zip(results[estimator], first, second)
         ]
         if estimator == "per_sample" and first:
@@ -205,18 +229,26 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f}, {date.today()}"
     )
     print(f"{'estimator':<16}{'examples':>9}{'seconds':>9}{'cosine noise':>14}")
-    names = {"batch": "batch x B", "batch_over_B": "batch (F/B)", "per_sample": "per_sample",
-             "per_sample_over_B": "per_sample / B"}
+    names = {
+        "batch": "batch x B",
+        "batch_over_B": "batch (F/B)",
+        "per_sample": "per_sample",
+        "per_sample_over_B": "per_sample / B",
+    }
     for estimator, rows in results.items():
         for row in rows:
-            print(f"{names[estimator]:<16}{row['examples']:>9d}{row['seconds']:>9.1f}"
-                  f"{row['noise']:>14.2e}")
+            print(
+                f"{names[estimator]:<16}{row['examples']:>9d}{row['seconds']:>9.1f}"
+                f"{row['noise']:>14.2e}"
+            )
     if results.get("per_sample"):
-        print(f"per_sample at {results['per_sample'][-1]['examples']} examples: the top 1% of the "
-              f"filters carry {concentration['top_1%']:.0%} of the squared differences behind the "
-              f"distance, the top 5% "
-              f"{concentration['top_5%']:.0%}; the quarter of filters with the smallest Fisher "
-              f"{concentration['smallest_quarter']:.0%}")
+        print(
+            f"per_sample at {results['per_sample'][-1]['examples']} examples: the top 1% of the "
+            f"filters carry {concentration['top_1%']:.0%} of the squared differences behind the "
+            f"distance, the top 5% "
+            f"{concentration['top_5%']:.0%}; the quarter of filters with the smallest Fisher "
+            f"{concentration['smallest_quarter']:.0%}"
+        )
     matches: dict[str, dict[str, float] | None] = {}
     comparisons = (
         ("per_sample", "batch", "both at the scale of F"),
@@ -227,15 +259,19 @@ def main() -> None:
         target = results[reference][-1]
         match = _crossing(results[ours], target["noise"])
         matches[f"{ours} vs {reference}"] = match
-        print(f"{names[reference]} at {target['examples']} examples ({words}): noise "
-              f"{target['noise']:.2e} in {target['seconds']:.1f} s")
+        print(
+            f"{names[reference]} at {target['examples']} examples ({words}): noise "
+            f"{target['noise']:.2e} in {target['seconds']:.1f} s"
+        )
         if match is None:
             print(f"  {names[ours]} does not reach it within the measured range")
         else:
             first = match["examples"] == results[ours][0]["examples"]
-            print(f"  {names[ours]} reaches it {'by ' if first else 'at ~'}"
-                  f"{match['examples']:.0f} examples, ~{match['seconds']:.1f} s "
-                  f"({match['seconds'] / target['seconds']:.2f}x batch's time; target <= 0.33x)")
+            print(
+                f"  {names[ours]} reaches it {'by ' if first else 'at ~'}"
+                f"{match['examples']:.0f} examples, ~{match['seconds']:.1f} s "
+                f"({match['seconds'] / target['seconds']:.2f}x batch's time; target <= 0.33x)"
+            )
     target = results["batch"][-1]
 
     import matplotlib
@@ -246,16 +282,25 @@ def main() -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for estimator, rows in results.items():
         style = "o--" if estimator.endswith("_over_B") else "o-"
-        axis.loglog([r["seconds"] for r in rows], [r["noise"] for r in rows], style,
-                    label=names[estimator])
+        axis.loglog(
+            [r["seconds"] for r in rows], [r["noise"] for r in rows], style, label=names[estimator]
+        )
         for r in rows if not estimator.endswith("_over_B") else []:
-            axis.annotate(f"{r['examples']}", (r["seconds"], r["noise"]), fontsize=7,
-                          textcoords="offset points", xytext=(3, 3))
+            axis.annotate(
+                f"{r['examples']}",
+                (r["seconds"], r["noise"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
     axis.axhline(target["noise"], color="grey", linestyle=":", linewidth=1)
     axis.set_xlabel("Fisher pass wall time (s)")
     axis.set_ylabel("seed-to-seed cosine distance")
-    axis.set_title(f"{args.model}, 3x{args.size}x{args.size}, {args.device} "
-                   f"{torch.get_num_threads()} thread(s), {date.today()}", fontsize=9)
+    axis.set_title(
+        f"{args.model}, 3x{args.size}x{args.size}, {args.device} "
+        f"{torch.get_num_threads()} thread(s), {date.today()}",
+        fontsize=9,
+    )
     axis.legend(title="estimator (labels: examples)")
     axis.grid(True, which="both", linewidth=0.3)
     figure.tight_layout()
@@ -264,9 +309,16 @@ def main() -> None:
     print(f"figure: {args.figure}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "results": results, "matches": matches,
-                       "per_sample_concentration": concentration}, handle,
-                      indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "results": results,
+                    "matches": matches,
+                    "per_sample_concentration": concentration,
+                },
+                handle,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

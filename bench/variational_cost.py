@@ -68,7 +68,10 @@ def main() -> None:
         "prepare": lambda: Task2Vec(probe, **common).prepare(dataset),  # type: ignore[arg-type]
         "montecarlo": lambda: Task2Vec(probe, method="montecarlo", **common).embed(dataset),  # type: ignore[arg-type]
         "variational": lambda: Task2Vec(
-            probe, method="variational", variational_epochs=args.epochs, **common  # type: ignore[arg-type]
+            probe,
+            method="variational",
+            variational_epochs=args.epochs,
+            **common,  # type: ignore[arg-type]
         ).embed(dataset),
     }
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -93,12 +96,18 @@ def main() -> None:
         var_phase = times["variational"] - times["prepare"]
         print(f"  {clock} time")
         print(f"    prepare (head fitting {args.head_epochs} epochs):   {times['prepare']:8.2f} s")
-        print(f"    per-sample Monte Carlo embed:        {times['montecarlo']:8.2f} s "
-              f"(Fisher phase {mc_phase:.2f} s)")
-        print(f"    variational embed ({args.epochs} epochs):      {times['variational']:8.2f} s "
-              f"(Fisher phase {var_phase:.2f} s)")
-        print(f"    ratio variational / per-sample:      {times['variational'] / times['montecarlo']:8.2f}"
-              + (f" (Fisher phases {var_phase / mc_phase:.2f})" if mc_phase > 0 else ""))
+        print(
+            f"    per-sample Monte Carlo embed:        {times['montecarlo']:8.2f} s "
+            f"(Fisher phase {mc_phase:.2f} s)"
+        )
+        print(
+            f"    variational embed ({args.epochs} epochs):      {times['variational']:8.2f} s "
+            f"(Fisher phase {var_phase:.2f} s)"
+        )
+        print(
+            f"    ratio variational / per-sample:      {times['variational'] / times['montecarlo']:8.2f}"
+            + (f" (Fisher phases {var_phase / mc_phase:.2f})" if mc_phase > 0 else "")
+        )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,14 @@ class DigitsClassifier(pl.LightningModule):
     def __init__(self, num_classes: int = 10, lr: float = 1e-2, dict_output: bool = False) -> None:
         super().__init__()
         self.backbone = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.classifier = nn.Linear(16, num_classes)
         self.lr = lr
@@ -121,29 +126,44 @@ def main() -> None:
 
     def trainer(callback: FisherCallback, name: str) -> pl.Trainer:
         return pl.Trainer(
-            accelerator="cpu", devices=args.devices, strategy=args.strategy,
-            max_epochs=args.epochs, callbacks=[callback], logger=CSVLogger(logs, name=name),
-            enable_checkpointing=False, enable_progress_bar=False,
+            accelerator="cpu",
+            devices=args.devices,
+            strategy=args.strategy,
+            max_epochs=args.epochs,
+            callbacks=[callback],
+            logger=CSVLogger(logs, name=name),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
         )
 
     pl.seed_everything(0)
     runs = {
-        "xy": (DigitsClassifier(), {"train_dataloaders": DataLoader(digits(), 64, shuffle=True)},
-               FisherCallback(head="classifier")),
-        "dict": (DigitsClassifier(dict_output=True),
-                 {"train_dataloaders": DataLoader(DictDigits(), 64, shuffle=True)},
-                 FisherCallback(head="classifier", logits_fn=digit_logits)),
-        "datamodule": (DigitsClassifier(), {"datamodule": Uint8Digits()},
-                       FisherCallback(head="classifier")),
+        "xy": (
+            DigitsClassifier(),
+            {"train_dataloaders": DataLoader(digits(), 64, shuffle=True)},
+            FisherCallback(head="classifier"),
+        ),
+        "dict": (
+            DigitsClassifier(dict_output=True),
+            {"train_dataloaders": DataLoader(DictDigits(), 64, shuffle=True)},
+            FisherCallback(head="classifier", logits_fn=digit_logits),
+        ),
+        "datamodule": (
+            DigitsClassifier(),
+            {"datamodule": Uint8Digits()},
+            FisherCallback(head="classifier"),
+        ),
     }
     for name, (model, data, callback) in runs.items():
         fit = trainer(callback, name)
         fit.fit(model, **data)
         embedding = callback.embedding  # also in the parent process after ddp_spawn
         if fit.is_global_zero and embedding is not None:
-            print(f"{name}: {len(embedding)} values over {list(embedding.layers)}, "
-                  f"{embedding.meta['num_samples']} examples, {embedding.meta['world_size']} "
-                  f"process(es), written under {fit.log_dir}")
+            print(
+                f"{name}: {len(embedding)} values over {list(embedding.layers)}, "
+                f"{embedding.meta['num_samples']} examples, {embedding.meta['world_size']} "
+                f"process(es), written under {fit.log_dir}"
+            )
 
     # "When asked": the embedding of the same model on other data. Under DDP call it on every
     # rank, while the process group is up (not after a ddp_spawn fit, whose workers are gone).
@@ -155,8 +175,10 @@ def main() -> None:
     low = on_demand.compute(plain, model, DataLoader(digits([0, 1, 2, 3, 4]), batch_size=64))
     high = on_demand.compute(plain, model, DataLoader(digits([5, 6, 7, 8, 9]), batch_size=64))
     assert fitted.embedding is not None
-    print(f"cosine distance, digits 0-4 vs 5-9: {task_distance(low, high):.4f}; "
-          f"0-4 vs all digits: {task_distance(low, fitted.embedding):.4f}")
+    print(
+        f"cosine distance, digits 0-4 vs 5-9: {task_distance(low, high):.4f}; "
+        f"0-4 vs all digits: {task_distance(low, fitted.embedding):.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -57,15 +57,25 @@ def save_tiny_gpt2(folder: Path, texts: list[str]) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    ))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>",
-                                   pad_token="<eos>")
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(fast),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
@@ -77,20 +87,26 @@ def main(folder: str = "lm_corpus_diversity", num_tasks: int = 6, task_size: int
     varied, narrow = write_corpora(root)
     texts = [json.loads(line)["text"] for line in varied.read_text().splitlines()]
     probe = f"lm:{save_tiny_gpt2(root / 'gpt2', texts)}"
-    settings = {"num_tasks": num_tasks, "task_size": task_size, "max_length": 32,
-                "accelerator": "cpu"}
+    settings = {
+        "num_tasks": num_tasks,
+        "task_size": task_size,
+        "max_length": 32,
+        "accelerator": "cpu",
+    }
     print("random weights: these numbers show the pipeline, not the corpora's diversity")
     for name, corpus in (("varied", varied), ("narrow", narrow)):
         div = corpus_diversity(probe, str(corpus), root / f"tasks_{name}", **settings)
-        print(f"  {name:6s} diversity {div.mean:.4f}  t-interval [{div.ci_low:.4f}, "
-              f"{div.ci_high:.4f}]  bootstrap [{div.bootstrap_low:.4f}, "
-              f"{div.bootstrap_high:.4f}]")
-    cross = corpus_diversity(probe, str(varied), root / "tasks_varied", against=str(narrow),
-                             **settings)
+        print(
+            f"  {name:6s} diversity {div.mean:.4f}  t-interval [{div.ci_low:.4f}, "
+            f"{div.ci_high:.4f}]  bootstrap [{div.bootstrap_low:.4f}, "
+            f"{div.bootstrap_high:.4f}]"
+        )
+    cross = corpus_diversity(
+        probe, str(varied), root / "tasks_varied", against=str(narrow), **settings
+    )
     print(f"  cross-diversity varied x narrow {cross.mean:.4f}")
     for bound in ("lower", "upper"):
-        value = corpus_diversity(probe, str(varied), root / "tasks_varied", bound=bound,
-                                 **settings)
+        value = corpus_diversity(probe, str(varied), root / "tasks_varied", bound=bound, **settings)
         print(f"  {bound} bound {value.mean:.4f}")
 
 

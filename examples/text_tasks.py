@@ -189,6 +189,7 @@ def main(seed: int = 0) -> None:
     if not max(within.values()) < float(across.min()):
         raise SystemExit("related tasks are not closer than unrelated ones")
 
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of head fitting")

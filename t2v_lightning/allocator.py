@@ -60,8 +60,12 @@ SETTLE_BYTES = 31 << 20
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # The environment variables through which a user sets glibc's malloc up themselves.
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-               "MALLOC_MMAP_MAX_")
+_MALLOC_ENV = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_MMAP_MAX_",
+)
 
 # Whether settle_thresholds has run in this process.
 _SETTLED = False
@@ -117,6 +121,9 @@ def keep_freed_memory() -> bool:
     if applied:
         logger.debug(
             "glibc malloc keeps freed memory in this process (mmap threshold %d, trim threshold "
-            "%d; %s=1 leaves it as it comes)", MMAP_THRESHOLD, TRIM_THRESHOLD, DEFAULT_MALLOC_ENV,
+            "%d; %s=1 leaves it as it comes)",
+            MMAP_THRESHOLD,
+            TRIM_THRESHOLD,
+            DEFAULT_MALLOC_ENV,
         )
     return applied

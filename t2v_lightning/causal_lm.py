@@ -140,8 +140,9 @@ def lm_probe(source: str) -> CausalLMProbe:
     except (OSError, ValueError, KeyError) as err:
         where = "directory" if local else "hub id (offline: only cached models load)"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"lm:{source}: cannot load a causal language model from this {where}: "
-                         f"{first}") from err
+        raise ValueError(
+            f"lm:{source}: cannot load a causal language model from this {where}: {first}"
+        ) from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError, TypeError):

@@ -34,7 +34,6 @@ ESTIMATORS: tuple[str, ...] = ("per_sample", "batch", "exact")
 mini-batch (the 2019 reference), the expectation over every label."""
 
 
-
 @dataclass(frozen=True)
 class EstimatorFacts:
     """What the rest of the package needs to know about an estimator besides its math.

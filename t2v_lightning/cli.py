@@ -131,7 +131,9 @@ def parse_task_ids(spec: str, count: int | None = None) -> list[int]:
     if bad:
         raise ValueError(
             f"tasks={spec!r}: task ids {sorted(set(bad))[:5]} are out of range (the dataset has "
-            f"{count} tasks: 0-{count - 1})" if count else f"tasks={spec!r}: the dataset has no tasks"
+            f"{count} tasks: 0-{count - 1})"
+            if count
+            else f"tasks={spec!r}: the dataset has no tasks"
         )
     if sum(len(r) for r in ranges) > MAX_TASK_IDS:
         raise ValueError(
@@ -228,13 +230,20 @@ def embedding_jobs(
     check_output_template(output, ("dataset", "task_id", "task"))  # before formatting it
     jobs: list[EmbeddingJob] = []
     named: list[tuple[str, int | None, str | None, str | None]] = [
-        (dataset, task_id, None,
-         source_label(dataset, root, source or DataSource()) if dataset in SOURCE_DATASETS else None)
+        (
+            dataset,
+            task_id,
+            None,
+            source_label(dataset, root, source or DataSource())
+            if dataset in SOURCE_DATASETS
+            else None,
+        )
         for dataset, task_id in pairs
     ]
-    named += [("imagefolder", None, str(folder), source_label("imagefolder", str(folder),
-                                                               DataSource()))
-              for folder in folders]
+    named += [
+        ("imagefolder", None, str(folder), source_label("imagefolder", str(folder), DataSource()))
+        for folder in folders
+    ]
     for number, (dataset, task_id, task_root, label) in enumerate(named):
         name = label if label is not None else _task_label(dataset, task_id)
         position = task_id if task_id is not None else (number if task_root is not None else 0)
@@ -359,13 +368,24 @@ class EmbeddingTrainer(pl.Trainer):
         hp = datamodule.hparams
         folder_sweep = datamodule.dataset_name == "imagefolder" and bool(datasets)
         jobs = embedding_jobs(
-            datasets or [datamodule.dataset_name], datamodule.root, tasks,
-            datamodule.task_id, output, shard_index, num_shards, source=datamodule.source,
-            task_folders_in=os.path.dirname(os.path.abspath(datamodule.root)) if folder_sweep
+            datasets or [datamodule.dataset_name],
+            datamodule.root,
+            tasks,
+            datamodule.task_id,
+            output,
+            shard_index,
+            num_shards,
+            source=datamodule.source,
+            task_folders_in=os.path.dirname(os.path.abspath(datamodule.root))
+            if folder_sweep
             else None,
         )
-        several = (len(jobs) > 1 or tasks is not None or bool(datasets and len(datasets) > 1)
-                   or folder_sweep)
+        several = (
+            len(jobs) > 1
+            or tasks is not None
+            or bool(datasets and len(datasets) > 1)
+            or folder_sweep
+        )
         if ckpt_path is not None and several:
             raise ValueError(
                 "--ckpt_path holds the head of one task; it cannot be combined with several "
@@ -403,7 +423,8 @@ class EmbeddingTrainer(pl.Trainer):
                 damage = artifact_damage(job.output)
                 if damage is None:
                     difference = self._resume_difference(
-                        model, datamodule, job, int(head_epochs or 0), ckpt_path)
+                        model, datamodule, job, int(head_epochs or 0), ckpt_path
+                    )
                     if difference is None:
                         rank_zero_info(f"skipping {label}: {job.output} exists")
                         continue
@@ -413,8 +434,10 @@ class EmbeddingTrainer(pl.Trainer):
                             f"run's ({difference}); pass --resume_mismatch reembed to embed "
                             f"{label} again and replace it, or choose another --output"
                         )
-                    rank_zero_info(f"{job.output} was made with other settings ({difference}); "
-                                   f"embedding {label} again")
+                    rank_zero_info(
+                        f"{job.output} was made with other settings ({difference}); "
+                        f"embedding {label} again"
+                    )
                 else:
                     rank_zero_info(f"{job.output} is damaged ({damage}); embedding {label} again")
                 damaged.add(job.output)
@@ -425,16 +448,21 @@ class EmbeddingTrainer(pl.Trainer):
         for data in [datamodule, *ready.values()]:
             check_probe_fits(model.hparams["probe"], data.task_metadata, data.task_name)
         if smoke:
-            rank_zero_info("fast_dev_run: a smoke test of the first task on a few examples; no "
-                           "artifact is written")
+            rank_zero_info(
+                "fast_dev_run: a smoke test of the first task on a few examples; no "
+                "artifact is written"
+            )
         else:
             rank_zero_info(f"embedding {len(todo)} task(s) ({len(jobs) - len(todo)} already done)")
         for logger in self.loggers:
             logger.log_hyperparams({"model": _public(model.hparams), "data": _public(hp)})
         written: list[Path] = []
         for number, job in enumerate(todo):
-            same = (job.dataset == datamodule.dataset_name and job.task_id == datamodule.task_id
-                    and job.root in (None, datamodule.root))
+            same = (
+                job.dataset == datamodule.dataset_name
+                and job.task_id == datamodule.task_id
+                and job.root in (None, datamodule.root)
+            )
             data = datamodule if same else ready.get(job) or _sibling(datamodule, job)
             check_probe_fits(model.hparams["probe"], data.task_metadata, data.task_name)
             data.prepare_data()
@@ -443,12 +471,16 @@ class EmbeddingTrainer(pl.Trainer):
             if fisher_checkpoint_dir is not None:
                 checkpoint_dir = os.path.join(fisher_checkpoint_dir, job.name)
             task2vec = model.task2vec(
-                self, fitted_head=ckpt_path is not None, head_epochs=int(head_epochs or 0),
-                batch_size=data.batch_size, num_workers=data.num_workers,
+                self,
+                fitted_head=ckpt_path is not None,
+                head_epochs=int(head_epochs or 0),
+                batch_size=data.batch_size,
+                num_workers=data.num_workers,
                 checkpoint_dir=checkpoint_dir,
             )
-            rank_zero_info(f"[{number + 1}/{len(todo)}] {terminal_text(data.task_name)} -> "
-                           f"{job.output}")
+            rank_zero_info(
+                f"[{number + 1}/{len(todo)}] {terminal_text(data.task_name)} -> {job.output}"
+            )
             start = time.perf_counter()
             embedding = task2vec.embed(_TargetsView(data), task_name=data.task_name)  # type: ignore[arg-type]
             seconds = time.perf_counter() - start
@@ -463,8 +495,10 @@ class EmbeddingTrainer(pl.Trainer):
             )
             # Under DDP the embedding Trainers run every rank; all hold the reduced embedding.
             if smoke:
-                rank_zero_info(f"fast_dev_run: {terminal_text(data.task_name)} embedded ({len(embedding)} "
-                               f"entries); {job.output} not written")
+                rank_zero_info(
+                    f"fast_dev_run: {terminal_text(data.task_name)} embedded ({len(embedding)} "
+                    f"entries); {job.output} not written"
+                )
                 continue
             if getattr(rank_zero_only, "rank", 0) == 0:
                 job.output.parent.mkdir(parents=True, exist_ok=True)
@@ -483,17 +517,25 @@ class EmbeddingTrainer(pl.Trainer):
         return written
 
     def _resume_difference(
-        self, model: ProbeClassifier, datamodule: TaskDataModule, job: EmbeddingJob,
-        head_epochs: int, ckpt_path: str | None,
+        self,
+        model: ProbeClassifier,
+        datamodule: TaskDataModule,
+        job: EmbeddingJob,
+        head_epochs: int,
+        ckpt_path: str | None,
     ) -> str | None:
         """How the artifact at ``job.output`` differs from what this run would write."""
         from t2v_lightning.embedding import TaskEmbedding
 
-        same = (job.dataset == datamodule.dataset_name and job.task_id == datamodule.task_id
-                and job.root in (None, datamodule.root))
+        same = (
+            job.dataset == datamodule.dataset_name
+            and job.task_id == datamodule.task_id
+            and job.root in (None, datamodule.root)
+        )
         data = datamodule if same else _sibling(datamodule, job)
-        expected = expected_settings(model, data, head_epochs,
-                                     None if ckpt_path is None else os.fspath(ckpt_path))
+        expected = expected_settings(
+            model, data, head_epochs, None if ckpt_path is None else os.fspath(ckpt_path)
+        )
         return settings_difference(TaskEmbedding.load(job.output).meta, expected)
 
 
@@ -565,9 +607,13 @@ class T2VCLI(LightningCLI):
             return
         if checkpoint is None:
             return
-        check_checkpoint_identity(checkpoint, self.config["embed"]["model"],
-                                  self.config["embed"]["data"], f"--ckpt_path {ckpt_path!r}",
-                                  argument_defaults(ProbeClassifier.__init__))
+        check_checkpoint_identity(
+            checkpoint,
+            self.config["embed"]["model"],
+            self.config["embed"]["data"],
+            f"--ckpt_path {ckpt_path!r}",
+            argument_defaults(ProbeClassifier.__init__),
+        )
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -649,17 +695,28 @@ def _distance_parser() -> argparse.ArgumentParser:
         "figure, and each task's nearest other task.",
     )
     parser.add_argument("files", nargs="+", help="embedding artifacts (.safetensors)")
-    parser.add_argument("--distance", default="cosine", choices=DISTANCES,
-                        help="distance between embeddings (default: cosine)")
-    parser.add_argument("--out", default=None, help="write the clustered distance matrix figure "
-                        "here (.png, .pdf, .svg)")
+    parser.add_argument(
+        "--distance",
+        default="cosine",
+        choices=DISTANCES,
+        help="distance between embeddings (default: cosine)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="write the clustered distance matrix figure here (.png, .pdf, .svg)",
+    )
     parser.add_argument("--csv", default=None, help="write the distance matrix here as CSV")
     parser.add_argument("--title", default=None, help="title of the figure")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace existing --out / --csv files")
-    parser.add_argument("--assume_comparable", action="store_true",
-                        help="compare artifacts that record no probe fingerprint or layer table "
-                        "(refused otherwise: nothing says they were made with the same probe)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing --out / --csv files"
+    )
+    parser.add_argument(
+        "--assume_comparable",
+        action="store_true",
+        help="compare artifacts that record no probe fingerprint or layer table "
+        "(refused otherwise: nothing says they were made with the same probe)",
+    )
     return parser
 
 
@@ -678,8 +735,12 @@ def distance_main(argv: Sequence[str]) -> None:
     from t2v_lightning.similarity.distance import check_distance_defined, pdist
 
     options = _distance_parser().parse_args(list(argv))
-    check_new_outputs({"--csv": options.csv, "--out": options.out}, options.files,
-                      options.overwrite, refused_suffix=".safetensors")  # never over an artifact
+    check_new_outputs(
+        {"--csv": options.csv, "--out": options.out},
+        options.files,
+        options.overwrite,
+        refused_suffix=".safetensors",
+    )  # never over an artifact
     if options.out:
         figure_format(options.out)  # an extension matplotlib can write, before any work
     embeddings = [TaskEmbedding.load(f) for f in options.files]
@@ -718,8 +779,9 @@ def figure_format(path: str | os.PathLike[str], what: str = "--out") -> str:
     return suffix
 
 
-def distance_figure(matrix: Any, names: Sequence[str], distance: str,
-                    title: str | None = None) -> Any:
+def distance_figure(
+    matrix: Any, names: Sequence[str], distance: str, title: str | None = None
+) -> Any:
     """The clustered distance matrix as a matplotlib figure (nothing written)."""
     from t2v_lightning.plot import plot_distance_matrix
 
@@ -735,6 +797,7 @@ def save_figure(figure: Any, path: str | os.PathLike[str], overwrite: bool = Fal
     buffer = io.BytesIO()
     figure.savefig(buffer, dpi=150, format=file_format)  # a label that fails, fails here
     path.parent.mkdir(parents=True, exist_ok=True)
+
     def write(name: str) -> None:
         Path(name).write_bytes(buffer.getvalue())
 
@@ -742,8 +805,12 @@ def save_figure(figure: Any, path: str | os.PathLike[str], overwrite: bool = Fal
 
 
 def save_distance_figure(
-    path: str | os.PathLike[str], matrix: Any, names: Sequence[str], distance: str,
-    title: str | None = None, overwrite: bool = False,
+    path: str | os.PathLike[str],
+    matrix: Any,
+    names: Sequence[str],
+    distance: str,
+    title: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Draw the clustered distance matrix and save it to ``path`` (atomically)."""
     save_figure(distance_figure(matrix, names, distance, title), path, overwrite)
@@ -774,42 +841,82 @@ def _select_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--target", required=True, help="embedding artifact of the target task")
-    parser.add_argument("--experts", required=True, nargs="+", metavar="DIR_OR_FILE",
-                        help="artifacts of the experts' training tasks, or folders of them "
-                        "(every *.safetensors inside; the target itself is left out)")
-    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                        help=f"weight of the source's complexity (default: {DEFAULT_ALPHA})")
-    parser.add_argument("--distance", default="cosine", choices=DISTANCES,
-                        help="symmetric distance d (default: cosine)")
+    parser.add_argument(
+        "--experts",
+        required=True,
+        nargs="+",
+        metavar="DIR_OR_FILE",
+        help="artifacts of the experts' training tasks, or folders of them "
+        "(every *.safetensors inside; the target itself is left out)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help=f"weight of the source's complexity (default: {DEFAULT_ALPHA})",
+    )
+    parser.add_argument(
+        "--distance",
+        default="cosine",
+        choices=DISTANCES,
+        help="symmetric distance d (default: cosine)",
+    )
     parser.add_argument("--csv", default=None, help="also write the ranking here as CSV")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
-    parser.add_argument("--assume_comparable", action="store_true",
-                        help="compare artifacts that record no probe fingerprint or layer table "
-                        "(refused otherwise: nothing says they were made with the same probe)")
+    parser.add_argument(
+        "--assume_comparable",
+        action="store_true",
+        help="compare artifacts that record no probe fingerprint or layer table "
+        "(refused otherwise: nothing says they were made with the same probe)",
+    )
     rerank = parser.add_argument_group(
-        "reranking", "reorder Task2Vec's first --top_k experts by a transferability estimator, "
-        "from one forward pass of each shortlisted expert's model over the target's data")
-    rerank.add_argument("--rerank", default=None, choices=TRANSFERABILITY_METHODS,
-                        help="the estimator (default: none, Task2Vec's order only)")
+        "reranking",
+        "reorder Task2Vec's first --top_k experts by a transferability estimator, "
+        "from one forward pass of each shortlisted expert's model over the target's data",
+    )
+    rerank.add_argument(
+        "--rerank",
+        default=None,
+        choices=TRANSFERABILITY_METHODS,
+        help="the estimator (default: none, Task2Vec's order only)",
+    )
     rerank.add_argument("--top_k", type=int, default=3, help="shortlist length (default: 3)")
-    rerank.add_argument("--models", default=None, metavar="DIR",
-                        help="folder of the experts' checkpoints, DIR/<expert>.safetensors "
-                        "(or .pt, .pth, .ckpt), each loaded by get_probe(--arch, weights=...)")
-    rerank.add_argument("--arch", default=None,
-                        help="get_probe name of the experts' network (default: the target "
-                        "artifact's probe)")
-    rerank.add_argument("--data", default=None, help="registered dataset of the target "
-                        "(default: the one recorded in the target artifact)")
+    rerank.add_argument(
+        "--models",
+        default=None,
+        metavar="DIR",
+        help="folder of the experts' checkpoints, DIR/<expert>.safetensors "
+        "(or .pt, .pth, .ckpt), each loaded by get_probe(--arch, weights=...)",
+    )
+    rerank.add_argument(
+        "--arch",
+        default=None,
+        help="get_probe name of the experts' network (default: the target artifact's probe)",
+    )
+    rerank.add_argument(
+        "--data",
+        default=None,
+        help="registered dataset of the target (default: the one recorded in the target artifact)",
+    )
     rerank.add_argument("--data_root", default="data", help="data folder (default: data)")
-    rerank.add_argument("--input_size", type=int, default=None,
-                        help="image side (default: recorded in the artifact, else native)")
-    rerank.add_argument("--max_samples", type=int, default=1000,
-                        help="target training examples scored (default: 1000)")
+    rerank.add_argument(
+        "--input_size",
+        type=int,
+        default=None,
+        help="image side (default: recorded in the artifact, else native)",
+    )
+    rerank.add_argument(
+        "--max_samples",
+        type=int,
+        default=1000,
+        help="target training examples scored (default: 1000)",
+    )
     return parser
 
 
-def _rerank_inputs(options: argparse.Namespace, target: Any, names: Sequence[str]
-                   ) -> tuple[dict[str, Any], Any]:
+def _rerank_inputs(
+    options: argparse.Namespace, target: Any, names: Sequence[str]
+) -> tuple[dict[str, Any], Any]:
     """The shortlisted experts' models and the target's training examples for ``--rerank``."""
     import torch
     from torch.utils.data import Subset
@@ -818,24 +925,31 @@ def _rerank_inputs(options: argparse.Namespace, target: Any, names: Sequence[str
     from t2v_lightning.probe import get_probe
 
     if options.models is None or not Path(options.models).is_dir():
-        raise ValueError(f"--rerank needs --models DIR, a folder of the experts' checkpoints "
-                         f"(got {options.models!r})")
+        raise ValueError(
+            f"--rerank needs --models DIR, a folder of the experts' checkpoints "
+            f"(got {options.models!r})"
+        )
     if options.top_k < 1 or options.max_samples < 1:
         raise ValueError("--top_k and --max_samples must be positive")
     arch = options.arch or target.meta.get("probe")
     dataset = options.data or target.meta.get("dataset")
     if not arch or not dataset:
-        raise ValueError("--rerank needs --arch and --data (the target artifact records "
-                         f"probe={target.meta.get('probe')!r}, dataset="
-                         f"{target.meta.get('dataset')!r})")
+        raise ValueError(
+            "--rerank needs --arch and --data (the target artifact records "
+            f"probe={target.meta.get('probe')!r}, dataset="
+            f"{target.meta.get('dataset')!r})"
+        )
     models = {}
     for name in names:
-        found = [Path(options.models) / f"{name}{suffix}"
-                 for suffix in (".safetensors", ".pt", ".pth", ".ckpt")]
+        found = [
+            Path(options.models) / f"{name}{suffix}"
+            for suffix in (".safetensors", ".pt", ".pth", ".ckpt")
+        ]
         found = [f for f in found if f.is_file()]
         if len(found) > 1:
-            raise ValueError(f"--models: several checkpoints for expert {name!r}: "
-                             f"{', '.join(map(str, found))}")
+            raise ValueError(
+                f"--models: several checkpoints for expert {name!r}: {', '.join(map(str, found))}"
+            )
         if found:
             models[name] = get_probe(arch, weights=found[0])
     task_id = target.meta.get("task_id") if options.data is None else None
@@ -843,7 +957,7 @@ def _rerank_inputs(options: argparse.Namespace, target: Any, names: Sequence[str
     task = get_task(dataset, options.data_root, task_id, train=True, input_size=input_size)
     generator = torch.Generator().manual_seed(0)
     size = len(task.dataset)  # type: ignore[arg-type]
-    keep = torch.randperm(size, generator=generator)[:options.max_samples]
+    keep = torch.randperm(size, generator=generator)[: options.max_samples]
     return models, Subset(task.dataset, sorted(keep.tolist()))
 
 
@@ -892,37 +1006,68 @@ def select_main(argv: Sequence[str]) -> None:
     options = _select_parser().parse_args(list(argv))
     files = expert_files(options.experts, exclude=options.target)
     csv_path = Path(options.csv) if options.csv else None
-    check_new_outputs({"--csv": csv_path}, [options.target, *files], options.overwrite,
-                      refused_suffix=".safetensors")  # never over an artifact
+    check_new_outputs(
+        {"--csv": csv_path},
+        [options.target, *files],
+        options.overwrite,
+        refused_suffix=".safetensors",
+    )  # never over an artifact
     target = TaskEmbedding.load(options.target)
     experts = [TaskEmbedding.load(f) for f in files]
     names = task_names(experts, files)
-    ranking = select_expert(target, dict(zip(names, experts)), options.alpha, options.distance,
-                            assume_comparable=options.assume_comparable)
+    ranking = select_expert(
+        target,
+        dict(zip(names, experts)),
+        options.alpha,
+        options.distance,
+        assume_comparable=options.assume_comparable,
+    )
     if options.rerank is not None:
-        shortlist = [ranking.names[i] for i in ranking.order[:options.top_k]]
+        shortlist = [ranking.names[i] for i in ranking.order[: options.top_k]]
         models, data = _rerank_inputs(options, target, shortlist)
         ranking = rerank_experts(ranking, models, data, options.rerank, options.top_k)
     rows = ranked_experts(ranking)
     if csv_path is not None:
-        header = ["rank", "expert", "file", "asymmetric_distance", "distance",
-                  "distance_to_trivial", *([options.rerank] if options.rerank else [])]
-        table = [[row.rank, row.name, str(files[row.index]), f"{row.score:.6g}",
-                  f"{row.distance:.6g}", f"{row.complexity:.6g}",
-                  *([f"{row.transferability:.6g}"] if options.rerank else [])] for row in rows]
+        header = [
+            "rank",
+            "expert",
+            "file",
+            "asymmetric_distance",
+            "distance",
+            "distance_to_trivial",
+            *([options.rerank] if options.rerank else []),
+        ]
+        table = [
+            [
+                row.rank,
+                row.name,
+                str(files[row.index]),
+                f"{row.score:.6g}",
+                f"{row.distance:.6g}",
+                f"{row.complexity:.6g}",
+                *([f"{row.transferability:.6g}"] if options.rerank else []),
+            ]
+            for row in rows
+        ]
         write_csv(csv_path, [header, *table], options.overwrite)
     width = max(len("expert"), *(len(n) for n in names))
     target_name = terminal_text(target.name) or Path(options.target).stem
     rerank = f", first {options.top_k} reranked by {options.rerank}" if options.rerank else ""
-    print(f"experts for {target_name}, best first ({options.distance} distance, "
-          f"alpha={options.alpha:g}{rerank}):")
+    print(
+        f"experts for {target_name}, best first ({options.distance} distance, "
+        f"alpha={options.alpha:g}{rerank}):"
+    )
     extra = f"  {options.rerank:>10}" if options.rerank else ""
-    print(f"  {'rank':>4}  {'expert':<{width}}  {'asymmetric':>10}  {'distance':>8}  "
-          f"{'to trivial':>10}{extra}")
+    print(
+        f"  {'rank':>4}  {'expert':<{width}}  {'asymmetric':>10}  {'distance':>8}  "
+        f"{'to trivial':>10}{extra}"
+    )
     for row in rows:
         extra = f"  {row.transferability:>10.4f}" if row.transferability is not None else ""
-        print(f"  {row.rank:>4}  {row.name:<{width}}  {row.score:>10.4f}  {row.distance:>8.4f}  "
-              f"{row.complexity:>10.4f}{extra}")
+        print(
+            f"  {row.rank:>4}  {row.name:<{width}}  {row.score:>10.4f}  {row.distance:>8.4f}  "
+            f"{row.complexity:>10.4f}{extra}"
+        )
     if csv_path is not None:
         print(f"ranking: {csv_path}")
 
@@ -1062,7 +1207,8 @@ def main(args: Sequence[str] | None = None) -> None:
         message = " ".join(line.strip() for line in err.message.splitlines() if line.strip())
         message = message.replace(  # jsonargparse's advice is for programs, not for configs
             "Add the import path to import_path_allowlist in set_parsing_settings to allow it.",
-            "t2v imports classes only from " + ", ".join(ALLOWED_IMPORTS) + ".")
+            "t2v imports classes only from " + ", ".join(ALLOWED_IMPORTS) + ".",
+        )
         sys.stderr.write(f"{command}: error: {message}\n(see: {command} --help)\n")
         raise SystemExit(2) from None
     except _USER_ERRORS as err:

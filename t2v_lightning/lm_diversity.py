@@ -108,12 +108,16 @@ class DiversitySettings:
     def __post_init__(self) -> None:
         check_task_shape(self.num_tasks, self.task_size, self.max_length)
         check_seed(self.seed)
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or (
-            self.batch_size < 1
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or (self.batch_size < 1)
         ):
             raise ValueError(f"--batch_size must be a positive integer, got {self.batch_size!r}")
-        if isinstance(self.head_epochs, bool) or not isinstance(self.head_epochs, int) or (
-            self.head_epochs < 0
+        if (
+            isinstance(self.head_epochs, bool)
+            or not isinstance(self.head_epochs, int)
+            or (self.head_epochs < 0)
         ):
             raise ValueError(
                 f"--head_epochs must be a non-negative integer, got {self.head_epochs!r}"
@@ -201,7 +205,9 @@ def load_probe(spec: str) -> nn.Module:
     from t2v_lightning.probe import get_probe
 
     if not spec.startswith("lm:"):
-        raise ValueError(f"--probe must be a language model, 'lm:<directory or hub id>'; got {spec!r}")
+        raise ValueError(
+            f"--probe must be a language model, 'lm:<directory or hub id>'; got {spec!r}"
+        )
     return get_probe(spec)
 
 
@@ -250,8 +256,11 @@ class LMTaskEmbedder:
         self.probe = probe
         self.device = device
         self.settings = LMSettings(
-            estimator=settings.estimator, batch_size=settings.batch_size,
-            head_epochs=settings.head_epochs, seed=settings.seed, precision=settings.precision,
+            estimator=settings.estimator,
+            batch_size=settings.batch_size,
+            head_epochs=settings.head_epochs,
+            seed=settings.seed,
+            precision=settings.precision,
         )
 
     def embed(self, task: TokenTask, task_name: str | None = None) -> TaskEmbedding:
@@ -327,7 +336,10 @@ def task_file(folder: Path, index: int) -> Path:
 
 
 def _tasks(
-    corpus: Corpus, tokenizer: Any, probe: nn.Module, settings: DiversitySettings,
+    corpus: Corpus,
+    tokenizer: Any,
+    probe: nn.Module,
+    settings: DiversitySettings,
     stats: CorpusStats,
 ) -> Iterator[TokenTask]:
     if isinstance(corpus, SyntheticCorpus):
@@ -337,15 +349,34 @@ def _tasks(
         pad_id = pad if isinstance(pad, int) else eos if isinstance(eos, int) else 0
         for index in range(settings.num_tasks):
             stats.sequences += settings.task_size
-            yield synthetic_task(corpus.kind, index, settings.task_size, settings.max_length,
-                                 vocab, eos if isinstance(eos, int) else None, settings.seed, pad_id)
+            yield synthetic_task(
+                corpus.kind,
+                index,
+                settings.task_size,
+                settings.max_length,
+                vocab,
+                eos if isinstance(eos, int) else None,
+                settings.seed,
+                pad_id,
+            )
         return
-    yield from token_tasks(corpus, tokenizer, settings.num_tasks, settings.task_size,
-                           settings.max_length, settings.seed, settings.packing, stats)
+    yield from token_tasks(
+        corpus,
+        tokenizer,
+        settings.num_tasks,
+        settings.task_size,
+        settings.max_length,
+        settings.seed,
+        settings.packing,
+        stats,
+    )
 
 
 def _identity(
-    corpus: Corpus, settings: DiversitySettings, probe_spec: str, fingerprint: str,
+    corpus: Corpus,
+    settings: DiversitySettings,
+    probe_spec: str,
+    fingerprint: str,
     task: TokenTask,
 ) -> dict[str, Any]:
     return {
@@ -366,9 +397,9 @@ class RankFailedError(ValueError):
     """Another process of a distributed run failed (it printed its own error)."""
 
 
-def _existing(path: Path, identity: dict[str, Any], overwrite: bool) -> Literal[
-    "embed", "replace", "skip"
-]:
+def _existing(
+    path: Path, identity: dict[str, Any], overwrite: bool
+) -> Literal["embed", "replace", "skip"]:
     if not path.exists():
         return "embed"
     if overwrite:
@@ -385,9 +416,12 @@ def _existing(path: Path, identity: dict[str, Any], overwrite: bool) -> Literal[
         keys = sorted(set(recorded) | set(identity))
         names = [k for k in keys if recorded.get(k) != identity.get(k)]
         settings = [k for k in names if k != "tokens_sha256"]  # other settings, other tokens
-        differs = ", ".join(
-            f"{k}: {recorded.get(k)!r} there, {identity.get(k)!r} here" for k in settings[:3]
-        ) or "its tokens differ from this pass's (the corpus or the tokenizer changed)"
+        differs = (
+            ", ".join(
+                f"{k}: {recorded.get(k)!r} there, {identity.get(k)!r} here" for k in settings[:3]
+            )
+            or "its tokens differ from this pass's (the corpus or the tokenizer changed)"
+        )
     raise SettingsMismatchError(
         f"{path} was made with other settings ({differs}); use another --output, or pass "
         "--overwrite to embed again"
@@ -512,9 +546,7 @@ def _groups(run: _Run) -> list[tuple[str, Corpus, Path]]:
     return groups
 
 
-def _work(
-    run: _Run, rank: int, world_size: int, device: torch.device
-) -> dict[str, CorpusStats]:
+def _work(run: _Run, rank: int, world_size: int, device: torch.device) -> dict[str, CorpusStats]:
     probe = run.probe if run.probe is not None else load_probe(run.probe_spec)
     tokenizer = probe_tokenizer(probe)
     stream = sys.stderr if run.verbose and rank == 0 else None
@@ -522,8 +554,19 @@ def _work(
     fingerprint = weights_fingerprint(probe)
     for name, corpus, folder in _groups(run):
         stats[name] = embed_corpus_tasks(
-            corpus, probe, tokenizer, run.settings, folder, run.probe_spec, rank, world_size,
-            device, run.overwrite, stream, run.embedder, fingerprint,
+            corpus,
+            probe,
+            tokenizer,
+            run.settings,
+            folder,
+            run.probe_spec,
+            rank,
+            world_size,
+            device,
+            run.overwrite,
+            stream,
+            run.embedder,
+            fingerprint,
         )
     return stats
 
@@ -531,9 +574,11 @@ def _work(
 def _report(run: _Run, stats: dict[str, CorpusStats], world_size: int) -> CorpusDiversityReport:
     n = run.settings.num_tasks
     tasks = {name: load_tasks(folder, n) for name, _, folder in _groups(run)}
+
     def pairwise(embeddings: list[TaskEmbedding]) -> DiversityCoefficient:
-        return diversity_coefficient(embeddings, "cosine", run.confidence, run.num_resamples,
-                                     run.settings.seed)
+        return diversity_coefficient(
+            embeddings, "cosine", run.confidence, run.num_resamples, run.settings.seed
+        )
 
     main = tasks["diversity"]
     settings = {
@@ -562,7 +607,11 @@ def _report(run: _Run, stats: dict[str, CorpusStats], world_size: int) -> Corpus
     )
     for name, _ in run.against:
         report.cross_diversity[name] = cross_diversity_coefficient(
-            main, tasks[f"against:{name}"], "cosine", run.confidence, run.num_resamples,
+            main,
+            tasks[f"against:{name}"],
+            "cosine",
+            run.confidence,
+            run.num_resamples,
             run.settings.seed,
         )
     if run.bounds:
@@ -605,8 +654,10 @@ def _launch(run: _Run, placement: Placement) -> CorpusDiversityReport:
         start: Literal["spawn", "popen"] = "spawn" if placement.strategy == "ddp_spawn" else "popen"
         strategy = DDPStrategy(start_method=start, timeout=_RANKS_TIMEOUT)
     fabric = Fabric(
-        accelerator=placement.accelerator, devices=placement.devices,  # type: ignore[arg-type]
-        strategy=strategy, num_nodes=placement.num_nodes,
+        accelerator=placement.accelerator,
+        devices=placement.devices,  # type: ignore[arg-type]
+        strategy=strategy,
+        num_nodes=placement.num_nodes,
     )
     result = fabric.launch(functools.partial(_rank_main, run))
     assert isinstance(result, CorpusDiversityReport)
@@ -699,21 +750,45 @@ def corpus_diversity(
     """
     if against is not None and bound is not None:
         raise ValueError("pass against= or bound=, not both")
-    spec = data if isinstance(data, CorpusSpec) else CorpusSpec(
-        data, data_config, split, text_column, streaming, shuffle_buffer, cache_dir
+    spec = (
+        data
+        if isinstance(data, CorpusSpec)
+        else CorpusSpec(data, data_config, split, text_column, streaming, shuffle_buffer, cache_dir)
     )
     other: tuple[tuple[str, CorpusSpec], ...] = ()
     if against is not None:
-        other_spec = against if isinstance(against, CorpusSpec) else against_spec(
-            against, split, text_column, streaming, shuffle_buffer, cache_dir
+        other_spec = (
+            against
+            if isinstance(against, CorpusSpec)
+            else against_spec(against, split, text_column, streaming, shuffle_buffer, cache_dir)
         )
         other = ((against if isinstance(against, str) else other_spec.data, other_spec),)
-    settings = DiversitySettings(num_tasks, task_size, max_length, seed, packing, estimator,
-                                 head_epochs, batch_size, precision)
+    settings = DiversitySettings(
+        num_tasks,
+        task_size,
+        max_length,
+        seed,
+        packing,
+        estimator,
+        head_epochs,
+        batch_size,
+        precision,
+    )
     probe_spec = probe if isinstance(probe, str) else _probe_name(probe)
-    run = _Run(probe_spec, None if isinstance(probe, str) else probe, spec, other,
-               bound is not None, settings, os.fspath(output), overwrite, confidence,
-               num_resamples, verbose, default_embedder)
+    run = _Run(
+        probe_spec,
+        None if isinstance(probe, str) else probe,
+        spec,
+        other,
+        bound is not None,
+        settings,
+        os.fspath(output),
+        overwrite,
+        confidence,
+        num_resamples,
+        verbose,
+        default_embedder,
+    )
     if bound is not None:
         report = _launch_bound(run, bound, Placement(accelerator, devices, strategy, num_nodes))
         return report
@@ -738,15 +813,20 @@ def _probe_name(probe: nn.Module) -> str:
 
 # ------------------------------------------------------------------------------ command line
 def against_spec(
-    value: str, split: str = "train", text_column: str = "text", streaming: bool = False,
-    shuffle_buffer: int = 10_000, cache_dir: str | None = None,
+    value: str,
+    split: str = "train",
+    text_column: str = "text",
+    streaming: bool = False,
+    shuffle_buffer: int = 10_000,
+    cache_dir: str | None = None,
 ) -> CorpusSpec:
     """The corpus of an ``--against`` value: a local path as it is, else ``NAME[:CONFIG]``."""
     name, config = value, None
     if not Path(value).exists() and ":" in value:
         name, config = value.rsplit(":", 1)
-    return CorpusSpec(name, config or None, split, text_column, streaming, shuffle_buffer,
-                      cache_dir)
+    return CorpusSpec(
+        name, config or None, split, text_column, streaming, shuffle_buffer, cache_dir
+    )
 
 
 class _DiversityArgumentError(ValueError):
@@ -782,45 +862,85 @@ def diversity_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--probe", required=True, help="lm:<local directory or hub id> (e.g. lm:gpt2)")
-    add("--data", required=True, help="Hugging Face dataset name, or a local .jsonl/.json/.txt/"
-        ".csv/.parquet file or folder")
+    add(
+        "--data",
+        required=True,
+        help="Hugging Face dataset name, or a local .jsonl/.json/.txt/.csv/.parquet file or folder",
+    )
     add("--data_config", default=None, help="the dataset's configuration (e.g. en)")
     add("--split", default="train", help="split to read (default: train)")
     add("--text_column", default="text", help="column holding the text (default: text)")
     add("--streaming", action="store_true", help="stream the corpus instead of preparing it")
-    add("--shuffle_buffer", type=int, default=10_000,
-        help="documents in the streamed shuffle's buffer (default: 10000)")
-    add("--cache_dir", default=None, help="where datasets keeps downloaded and prepared data "
-        "(default: its own, ~/.cache/huggingface/datasets)")
-    add("--packing", action="store_true", help="join documents (EOS between them) and cut "
+    add(
+        "--shuffle_buffer",
+        type=int,
+        default=10_000,
+        help="documents in the streamed shuffle's buffer (default: 10000)",
+    )
+    add(
+        "--cache_dir",
+        default=None,
+        help="where datasets keeps downloaded and prepared data "
+        "(default: its own, ~/.cache/huggingface/datasets)",
+    )
+    add(
+        "--packing",
+        action="store_true",
+        help="join documents (EOS between them) and cut "
         "sequences of exactly --max_length tokens (default: one document per sequence, "
-        "truncated)")
+        "truncated)",
+    )
     add("--num_tasks", type=int, default=200, help="tasks (default: 200)")
     add("--task_size", type=int, default=512, help="sequences per task (default: 512)")
     add("--max_length", type=int, default=128, help="tokens per sequence (default: 128)")
     add("--seed", type=int, default=0, help="seed of the pass, the bounds and the label draws")
     add("--output", required=True, help="folder of the task artifacts (reruns resume)")
-    add("--against", nargs="+", default=[], metavar="PATH_OR_NAME",
+    add(
+        "--against",
+        nargs="+",
+        default=[],
+        metavar="PATH_OR_NAME",
         help="corpora to compute the cross-diversity with (same split, column and streaming; "
-        "a hub dataset's configuration after a colon: Salesforce/wikitext:wikitext-103-raw-v1)")
+        "a hub dataset's configuration after a colon: Salesforce/wikitext:wikitext-103-raw-v1)",
+    )
     add("--bounds", action="store_true", help="also the lower and upper bounds (SPEC section 8)")
     add("--json", default=None, help="write the results here as JSON")
-    add("--png", default=None, help="the distance matrix figure (default: "
-        "OUTPUT/distance_matrix.png)")
-    add("--estimator", choices=("per_sample", "batch"), default="per_sample",
-        help="Fisher estimator: per_sample (default) or batch (the published code's)")
-    add("--head_epochs", type=int, default=5, help="epochs of fitting the untied copy of the "
-        "LM head (default: 5)")
+    add(
+        "--png",
+        default=None,
+        help="the distance matrix figure (default: OUTPUT/distance_matrix.png)",
+    )
+    add(
+        "--estimator",
+        choices=("per_sample", "batch"),
+        default="per_sample",
+        help="Fisher estimator: per_sample (default) or batch (the published code's)",
+    )
+    add(
+        "--head_epochs",
+        type=int,
+        default=5,
+        help="epochs of fitting the untied copy of the LM head (default: 5)",
+    )
     add("--batch_size", type=int, default=8, help="sequences per step (default: 8)")
     add("--confidence", type=float, default=0.95, help="confidence of both intervals")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples over tasks")
     add("--overwrite", action="store_true", help="embed again the tasks already written")
     add("--quiet", action="store_true", help="no progress lines")
     add("--trainer.accelerator", dest="accelerator", default="auto")
-    add("--trainer.devices", dest="devices", type=_devices, default=1,
-        help="processes (devices) sharing the tasks")
-    add("--trainer.strategy", dest="strategy", default="auto", help="ddp or ddp_spawn with "
-        "several devices")
+    add(
+        "--trainer.devices",
+        dest="devices",
+        type=_devices,
+        default=1,
+        help="processes (devices) sharing the tasks",
+    )
+    add(
+        "--trainer.strategy",
+        dest="strategy",
+        default="auto",
+        help="ddp or ddp_spawn with several devices",
+    )
     add("--trainer.num_nodes", dest="num_nodes", type=int, default=1)
     add("--trainer.precision", dest="precision", default="32-true")
     return parser
@@ -835,24 +955,58 @@ def diversity_main(argv: Sequence[str]) -> None:
     json_path = Path(options.json) if options.json else None
     # --json and --png summarise the artifacts: each run writes them afresh (a rerun resumes).
     inputs = [options.data] if Path(options.data).is_file() else []
-    check_new_outputs({"--json": json_path, "--png": png}, inputs, True,
-                      refused_suffix=".safetensors")
-    spec = CorpusSpec(options.data, options.data_config, options.split, options.text_column,
-                      options.streaming, options.shuffle_buffer, options.cache_dir)
+    check_new_outputs(
+        {"--json": json_path, "--png": png}, inputs, True, refused_suffix=".safetensors"
+    )
+    spec = CorpusSpec(
+        options.data,
+        options.data_config,
+        options.split,
+        options.text_column,
+        options.streaming,
+        options.shuffle_buffer,
+        options.cache_dir,
+    )
     against = tuple(
-        (name, against_spec(name, options.split, options.text_column, options.streaming,
-                            options.shuffle_buffer, options.cache_dir))
+        (
+            name,
+            against_spec(
+                name,
+                options.split,
+                options.text_column,
+                options.streaming,
+                options.shuffle_buffer,
+                options.cache_dir,
+            ),
+        )
         for name in options.against
     )
     settings = DiversitySettings(
-        options.num_tasks, options.task_size, options.max_length, options.seed, options.packing,
-        options.estimator, options.head_epochs, options.batch_size, options.precision,
+        options.num_tasks,
+        options.task_size,
+        options.max_length,
+        options.seed,
+        options.packing,
+        options.estimator,
+        options.head_epochs,
+        options.batch_size,
+        options.precision,
     )
-    run = _Run(options.probe, None, spec, against, options.bounds, settings, options.output,
-               options.overwrite, options.confidence, options.bootstrap, not options.quiet,
-               _embedder_for_cli())
-    placement = Placement(options.accelerator, options.devices, options.strategy,
-                          options.num_nodes)
+    run = _Run(
+        options.probe,
+        None,
+        spec,
+        against,
+        options.bounds,
+        settings,
+        options.output,
+        options.overwrite,
+        options.confidence,
+        options.bootstrap,
+        not options.quiet,
+        _embedder_for_cli(),
+    )
+    placement = Placement(options.accelerator, options.devices, options.strategy, options.num_nodes)
     report = _launch(run, placement)
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -863,6 +1017,7 @@ def diversity_main(argv: Sequence[str]) -> None:
         from t2v_lightning.outputs import write_atomically
 
         text = json.dumps(report.to_json(), indent=2, sort_keys=False) + "\n"
+
         def write_json(name: str) -> None:
             Path(name).write_text(text)
 
@@ -882,13 +1037,18 @@ def _save_figure(path: Path, report: CorpusDiversityReport, overwrite: bool) -> 
     embeddings = [TaskEmbedding.load(f) for f in report.files]
     matrix = pdist(embeddings, "cosine")
     names = [f"task {k}" for k in range(len(embeddings))]
-    figure = plot_distance_matrix(matrix, labels=names,
-                                  title=f"cosine distance between tasks of {report.settings['data']}")
+    figure = plot_distance_matrix(
+        matrix, labels=names, title=f"cosine distance between tasks of {report.settings['data']}"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lstrip(".").lower() or None
     # The figure is redrawn from the artifacts on every run: it always reflects them.
-    write_atomically(path, lambda name: figure.savefig(name, dpi=120, format=suffix),
-                     overwrite=True, what="--png")
+    write_atomically(
+        path,
+        lambda name: figure.savefig(name, dpi=120, format=suffix),
+        overwrite=True,
+        what="--png",
+    )
     import matplotlib.pyplot as plt
 
     plt.close(figure)
@@ -906,13 +1066,17 @@ def _line(name: str, coefficient: DiversityCoefficient) -> str:
 def _print_report(report: CorpusDiversityReport, png: Path, json_path: Path | None) -> None:
     stats = report.stats.get("diversity")
     if stats is not None:
-        print(f"corpus {report.settings['data']}: {stats.documents} documents read, "
-              f"{stats.empty_documents} empty skipped, {stats.sequences} sequences")
+        print(
+            f"corpus {report.settings['data']}: {stats.documents} documents read, "
+            f"{stats.empty_documents} empty skipped, {stats.sequences} sequences"
+        )
     print(_line("diversity coefficient", report.diversity))
     for name, coefficient in report.cross_diversity.items():
         print(_line(f"cross-diversity with {name}", coefficient))
     if report.lower_bound is not None and report.upper_bound is not None:
         print(_line("lower bound", report.lower_bound))
         print(_line("upper bound", report.upper_bound))
-    print(f"tasks: {Path(report.settings['output'])}  figure: {png}"
-          + (f"  json: {json_path}" if json_path else ""))
+    print(
+        f"tasks: {Path(report.settings['output'])}  figure: {png}"
+        + (f"  json: {json_path}" if json_path else "")
+    )

@@ -226,8 +226,14 @@ def publish(temporary: str, path: Path, overwrite: bool, what: str = "output") -
     except FileExistsError:
         raise _exists(path, what) from None
     except OSError as err:
-        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
-                             errno.ENOSYS, errno.EACCES):
+        if err.errno not in (
+            errno.EPERM,
+            errno.ENOTSUP,
+            errno.EOPNOTSUPP,
+            errno.EMLINK,
+            errno.ENOSYS,
+            errno.EACCES,
+        ):
             raise
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -260,7 +266,7 @@ def remove_stale_temporaries(path: Path) -> None:
     except OSError:
         return
     for entry in candidates:
-        match = _TEMPORARY.match(entry.name[len(prefix):])
+        match = _TEMPORARY.match(entry.name[len(prefix) :])
         if match is None or match.group("host") != host or int(match.group("pid")) == me:
             continue
         try:

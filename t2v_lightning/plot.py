@@ -144,8 +144,14 @@ def plot_distance_matrix(
     heat_bottom = label_space + 0.1
     heat = axes(heat_left, heat_bottom, side, side)
     off_diagonal = matrix[~np.eye(n, dtype=bool)]
-    image = heat.imshow(ordered, cmap="viridis_r", aspect="auto", interpolation="nearest",
-                        vmin=float(off_diagonal.min()), vmax=float(off_diagonal.max()))
+    image = heat.imshow(
+        ordered,
+        cmap="viridis_r",
+        aspect="auto",
+        interpolation="nearest",
+        vmin=float(off_diagonal.min()),
+        vmax=float(off_diagonal.max()),
+    )
     ordered_names = [names[i] for i in leaves]
     # Tick parameters first: applied to ticks as they are created rather than to each of
     # hundreds of ticks afterwards.
@@ -156,11 +162,13 @@ def plot_distance_matrix(
     heat.set_yticks(range(n), ordered_names)
 
     left_tree = axes(0.1, heat_bottom, dendro, side)
-    top_tree = axes(heat_left, heat_bottom + side + gap + strip + (gap if strip else 0),
-                    side, dendro)
+    top_tree = axes(
+        heat_left, heat_bottom + side + gap + strip + (gap if strip else 0), side, dendro
+    )
     for ax, orientation in ((left_tree, "left"), (top_tree, "top")):
-        dendrogram(tree, ax=ax, orientation=orientation, no_labels=True,
-                   link_color_func=lambda _: "0.25")
+        dendrogram(
+            tree, ax=ax, orientation=orientation, no_labels=True, link_color_func=lambda _: "0.25"
+        )
         ax.set_axis_off()
     left_tree.set_ylim(10 * n, 0)  # leaf k sits at 10 k + 5; row 0 of the heatmap is on top
     top_tree.set_xlim(0, 10 * n)
@@ -180,12 +188,18 @@ def plot_distance_matrix(
             for tick, leaf in zip(ticks, leaves, strict=True):
                 tick.set_color(colors[groups[leaf]])
         handles = [Patch(color=colors[g], label=plot_label(g)) for g in dict.fromkeys(groups)]
-        fig.legend(handles=handles, loc="upper right", fontsize=max(font, 6.0), frameon=False,
-                   bbox_to_anchor=(1.0 - 0.05 / width, 1.0 - top_margin / height))
+        fig.legend(
+            handles=handles,
+            loc="upper right",
+            fontsize=max(font, 6.0),
+            frameon=False,
+            bbox_to_anchor=(1.0 - 0.05 / width, 1.0 - top_margin / height),
+        )
 
     corner_bottom = heat_bottom + side + gap + strip + (gap if strip else 0)
-    cbar_ax = axes(0.1 + 0.1 * dendro, corner_bottom + 0.45 * dendro, 0.8 * dendro,
-                   min(0.12, 0.15 * dendro))
+    cbar_ax = axes(
+        0.1 + 0.1 * dendro, corner_bottom + 0.45 * dendro, 0.8 * dendro, min(0.12, 0.15 * dendro)
+    )
     colorbar = fig.colorbar(image, cax=cbar_ax, orientation="horizontal")
     colorbar.ax.tick_params(labelsize=max(font, 6.0) * 0.8, length=2)
     colorbar.ax.set_title(colorbar_label, fontsize=max(font, 6.0) * 0.9)
@@ -351,9 +365,7 @@ def plot_taxonomy_agreement(
     if level_names is not None:
         level_names = [str(name) for name in level_names]
         if len(level_names) != curves.levels:
-            raise ValueError(
-                f"level_names has {len(level_names)} names for {curves.levels} levels"
-            )
+            raise ValueError(f"level_names has {len(level_names)} names for {curves.levels} levels")
     fig = Figure(figsize=(6.0, 4.5), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(curves.k, curves.embedding, marker="o", markersize=3, label=label)

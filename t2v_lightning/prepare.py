@@ -117,18 +117,24 @@ class TaskSettings:
                 f"max_samples must be a positive integer or None, got {self.max_samples!r}"
             )
         if not is_int(self.skip_layers) or self.skip_layers < 0:
-            raise ValueError(f"skip_layers must be a non-negative integer, got {self.skip_layers!r}")
+            raise ValueError(
+                f"skip_layers must be a non-negative integer, got {self.skip_layers!r}"
+            )
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not is_int(self.head_epochs) or self.head_epochs < 0:
-            raise ValueError(f"head_epochs must be a non-negative integer, got {self.head_epochs!r}")
+            raise ValueError(
+                f"head_epochs must be a non-negative integer, got {self.head_epochs!r}"
+            )
         check_positive("head_lr", self.head_lr)
         check_non_negative("head_weight_decay", self.head_weight_decay)
         if self.head_optimizer not in ("adam", "sgd"):
             raise ValueError(f"head_optimizer must be 'adam' or 'sgd', got {self.head_optimizer!r}")
         check_seed(self.seed)
         if not is_int(self.num_workers) or self.num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
+            raise ValueError(
+                f"num_workers must be a non-negative integer, got {self.num_workers!r}"
+            )
 
 
 def check_probe(probe: nn.Module, head: str | None, skip_layers: int) -> str:
@@ -200,9 +206,7 @@ def artifact_meta(task: dict[str, Any], method: str, **facts: Any) -> dict[str, 
     return meta
 
 
-def _working_copy(
-    probe: nn.Module, settings: TaskSettings, num_classes: int
-) -> nn.Module:
+def _working_copy(probe: nn.Module, settings: TaskSettings, num_classes: int) -> nn.Module:
     # Compiled modules go: their copies would run the caller's own modules (see uncompiled).
     network = drop_compiled(copy.deepcopy(probe))
     network.eval()

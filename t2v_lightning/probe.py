@@ -80,7 +80,9 @@ def batch_rows(inputs: Any) -> int:
             if isinstance(value, torch.Tensor) and value.ndim > 0:
                 return int(value.shape[0])
         raise ProbeError(f"a batch of mapping inputs holds no tensor (keys: {list(inputs)})")
-    raise ProbeError(f"cannot tell the number of examples in a batch of type {type(inputs).__name__}")
+    raise ProbeError(
+        f"cannot tell the number of examples in a batch of type {type(inputs).__name__}"
+    )
 
 
 def nonfinite_rows(values: torch.Tensor) -> torch.Tensor:
@@ -228,7 +230,6 @@ def _timm_model(name: str, pretrained: bool) -> nn.Module:
     return timm.create_model(name, pretrained=pretrained)
 
 
-
 def _text_model(name: str, pretrained: bool) -> nn.Module:
     """A sentence-encoder probe (:mod:`t2v_lightning.text`; its weights always load, offline)."""
     from t2v_lightning.text import text_probe  # optional dependencies (transformers)
@@ -265,7 +266,9 @@ def _build_model(name: str, pretrained: bool, packaged_weights: bool) -> nn.Modu
     """The model ``name`` stands for, before any ``weights`` file or head change."""
     if name in PACKAGED_PROBES:
         model_name, packaged = PACKAGED_PROBES[name]
-        return get_probe(model_name, weights=resolve_weights(packaged) if packaged_weights else None)
+        return get_probe(
+            model_name, weights=resolve_weights(packaged) if packaged_weights else None
+        )
     prefix = next((prefix for prefix in PROBE_LOADERS if name.startswith(prefix)), None)
     if prefix is not None:
         return PROBE_LOADERS[prefix](name[len(prefix) :], pretrained)
@@ -328,11 +331,20 @@ def load_tensors_safely(
             ) from err
         lines = [_ANSI.sub("", line).strip() for line in str(err).splitlines()]
         detail = _refused_global(lines)
-        if detail is None and isinstance(err, pickle.UnpicklingError) and lines and lines[0].startswith(
-            "Weights only load failed"
+        if (
+            detail is None
+            and isinstance(err, pickle.UnpicklingError)
+            and lines
+            and lines[0].startswith("Weights only load failed")
         ):
-            detail = next((line.rstrip(".") for line in lines[1:]
-                           if line and not line.startswith(_TORCH_BOILERPLATE)), "refused")
+            detail = next(
+                (
+                    line.rstrip(".")
+                    for line in lines[1:]
+                    if line and not line.startswith(_TORCH_BOILERPLATE)
+                ),
+                "refused",
+            )
         if detail is not None:
             raise error(
                 f"{what} {str(file)!r} cannot be read safely: loading it needs to unpickle "
@@ -348,8 +360,11 @@ def load_tensors_safely(
 
 
 # Lines of torch's weights_only message that say nothing about the file.
-_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation of torch.load",
-                      "Please file an issue")
+_TORCH_BOILERPLATE = (
+    "Weights only load failed",
+    "Check the documentation of torch.load",
+    "Please file an issue",
+)
 _GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)|global:?\s+([\w.]+)", re.IGNORECASE)
 
 
@@ -383,23 +398,28 @@ def find_nonfinite_layer(network: nn.Module, inputs: Any) -> str | None:
         if found or not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return
         if not bool(torch.isfinite(output).all()):
-            params = [n for n, p in module.named_parameters(recurse=False)
-                      if not bool(torch.isfinite(p).all())]
+            params = [
+                n
+                for n, p in module.named_parameters(recurse=False)
+                if not bool(torch.isfinite(p).all())
+            ]
             inputs_ok = all(
-                bool(torch.isfinite(a).all()) for a in args
+                bool(torch.isfinite(a).all())
+                for a in args
                 if isinstance(a, torch.Tensor) and a.is_floating_point()
             )
             why = (
                 f"its {' and '.join(params)} {'hold' if len(params) > 1 else 'holds'} NaN / inf"
                 if params
-                else "its inputs are already not finite" if not inputs_ok
-                else "NaN from finite inputs" if bool(torch.isnan(output).any())
+                else "its inputs are already not finite"
+                if not inputs_ok
+                else "NaN from finite inputs"
+                if bool(torch.isnan(output).any())
                 else "its output overflows"
             )
             found.append(f"{names.get(module, '?')!r} ({type(module).__name__}: {why})")
 
-    handles = [m.register_forward_hook(hook) for m in network.modules()
-               if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in network.modules() if not list(m.children())]
     try:
         call_probe(network, inputs)
     except Exception:  # the diagnosis must not hide the original error
@@ -656,4 +676,3 @@ def probe_fingerprint(probe: nn.Module, exclude: str | None = None) -> str:
         # The array's buffer is hashed in place (no copy of the weights into a bytes object).
         digest.update(value.numpy() if value.numel() else b"")
     return digest.hexdigest()[:32]
-

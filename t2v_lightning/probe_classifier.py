@@ -124,7 +124,9 @@ class ProbeClassifier(pl.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.network = get_probe(
-                probe, num_classes=num_classes, pretrained=pretrained,
+                probe,
+                num_classes=num_classes,
+                pretrained=pretrained,
                 weights=resolve_weights(weights),
             )
         self.head_name = find_head(self.network, head)
@@ -174,7 +176,9 @@ class ProbeClassifier(pl.LightningModule):
         return call_probe(self.network, inputs)  # a mapping (tokenised text): keyword arguments
 
     # ------------------------------------------------------------------------ fitting
-    def _loss(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _loss(
+        self, batch: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         inputs, labels = batch[0], batch[1]
         logits = self(inputs).float()
         return F.cross_entropy(logits, labels), logits, labels
@@ -198,15 +202,18 @@ class ProbeClassifier(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         if self.head_optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.head_lr, momentum=0.9,
-                                   weight_decay=self.head_weight_decay)
+            return torch.optim.SGD(
+                params, lr=self.head_lr, momentum=0.9, weight_decay=self.head_weight_decay
+            )
         return torch.optim.Adam(params, lr=self.head_lr, weight_decay=self.head_weight_decay)
 
     # ------------------------------------------------------------------------ checkpoints
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(self.head_prefix)}
+        checkpoint["state_dict"] = {
+            k: v for k, v in state.items() if k.startswith(self.head_prefix)
+        }
         checkpoint["probe_fingerprint"] = self.probe_fingerprint()
 
     @override
@@ -222,9 +229,7 @@ class ProbeClassifier(pl.LightningModule):
         """
         stored = checkpoint.get("probe_fingerprint")
         if stored is None:
-            raise ValueError(
-                f"{source} was not written by 't2v fit' (it has no probe fingerprint)"
-            )
+            raise ValueError(f"{source} was not written by 't2v fit' (it has no probe fingerprint)")
         if stored != self.probe_fingerprint():
             raise ValueError(
                 f"{source} was fitted on other probe weights (fingerprint {stored}, this probe "
@@ -293,16 +298,24 @@ class ProbeClassifier(pl.LightningModule):
             spec = TrainerSpec.from_trainer(trainer)
         # The options of the chosen method, and those of the other one that differ from their
         # defaults (Task2Vec refuses them, naming the option).
-        monte_carlo = {name: (getattr(self, name), getattr(MonteCarloSettings, name))
-                       for name in ("estimator", "mc_samples")}
-        variational = {f"variational_{name}": (getattr(self, f"variational_{name}"),
-                                               getattr(VariationalSettings, name))
-                       for name in ("epochs", "lr", "head_lr", "beta")}
+        monte_carlo = {
+            name: (getattr(self, name), getattr(MonteCarloSettings, name))
+            for name in ("estimator", "mc_samples")
+        }
+        variational = {
+            f"variational_{name}": (
+                getattr(self, f"variational_{name}"),
+                getattr(VariationalSettings, name),
+            )
+            for name in ("epochs", "lr", "head_lr", "beta")
+        }
         by_method = {"montecarlo": monte_carlo, "variational": variational}
         chosen = by_method.pop(self.method)
         (other,) = by_method.values()
         options: dict[str, Any] = {name: value for name, (value, _) in chosen.items()}
-        options.update({name: value for name, (value, default) in other.items() if value != default})
+        options.update(
+            {name: value for name, (value, default) in other.items() if value != default}
+        )
         if checkpoint_dir is not None:
             options.update(checkpoint_dir=checkpoint_dir, resume_from="last")
         return Task2Vec(

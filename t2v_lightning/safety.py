@@ -96,9 +96,13 @@ def check_checkpoint_path(
         raise ValueError(f"{what} {text!r} is not a regular file")
     checkpoint = load_tensors_safely(file, "checkpoint")
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        kind = "a plain state dict" if isinstance(checkpoint, Mapping) and checkpoint and all(
-            isinstance(key, str) and "." in key for key in checkpoint
-        ) else f"a {type(checkpoint).__name__}"
+        kind = (
+            "a plain state dict"
+            if isinstance(checkpoint, Mapping)
+            and checkpoint
+            and all(isinstance(key, str) and "." in key for key in checkpoint)
+            else f"a {type(checkpoint).__name__}"
+        )
         raise ValueError(
             f"{what} {text!r} is not a Lightning checkpoint (it holds {kind}, no 'state_dict'); "
             "pass a checkpoint written by 't2v fit'"
@@ -352,6 +356,7 @@ def open_image(path: str | os.PathLike[str], limit: int = MAX_IMAGE_PIXELS) -> A
 
 # ------------------------------------------------------------------------------ index files
 
+
 def contained_path(entry: str, index_file: str | os.PathLike[str], under: str = "") -> str:
     """``entry``, a path read from a dataset's index file, if it stays inside the data folder.
 
@@ -372,8 +377,9 @@ def contained_path(entry: str, index_file: str | os.PathLike[str], under: str = 
     """
     normal = posixpath.normpath(entry)
     seen = posixpath.normpath(entry.replace("\\", "/"))  # as a Windows-made index may mean it
-    if not entry or any(posixpath.isabs(p) or p == ".." or p.startswith("../")
-                        for p in (normal, seen)):
+    if not entry or any(
+        posixpath.isabs(p) or p == ".." or p.startswith("../") for p in (normal, seen)
+    ):
         raise ValueError(
             f"{index_file}: the image path {entry!r} leads outside the data folder "
             f"({under or 'the index folder'}); paths in an index must be relative and stay "
@@ -392,8 +398,9 @@ def terminal_text(text: object) -> str:
     Task names and other strings read from artifacts or datasets pass through this before they
     are printed: ``"\\x1b[2J"`` is shown as ``\\x1b[2J``, not obeyed by the terminal.
     """
-    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"),
-                        str(text))
+    return _CONTROL.sub(
+        lambda match: match.group().encode("unicode_escape").decode("ascii"), str(text)
+    )
 
 
 def csv_cell(text: object) -> str:

@@ -49,6 +49,7 @@ from t2v_lightning.trainers import TrainerSpec, quiet_lightning
 
 __all__ = ["Task2Vec", "DatasetError"]
 
+
 @dataclass(frozen=True)
 class _MethodRunner:
     """How :class:`Task2Vec` runs one method: its options, settings, Trainer and Fisher."""
@@ -72,7 +73,11 @@ class _MethodRunner:
 _METHODS: dict[str, _MethodRunner] = {
     "montecarlo": _MethodRunner(
         options=(
-            "estimator", "mc_samples", "checkpoint_dir", "checkpoint_every_n_steps", "resume_from"
+            "estimator",
+            "mc_samples",
+            "checkpoint_dir",
+            "checkpoint_every_n_steps",
+            "resume_from",
         ),
         settings=lambda options: MonteCarloSettings(**options),
         stage="Fisher pass",
@@ -80,9 +85,7 @@ _METHODS: dict[str, _MethodRunner] = {
         embed=embed_montecarlo,
     ),
     "variational": _MethodRunner(
-        options=(
-            "variational_epochs", "variational_lr", "variational_head_lr", "variational_beta"
-        ),
+        options=("variational_epochs", "variational_lr", "variational_head_lr", "variational_beta"),
         settings=lambda options: VariationalSettings(
             **{name.removeprefix("variational_"): value for name, value in options.items()}
         ),
@@ -225,14 +228,29 @@ class Task2Vec:
         self.lm: LMSettings | None = None
         if is_language_model(probe):
             self.lm = lm_settings(
-                method=method, estimator=estimator, mc_samples=mc_samples, likelihood=likelihood,
-                max_samples=max_samples, skip_layers=skip_layers,
-                balanced_sampling=balanced_sampling, batch_size=batch_size, reset_head=reset_head,
-                head_epochs=head_epochs, head_lr=head_lr, head_weight_decay=head_weight_decay,
-                head_optimizer=head_optimizer, seed=seed, precision=precision,
-                checkpoint_dir=checkpoint_dir, resume_from=resume_from,
-                variational=(variational_epochs, variational_lr, variational_head_lr,
-                             variational_beta),
+                method=method,
+                estimator=estimator,
+                mc_samples=mc_samples,
+                likelihood=likelihood,
+                max_samples=max_samples,
+                skip_layers=skip_layers,
+                balanced_sampling=balanced_sampling,
+                batch_size=batch_size,
+                reset_head=reset_head,
+                head_epochs=head_epochs,
+                head_lr=head_lr,
+                head_weight_decay=head_weight_decay,
+                head_optimizer=head_optimizer,
+                seed=seed,
+                precision=precision,
+                checkpoint_dir=checkpoint_dir,
+                resume_from=resume_from,
+                variational=(
+                    variational_epochs,
+                    variational_lr,
+                    variational_head_lr,
+                    variational_beta,
+                ),
             )
             estimator = None
             method = "montecarlo"
@@ -258,7 +276,9 @@ class Task2Vec:
                 )
         if likelihood not in runner.likelihoods:
             check_choice("likelihood", likelihood, LIKELIHOODS)
-            methods = " or ".join(f"method={m!r}" for m, r in _METHODS.items() if likelihood in r.likelihoods)
+            methods = " or ".join(
+                f"method={m!r}" for m, r in _METHODS.items() if likelihood in r.likelihoods
+            )
             raise ValueError(
                 f"likelihood={likelihood!r} is implemented for {methods} only, got "
                 f"method={method!r}"
@@ -376,7 +396,11 @@ class Task2Vec:
                 "tasks are spread over devices by running several of them (t2v diversity)"
             )
         return embed_lm(
-            self.probe, dataset, self.lm, trainer.strategy.root_device, task_name  # type: ignore[arg-type]
+            self.probe,
+            dataset,
+            self.lm,
+            trainer.strategy.root_device,
+            task_name,  # type: ignore[arg-type]
         )
 
     def _pass_trainer(self) -> pl.Trainer:

@@ -183,7 +183,11 @@ class PhaseProgressLog(ProgressBar):
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         self._batches += 1
@@ -211,8 +215,13 @@ class PhaseProgressLog(ProgressBar):
 
     @override
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if trainer.state.fn == "validate":
             self._batches += 1
@@ -222,8 +231,10 @@ class PhaseProgressLog(ProgressBar):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":
             seconds = self._clock() - self._start
-            self._write(f"{self._phase}: {self._batches} batches in {seconds:.1f} s"
-                        f"{self._metrics(trainer, pl_module)}")
+            self._write(
+                f"{self._phase}: {self._batches} batches in {seconds:.1f} s"
+                f"{self._metrics(trainer, pl_module)}"
+            )
 
 
 def _on_terminal(stream: Any = None) -> bool:

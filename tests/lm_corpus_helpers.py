@@ -14,7 +14,28 @@ from typing import Any
 
 import torch
 
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "quick", "brown", "fox", "jumps", "over", "lazy", "river", "stone", "green", "light"]
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "dog",
+    "ran",
+    "far",
+    "away",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "river",
+    "stone",
+    "green",
+    "light",
+]
 
 
 def documents(count: int, empty_every: int = 0, seed: int = 0) -> list[str]:
@@ -41,12 +62,12 @@ def train_tokenizer(vocab_size: int = 300) -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<eos>"],
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(documents(300), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>",
-                                   pad_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
 
 
 def save_tiny_lm(folder: Path, arch: str = "gpt2", seed: int = 0) -> Path:

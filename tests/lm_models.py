@@ -32,8 +32,13 @@ def train_tokenizer(vocab_size: int = 40) -> object:
 
 
 def save_tiny_gpt2(
-    folder: Path, vocab_size: int = 40, layers: int = 2, width: int = 16, positions: int = 32,
-    seed: int = 0, init_std: float = 0.02,
+    folder: Path,
+    vocab_size: int = 40,
+    layers: int = 2,
+    width: int = 16,
+    positions: int = 32,
+    seed: int = 0,
+    init_std: float = 0.02,
 ) -> Path:
     """A GPT-2 (tied head, Conv1D projections, learned positions) with random weights.
 
@@ -43,8 +48,15 @@ def save_tiny_gpt2(
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=vocab_size, n_positions=positions, n_embd=width, n_layer=layers, n_head=2,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=init_std,
+        vocab_size=vocab_size,
+        n_positions=positions,
+        n_embd=width,
+        n_layer=layers,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        initializer_range=init_std,
     )
     model = GPT2LMHeadModel(config)
     with torch.no_grad():  # layer norms away from their initial ones so that their rows differ
@@ -62,9 +74,17 @@ def save_tiny_llama(folder: Path, vocab_size: int = 40, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -77,8 +97,13 @@ def save_tiny_llama(folder: Path, vocab_size: int = 40, seed: int = 0) -> Path:
 
 
 def token_task(
-    num: int = 6, length: int = 10, vocab_size: int = 40, seed: int = 0, min_length: int = 3,
-    side: str = "right", pad_to: int | None = None,
+    num: int = 6,
+    length: int = 10,
+    vocab_size: int = 40,
+    seed: int = 0,
+    min_length: int = 3,
+    side: str = "right",
+    pad_to: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Random sequences of varying lengths (repeated tokens included), padded on ``side``."""
     generator = torch.Generator().manual_seed(seed)

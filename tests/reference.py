@@ -73,8 +73,10 @@ def _expectation(
 ) -> dict[str, torch.Tensor]:
     """``(1/N) Σ_n Σ_y p(y|x_n) · rowmean(grad_w log p(y|x_n))²`` per layer."""
     with _weight_grads(network, head) as (layers, weights):
-        totals = {name: torch.zeros(len(weight), dtype=torch.float64)
-                  for (name, _), weight in zip(layers, weights)}
+        totals = {
+            name: torch.zeros(len(weight), dtype=torch.float64)
+            for (name, _), weight in zip(layers, weights)
+        }
         rows = _rows(inputs)
         for n in range(rows):
             logits = _logits(network, _example(inputs, n))[0]

@@ -151,8 +151,13 @@ def _callback_fit_end() -> TaskEmbedding:
     callback = FisherCallback(at="fit_end", head="fc", network="net", estimator="per_sample")
     with tempfile.TemporaryDirectory() as folder:  # the artifact goes to trainer.log_dir
         trainer = pl.Trainer(
-            max_epochs=1, accelerator="cpu", callbacks=[callback], logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            max_epochs=1,
+            accelerator="cpu",
+            callbacks=[callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
             default_root_dir=folder,
         )
         trainer.fit(Classifier(), loader)
@@ -170,8 +175,15 @@ def _text() -> TaskEmbedding:
 
     data = TextDataset(_POSITIVE + _NEGATIVE, [1] * 4 + [0] * 4)
     return Task2Vec(
-        get_probe("text:all-MiniLM-L6-v2"), max_samples=None, balanced_sampling=False,
-        head_epochs=1, head_lr=1e-2, seed=3, progress_bar=False, accelerator="cpu", batch_size=8,
+        get_probe("text:all-MiniLM-L6-v2"),
+        max_samples=None,
+        balanced_sampling=False,
+        head_epochs=1,
+        head_lr=1e-2,
+        seed=3,
+        progress_bar=False,
+        accelerator="cpu",
+        batch_size=8,
     ).embed(data, task_name="sentiment")
 
 

@@ -43,12 +43,21 @@ PAGES = 5 * (8 << 20) // 4096  # pages one round fills
 
 
 def _rounds(call: str, **env: str) -> tuple[object, list[int]]:
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", allocator.DEFAULT_MALLOC_ENV)}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", allocator.DEFAULT_MALLOC_ENV)
+    }
     clean.update(env)
     clean["PYTHONPATH"] = str(ROOT) + os.pathsep + clean.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", ROUNDS, call], env=clean,
-                          capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", ROUNDS, call],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return result["returned"], [int(n) for n in result["faults"]]
 
@@ -76,9 +85,13 @@ def test_settle_thresholds_keeps_a_40_mib_rounds_memory_for_the_next() -> None:
 
 @pytest.mark.parametrize(
     "env",
-    [{"MALLOC_TRIM_THRESHOLD_": "1000000"}, {"MALLOC_MMAP_THRESHOLD_": "1000000"},
-     {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"},
-     {allocator.DEFAULT_MALLOC_ENV: "1"}, {allocator.DEFAULT_MALLOC_ENV: "yes"}],
+    [
+        {"MALLOC_TRIM_THRESHOLD_": "1000000"},
+        {"MALLOC_MMAP_THRESHOLD_": "1000000"},
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"},
+        {allocator.DEFAULT_MALLOC_ENV: "1"},
+        {allocator.DEFAULT_MALLOC_ENV: "yes"},
+    ],
 )
 def test_keep_freed_memory_leaves_a_users_malloc_settings_alone(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
@@ -107,8 +120,14 @@ class _Recorder:
 
 
 def test_keep_freed_memory_sets_both_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
-                "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES", allocator.DEFAULT_MALLOC_ENV):
+    for key in (
+        "MALLOC_TRIM_THRESHOLD_",
+        "MALLOC_MMAP_THRESHOLD_",
+        "MALLOC_TOP_PAD_",
+        "MALLOC_MMAP_MAX_",
+        "GLIBC_TUNABLES",
+        allocator.DEFAULT_MALLOC_ENV,
+    ):
         monkeypatch.delenv(key, raising=False)
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda _: _Recorder(calls))

@@ -24,7 +24,11 @@ def _run(script: str, *args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -32,9 +36,29 @@ def _run(script: str, *args: str) -> str:
 
 def test_fisher_cost_prints_ratios_and_paired_ratios(tmp_path: Path) -> None:
     out = tmp_path / "cost.json"
-    text = _run("fisher_cost.py", "--examples", "20", "--batch", "10", "--size", "32",
-                "--threads", "1", "--rounds", "1", "--repeats", "1", "--paired-rounds", "2",
-                "--measure", "plain", "per_sample", "batch", "--json", str(out))
+    text = _run(
+        "fisher_cost.py",
+        "--examples",
+        "20",
+        "--batch",
+        "10",
+        "--size",
+        "32",
+        "--threads",
+        "1",
+        "--rounds",
+        "1",
+        "--repeats",
+        "1",
+        "--paired-rounds",
+        "2",
+        "--measure",
+        "plain",
+        "per_sample",
+        "batch",
+        "--json",
+        str(out),
+    )
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"plain", "per_sample", "batch"}
     for name in ("per_sample", "batch"):
@@ -48,8 +72,21 @@ def test_fisher_cost_prints_ratios_and_paired_ratios(tmp_path: Path) -> None:
 def test_noise_per_second_compares_both_scales(tmp_path: Path) -> None:
     out = tmp_path / "noise.json"
     figure = tmp_path / "noise.png"
-    text = _run("noise_per_second.py", "--max-per-sample", "200", "--max-batch", "200",
-                "--batch", "100", "--threads", "1", "--json", str(out), "--figure", str(figure))
+    text = _run(
+        "noise_per_second.py",
+        "--max-per-sample",
+        "200",
+        "--max-batch",
+        "200",
+        "--batch",
+        "100",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+        "--figure",
+        str(figure),
+    )
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"batch", "batch_over_B", "per_sample", "per_sample_over_B"}
     assert [r["examples"] for r in report["results"]["per_sample"]] == [100, 200]
@@ -66,8 +103,9 @@ def test_noise_per_second_compares_both_scales(tmp_path: Path) -> None:
 
 def test_depthwise_forms_agree_and_are_timed() -> None:
     pytest.importorskip("timm")
-    text = _run("depthwise_forms.py", "--batch", "2", "--size", "64", "--repeats", "1",
-                "--threads", "1")
+    text = _run(
+        "depthwise_forms.py", "--batch", "2", "--size", "64", "--repeats", "1", "--threads", "1"
+    )
     for form in ("grouped convolution", "per-offset sum", "patches"):
         assert form in text
     error = float(text.rsplit("patch form: ", 1)[1].split()[0])
@@ -75,8 +113,19 @@ def test_depthwise_forms_agree_and_are_timed() -> None:
 
 
 def test_step_cost_reports_both_steps_and_the_ratio() -> None:
-    text = _run("step_cost.py", "--batch", "4", "--size", "32", "--pairs", "3", "--threads", "1",
-                "--estimator", "per_sample")
+    text = _run(
+        "step_cost.py",
+        "--batch",
+        "4",
+        "--size",
+        "32",
+        "--pairs",
+        "3",
+        "--threads",
+        "1",
+        "--estimator",
+        "per_sample",
+    )
     assert "per_sample, 1 threads, 3 pairs" in text
     low, high = (float(value) for value in text.split("quartiles ")[1].rstrip(")\n").split("-"))
     median = float(text.split("ratio median ")[1].split()[0])
@@ -86,9 +135,28 @@ def test_step_cost_reports_both_steps_and_the_ratio() -> None:
 @pytest.mark.parametrize("allocator", [[], ["--steady-allocator"]])
 def test_embed_cost_reports_ratios_and_page_faults(tmp_path: Path, allocator: list[str]) -> None:
     output = tmp_path / "embed.json"
-    text = _run("embed_cost.py", "--examples", "20", "--batch", "10", "--head-epochs", "0",
-                "--keep-head", "--all-examples", "--skip", "0", "--repeats", "2", "--threads", "1",
-                "--estimator", "batch", "--json", str(output), *allocator)
+    text = _run(
+        "embed_cost.py",
+        "--examples",
+        "20",
+        "--batch",
+        "10",
+        "--head-epochs",
+        "0",
+        "--keep-head",
+        "--all-examples",
+        "--skip",
+        "0",
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+        "--estimator",
+        "batch",
+        "--json",
+        str(output),
+        *allocator,
+    )
     steady = bool(allocator)
     assert ("steady allocator (no heap trimming)" in text) is steady
     assert "target: whole embed <= 1.15x" in text and "page faults" in text
@@ -103,9 +171,29 @@ def test_embed_cost_reports_ratios_and_page_faults(tmp_path: Path, allocator: li
 def test_lm_diversity_times_ours_against_plain_and_the_published_procedure(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     out = tmp_path / "lm.json"
-    text = _run("lm_diversity.py", "--sequences", "4", "--length", "16", "--batch", "2",
-                "--layers", "2", "--width", "32", "--heads", "2", "--vocab", "64",
-                "--repeats", "2", "--threads", "1", "--json", str(out))
+    text = _run(
+        "lm_diversity.py",
+        "--sequences",
+        "4",
+        "--length",
+        "16",
+        "--batch",
+        "2",
+        "--layers",
+        "2",
+        "--width",
+        "32",
+        "--heads",
+        "2",
+        "--vocab",
+        "64",
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    )
     report = json.loads(out.read_text())
     names = {"plain", "fisher", "fisher_batch", "task", "task_no_head", "reference"}
     assert set(report["best"]) == names and set(report["peak_rss_mib"]) == names

@@ -67,7 +67,9 @@ def test_exact_matches_brute_force_on_conv_batchnorm_net(tiny_convnet: nn.Module
 def test_exact_matches_brute_force_on_mlp(tiny_mlp: nn.Module) -> None:
     inputs = torch.randn(6, 3, 2, 2)
     got = estimate(tiny_mlp, inputs, "5")
-    torch.testing.assert_close(got, brute_force_joint(tiny_mlp, inputs, "5"), rtol=EXACT_RTOL, atol=0)
+    torch.testing.assert_close(
+        got, brute_force_joint(tiny_mlp, inputs, "5"), rtol=EXACT_RTOL, atol=0
+    )
 
 
 def test_bernoulli_differs_from_categorical(tiny_mlp: nn.Module) -> None:
@@ -99,9 +101,7 @@ def test_batch_estimator_has_expectation_fisher_over_batch_size(tiny_mlp: nn.Mod
     torch.manual_seed(3)
     inputs = torch.randn(4, 3, 2, 2)
     exact = estimate(tiny_mlp, inputs, "5")
-    draws = [
-        estimate(tiny_mlp, inputs, "5", estimator="batch", seed=seed) for seed in range(300)
-    ]
+    draws = [estimate(tiny_mlp, inputs, "5", estimator="batch", seed=seed) for seed in range(300)]
     batch_mean = torch.stack(draws).mean(0) * inputs.shape[0]
     assert relative_error(batch_mean, exact) < BATCH_RTOL
 
@@ -126,8 +126,14 @@ def test_bad_likelihood_is_refused(tiny_mlp: nn.Module) -> None:
     layers = embedded_layers(tiny_mlp, "5")
     with LayerFisherTaps(tiny_mlp, layers) as taps, pytest.raises(ValueError, match="likelihood"):
         batch_filter_sums(
-            tiny_mlp, taps, torch.randn(2, 3, 2, 2), torch.arange(2), torch.ones(2, dtype=torch.bool),
-            "exact", 0, likelihood="poisson",  # type: ignore[arg-type]
+            tiny_mlp,
+            taps,
+            torch.randn(2, 3, 2, 2),
+            torch.arange(2),
+            torch.ones(2, dtype=torch.bool),
+            "exact",
+            0,
+            likelihood="poisson",  # type: ignore[arg-type]
         )
 
 
@@ -161,8 +167,14 @@ def test_task2vec_bernoulli_equals_brute_force_on_its_fitted_network() -> None:
 
     data = ToyMultiLabel(n=48)
     t2v = Task2Vec(
-        sequential_cnn(), likelihood="bernoulli", estimator="exact", balanced_sampling=False,
-        max_samples=None, head_epochs=20, head_lr=3e-2, **FAST,
+        sequential_cnn(),
+        likelihood="bernoulli",
+        estimator="exact",
+        balanced_sampling=False,
+        max_samples=None,
+        head_epochs=20,
+        head_lr=3e-2,
+        **FAST,
     )
     embedding = t2v.embed(data)
     network, _, labels, meta = t2v.prepare(data)  # seeded: the same fitted network
@@ -183,7 +195,11 @@ def test_task2vec_bernoulli_per_sample_is_near_exact() -> None:
     common = dict(likelihood="bernoulli", balanced_sampling=False, max_samples=None, head_epochs=1)
     exact = Task2Vec(sequential_cnn(), estimator="exact", **common, **FAST).embed(data)  # type: ignore[arg-type]
     sampled = Task2Vec(
-        sequential_cnn(), estimator="per_sample", mc_samples=100, **common, **FAST  # type: ignore[arg-type]
+        sequential_cnn(),
+        estimator="per_sample",
+        mc_samples=100,
+        **common,
+        **FAST,  # type: ignore[arg-type]
     ).embed(data)
     assert relative_error(sampled.hessian.double(), exact.hessian.double()) < 0.1
 
@@ -198,8 +214,11 @@ def test_balanced_sampling_is_refused_for_multi_label_tasks() -> None:
         Task2Vec(sequential_cnn(), likelihood="multinomial", **FAST)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="method='montecarlo' only"):
         Task2Vec(
-            sequential_cnn(), likelihood="bernoulli", method="variational",
-            balanced_sampling=False, **FAST,
+            sequential_cnn(),
+            likelihood="bernoulli",
+            method="variational",
+            balanced_sampling=False,
+            **FAST,
         )
 
 
@@ -228,9 +247,13 @@ def test_fisher_callback_records_the_likelihood_and_refuses_a_mismatched_resume(
     categorical = FisherCallback(estimator="exact")
     bernoulli = FisherCallback(estimator="exact", likelihood="bernoulli")
     # categorical checkpoints keep their key; a Bernoulli state never loads into it
-    assert categorical.state_key == "FisherCallback{'estimator': 'exact', 'seed': 0, 'mc_samples': 1}"
+    assert (
+        categorical.state_key == "FisherCallback{'estimator': 'exact', 'seed': 0, 'mc_samples': 1}"
+    )
     assert "'likelihood': 'bernoulli'" in bernoulli.state_key
-    with pytest.raises(ValueError, match="likelihood='bernoulli' but this FisherCallback has 'categorical'"):
+    with pytest.raises(
+        ValueError, match="likelihood='bernoulli' but this FisherCallback has 'categorical'"
+    ):
         categorical.load_state_dict(bernoulli.state_dict())
     with pytest.raises(ValueError, match="likelihood must be one of"):
         FisherCallback(likelihood="gaussian")  # type: ignore[arg-type]

@@ -28,8 +28,11 @@ from t2v_lightning.choices import FisherError, UnsupportedLayerError
 from tests.test_user_project import images, make_classifier, reference, relative_error
 
 QUIET = {
-    "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
-    "enable_checkpointing": False, "logger": False,
+    "accelerator": "cpu",
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "logger": False,
 }
 
 
@@ -81,8 +84,12 @@ class Counting(pl.LightningModule):
 def small_net(outputs: int = 3) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, outputs),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, outputs),
     )
 
 
@@ -101,8 +108,15 @@ def test_head_alone_embeds_the_trained_model_on_its_training_data(tmp_path: Path
     assert embedding.meta["num_samples"] == 30 and embedding.meta["fisher_at"] == "fit_end"
     # The exact arguments that give the callback's numbers with Task2Vec (README).
     t2v = Task2Vec(
-        model, head="classifier", reset_head=False, head_epochs=0, balanced_sampling=False,
-        max_samples=None, batch_size=8, progress_bar=False, accelerator="cpu",
+        model,
+        head="classifier",
+        reset_head=False,
+        head_epochs=0,
+        balanced_sampling=False,
+        max_samples=None,
+        batch_size=8,
+        progress_bar=False,
+        accelerator="cpu",
     ).embed(TensorDataset(*images()))
     assert list(t2v.layers) == list(embedding.layers) == ["backbone.0", "backbone.1"]
     torch.testing.assert_close(embedding.hessian, t2v.hessian, rtol=1e-6, atol=0)
@@ -122,8 +136,9 @@ def test_per_batch_mode_refuses_label_batches_before_the_first_step() -> None:
         FisherCallback(at="train_batch")
     floats = DataLoader(TensorDataset(images(8)[0], torch.arange(8.0)), batch_size=4)
     with pytest.raises(ValueError, match=r"torch\.float32 tensor"):
-        pl.Trainer(max_epochs=1, callbacks=[FisherCallback(at="train_batch", num_examples=8)],
-                   **QUIET).fit(model, floats)
+        pl.Trainer(
+            max_epochs=1, callbacks=[FisherCallback(at="train_batch", num_examples=8)], **QUIET
+        ).fit(model, floats)
     assert model.steps == 0
 
 
@@ -142,10 +157,19 @@ class DictOut(nn.Module):
     [
         (DictOut(), {}, FisherError, r"needs logits of shape \(8, classes\).*first training batch"),
         (small_net(outputs=1), {}, FisherError, r"one-output model is zero.*bernoulli"),
-        (nn.Sequential(small_net(), nn.PReLU()), {}, UnsupportedLayerError,
-         r"'inner.1' \(PReLU\).*FisherCallback\(exclude=\['inner.1'\]\)"),
+        (
+            nn.Sequential(small_net(), nn.PReLU()),
+            {},
+            UnsupportedLayerError,
+            r"'inner.1' \(PReLU\).*FisherCallback\(exclude=\['inner.1'\]\)",
+        ),
         (small_net(), {"head": "fc"}, ValueError, r"head='fc'"),
-        (small_net(), {"exclude": ["inner.9"]}, ValueError, r"exclude pattern 'inner.9' matches no"),
+        (
+            small_net(),
+            {"exclude": ["inner.9"]},
+            ValueError,
+            r"exclude pattern 'inner.9' matches no",
+        ),
     ],
 )
 def test_problems_stop_fit_before_the_first_step(
@@ -173,11 +197,15 @@ def test_dict_of_training_loaders_is_refused_before_training() -> None:
 def test_exclude_leaves_layers_out() -> None:
     model = make_classifier(pl)
     data = DataLoader(TensorDataset(*images(12)), batch_size=6)
-    both = FisherCallback(estimator="exact", head="classifier").compute(pl.Trainer(**QUIET), model, data)
+    both = FisherCallback(estimator="exact", head="classifier").compute(
+        pl.Trainer(**QUIET), model, data
+    )
     one = FisherCallback(estimator="exact", head="classifier", exclude=["backbone.1"]).compute(
         pl.Trainer(**QUIET), model, data
     )
-    glob = FisherCallback(estimator="exact", exclude="*.1").compute(pl.Trainer(**QUIET), model, data)
+    glob = FisherCallback(estimator="exact", exclude="*.1").compute(
+        pl.Trainer(**QUIET), model, data
+    )
     assert list(one.layers) == ["backbone.0"] and one.meta["exclude"] == ["backbone.1"]
     torch.testing.assert_close(one.hessian, both.hessian[:4], rtol=1e-6, atol=0)
     assert list(glob.layers) == ["backbone.0", "classifier"]
@@ -197,7 +225,9 @@ class Uint8Images(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.pixels, self.labels), batch_size=6, shuffle=True)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
         self.transfers += 1
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
@@ -244,8 +274,15 @@ def test_task2vec_on_a_compiled_model() -> None:
     compiled = torch.compile(copy.deepcopy(plain))
     before = snapshot(compiled)
     data = TensorDataset(images(12)[0], torch.arange(12) % 3)
-    options = {"head": "5", "head_epochs": 1, "balanced_sampling": False, "max_samples": None,
-               "batch_size": 6, "progress_bar": False, "accelerator": "cpu"}
+    options = {
+        "head": "5",
+        "head_epochs": 1,
+        "balanced_sampling": False,
+        "max_samples": None,
+        "batch_size": 6,
+        "progress_bar": False,
+        "accelerator": "cpu",
+    }
     expected = Task2Vec(plain, **options).embed(data)
     embedding = Task2Vec(compiled, **options).embed(data)
     assert list(embedding.layers) == list(expected.layers) == ["0", "1"]
@@ -271,12 +308,19 @@ def test_callback_on_a_compiled_model(tmp_path: Path) -> None:
 def test_two_callbacks_coexist_and_checkpoint(tmp_path: Path) -> None:
     model = make_classifier(pl)
     first = FisherCallback(head="classifier", output=tmp_path / "a.safetensors")
-    second = FisherCallback(head="classifier", exclude=["backbone.1"], estimator="exact",
-                            output=tmp_path / "b.safetensors")
+    second = FisherCallback(
+        head="classifier",
+        exclude=["backbone.1"],
+        estimator="exact",
+        output=tmp_path / "b.safetensors",
+    )
     assert first.state_key != second.state_key
     options = {**QUIET, "enable_checkpointing": True, "default_root_dir": tmp_path}
     pl.Trainer(max_epochs=1, callbacks=[first, second], **options).fit(model, loader())
-    a, b = TaskEmbedding.load(tmp_path / "a.safetensors"), TaskEmbedding.load(tmp_path / "b.safetensors")
+    a, b = (
+        TaskEmbedding.load(tmp_path / "a.safetensors"),
+        TaskEmbedding.load(tmp_path / "b.safetensors"),
+    )
     assert list(a.layers) == ["backbone.0", "backbone.1"] and list(b.layers) == ["backbone.0"]
     checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
     assert {first.state_key, second.state_key} <= set(checkpoint["callbacks"])
@@ -284,8 +328,9 @@ def test_two_callbacks_coexist_and_checkpoint(tmp_path: Path) -> None:
 
 def test_output_under_log_dir_logged_and_never_replaced_silently(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="run")
-    trainer = pl.Trainer(max_epochs=1, callbacks=[FisherCallback(head="classifier")],
-                         **{**QUIET, "logger": logger})
+    trainer = pl.Trainer(
+        max_epochs=1, callbacks=[FisherCallback(head="classifier")], **{**QUIET, "logger": logger}
+    )
     trainer.fit(make_classifier(pl), loader())
     path = Path(logger.log_dir) / "task_embedding.safetensors"
     assert path.is_file()
@@ -300,11 +345,17 @@ def test_output_under_log_dir_logged_and_never_replaced_silently(tmp_path: Path)
     output.write_bytes(b"the user's file")
     model = Counting(small_net())
     with pytest.raises(FileExistsError, match=r"overwrite=True"):
-        pl.Trainer(max_epochs=1, callbacks=[FisherCallback(head="5", network="inner", output=output)],
-                   **QUIET).fit(model, loader())
+        pl.Trainer(
+            max_epochs=1,
+            callbacks=[FisherCallback(head="5", network="inner", output=output)],
+            **QUIET,
+        ).fit(model, loader())
     assert model.steps == 0 and output.read_bytes() == b"the user's file"
-    pl.Trainer(max_epochs=1, callbacks=[FisherCallback(head="5", network="inner", output=output,
-                                                       overwrite=True)], **QUIET).fit(model, loader())
+    pl.Trainer(
+        max_epochs=1,
+        callbacks=[FisherCallback(head="5", network="inner", output=output, overwrite=True)],
+        **QUIET,
+    ).fit(model, loader())
     assert TaskEmbedding.load(output).meta["num_samples"] == 30
 
 
@@ -336,7 +387,9 @@ def test_best_checkpoint_is_embedded_and_the_last_weights_kept(tmp_path: Path) -
 def test_fast_dev_run_skips_the_pass(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     callback = FisherCallback(head="classifier")
     with caplog.at_level("INFO"):
-        pl.Trainer(fast_dev_run=True, callbacks=[callback], **QUIET).fit(make_classifier(pl), loader())
+        pl.Trainer(fast_dev_run=True, callbacks=[callback], **QUIET).fit(
+            make_classifier(pl), loader()
+        )
     assert callback.embedding is None and not list(tmp_path.glob("*.safetensors"))
     assert "fast_dev_run is on, so the Fisher pass is skipped" in caplog.text
 

@@ -29,8 +29,14 @@ TOY = "toy_cli_tasks"
 
 
 @register_dataset(TOY, max_tasks=3, replace=True, summary="three toy tasks (tests)")
-def _toy_tasks(root: str, task_id: int | None, train: bool, input_size: int | None,
-               download: bool, normalize: str) -> Task:
+def _toy_tasks(
+    root: str,
+    task_id: int | None,
+    train: bool,
+    input_size: int | None,
+    download: bool,
+    normalize: str,
+) -> Task:
     """Task t: 2 + t classes of 16x16 images with class- and task-dependent means."""
     assert task_id is not None
     classes = 2 + task_id
@@ -39,8 +45,12 @@ def _toy_tasks(root: str, task_id: int | None, train: bool, input_size: int | No
     means = torch.rand(classes, 3, 1, 1, generator=generator)
     images = (means[labels] + 0.1 * torch.rand(24, 3, 16, 16, generator=generator)).clamp(0, 1)
     data = ImageTensorDataset(images, labels, ImageTransform(input_size, normalize))  # type: ignore[arg-type]
-    return Task(data, classes, f"Toy task {task_id}",
-                {"dataset": TOY, "task_id": task_id, "class_names": [str(c) for c in range(classes)]})
+    return Task(
+        data,
+        classes,
+        f"Toy task {task_id}",
+        {"dataset": TOY, "task_id": task_id, "class_names": [str(c) for c in range(classes)]},
+    )
 
 
 @pytest.fixture
@@ -55,7 +65,9 @@ def test_embed_help_lists_the_typed_documented_options() -> None:
     shim = Path(__file__).resolve().parents[1] / "cli.py"
     result = subprocess.run(
         [sys.executable, str(shim), "embed", "--help"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr
@@ -83,8 +95,9 @@ def test_print_config_shows_the_merged_configuration(
 ) -> None:
     config = workdir / "run.yaml"
     config.write_text("model:\n  skip_layers: 2\ndata:\n  name: digits\n  max_samples: 7\n")
-    code, out, err = run_cli(["embed", "--config", str(config), "--data.input_size", "32",
-                              "--print_config"], capsys)
+    code, out, err = run_cli(
+        ["embed", "--config", str(config), "--data.input_size", "32", "--print_config"], capsys
+    )
     assert code == 0, err
     assert "skip_layers: 2" in out and "max_samples: 7" in out and "input_size: 32" in out
     assert "output: embeddings/{task}.safetensors" in out
@@ -117,23 +130,54 @@ def test_an_unknown_dataset_fails_with_the_known_names(
 def test_fit_then_embed_from_the_checkpoint_writes_the_fitted_heads_embedding(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = ["--data.name", "digits", "--data.input_size", "32", "--data.max_samples", "40",
-            "--data.batch_size", "20"]
-    code, _, err = run_cli(["fit", *PROBE, *data, *QUIET, "--model.head_lr", "0.05",
-                            "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1"],
-                           capsys)
+    data = [
+        "--data.name",
+        "digits",
+        "--data.input_size",
+        "32",
+        "--data.max_samples",
+        "40",
+        "--data.batch_size",
+        "20",
+    ]
+    code, _, err = run_cli(
+        [
+            "fit",
+            *PROBE,
+            *data,
+            *QUIET,
+            "--model.head_lr",
+            "0.05",
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 0, err
     checkpoints = sorted(workdir.glob("lightning_logs/**/checkpoints/*.ckpt"))
     assert len(checkpoints) == 1
     checkpoint = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
     # only the head is stored (the probe is rebuilt and checked by fingerprint)
-    assert set(checkpoint["state_dict"]) == {"network.classifier.weight",
-                                             "network.classifier.bias"}
+    assert set(checkpoint["state_dict"]) == {"network.classifier.weight", "network.classifier.bias"}
     assert isinstance(checkpoint["probe_fingerprint"], str)
 
     output = workdir / "out" / "digits.safetensors"
-    code, _, err = run_cli(["embed", *data, *QUIET, "--model.skip_layers", "2",
-                            "--ckpt_path", str(checkpoints[0]), "--output", str(output)], capsys)
+    code, _, err = run_cli(
+        [
+            "embed",
+            *data,
+            *QUIET,
+            "--model.skip_layers",
+            "2",
+            "--ckpt_path",
+            str(checkpoints[0]),
+            "--output",
+            str(output),
+        ],
+        capsys,
+    )
     assert code == 0, err
     embedding = TaskEmbedding.load(output)
     assert embedding.meta["reset_head"] is False and embedding.meta["head_epochs"] == 0
@@ -152,20 +196,41 @@ def test_fit_then_embed_from_the_checkpoint_writes_the_fitted_heads_embedding(
     fresh_head = model.network.classifier.weight.clone()
     model.load_head(checkpoints[0])
     assert not torch.allclose(model.network.classifier.weight, fresh_head)  # fit moved it
-    reference = Task2Vec(model.network, max_samples=None, balanced_sampling=False,
-                         skip_layers=2, batch_size=20, reset_head=False, head_epochs=0,
-                         progress_bar=False).embed(datamodule.train_dataset)
+    reference = Task2Vec(
+        model.network,
+        max_samples=None,
+        balanced_sampling=False,
+        skip_layers=2,
+        batch_size=20,
+        reset_head=False,
+        head_epochs=0,
+        progress_bar=False,
+    ).embed(datamodule.train_dataset)
     assert embedding.layers == reference.layers
     torch.testing.assert_close(embedding.hessian, reference.hessian, rtol=1e-5, atol=0.0)
 
     # the artifact is never overwritten silently
-    code, _, err = run_cli(["embed", *data, *QUIET, "--ckpt_path", str(checkpoints[0]),
-                            "--output", str(output)], capsys)
+    code, _, err = run_cli(
+        ["embed", *data, *QUIET, "--ckpt_path", str(checkpoints[0]), "--output", str(output)],
+        capsys,
+    )
     assert code == 2 and "already exists" in err and "--overwrite" in err
     # a head fitted on one task (10 classes) does not describe another (5 classes)
-    code, _, err = run_cli(["embed", *QUIET, "--data.name", "digits_0_4", "--data.input_size",
-                            "32", "--ckpt_path", str(checkpoints[0]), "--output",
-                            str(workdir / "other.safetensors")], capsys)
+    code, _, err = run_cli(
+        [
+            "embed",
+            *QUIET,
+            "--data.name",
+            "digits_0_4",
+            "--data.input_size",
+            "32",
+            "--ckpt_path",
+            str(checkpoints[0]),
+            "--output",
+            str(workdir / "other.safetensors"),
+        ],
+        capsys,
+    )
     assert code == 2 and "fitted on --data.name='digits'" in err and "'digits_0_4'" in err
 
 
@@ -173,9 +238,25 @@ def test_fit_then_embed_from_the_checkpoint_writes_the_fitted_heads_embedding(
 def test_embed_over_a_task_range_skips_what_exists_and_shards(
     workdir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    common = ["embed", *PROBE, *QUIET, "--data.name", TOY, "--data.input_size", "32",
-              "--data.max_samples", "12", "--data.batch_size", "12", "--trainer.max_epochs", "1",
-              "--model.skip_layers", "3", "--output", "sweep/task_{task_id}.safetensors"]
+    common = [
+        "embed",
+        *PROBE,
+        *QUIET,
+        "--data.name",
+        TOY,
+        "--data.input_size",
+        "32",
+        "--data.max_samples",
+        "12",
+        "--data.batch_size",
+        "12",
+        "--trainer.max_epochs",
+        "1",
+        "--model.skip_layers",
+        "3",
+        "--output",
+        "sweep/task_{task_id}.safetensors",
+    ]
     code, _, err = run_cli([*common, "--tasks", "0-2"], capsys)
     assert code == 0, err
     files = [workdir / "sweep" / f"task_{t}.safetensors" for t in range(3)]
@@ -191,18 +272,35 @@ def test_embed_over_a_task_range_skips_what_exists_and_shards(
     with caplog.at_level("INFO"):
         code, _, err = run_cli([*common, "--tasks", "0-2"], capsys)
     assert code == 0, err
-    assert "skipping toy_cli_tasks_000" in caplog.text and "skipping toy_cli_tasks_002" in caplog.text
+    assert (
+        "skipping toy_cli_tasks_000" in caplog.text and "skipping toy_cli_tasks_002" in caplog.text
+    )
     assert "embedding 1 task(s) (2 already done)" in caplog.text
     assert files[1].exists()
     assert all(files[t].stat().st_mtime_ns == stamps[files[t]] for t in (0, 2))
-    torch.testing.assert_close(TaskEmbedding.load(files[1]).hessian, embeddings[1].hessian,
-                               rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(
+        TaskEmbedding.load(files[1]).hessian, embeddings[1].hessian, rtol=1e-6, atol=0.0
+    )
 
     # shard 1 of 2 takes tasks 1, 3, ... of the list
-    code, _, err = run_cli([*common, "--tasks", "0-2", "--shard_index", "1", "--num_shards",
-                            "2", "--output", "shard/{task}.safetensors"], capsys)
+    code, _, err = run_cli(
+        [
+            *common,
+            "--tasks",
+            "0-2",
+            "--shard_index",
+            "1",
+            "--num_shards",
+            "2",
+            "--output",
+            "shard/{task}.safetensors",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    assert sorted(p.name for p in (workdir / "shard").iterdir()) == ["toy_cli_tasks_001.safetensors"]
+    assert sorted(p.name for p in (workdir / "shard").iterdir()) == [
+        "toy_cli_tasks_001.safetensors"
+    ]
 
     # a checkpoint's head belongs to one task
     torch.save({"state_dict": {}}, workdir / "head.ckpt")
@@ -236,16 +334,25 @@ def test_distance_writes_the_matrix_the_figure_and_the_nearest_tasks(
 
     generator = torch.Generator().manual_seed(0)
     base = torch.rand(12, generator=generator) + 0.1
-    hessians = {"a": base, "b": base * (1 + 0.05 * torch.rand(12, generator=generator)),
-                "c": torch.rand(12, generator=generator) + 0.1}
+    hessians = {
+        "a": base,
+        "b": base * (1 + 0.05 * torch.rand(12, generator=generator)),
+        "c": torch.rand(12, generator=generator) + 0.1,
+    }
     files = []
     for name, hessian in hessians.items():
-        embedding = TaskEmbedding(hessian, torch.ones(12), {"fc": (0, 12)},
-                                  {"task_name": f"task {name}", "probe_fingerprint": "fp"})
+        embedding = TaskEmbedding(
+            hessian,
+            torch.ones(12),
+            {"fc": (0, 12)},
+            {"task_name": f"task {name}", "probe_fingerprint": "fp"},
+        )
         files.append(str(embedding.save(tmp_path / f"{name}.safetensors")))
     figure, table = tmp_path / "fig" / "m.png", tmp_path / "m.csv"
-    code, out, err = run_cli(["distance", *files, "--distance", "cosine", "--out", str(figure),
-                              "--csv", str(table)], capsys)
+    code, out, err = run_cli(
+        ["distance", *files, "--distance", "cosine", "--out", str(figure), "--csv", str(table)],
+        capsys,
+    )
     assert code == 0, err
     assert figure.stat().st_size > 1000
     rows = list(csv.reader(table.open()))

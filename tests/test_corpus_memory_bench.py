@@ -14,8 +14,21 @@ pytestmark = pytest.mark.slow
 
 def test_corpus_memory_reports_both_sizes_both_modes_and_cleans_up(tmp_path: Path) -> None:
     folder, out = tmp_path / "work", tmp_path / "memory.json"
-    _run("corpus_memory.py", "--size_gb", "0.0004", "--folder", str(folder), "--num_tasks", "2",
-         "--task_size", "20", "--max_length", "16", "--out", str(out))
+    _run(
+        "corpus_memory.py",
+        "--size_gb",
+        "0.0004",
+        "--folder",
+        str(folder),
+        "--num_tasks",
+        "2",
+        "--task_size",
+        "20",
+        "--max_length",
+        "16",
+        "--out",
+        str(out),
+    )
     report = json.loads(out.read_text())
     cases = report["cases"]
     assert [c["streaming"] for c in cases] == [True, False, True, False]

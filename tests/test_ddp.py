@@ -64,8 +64,11 @@ class Classifier(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.backbone = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.classifier = nn.Linear(4, 3)
 
@@ -91,8 +94,14 @@ def build_user_project() -> tuple[Classifier, DataLoader]:
 
 def user_trainer(devices: int, strategy: str, callbacks: list[Any]) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=callbacks,
     )
 
@@ -110,7 +119,9 @@ def run_user_project(out: Path, strategy: str) -> None:
     """Train the user's classifier on 2 processes; rank 0 also keeps the model it ended with."""
     model, loader = build_user_project()
     callback = FisherCallback(
-        estimator="exact", head="classifier", output=out / "user.safetensors",
+        estimator="exact",
+        head="classifier",
+        output=out / "user.safetensors",
         logits_fn=user_logits if strategy == "ddp_spawn" else None,
     )
     trainer = user_trainer(2, strategy, [callback])
@@ -159,8 +170,12 @@ def _fail(out: Path, checkpoint_dir: Path) -> None:
     probe, data = build_task()
     options = task2vec_options("per_sample")
     t2v = Task2Vec(
-        probe, devices=2, strategy="ddp", checkpoint_dir=str(checkpoint_dir),
-        checkpoint_every_n_steps=1, **options,
+        probe,
+        devices=2,
+        strategy="ddp",
+        checkpoint_dir=str(checkpoint_dir),
+        checkpoint_every_n_steps=1,
+        **options,
     )
     embedding = t2v.embed(data)
     if _rank() == 0:
@@ -188,9 +203,21 @@ def _free_port() -> int:
 
 def clean_env() -> dict[str, str]:
     """This process's environment without anything that ties a run to another process group."""
-    drop = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK",
-            "GROUP_RANK", "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_TRAINER_", "SLURM_",
-            "TORCHELASTIC_", "LT_")
+    drop = (
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "LOCAL_WORLD_SIZE",
+        "PL_GLOBAL_SEED",
+        "PL_TRAINER_",
+        "SLURM_",
+        "TORCHELASTIC_",
+        "LT_",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(
         MASTER_ADDR="127.0.0.1",
@@ -232,7 +259,9 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
-def test_two_processes_match_one(strategy: str, one_process: dict[str, Path], tmp_path: Path) -> None:
+def test_two_processes_match_one(
+    strategy: str, one_process: dict[str, Path], tmp_path: Path
+) -> None:
     result = run_script(strategy, str(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     for estimator in STRATEGY_ESTIMATORS[strategy]:
@@ -281,7 +310,10 @@ def test_failing_rank_fails_the_run_then_resume_in_one_process(
     # Resume the two-process pass in one process: the same embedding as an uninterrupted run.
     probe, data = build_task()
     resumed = Task2Vec(
-        probe, devices=1, checkpoint_dir=str(checkpoints), resume_from="last",
+        probe,
+        devices=1,
+        checkpoint_dir=str(checkpoints),
+        resume_from="last",
         **task2vec_options("per_sample"),
     ).embed(data)
     reference = TaskEmbedding.load(one_process["per_sample"])

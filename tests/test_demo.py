@@ -44,8 +44,15 @@ def test_the_probe_recognises_imagenet_photos(lite0: torch.nn.Module) -> None:
     if not checks:
         pytest.skip("scikit-learn's sample images are not available")
     assert checks["flower.jpg"][0] == "daisy"
-    assert checks["china.jpg"][0] in {"bell cote", "palace", "dome", "monastery", "pagoda",
-                                      "boathouse", "stupa"}
+    assert checks["china.jpg"][0] in {
+        "bell cote",
+        "palace",
+        "dome",
+        "monastery",
+        "pagoda",
+        "boathouse",
+        "stupa",
+    }
 
 
 def test_default_tasks_add_fashion_mnist_when_its_files_are_found(
@@ -73,8 +80,21 @@ def test_the_demo_pipeline_writes_artifacts_matrix_figure_and_neighbours(
     from t2v_lightning.similarity.distance import pdist
 
     tasks = ["digits_0_4", "digits_5_9", "mnist_subset_0_4"]
-    demo.main(["--output", str(tmp_path), "--tasks", *tasks, "--input_size", "32",
-               "--max_samples", "24", "--head_epochs", "1", "--no_progress_bar"])
+    demo.main(
+        [
+            "--output",
+            str(tmp_path),
+            "--tasks",
+            *tasks,
+            "--input_size",
+            "32",
+            "--max_samples",
+            "24",
+            "--head_epochs",
+            "1",
+            "--no_progress_bar",
+        ]
+    )
     out = capsys.readouterr().out
     embeddings = [TaskEmbedding.load(tmp_path / f"{t}.safetensors") for t in tasks]
     names = [e.name for e in embeddings]
@@ -82,7 +102,10 @@ def test_the_demo_pipeline_writes_artifacts_matrix_figure_and_neighbours(
     assert all(e.meta["probe"] == demo.PROBE and e.meta["skip_layers"] == 2 for e in embeddings)
     layers = list(embeddings[0].layers)
     assert len(layers) == 96 and len(embeddings[0]) == 41952
-    assert layers[:2] == ["blocks.0.0.conv_dw", "blocks.0.0.bn1"] and layers[-2:] == ["conv_head", "bn2"]
+    assert layers[:2] == ["blocks.0.0.conv_dw", "blocks.0.0.bn1"] and layers[-2:] == [
+        "conv_head",
+        "bn2",
+    ]
     rows = list(csv.reader((tmp_path / "distance_matrix.csv").open()))
     assert rows[0] == ["task", *names]
     matrix = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]], dtype=torch.float64)
@@ -104,6 +127,11 @@ def test_the_demos_closing_commands_are_those_of_the_docs() -> None:
     for name in ("imagefolder", "hf", "csv"):
         assert any(f"--data.name {name}" in c for c in demo.OWN_DATA_COMMANDS)
         assert f"--data.name {name}" in section
-    for option in ("--data.root", "--datasets '*'", "--data.path", "--data.data_files",
-                   "--model.probe text:all-MiniLM-L6-v2"):
+    for option in (
+        "--data.root",
+        "--datasets '*'",
+        "--data.path",
+        "--data.data_files",
+        "--model.probe text:all-MiniLM-L6-v2",
+    ):
         assert option in " ".join(demo.OWN_DATA_COMMANDS) and option in section

@@ -40,8 +40,9 @@ FLOAT64_ATOL = 1e-12
 TILED = ("cosine", "entropy", "kl", "jsd")
 
 
-def reference_distance(name: str, ha: np.ndarray, sa: np.ndarray, hb: np.ndarray,
-                       sb: np.ndarray) -> float:
+def reference_distance(
+    name: str, ha: np.ndarray, sa: np.ndarray, hb: np.ndarray, sb: np.ndarray
+) -> float:
     """SPEC section 4, literally, for one pair (float64)."""
     if name in ("cosine", "entropy"):
         total = ha + hb + EPSILON
@@ -82,17 +83,29 @@ def reference_pdist(name: str, embeddings: list[TaskEmbedding]) -> np.ndarray:
     return out
 
 
-def make_embeddings(n: int, d: int = 60, *, magnitude: float = 1e-6, spread: float = 1.0,
-                    seed: int = 0, fingerprint: str = "probe-A") -> list[TaskEmbedding]:
+def make_embeddings(
+    n: int,
+    d: int = 60,
+    *,
+    magnitude: float = 1e-6,
+    spread: float = 1.0,
+    seed: int = 0,
+    fingerprint: str = "probe-A",
+) -> list[TaskEmbedding]:
     """Log-normal hessians ``magnitude · exp(spread · z)``, log-normal scales, two layers."""
     generator = torch.Generator().manual_seed(seed)
-    hessians = magnitude * torch.exp(spread * torch.randn(n, d, generator=generator,
-                                                          dtype=torch.float64))
+    hessians = magnitude * torch.exp(
+        spread * torch.randn(n, d, generator=generator, dtype=torch.float64)
+    )
     scales = torch.exp(0.5 * torch.randn(n, d, generator=generator, dtype=torch.float64))
     layers = {"layer1": (0, d // 3), "layer2": (d // 3, d)}
     return [
-        TaskEmbedding(hessians[i].float(), scales[i].float(), layers,
-                      {"probe": "toy", "probe_fingerprint": fingerprint, "task_name": f"t{i}"})
+        TaskEmbedding(
+            hessians[i].float(),
+            scales[i].float(),
+            layers,
+            {"probe": "toy", "probe_fingerprint": fingerprint, "task_name": f"t{i}"},
+        )
         for i in range(n)
     ]
 
@@ -128,8 +141,9 @@ def test_wide_dynamic_range_uses_float64_and_matches(name: str) -> None:
     # Entries spanning e^±40 around their mean leave float32's safe range: float64 fallback.
     embeddings = make_embeddings(5, magnitude=1e-3, spread=12.0, seed=3)
     expected = reference_pdist(name, embeddings)
-    np.testing.assert_allclose(pdist(embeddings, name).numpy(), expected,
-                               **tolerances(name, float64=True))
+    np.testing.assert_allclose(
+        pdist(embeddings, name).numpy(), expected, **tolerances(name, float64=True)
+    )
 
 
 @pytest.mark.parametrize("name", DISTANCES)
@@ -140,9 +154,13 @@ def test_cdist_and_task_distance_match_reference(name: str) -> None:
     assert matrix.shape == (3, 4)
     for i, a in enumerate(first):
         for j, b in enumerate(second):
-            expected = reference_distance(name, a.hessian.double().numpy(),
-                                          a.scale.double().numpy(), b.hessian.double().numpy(),
-                                          b.scale.double().numpy())
+            expected = reference_distance(
+                name,
+                a.hessian.double().numpy(),
+                a.scale.double().numpy(),
+                b.hessian.double().numpy(),
+                b.scale.double().numpy(),
+            )
             np.testing.assert_allclose(float(matrix[i, j]), expected, **tolerances(name))
             np.testing.assert_allclose(task_distance(a, b, name), expected, **tolerances(name))
 
@@ -156,8 +174,9 @@ def test_pdist_structure(name: str) -> None:
     if name == "asymmetric_kl":
         assert not torch.allclose(matrix, matrix.T)  # the full matrix, both directions
         # row i holds KL(e_i ‖ e_j): the direction of cdist(from=e_i, to=e_j)
-        np.testing.assert_allclose(matrix[2, 5].item(),
-                                   task_distance(embeddings[2], embeddings[5], name), rtol=1e-9)
+        np.testing.assert_allclose(
+            matrix[2, 5].item(), task_distance(embeddings[2], embeddings[5], name), rtol=1e-9
+        )
     else:
         assert torch.equal(matrix, matrix.T)
 
@@ -172,8 +191,7 @@ def test_identical_embeddings(name: str) -> None:
         assert expected > 1e-6
     else:
         expected = 0.0
-    assert task_distance(a, a, name) == pytest.approx(expected, rel=FLOAT32_RTOL,
-                                                      abs=FLOAT32_ATOL)
+    assert task_distance(a, a, name) == pytest.approx(expected, rel=FLOAT32_RTOL, abs=FLOAT32_ATOL)
 
 
 def test_top_level_exports() -> None:
@@ -199,19 +217,22 @@ def test_tiles_and_thread_pool_give_the_same_matrix(name: str, monkeypatch) -> N
     monkeypatch.undo()
     np.testing.assert_allclose(tiled.numpy(), expected.numpy(), rtol=1e-6, atol=1e-9)
     cross = cdist(embeddings[:4], embeddings, name)
-    np.testing.assert_allclose(cross[:, 4:].numpy(), expected[:4, 4:].numpy(),
-                               **tolerances(name))
+    np.testing.assert_allclose(cross[:, 4:].numpy(), expected[:4, 4:].numpy(), **tolerances(name))
 
 
 def test_pairwise_distances_on_tensors() -> None:
     embeddings = make_embeddings(4, seed=7)
     hessians = torch.stack([e.hessian for e in embeddings])
     scales = torch.stack([e.scale for e in embeddings])
-    np.testing.assert_allclose(pairwise_distances(hessians, scales, distance="kl").numpy(),
-                               pdist(embeddings, "kl").numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        pairwise_distances(hessians, scales, distance="kl").numpy(),
+        pdist(embeddings, "kl").numpy(),
+        rtol=1e-12,
+    )
     cross = pairwise_distances(hessians[:2], scales[:2], hessians, scales, distance="jsd")
-    np.testing.assert_allclose(cross.numpy(), cdist(embeddings[:2], embeddings, "jsd").numpy(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        cross.numpy(), cdist(embeddings[:2], embeddings, "jsd").numpy(), rtol=1e-12
+    )
     with pytest.raises(ValueError, match="other_scales"):
         pairwise_distances(hessians, scales, hessians)
     bad = hessians.clone()
@@ -240,14 +261,19 @@ def test_zero_fisher_values_are_accepted_where_the_distance_is_defined(name: str
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.floats(min_value=1e-9, max_value=1e3), min_size=6, max_size=6),
-       st.lists(st.floats(min_value=1e-9, max_value=1e3), min_size=6, max_size=6),
-       st.sampled_from([d for d in DISTANCES if d != "asymmetric_kl"]))
-def test_symmetric_distances_are_symmetric_and_non_negative(xs: list[float], ys: list[float],
-                                                            name: str) -> None:
+@given(
+    st.lists(st.floats(min_value=1e-9, max_value=1e3), min_size=6, max_size=6),
+    st.lists(st.floats(min_value=1e-9, max_value=1e3), min_size=6, max_size=6),
+    st.sampled_from([d for d in DISTANCES if d != "asymmetric_kl"]),
+)
+def test_symmetric_distances_are_symmetric_and_non_negative(
+    xs: list[float], ys: list[float], name: str
+) -> None:
     a = TaskEmbedding(torch.tensor(xs), torch.ones(6))
     b = TaskEmbedding(torch.tensor(ys), torch.ones(6))
-    if name == "correlation" and (np.ptp(1 / np.float32(xs)) == 0 or np.ptp(1 / np.float32(ys)) == 0):
+    if name == "correlation" and (
+        np.ptp(1 / np.float32(xs)) == 0 or np.ptp(1 / np.float32(ys)) == 0
+    ):
         return  # undefined for a constant vector (tested below)
     forward = task_distance(a, b, name, assume_comparable=True)  # no probe recorded
     backward = task_distance(b, a, name, assume_comparable=True)
@@ -296,8 +322,9 @@ def test_invalid_hessians_raise_naming_the_embedding(value: float) -> None:
     embeddings = make_embeddings(3)
     bad = embeddings[1].hessian.clone()
     bad[45] = value
-    embeddings[1] = TaskEmbedding(bad, embeddings[1].scale, embeddings[1].layers,
-                                  embeddings[1].meta)
+    embeddings[1] = TaskEmbedding(
+        bad, embeddings[1].scale, embeddings[1].layers, embeddings[1].meta
+    )
     # zeros are valid for cosine (the default) and entropy; the other distances divide by h
     with pytest.raises(ValueError, match=r"embeddings\[1\] \('t1'\).*index 45 \(layer 'layer2'\)"):
         pdist(embeddings, "cosine" if value != 0.0 else "kl")
@@ -342,14 +369,19 @@ def test_embeddings_of_different_scales_warn_once_per_call() -> None:
     from t2v_lightning.embedding import EmbeddingScaleWarning
 
     items = make_embeddings(4)
-    for item, meta in zip(items, (
-        {"method": "montecarlo", "estimator": "per_sample"},
-        {"method": "montecarlo", "estimator": "batch", "batch_size": 100},
-        {"method": "montecarlo", "estimator": "batch", "batch_size": 100},
-        {"method": "montecarlo", "estimator": "exact"},
-    )):
+    for item, meta in zip(
+        items,
+        (
+            {"method": "montecarlo", "estimator": "per_sample"},
+            {"method": "montecarlo", "estimator": "batch", "batch_size": 100},
+            {"method": "montecarlo", "estimator": "batch", "batch_size": 100},
+            {"method": "montecarlo", "estimator": "exact"},
+        ),
+    ):
         item.meta.update(meta)
-    with pytest.warns(EmbeddingScaleWarning, match=r"F \(per-example estimator\) and F / 100") as caught:
+    with pytest.warns(
+        EmbeddingScaleWarning, match=r"F \(per-example estimator\) and F / 100"
+    ) as caught:
         matrix = pdist(items, "cosine")
     assert len([w for w in caught if issubclass(w.category, EmbeddingScaleWarning)]) == 1
     assert matrix.shape == (4, 4)

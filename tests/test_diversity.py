@@ -28,8 +28,15 @@ META = {"probe": "toy", "probe_fingerprint": "fp"}
 
 def random_embeddings(n: int, d: int = 30, seed: int = 0) -> list[TaskEmbedding]:
     generator = torch.Generator().manual_seed(seed)
-    return [TaskEmbedding(torch.exp(torch.randn(d, generator=generator)), torch.ones(d),
-                          {"layer": (0, d)}, {**META, "task_name": f"b{i}"}) for i in range(n)]
+    return [
+        TaskEmbedding(
+            torch.exp(torch.randn(d, generator=generator)),
+            torch.ones(d),
+            {"layer": (0, d)},
+            {**META, "task_name": f"b{i}"},
+        )
+        for i in range(n)
+    ]
 
 
 def scipy_spec_cosine(a: TaskEmbedding, b: TaskEmbedding) -> float:
@@ -41,16 +48,18 @@ def scipy_spec_cosine(a: TaskEmbedding, b: TaskEmbedding) -> float:
 def scipy_summary(values: list[float], confidence: float) -> tuple[float, float, float, float]:
     """Mean, std (ddof 1) and Student's t interval of the mean, as Beyond Scale reports them."""
     array = np.asarray(values)
-    low, high = scipy.stats.t.interval(confidence, len(array) - 1, loc=array.mean(),
-                                       scale=scipy.stats.sem(array))
+    low, high = scipy.stats.t.interval(
+        confidence, len(array) - 1, loc=array.mean(), scale=scipy.stats.sem(array)
+    )
     return float(array.mean()), float(array.std(ddof=1)), float(low), float(high)
 
 
 @pytest.mark.parametrize("confidence", [0.95, 0.5])
 def test_diversity_coefficient_against_scipy(confidence: float) -> None:
     embeddings = random_embeddings(7)
-    pairs = [scipy_spec_cosine(embeddings[i], embeddings[j])
-             for i in range(7) for j in range(i + 1, 7)]
+    pairs = [
+        scipy_spec_cosine(embeddings[i], embeddings[j]) for i in range(7) for j in range(i + 1, 7)
+    ]
     result = diversity_coefficient(embeddings, confidence=confidence)
     assert isinstance(result, DiversityCoefficient)
     assert result.num_pairs == 21 and result.confidence == confidence
@@ -72,21 +81,31 @@ def test_cross_diversity_coefficient_against_scipy() -> None:
     assert result.num_pairs == 20
     assert t2v_lightning.cross_diversity_coefficient is cross_diversity_coefficient
     assert result.mean == pytest.approx(mean, rel=RTOL)
-    assert (result.std, result.ci_low, result.ci_high) == pytest.approx((std, low, high),
-                                                                         rel=1e-4)
+    assert (result.std, result.ci_low, result.ci_high) == pytest.approx((std, low, high), rel=1e-4)
 
 
 def test_other_distances() -> None:
     embeddings = random_embeddings(4)
     jsd = diversity_coefficient(embeddings, distance="jsd")
-    expected = np.mean([task_distance(embeddings[i], embeddings[j], "jsd")
-                        for i in range(4) for j in range(i + 1, 4)])
+    expected = np.mean(
+        [
+            task_distance(embeddings[i], embeddings[j], "jsd")
+            for i in range(4)
+            for j in range(i + 1, 4)
+        ]
+    )
     assert jsd.mean == pytest.approx(expected, rel=RTOL)
     # an asymmetric distance averages both directions of every pair
     akl = diversity_coefficient(embeddings, distance="asymmetric_kl")
     assert akl.num_pairs == 12
-    expected = np.mean([task_distance(embeddings[i], embeddings[j], "asymmetric_kl")
-                        for i in range(4) for j in range(4) if i != j])
+    expected = np.mean(
+        [
+            task_distance(embeddings[i], embeddings[j], "asymmetric_kl")
+            for i in range(4)
+            for j in range(4)
+            if i != j
+        ]
+    )
     assert akl.mean == pytest.approx(expected, rel=1e-9)
 
 
@@ -134,8 +153,12 @@ class HistogramEmbedder:
         self.seen.append(indices)
         labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
         counts = torch.bincount(labels, minlength=self.classes).float() + 1.0
-        return TaskEmbedding(counts, torch.ones(self.classes), {"fc": (0, self.classes)},
-                             {**META, "task_name": "toy"})
+        return TaskEmbedding(
+            counts,
+            torch.ones(self.classes),
+            {"fc": (0, self.classes)},
+            {**META, "task_name": "toy"},
+        )
 
 
 def test_embed_batches_draws_disjoint_seeded_batches(caplog: pytest.LogCaptureFixture) -> None:
@@ -148,7 +171,12 @@ def test_embed_batches_draws_disjoint_seeded_batches(caplog: pytest.LogCaptureFi
     assert len(set(flat)) == 80  # disjoint
     assert [e.name for e in embeddings] == [f"toy [batch {k}]" for k in range(4)]
     assert embeddings[2].meta["diversity_batch"] == {
-        "index": 2, "batch_size": 20, "num_batches": 4, "seed": 3, "overlapping": False}
+        "index": 2,
+        "batch_size": 20,
+        "num_batches": 4,
+        "seed": 3,
+        "overlapping": False,
+    }
     assert embeddings[0].meta["probe_fingerprint"] == "fp"
     assert "embedding batch 4/4 (20 examples)" in caplog.text
     # the same seed draws the same batches; another seed others

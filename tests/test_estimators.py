@@ -152,8 +152,15 @@ class DepthwiseConvs(nn.Module):
         self.expand = nn.Conv2d(3, 4, 1)
         self.dw_a = nn.Conv2d(4, 4, 5, padding=2, groups=4)
         self.dw_b = nn.Conv2d(
-            4, 4, (5, 5), stride=2, padding=(1, 2), dilation=(1, 2), groups=4,
-            padding_mode="reflect", bias=False,
+            4,
+            4,
+            (5, 5),
+            stride=2,
+            padding=(1, 2),
+            dilation=(1, 2),
+            groups=4,
+            padding_mode="reflect",
+            bias=False,
         )
         self.dw_1d = nn.Conv1d(4, 4, 25, padding=12, groups=4)
         self.fc = nn.Linear(4, 3)
@@ -191,11 +198,16 @@ def test_exact_matches_brute_force_on_mlp(tiny_mlp: nn.Module) -> None:
         (DepthwiseConvs, (3, 3, 9, 11)),
     ],
     ids=[
-        "strided-dilated-grouped-reflect-conv1d-norms", "linear-gram", "conv-gram", "pointwise",
+        "strided-dilated-grouped-reflect-conv1d-norms",
+        "linear-gram",
+        "conv-gram",
+        "pointwise",
         "depthwise",
     ],
 )
-def test_exact_matches_brute_force_on_layer_variants(network: type[nn.Module], shape: tuple[int, ...]) -> None:
+def test_exact_matches_brute_force_on_layer_variants(
+    network: type[nn.Module], shape: tuple[int, ...]
+) -> None:
     torch.manual_seed(1)
     model = network().eval()
     inputs = torch.randn(*shape)
@@ -259,10 +271,14 @@ def test_sampled_labels_do_not_depend_on_batching() -> None:
     probs = torch.softmax(torch.randn(50, 7), -1)
     ids = torch.arange(1000, 1050)
     whole = sample_labels(probs, ids, seed=5)
-    pieces = torch.cat([sample_labels(probs[i : i + 7], ids[i : i + 7], seed=5) for i in range(0, 50, 7)])
+    pieces = torch.cat(
+        [sample_labels(probs[i : i + 7], ids[i : i + 7], seed=5) for i in range(0, 50, 7)]
+    )
     assert torch.equal(whole, pieces)
     permutation = torch.randperm(50)
-    assert torch.equal(sample_labels(probs[permutation], ids[permutation], seed=5), whole[permutation])
+    assert torch.equal(
+        sample_labels(probs[permutation], ids[permutation], seed=5), whole[permutation]
+    )
     assert not torch.equal(sample_labels(probs, ids, seed=6), whole)
 
 
@@ -338,10 +354,18 @@ def test_non_finite_logits_are_reported() -> None:
 
 @pytest.mark.parametrize(
     ("kernel", "stride", "dilation", "padding", "size"),
-    [(3, 1, 1, 1, (9, 11)), (3, 2, 1, 1, (10, 9)), (5, 2, (1, 2), (1, 2), (11, 12)), (3, 2, 2, 0, (12, 13))],
+    [
+        (3, 1, 1, 1, (9, 11)),
+        (3, 2, 1, 1, (10, 9)),
+        (5, 2, (1, 2), (1, 2), (11, 12)),
+        (3, 2, 2, 0, (12, 13)),
+    ],
 )
 def test_depthwise_forms_match_per_example_autograd(
-    kernel: int, stride: int, dilation: int | tuple[int, int], padding: int | tuple[int, int],
+    kernel: int,
+    stride: int,
+    dilation: int | tuple[int, int],
+    padding: int | tuple[int, int],
     size: tuple[int, int],
 ) -> None:
     """Both depthwise forms (the grouped convolution used on the CPU, the per-offset sum used
@@ -352,11 +376,15 @@ def test_depthwise_forms_match_per_example_autograd(
     conv = nn.Conv2d(5, 5, kernel, stride=stride, dilation=dilation, padding=padding, groups=5)
     inputs = torch.randn(3, 5, *size)
     grad = torch.randn_like(conv(inputs))
-    expected = torch.stack([
-        torch.autograd.grad((conv(inputs[n : n + 1]) * grad[n : n + 1]).sum(), conv.weight)[0]
-        .reshape(5, -1).square().sum(-1)
-        for n in range(inputs.shape[0])
-    ])
+    expected = torch.stack(
+        [
+            torch.autograd.grad((conv(inputs[n : n + 1]) * grad[n : n + 1]).sum(), conv.weight)[0]
+            .reshape(5, -1)
+            .square()
+            .sum(-1)
+            for n in range(inputs.shape[0])
+        ]
+    )
     for by_offsets in (False, True):
         got = depthwise_sq_norms(ConvGeometry.of(conv), inputs, grad, by_offsets=by_offsets)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -373,8 +401,14 @@ def test_depthwise_forms_match_per_example_autograd(
     ],
 )
 def test_padded_gram_form_matches_per_example_autograd(
-    channels: int, size: tuple[int, int], kernel: Any, stride: Any, dilation: Any, padding: Any,
-    groups: int, mode: str,
+    channels: int,
+    size: tuple[int, int],
+    kernel: Any,
+    stride: Any,
+    dilation: Any,
+    padding: Any,
+    groups: int,
+    mode: str,
 ) -> None:
     """The Gram-of-the-padded-input form against each example's weight gradient from autograd,
     on convolutions for which the cost rule picks it (so ``conv_sq_norms`` runs it too)."""
@@ -387,20 +421,34 @@ def test_padded_gram_form_matches_per_example_autograd(
 
     torch.manual_seed(5)
     conv = nn.Conv2d(
-        channels, 2 * channels, kernel, stride=stride, dilation=dilation, padding=padding,
-        groups=groups, padding_mode=mode,
+        channels,
+        2 * channels,
+        kernel,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+        groups=groups,
+        padding_mode=mode,
     )
     inputs = torch.randn(4, channels, *size)
     grad = torch.randn_like(conv(inputs))
-    expected = torch.stack([
-        torch.autograd.grad((conv(inputs[n : n + 1]) * grad[n : n + 1]).sum(), conv.weight)[0]
-        .reshape(2 * channels, -1).square().sum(-1)
-        for n in range(inputs.shape[0])
-    ])
+    expected = torch.stack(
+        [
+            torch.autograd.grad((conv(inputs[n : n + 1]) * grad[n : n + 1]).sum(), conv.weight)[0]
+            .reshape(2 * channels, -1)
+            .square()
+            .sum(-1)
+            for n in range(inputs.shape[0])
+        ]
+    )
     geometry = ConvGeometry.of(conv)
     assert prefers_padded_gram(geometry, inputs, grad)
-    torch.testing.assert_close(padded_gram_sq_norms(geometry, inputs, grad), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(conv_sq_norms(geometry, inputs, grad), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        padded_gram_sq_norms(geometry, inputs, grad), expected, rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        conv_sq_norms(geometry, inputs, grad), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_padded_gram_rule_keeps_the_patch_forms_where_they_are_cheaper() -> None:
@@ -433,8 +481,14 @@ def test_batchnorm_with_a_large_running_mean_matches_brute_force() -> None:
     """The batch-norm form subtracts the mean after summing; a mean of 30 standard deviations
     stays within 1e-4 of the brute-force Fisher."""
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(4, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
     with torch.no_grad():
         model[0].bias.fill_(30.0)
         model[1].running_mean.fill_(30.0)

@@ -47,8 +47,13 @@ from tests.conftest import TinyConvNet, ToyImages, randomise_batchnorm
 from tests.test_reliability_cli import DIGITS, PROBE, one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-                  "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+SUBPROCESS_ENV = {
+    **os.environ,
+    "PYTHONPATH": str(REPO),
+    "HF_HUB_OFFLINE": "1",
+    "MPLBACKEND": "Agg",
+    "PYTHONWARNINGS": "ignore",
+}
 
 
 @pytest.fixture
@@ -61,9 +66,17 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def small_embedding(seed: int = 0, name: str | None = None) -> TaskEmbedding:
     generator = torch.Generator().manual_seed(seed)
     return TaskEmbedding(
-        torch.rand(6, generator=generator) + 0.1, torch.ones(6), {"conv": (0, 4), "bn": (4, 6)},
-        {"probe": "p", "probe_fingerprint": "abc", "task_name": name or f"t{seed}",
-         "estimator": "per_sample", "method": "montecarlo", "seed": seed},
+        torch.rand(6, generator=generator) + 0.1,
+        torch.ones(6),
+        {"conv": (0, 4), "bn": (4, 6)},
+        {
+            "probe": "p",
+            "probe_fingerprint": "abc",
+            "task_name": name or f"t{seed}",
+            "estimator": "per_sample",
+            "method": "montecarlo",
+            "seed": seed,
+        },
     )
 
 
@@ -133,8 +146,11 @@ def test_remote_checkpoints_are_refused_before_lightning_loads_them(
     _OpenMarker.marker = str(workdir / "code-ran")
     torch.save({"state_dict": {}, "hyper_parameters": _OpenMarker()}, served / "evil.ckpt")
     with serve(served) as (url, requested):
-        for location in (f"{url}/evil.ckpt", f"file://{served / 'evil.ckpt'}",
-                         "s3://bucket/evil.ckpt"):
+        for location in (
+            f"{url}/evil.ckpt",
+            f"file://{served / 'evil.ckpt'}",
+            "s3://bucket/evil.ckpt",
+        ):
             code, err = run_cli([command, *PROBE, *DIGITS, "--ckpt_path", location], capsys)
             assert code == 2, err
             line = one_line_error(err)
@@ -164,9 +180,15 @@ def test_malicious_resume_checkpoint_is_refused_with_the_same_words(tmp_path: Pa
     _System.command = f"touch {marker}"
     torch.save({"callbacks": _System()}, tmp_path / "evil.ckpt")
     torch.manual_seed(0)
-    t2v = Task2Vec(randomise_batchnorm(TinyConvNet()).eval(), max_samples=8, batch_size=4,
-                   head_epochs=0, progress_bar=False, accelerator="cpu",
-                   resume_from=str(tmp_path / "evil.ckpt"))
+    t2v = Task2Vec(
+        randomise_batchnorm(TinyConvNet()).eval(),
+        max_samples=8,
+        batch_size=4,
+        head_epochs=0,
+        progress_bar=False,
+        accelerator="cpu",
+        resume_from=str(tmp_path / "evil.ckpt"),
+    )
     with pytest.raises(ValueError, match=r"evil.ckpt' cannot be read safely") as caught:
         t2v.embed(ToyImages(n=12))
     assert "\n" not in str(caught.value)
@@ -196,7 +218,7 @@ def test_version_1_cannot_switch_the_checksum_off(tmp_path: Path) -> None:
 # ============================================================================================
 
 _RACER = textwrap.dedent(
-    '''
+    """
     import os, sys, time
     barrier, me = sys.argv[1], sys.argv[2]
     from t2v_lightning import task2vec
@@ -215,7 +237,7 @@ _RACER = textwrap.dedent(
 
     task2vec.Task2Vec.embed = embed
     main(sys.argv[3:])
-    '''
+    """
 )
 
 
@@ -224,9 +246,14 @@ def test_two_runs_writing_the_same_output_never_lose_a_result_silently(workdir: 
     (workdir / "barrier").mkdir()
     args = ["embed", *PROBE, *DIGITS, "--output", "same.safetensors"]
     runs = [
-        subprocess.Popen([sys.executable, "racer.py", "barrier", str(i), *args], cwd=workdir,
-                         env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+        subprocess.Popen(
+            [sys.executable, "racer.py", "barrier", str(i), *args],
+            cwd=workdir,
+            env=SUBPROCESS_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     results = [(run.wait(timeout=600), run.communicate()[1]) for run in runs]
@@ -271,8 +298,9 @@ def test_without_hard_links_the_destination_is_reserved_before_the_rename(
 @pytest.fixture
 def artifacts(workdir: Path) -> list[Path]:
     (workdir / "dd").mkdir()
-    return [small_embedding(i).save(workdir / "dd" / f"{c}.safetensors")
-            for i, c in enumerate("abc")]
+    return [
+        small_embedding(i).save(workdir / "dd" / f"{c}.safetensors") for i, c in enumerate("abc")
+    ]
 
 
 def test_distance_outputs_never_replace_inputs_or_existing_files(
@@ -301,7 +329,9 @@ def test_distance_outputs_never_replace_inputs_or_existing_files(
 
 
 def test_distance_csv_is_written_atomically(
-    workdir: Path, capsys: pytest.CaptureFixture[str], artifacts: list[Path],
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+    artifacts: list[Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (workdir / "m.csv").write_text("previous matrix\n")
@@ -344,8 +374,19 @@ def test_a_sweep_redoes_empty_and_truncated_artifacts(
     whole = small_embedding().save(workdir / "whole.safetensors").read_bytes()
     (out / "digits_0_4.safetensors").write_bytes(whole[: len(whole) // 2])
     with caplog.at_level("INFO"):
-        code, err = run_cli(["embed", *PROBE, *DIGITS, "--datasets", "digits", "digits_0_4",
-                             "--output", "out/{dataset}.safetensors"], capsys)
+        code, err = run_cli(
+            [
+                "embed",
+                *PROBE,
+                *DIGITS,
+                "--datasets",
+                "digits",
+                "digits_0_4",
+                "--output",
+                "out/{dataset}.safetensors",
+            ],
+            capsys,
+        )
     assert code == 0, err
     assert "out/digits.safetensors is damaged" in caplog.text
     assert "out/digits_0_4.safetensors is damaged" in caplog.text
@@ -394,8 +435,11 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
     folder.mkdir()
     if mount is None or os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root and the mount command")
-    done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -449,8 +493,14 @@ def test_ctrl_c_during_embed_exits_130_and_writes_nothing(
 def test_ctrl_c_in_the_api_raises_keyboard_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
     _press_ctrl_c(monkeypatch)
     torch.manual_seed(0)
-    t2v = Task2Vec(randomise_batchnorm(TinyConvNet()).eval(), max_samples=8, batch_size=4,
-                   head_epochs=0, progress_bar=False, accelerator="cpu")
+    t2v = Task2Vec(
+        randomise_batchnorm(TinyConvNet()).eval(),
+        max_samples=8,
+        batch_size=4,
+        head_epochs=0,
+        progress_bar=False,
+        accelerator="cpu",
+    )
     with pytest.raises(KeyboardInterrupt):
         t2v.embed(ToyImages(n=12))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -476,13 +526,18 @@ _CASES = [
 
 @pytest.mark.parametrize(("args", "expected"), _CASES, ids=[" ".join(a) for a, _ in _CASES])
 def test_bad_options_and_checkpoints_fail_in_one_line(
-    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-    args: list[str], expected: str,
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    expected: str,
 ) -> None:
     if "gpu" in args and torch.cuda.is_available():
         pytest.skip("a GPU is available here")
-    torch.save({"conv_stem.weight": torch.zeros(2), "classifier.bias": torch.zeros(2)},
-               workdir / "state.pt")
+    torch.save(
+        {"conv_stem.weight": torch.zeros(2), "classifier.bias": torch.zeros(2)},
+        workdir / "state.pt",
+    )
     (workdir / "garbage.ckpt").write_bytes(bytes(range(256)) * 4)
     no_work(monkeypatch)
     code, err = run_cli([args[0], *PROBE, *DIGITS, *args[1:]], capsys)
@@ -529,8 +584,14 @@ class _Relabelled(ToyImages):
 
 def test_huge_label_values_are_counted_by_class_not_by_value() -> None:
     torch.manual_seed(0)
-    t2v = Task2Vec(randomise_batchnorm(TinyConvNet()).eval(), max_samples=8, batch_size=4,
-                   head_epochs=1, progress_bar=False, accelerator="cpu")
+    t2v = Task2Vec(
+        randomise_batchnorm(TinyConvNet()).eval(),
+        max_samples=8,
+        batch_size=4,
+        head_epochs=1,
+        progress_bar=False,
+        accelerator="cpu",
+    )
     embedding = t2v.embed(_Relabelled())
     assert embedding.meta["num_classes"] == 2 and torch.isfinite(embedding.hessian).all()
     drawn = sample_indices([0, 2**40] * 4, max_samples=6, balanced=True, seed=0)
@@ -545,8 +606,9 @@ def test_seeds_beyond_64_bits_are_refused_by_name(
     with pytest.raises(ValueError, match=r"seed=18446744073709551616 is out of range"):
         TaskDataModule("digits", seed=2**64)
     with pytest.raises(ValueError, match=r"seed=-9223372036854775809 is out of range"):
-        embed_batches(Task2Vec(TinyConvNet()), ToyImages(n=8), batch_size=4, num_batches=1,
-                      seed=-(2**63) - 1)
+        embed_batches(
+            Task2Vec(TinyConvNet()), ToyImages(n=8), batch_size=4, num_batches=1, seed=-(2**63) - 1
+        )
     no_work(monkeypatch)
     for option in ("--data.seed", "--model.seed"):
         code, err = run_cli(["embed", *PROBE, *DIGITS, option, str(2**70)], capsys)
@@ -567,19 +629,32 @@ class _Images(torch.utils.data.Dataset):
 @pytest.mark.parametrize(
     ("image", "expected"),
     [
-        (torch.rand(1, 8, 8), r"shape \(1, 8, 8\).*first layer 'conv1' \(Conv2d\) takes examples "
-                              r"of shape \(3, H, W\)"),
+        (
+            torch.rand(1, 8, 8),
+            r"shape \(1, 8, 8\).*first layer 'conv1' \(Conv2d\) takes examples "
+            r"of shape \(3, H, W\)",
+        ),
         (torch.rand(8, 8), r"shape \(8, 8\).*takes examples of shape \(3, H, W\)"),
-        ((torch.rand(3, 8, 8) * 255).to(torch.uint8), r"dtype torch.uint8\) is not a float tensor; the probe takes "
-                                                     r"float inputs of shape \(3, H, W\)"),
+        (
+            (torch.rand(3, 8, 8) * 255).to(torch.uint8),
+            r"dtype torch.uint8\) is not a float tensor; the probe takes "
+            r"float inputs of shape \(3, H, W\)",
+        ),
     ],
     ids=["one_channel", "two_dimensional", "uint8"],
 )
 def test_inputs_of_the_wrong_shape_name_the_index_and_the_expected_shape(
     image: torch.Tensor, expected: str
 ) -> None:
-    t2v = Task2Vec(TinyConvNet(), max_samples=None, balanced_sampling=False, batch_size=4,
-                   head_epochs=0, progress_bar=False, accelerator="cpu")
+    t2v = Task2Vec(
+        TinyConvNet(),
+        max_samples=None,
+        balanced_sampling=False,
+        batch_size=4,
+        head_epochs=0,
+        progress_bar=False,
+        accelerator="cpu",
+    )
     with pytest.raises(DatasetError, match="dataset index 0: the input " + "(.|\n)*" + expected):
         t2v.embed(_Images([image.clone() for _ in range(8)]))
 
@@ -595,19 +670,38 @@ def test_integer_inputs_of_a_probe_that_starts_with_a_lookup_table_are_accepted(
             return torch.tensor([index % 10, (3 * index) % 10, 1]), index % 2
 
     torch.manual_seed(0)
-    probe = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(),
-                                torch.nn.Linear(12, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
-    embedding = Task2Vec(probe, max_samples=None, balanced_sampling=False, batch_size=4,
-                         head_epochs=0, skip_layers=1, progress_bar=False,
-                         accelerator="cpu").embed(TokenIds())
+    probe = torch.nn.Sequential(
+        torch.nn.Embedding(10, 4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(12, 5),
+        torch.nn.ReLU(),
+        torch.nn.Linear(5, 2),
+    )
+    embedding = Task2Vec(
+        probe,
+        max_samples=None,
+        balanced_sampling=False,
+        batch_size=4,
+        head_epochs=0,
+        skip_layers=1,
+        progress_bar=False,
+        accelerator="cpu",
+    ).embed(TokenIds())
     assert list(embedding.layers) == ["2"]
 
 
 def test_one_input_of_another_shape_is_named() -> None:
     images = [torch.rand(3, 8, 8) for _ in range(8)]
     images[5] = torch.rand(3, 6, 6)
-    t2v = Task2Vec(TinyConvNet(), max_samples=None, balanced_sampling=False, batch_size=4,
-                   head_epochs=0, progress_bar=False, accelerator="cpu")
+    t2v = Task2Vec(
+        TinyConvNet(),
+        max_samples=None,
+        balanced_sampling=False,
+        batch_size=4,
+        head_epochs=0,
+        progress_bar=False,
+        accelerator="cpu",
+    )
     with pytest.raises(DatasetError, match=r"dataset index 5: the input has shape \(3, 6, 6\)"):
         t2v.embed(_Images(images))
 
@@ -625,8 +719,9 @@ def test_an_all_zero_embedding_is_refused_by_name(
     with pytest.raises(ValueError, match=r"'dead'\) is zero everywhere"):
         pdist([zero, small_embedding(1)])
     zero.save(workdir / "dd" / "zero.safetensors")
-    code, err = run_cli(["distance", "dd/zero.safetensors", str(artifacts[0]), "--csv", "m.csv"],
-                        capsys)
+    code, err = run_cli(
+        ["distance", "dd/zero.safetensors", str(artifacts[0]), "--csv", "m.csv"], capsys
+    )
     assert code == 2 and "dd/zero.safetensors is zero everywhere" in one_line_error(err)
     assert not (workdir / "m.csv").exists()
 
@@ -646,8 +741,13 @@ def test_artifact_bytes_are_the_same_from_separate_processes(tmp_path: Path) -> 
     )
     outputs = [tmp_path / f"run{i}.safetensors" for i in range(3)]
     for output in outputs:
-        subprocess.run([sys.executable, "-c", script, str(output)], check=True, cwd=REPO,
-                       env=SUBPROCESS_ENV, timeout=300)
+        subprocess.run(
+            [sys.executable, "-c", script, str(output)],
+            check=True,
+            cwd=REPO,
+            env=SUBPROCESS_ENV,
+            timeout=300,
+        )
     contents = {output.read_bytes() for output in outputs}
     assert len(contents) == 1
     from safetensors import safe_open

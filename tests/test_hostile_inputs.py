@@ -60,15 +60,25 @@ def run_limited(code: str, cwd: Path, limit_gib: int = 6) -> subprocess.Complete
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
-                          env=SUBPROCESS_ENV, preexec_fn=cap, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=SUBPROCESS_ENV,
+        preexec_fn=cap,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def artifact(values: list[float], name: str, **meta: Any) -> TaskEmbedding:
     n = len(values)
-    return TaskEmbedding(torch.tensor(values), torch.ones(n), {"fc": (0, n)},
-                         {"probe": "toy", "probe_fingerprint": "fp", "task_name": name, **meta})
+    return TaskEmbedding(
+        torch.tensor(values),
+        torch.ones(n),
+        {"fc": (0, n)},
+        {"probe": "toy", "probe_fingerprint": "fp", "task_name": name, **meta},
+    )
 
 
 # ============================================================================================
@@ -82,8 +92,20 @@ def test_fit_and_validate_with_the_logger_off_keep_an_existing_config_yaml(
 ) -> None:
     mine = "data:\n  name: digits\n# my own notes, not Lightning's\n"
     (workdir / "config.yaml").write_text(mine)
-    code, err = run_cli([command, "--config", "config.yaml", *PROBE, *TINY,
-                         "--trainer.max_epochs", "1", "--trainer.logger", "false"], capsys)
+    code, err = run_cli(
+        [
+            command,
+            "--config",
+            "config.yaml",
+            *PROBE,
+            *TINY,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.logger",
+            "false",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert (workdir / "config.yaml").read_text() == mine
     assert not [p for p in workdir.iterdir() if p.name.startswith(".config.yaml")]
@@ -103,8 +125,18 @@ def test_save_never_replaces_an_existing_file_unless_asked(tmp_path: Path) -> No
 # 2. Resume only what matches; checkpoints, Trainer limits, fingerprints
 # ============================================================================================
 
-SWEEP = ["embed", *PROBE, *TINY, "--trainer.max_epochs", "1", "--datasets", "digits_0_4",
-         "digits_5_9", "--output", "e/{task}.safetensors"]
+SWEEP = [
+    "embed",
+    *PROBE,
+    *TINY,
+    "--trainer.max_epochs",
+    "1",
+    "--datasets",
+    "digits_0_4",
+    "digits_5_9",
+    "--output",
+    "e/{task}.safetensors",
+]
 
 
 def test_a_sweep_resumes_only_artifacts_of_the_same_task_and_settings(
@@ -112,7 +144,10 @@ def test_a_sweep_resumes_only_artifacts_of_the_same_task_and_settings(
 ) -> None:
     code, err = run_cli(SWEEP, capsys)
     assert code == 0, err
-    first, second = workdir / "e" / "digits_0_4.safetensors", workdir / "e" / "digits_5_9.safetensors"
+    first, second = (
+        workdir / "e" / "digits_0_4.safetensors",
+        workdir / "e" / "digits_5_9.safetensors",
+    )
     second.write_bytes(first.read_bytes())  # another task's artifact at this task's path
     code, err = run_cli(SWEEP, capsys)
     assert code == 2, err
@@ -121,9 +156,11 @@ def test_a_sweep_resumes_only_artifacts_of_the_same_task_and_settings(
     assert "dataset: 'digits_0_4' in the file, 'digits_5_9' now" in line
     assert "--resume_mismatch reembed" in line
     # other settings that change the numbers stop the sweep too, naming the setting
-    for extra, words in ((["--model.estimator", "batch"], "estimator: 'per_sample' in the file"),
-                         (["--data.max_samples", "9"], "max_samples: 8 in the file, 9 now"),
-                         (["--model.seed", "3"], "seed: 0 in the file, 3 now")):
+    for extra, words in (
+        (["--model.estimator", "batch"], "estimator: 'per_sample' in the file"),
+        (["--data.max_samples", "9"], "max_samples: 8 in the file, 9 now"),
+        (["--model.seed", "3"], "seed: 0 in the file, 3 now"),
+    ):
         code, err = run_cli([*SWEEP, *extra], capsys)
         assert code == 2 and words in one_line_error(err), err
     # asked for: the mismatching task is embedded again, the matching one skipped
@@ -139,29 +176,50 @@ def test_a_sweep_resumes_only_artifacts_of_the_same_task_and_settings(
 def test_a_checkpoint_of_another_task_or_probe_is_refused_naming_both(
     workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    code, err = run_cli(["fit", *PROBE, *TINY, "--data.name", "digits_0_4",
-                         "--trainer.max_epochs", "1"], capsys)
+    code, err = run_cli(
+        ["fit", *PROBE, *TINY, "--data.name", "digits_0_4", "--trainer.max_epochs", "1"], capsys
+    )
     assert code == 0, err
     (checkpoint,) = (workdir / "lightning_logs").rglob("*.ckpt")
     no_work(monkeypatch)
-    code, err = run_cli(["embed", *PROBE, *TINY, "--data.name", "digits_5_9",
-                         "--ckpt_path", str(checkpoint)], capsys)
+    code, err = run_cli(
+        ["embed", *PROBE, *TINY, "--data.name", "digits_5_9", "--ckpt_path", str(checkpoint)],
+        capsys,
+    )
     assert code == 2, err
     line = one_line_error(err)
     assert "fitted on --data.name='digits_0_4'" in line and "'digits_5_9' was asked" in line
-    code, err = run_cli(["embed", "--model.probe", "resnet34", *TINY, "--data.name",
-                         "digits_0_4", "--ckpt_path", str(checkpoint)], capsys)
+    code, err = run_cli(
+        [
+            "embed",
+            "--model.probe",
+            "resnet34",
+            *TINY,
+            "--data.name",
+            "digits_0_4",
+            "--ckpt_path",
+            str(checkpoint),
+        ],
+        capsys,
+    )
     assert code == 2, err
     line = one_line_error(err)
     assert "--model.probe='timm:test_efficientnet'" in line and "'resnet34' was asked" in line
 
 
-@pytest.mark.parametrize("limit", [["--trainer.limit_train_batches", "2"],
-                                   ["--trainer.max_time", "00:00:01:00"],
-                                   ["--trainer.max_steps", "3"]],
-                         ids=lambda a: a[0])
+@pytest.mark.parametrize(
+    "limit",
+    [
+        ["--trainer.limit_train_batches", "2"],
+        ["--trainer.max_time", "00:00:01:00"],
+        ["--trainer.max_steps", "3"],
+    ],
+    ids=lambda a: a[0],
+)
 def test_embed_refuses_trainer_limits_it_cannot_apply(
-    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
     limit: list[str],
 ) -> None:
     no_work(monkeypatch)
@@ -174,14 +232,38 @@ def test_embed_refuses_trainer_limits_it_cannot_apply(
 def test_fast_dev_run_is_a_smoke_test_that_writes_nothing(
     workdir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    code, err = run_cli(["embed", *PROBE, *TINY, "--data.name", "digits", "--output",
-                         "smoke.safetensors", "--trainer.fast_dev_run", "true"], capsys)
+    code, err = run_cli(
+        [
+            "embed",
+            *PROBE,
+            *TINY,
+            "--data.name",
+            "digits",
+            "--output",
+            "smoke.safetensors",
+            "--trainer.fast_dev_run",
+            "true",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "smoke.safetensors not written" in caplog.text
     assert not (workdir / "smoke.safetensors").exists()
     # a later sweep embeds the task for real: nothing was left to skip
-    code, err = run_cli(["embed", *PROBE, *TINY, "--data.name", "digits", "--output",
-                         "smoke.safetensors", "--trainer.max_epochs", "1"], capsys)
+    code, err = run_cli(
+        [
+            "embed",
+            *PROBE,
+            *TINY,
+            "--data.name",
+            "digits",
+            "--output",
+            "smoke.safetensors",
+            "--trainer.max_epochs",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 0 and TaskEmbedding.load(workdir / "smoke.safetensors").meta["head_epochs"] == 1
 
 
@@ -189,10 +271,15 @@ def test_embeddings_without_a_fingerprint_or_layers_are_compared_only_when_assum
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     real = artifact([0.5, 1.0, 2.0], "real")
-    bare = TaskEmbedding(torch.tensor([2.0, 1.0, 0.5]), torch.ones(3), {"fc": (0, 3)},
-                         {"task_name": "bare"})
-    flat = TaskEmbedding(torch.tensor([1.0, 1.0, 0.5]), torch.ones(3), {},
-                         {"probe_fingerprint": "fp", "task_name": "flat"})
+    bare = TaskEmbedding(
+        torch.tensor([2.0, 1.0, 0.5]), torch.ones(3), {"fc": (0, 3)}, {"task_name": "bare"}
+    )
+    flat = TaskEmbedding(
+        torch.tensor([1.0, 1.0, 0.5]),
+        torch.ones(3),
+        {},
+        {"probe_fingerprint": "fp", "task_name": "flat"},
+    )
     for other, missing in ((bare, "no probe fingerprint"), (flat, "no layer table")):
         with pytest.raises(IncompatibleEmbeddingsError, match=missing):
             task_distance(real, other)
@@ -227,9 +314,14 @@ def test_a_config_class_path_outside_the_allowed_namespaces_is_never_imported(
     # python -m puts the working folder first on sys.path: a module there must not run either
     (workdir / "evil_mod.py").write_text("open('EVIL_RAN', 'w').close()\n")
     (workdir / "evil.yaml").write_text("trainer:\n  callbacks:\n    - class_path: evil_mod.X\n")
-    result = subprocess.run([sys.executable, "-m", "t2v_lightning.cli", "embed", *PROBE,
-                             "--config", "evil.yaml"], cwd=workdir, env=SUBPROCESS_ENV,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "t2v_lightning.cli", "embed", *PROBE, "--config", "evil.yaml"],
+        cwd=workdir,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     assert "'evil_mod.X' is not allowed" in one_line_error(result.stderr)
     assert not (workdir / "EVIL_RAN").exists()
@@ -249,8 +341,9 @@ def test_inat_index_paths_outside_the_data_root_are_refused(tmp_path: Path) -> N
     secret = tmp_path / "secret.jpg"  # a readable image outside the data root
     tiny_jpeg(secret, (1, 2, 3))
     index = json.loads((inat / "train2018.json").read_text())
-    for image, bad in zip(index["images"], [str(secret), "../../secret.jpg",
-                                            "train_val2018/../../../secret.jpg"]):
+    for image, bad in zip(
+        index["images"], [str(secret), "../../secret.jpg", "train_val2018/../../../secret.jpg"]
+    ):
         image["file_name"] = bad
         (inat / "train2018.json").write_text(json.dumps(index))
         with pytest.raises(ValueError, match="leads outside the data folder") as caught:
@@ -264,10 +357,13 @@ def test_task_names_from_artifacts_are_escaped_for_terminal_csv_and_figure(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     names = ["\x1b[2J\x1b[31mred", '=HYPERLINK("http://x","click")', "costs $5 and $6", "-2+3"]
-    files = [str(artifact([0.5 + i, 1.0, 2.0 - 0.3 * i], name).save(workdir / f"{i}.safetensors"))
-             for i, name in enumerate(names)]
-    code, out, err = _run_with_stdout(["distance", *files, "--csv", "m.csv", "--out", "m.png"],
-                                      capsys)
+    files = [
+        str(artifact([0.5 + i, 1.0, 2.0 - 0.3 * i], name).save(workdir / f"{i}.safetensors"))
+        for i, name in enumerate(names)
+    ]
+    code, out, err = _run_with_stdout(
+        ["distance", *files, "--csv", "m.csv", "--out", "m.png"], capsys
+    )
     assert code == 0, err
     assert "\x1b" not in out and "\\x1b[2J" in out
     rows = list(csv.reader((workdir / "m.csv").open()))
@@ -275,8 +371,9 @@ def test_task_names_from_artifacts_are_escaped_for_terminal_csv_and_figure(
     assert [row[0] for row in rows[1:]] == rows[0][1:]
     assert float(rows[1][2]) > 0  # numbers stay numbers
     assert (workdir / "m.png").stat().st_size > 1000  # two '$' did not break the figure
-    code, out, err = _run_with_stdout(["select", "--target", files[0], "--experts", *files[1:]],
-                                      capsys)
+    code, out, err = _run_with_stdout(
+        ["select", "--target", files[0], "--experts", *files[1:]], capsys
+    )
     assert code == 0 and "\x1b" not in out, err
 
 
@@ -323,15 +420,34 @@ def test_a_batch_that_cannot_fit_in_memory_is_one_line_before_the_pass(
 ) -> None:
     import t2v_lightning.input_checks as input_checks
 
-    no_work_after_prepare = Task2Vec(TinyConvNet().eval(), max_samples=8, batch_size=8,
-                                     head_epochs=0, progress_bar=False, accelerator="cpu")
+    no_work_after_prepare = Task2Vec(
+        TinyConvNet().eval(),
+        max_samples=8,
+        batch_size=8,
+        head_epochs=0,
+        progress_bar=False,
+        accelerator="cpu",
+    )
     monkeypatch.setattr(input_checks, "_available_memory", lambda device: 20_000)
     with pytest.raises(DatasetError, match=r"one batch of 8 .* more than the 0\.0 GiB available"):
         no_work_after_prepare.embed(ToyImages(n=12))
     monkeypatch.setattr(input_checks, "_available_memory", lambda device: 40 * 2**20)
-    code, err = run_cli(["embed", *PROBE, "--data.name", "digits", "--data.max_samples", "100",
-                         "--data.input_size", "256", *QUIET, "--output", "big.safetensors"],
-                        capsys)
+    code, err = run_cli(
+        [
+            "embed",
+            *PROBE,
+            "--data.name",
+            "digits",
+            "--data.max_samples",
+            "100",
+            "--data.input_size",
+            "256",
+            *QUIET,
+            "--output",
+            "big.safetensors",
+        ],
+        capsys,
+    )
     assert code == 2, err
     line = one_line_error(err)
     assert "one batch of 100" in line and "--data.batch_size" in line
@@ -369,14 +485,35 @@ def test_probes_made_for_another_input_size_fail_on_one_example(
 ) -> None:
     task = get_task("digits", "data", input_size=32)
     for name in ("timm:vit_tiny_patch16_224", "alexnet", "inception_v3"):
-        t2v = Task2Vec(get_probe(name, num_classes=10), max_samples=4, batch_size=4,
-                       head_epochs=0, progress_bar=False, accelerator="cpu", skip_layers=0,
-                       reset_head=False)
+        t2v = Task2Vec(
+            get_probe(name, num_classes=10),
+            max_samples=4,
+            batch_size=4,
+            head_epochs=0,
+            progress_bar=False,
+            accelerator="cpu",
+            skip_layers=0,
+            reset_head=False,
+        )
         with pytest.raises(DatasetError, match=r"cannot take dataset index \d+ .*\(3, 32, 32\)"):
             t2v.embed(task.dataset)
-    code, err = run_cli(["embed", "--model.probe", "timm:vit_tiny_patch16_224", "--data.name",
-                         "digits", "--data.input_size", "32", "--data.max_samples", "4", *QUIET,
-                         "--trainer.max_epochs", "0"], capsys)
+    code, err = run_cli(
+        [
+            "embed",
+            "--model.probe",
+            "timm:vit_tiny_patch16_224",
+            "--data.name",
+            "digits",
+            "--data.input_size",
+            "32",
+            "--data.max_samples",
+            "4",
+            *QUIET,
+            "--trainer.max_epochs",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 2, err
     assert "Input height (32) doesn't match model (224)" in one_line_error(err)
 
@@ -389,8 +526,19 @@ def test_a_text_probe_on_an_image_task_is_one_line(
         get_probe("text:all-MiniLM-L6-v2")
     except Exception as err:  # the text extra's weights are not installed here
         pytest.skip(f"no offline text probe: {err}")
-    code, err = run_cli(["embed", "--model.probe", "text:all-MiniLM-L6-v2", *TINY,
-                         "--data.name", "digits", "--trainer.max_epochs", "0"], capsys)
+    code, err = run_cli(
+        [
+            "embed",
+            "--model.probe",
+            "text:all-MiniLM-L6-v2",
+            *TINY,
+            "--data.name",
+            "digits",
+            "--trainer.max_epochs",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 2, err
     assert "cannot take dataset index" in one_line_error(err)
 
@@ -401,12 +549,26 @@ def test_a_failed_download_is_one_line(
     import torchvision.datasets as tvd
 
     def unreachable(self: Any) -> None:
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error "
-                           "[Errno -2] Name or service not known>")
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz: <urlopen error "
+            "[Errno -2] Name or service not known>"
+        )
 
     monkeypatch.setattr(tvd.KMNIST, "download", unreachable)
-    code, err = run_cli(["embed", *PROBE, *TINY, "--data.name", "kmnist", "--data.root",
-                         "dl", "--data.download", "true"], capsys)
+    code, err = run_cli(
+        [
+            "embed",
+            *PROBE,
+            *TINY,
+            "--data.name",
+            "kmnist",
+            "--data.root",
+            "dl",
+            "--data.download",
+            "true",
+        ],
+        capsys,
+    )
     assert code == 2, err
     line = one_line_error(err)
     assert "downloading 'kmnist' into dl failed" in line and "Name or service not known" in line
@@ -423,17 +585,27 @@ def test_an_empty_artifact_is_refused_everywhere(
     with pytest.raises(ValueError, match="has no entries"):
         pdist([artifact([1.0], "one"), empty])
     # an empty artifact written by other means (an older version, another tool)
-    header = {"format": embedding_module.FORMAT_NAME, "format_version": "2",
-              "layers": "[]", "meta": json.dumps({"task_name": "empty"})}
-    header["checksum"] = embedding_module._checksum(header["layers"], header["meta"],
-                                                    torch.zeros(0), torch.zeros(0))
-    embedding_module._write_safetensors({"hessian": torch.zeros(0), "scale": torch.zeros(0)},
-                                        str(workdir / "empty.safetensors"), metadata=header)
+    header = {
+        "format": embedding_module.FORMAT_NAME,
+        "format_version": "2",
+        "layers": "[]",
+        "meta": json.dumps({"task_name": "empty"}),
+    }
+    header["checksum"] = embedding_module._checksum(
+        header["layers"], header["meta"], torch.zeros(0), torch.zeros(0)
+    )
+    embedding_module._write_safetensors(
+        {"hessian": torch.zeros(0), "scale": torch.zeros(0)},
+        str(workdir / "empty.safetensors"),
+        metadata=header,
+    )
     with pytest.raises(EmbeddingFileError, match="empty embedding"):
         TaskEmbedding.load(workdir / "empty.safetensors")
     other = str(artifact([1.0, 2.0], "x").save(workdir / "x.safetensors"))
-    for args in (["distance", "empty.safetensors", other],
-                 ["select", "--target", other, "--experts", "empty.safetensors"]):
+    for args in (
+        ["distance", "empty.safetensors", other],
+        ["select", "--target", other, "--experts", "empty.safetensors"],
+    ):
         code, err = run_cli(args, capsys)
         assert code == 2 and "empty embedding" in one_line_error(err), err
 
@@ -441,8 +613,9 @@ def test_an_empty_artifact_is_refused_everywhere(
 def test_a_figure_without_a_known_extension_is_refused_before_anything_is_written(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    files = [str(artifact([1.0 + i, 2.0], f"t{i}").save(workdir / f"{i}.safetensors"))
-             for i in range(2)]
+    files = [
+        str(artifact([1.0 + i, 2.0], f"t{i}").save(workdir / f"{i}.safetensors")) for i in range(2)
+    ]
     for out, words in (("matrix", "has no extension"), ("matrix.xyz", "has the extension .xyz")):
         code, err = run_cli(["distance", *files, "--csv", "m.csv", "--out", out], capsys)
         assert code == 2, err
@@ -457,11 +630,19 @@ def test_python_arguments_of_the_wrong_type_are_named() -> None:
             image, label = super().__getitem__(index)
             return image.double(), label
 
-    t2v = Task2Vec(TinyConvNet().eval(), max_samples=8, batch_size=4, head_epochs=0,
-                   progress_bar=False, accelerator="cpu")
+    t2v = Task2Vec(
+        TinyConvNet().eval(),
+        max_samples=8,
+        batch_size=4,
+        head_epochs=0,
+        progress_bar=False,
+        accelerator="cpu",
+    )
     with pytest.raises(DatasetError, match=r"dataset index \d+ .* is float64 .* \.float\(\)"):
         t2v.embed(Float64Images(n=12))
-    with pytest.raises(ValueError, match="num_classes must be a positive integer or None, got True"):
+    with pytest.raises(
+        ValueError, match="num_classes must be a positive integer or None, got True"
+    ):
         get_probe("resnet18", num_classes=True)
     for size in ("32", 32.5):
         with pytest.raises(TypeError, match=f"input_size must be an int .* got {size!r}"):
@@ -473,13 +654,16 @@ def test_a_blocked_checkpoint_folder_and_a_dangling_output_link_fail_before_any_
 ) -> None:
     no_work(monkeypatch)
     (workdir / "blocked").write_text("a file where the checkpoint folder should be")
-    code, err = run_cli(["embed", *PROBE, *TINY, "--data.name", "digits",
-                         "--fisher_checkpoint_dir", "blocked"], capsys)
+    code, err = run_cli(
+        ["embed", *PROBE, *TINY, "--data.name", "digits", "--fisher_checkpoint_dir", "blocked"],
+        capsys,
+    )
     assert code == 2, err
     assert "blocked is a file, not a folder" in one_line_error(err)
     os.symlink(workdir / "nowhere" / "gone.safetensors", workdir / "link.safetensors")
-    code, err = run_cli(["embed", *PROBE, *TINY, "--data.name", "digits", "--output",
-                         "link.safetensors"], capsys)
+    code, err = run_cli(
+        ["embed", *PROBE, *TINY, "--data.name", "digits", "--output", "link.safetensors"], capsys
+    )
     assert code == 2, err
     assert "is a symbolic link to" in one_line_error(err)
     with pytest.raises(ValueError, match=r"symbolic link to .* which does not exist"):

@@ -72,7 +72,9 @@ def test_an_unknown_type_is_refused_naming_the_module_and_its_type() -> None:
     assert [name for name, _ in variational_layers(conv3d, "2")] == ["0"]
 
 
-def test_the_rule_is_chosen_before_the_pass(monkeypatch: pytest.MonkeyPatch, tiny_convnet: nn.Module) -> None:
+def test_the_rule_is_chosen_before_the_pass(
+    monkeypatch: pytest.MonkeyPatch, tiny_convnet: nn.Module
+) -> None:
     layers = embedded_layers(tiny_convnet, "fc")
     inputs = torch.randn(3, 3, 8, 8)
     with torch.enable_grad(), LayerFisherTaps(tiny_convnet, layers) as taps:
@@ -111,7 +113,11 @@ class ChannelScaleRule(LayerRule):
 def test_a_new_layer_type_is_one_rule_and_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(3)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), ChannelScale(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 4, 3),
+        ChannelScale(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(4, 3),
     ).eval()
     with pytest.raises(UnsupportedLayerError, match=r"'1' \(ChannelScale\)"):
@@ -136,7 +142,11 @@ def test_no_string_chain_on_layer_kinds_is_left_in_fisher() -> None:
                 continue
             sides = [node.left, *node.comparators]
             words = {side.value for side in sides if isinstance(side, ast.Constant)}
-            names = [side for side in sides if isinstance(side, ast.Attribute) and side.attr == "__name__"]
+            names = [
+                side
+                for side in sides
+                if isinstance(side, ast.Attribute) and side.attr == "__name__"
+            ]
             if words & _KIND_WORDS or names:
                 found.append(f"{path.name}:{node.lineno}")
     assert not found

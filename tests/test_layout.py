@@ -15,14 +15,26 @@ import t2v_lightning
 PACKAGE = Path(t2v_lightning.__file__).parent
 
 # The entry points: nothing below them may import them.
-ENTRIES = {"t2v_lightning.cli", "t2v_lightning.demo", "t2v_lightning.probe_classifier",
-           "t2v_lightning.task2vec"}
+ENTRIES = {
+    "t2v_lightning.cli",
+    "t2v_lightning.demo",
+    "t2v_lightning.probe_classifier",
+    "t2v_lightning.task2vec",
+}
 # Modules that only the entries (and each other) build on: the Fisher methods, the preparation,
 # the labels, the Trainers, the artifact and the probe.
-CORE = ("t2v_lightning.fisher", "t2v_lightning.prepare", "t2v_lightning.labels",
-                 "t2v_lightning.trainers", "t2v_lightning.embedding", "t2v_lightning.probe",
-                 "t2v_lightning.features", "t2v_lightning.head", "t2v_lightning.data",
-                 "t2v_lightning.similarity")
+CORE = (
+    "t2v_lightning.fisher",
+    "t2v_lightning.prepare",
+    "t2v_lightning.labels",
+    "t2v_lightning.trainers",
+    "t2v_lightning.embedding",
+    "t2v_lightning.probe",
+    "t2v_lightning.features",
+    "t2v_lightning.head",
+    "t2v_lightning.data",
+    "t2v_lightning.similarity",
+)
 
 
 def module_name(path: Path) -> str:
@@ -80,7 +92,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == 1:
-                return [*path[path.index(target):], target]
+                return [*path[path.index(target) :], target]
             if target not in state:
                 cycle = visit(target)
                 if cycle:

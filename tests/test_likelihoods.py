@@ -26,12 +26,17 @@ def _sq_grad(value: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def _labels(name: str, outputs: int) -> list[torch.Tensor]:
     if name == "categorical":
         return [torch.tensor([k]) for k in range(outputs)]
-    return [torch.tensor([values], dtype=torch.float32) for values in itertools.product((0.0, 1.0), repeat=outputs)]
+    return [
+        torch.tensor([values], dtype=torch.float32)
+        for values in itertools.product((0.0, 1.0), repeat=outputs)
+    ]
 
 
 def test_every_likelihood_has_its_object() -> None:
     assert tuple(LIKELIHOOD_OBJECTS) == LIKELIHOODS
-    with pytest.raises(ValueError, match=r"likelihood must be one of \('categorical', 'bernoulli'\), got 'poisson'"):
+    with pytest.raises(
+        ValueError, match=r"likelihood must be one of \('categorical', 'bernoulli'\), got 'poisson'"
+    ):
         likelihood_object("poisson")
 
 

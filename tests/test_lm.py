@@ -90,7 +90,9 @@ def test_task2vec_embeds_an_lm_task_and_never_changes_the_probe(
     fingerprint = probe_fingerprint(probe.model)
     embedding = Task2Vec(probe, progress_bar=False).embed(token_task(), task_name="toy")
     assert isinstance(embedding, TaskEmbedding)
-    assert len(embedding) == sum(layer.num_rows for layer in sequence_layers(probe.body, probe.body_prefix))
+    assert len(embedding) == sum(
+        layer.num_rows for layer in sequence_layers(probe.body, probe.body_prefix)
+    )
     assert bool((embedding.hessian >= 0).all()) and float(embedding.hessian.sum()) > 0
     meta = embedding.meta
     assert meta["probe_fingerprint"] == fingerprint and meta["estimator"] == "per_sample"
@@ -125,10 +127,13 @@ def test_padding_side_and_length_do_not_change_the_embedding(
     for other in (left, longer):
         assert _relative(other.hessian, right.hessian) <= 1e-6
     batch = LMSettings(estimator="batch", batch_size=4)
-    assert _relative(
-        embed_lm(probe, token_task(num=10, side="left", pad_to=16), batch).hessian,
-        embed_lm(probe, token_task(num=10), batch).hessian,
-    ) <= 1e-6
+    assert (
+        _relative(
+            embed_lm(probe, token_task(num=10, side="left", pad_to=16), batch).hessian,
+            embed_lm(probe, token_task(num=10), batch).hessian,
+        )
+        <= 1e-6
+    )
 
 
 def test_same_seed_same_bytes_other_seed_other_values(gpt2_dir: Path, tmp_path: Path) -> None:
@@ -136,7 +141,9 @@ def test_same_seed_same_bytes_other_seed_other_values(gpt2_dir: Path, tmp_path: 
     task = token_task(num=9)
     paths = []
     for run in range(2):
-        paths.append(embed_lm(probe, task, LMSettings(seed=5)).save(tmp_path / f"run{run}.safetensors"))
+        paths.append(
+            embed_lm(probe, task, LMSettings(seed=5)).save(tmp_path / f"run{run}.safetensors")
+        )
     assert paths[0].read_bytes() == paths[1].read_bytes()
     other = embed_lm(probe, task, LMSettings(seed=6))
     assert not torch.equal(other.hessian, TaskEmbedding.load(paths[0]).hessian)
@@ -181,8 +188,10 @@ def test_bad_lm_tasks_are_named(gpt2_dir: Path) -> None:
     with pytest.raises(DatasetError, match="empty"):
         read_lm_task([], probe.vocab_size)
     # lists (as datasets returns them) of different lengths are read
-    lists = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]},
-             {"input_ids": [4, 5], "attention_mask": [1, 1], "text": "ignored"}]
+    lists = [
+        {"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]},
+        {"input_ids": [4, 5], "attention_mask": [1, 1], "text": "ignored"},
+    ]
     task = read_lm_task(lists, probe.vocab_size)
     assert task.input_ids.tolist() == [[1, 2, 3], [4, 5, 0]]
 

@@ -59,8 +59,9 @@ def test_permutation_is_a_bijection_computed_in_any_chunks(size: int) -> None:
     whole = permuted_indices(size, 3, 0, size)
     assert sorted(whole.tolist()) == list(range(size))
     middle = size // 3
-    parts = np.concatenate([permuted_indices(size, 3, 0, middle),
-                            permuted_indices(size, 3, middle, size)])
+    parts = np.concatenate(
+        [permuted_indices(size, 3, 0, middle), permuted_indices(size, 3, middle, size)]
+    )
     assert (parts == whole).all()
 
 
@@ -80,8 +81,17 @@ def test_every_format_gives_the_documents_in_the_permuted_order(
     docs = documents(NUM_DOCS, empty_every=7)
     path = write_corpus(tmp_path / f"corpus{suffix}", docs)
     stats = CorpusStats()
-    tasks = list(token_tasks(spec(path, tmp_path), tokenizer, num_tasks=3, task_size=10,
-                             max_length=8, seed=5, stats=stats))
+    tasks = list(
+        token_tasks(
+            spec(path, tmp_path),
+            tokenizer,
+            num_tasks=3,
+            task_size=10,
+            max_length=8,
+            seed=5,
+            stats=stats,
+        )
+    )
     expected = expected_sequences(docs, tokenizer, 5, 8)
     assert [len(t) for t in tasks] == [10, 10, 10]
     assert [t.index for t in tasks] == [0, 1, 2]
@@ -91,7 +101,7 @@ def test_every_format_gives_the_documents_in_the_permuted_order(
     # Empty documents (blank strings; ".csv" reads "" as missing) are skipped and counted.
     assert stats.sequences == 30
     assert stats.documents - stats.empty_documents == 30
-    order = permuted_indices(len(docs), 5, 0, len(docs))[:stats.documents]
+    order = permuted_indices(len(docs), 5, 0, len(docs))[: stats.documents]
     assert stats.empty_documents == sum(1 for i in order if not docs[i].strip())
 
 
@@ -150,8 +160,9 @@ def test_packing_joins_documents_with_eos_and_cuts_full_sequences(
     docs = documents(NUM_DOCS, empty_every=9)
     path = write_corpus(tmp_path / "c.jsonl", docs)
     stats = CorpusStats()
-    tasks = list(token_tasks(spec(path, tmp_path), tokenizer, 2, 5, 8, seed=0, packing=True,
-                             stats=stats))
+    tasks = list(
+        token_tasks(spec(path, tmp_path), tokenizer, 2, 5, 8, seed=0, packing=True, stats=stats)
+    )
     stream: list[int] = []
     order = permuted_indices(len(docs), 0, 0, len(docs))
     for i in order:
@@ -166,8 +177,11 @@ def test_packing_joins_documents_with_eos_and_cuts_full_sequences(
 # ------------------------------------------------------------------------------ errors
 def test_too_small_a_corpus_is_refused_before_reading(tokenizer: Any, tmp_path: Path) -> None:
     path = write_corpus(tmp_path / "c.jsonl", documents(20))
-    with pytest.raises(CorpusError, match=r"too small: 3 tasks x 10 sequences need 30, it has 20 "
-                       r"documents; lower --num_tasks or --task_size"):
+    with pytest.raises(
+        CorpusError,
+        match=r"too small: 3 tasks x 10 sequences need 30, it has 20 "
+        r"documents; lower --num_tasks or --task_size",
+    ):
         next(token_tasks(spec(path, tmp_path), tokenizer, 3, 10, 8))
 
 
@@ -178,8 +192,11 @@ def test_too_small_a_stream_is_refused_when_it_ends(
     path = write_corpus(tmp_path / "c.jsonl", documents(20, empty_every=5))
     packing = options.pop("packing", False)
     tasks = token_tasks(spec(path, tmp_path, **options), tokenizer, 50, 10, 8, packing=packing)
-    with pytest.raises(CorpusError, match=r"too small: 50 tasks x 10 sequences need 500, it has "
-                       r"\d+ sequences from 20 documents \(4 empty, skipped\)"):
+    with pytest.raises(
+        CorpusError,
+        match=r"too small: 50 tasks x 10 sequences need 500, it has "
+        r"\d+ sequences from 20 documents \(4 empty, skipped\)",
+    ):
         list(tasks)
 
 
@@ -188,8 +205,11 @@ def test_unknown_column_lists_the_existing_ones(
     streaming: bool, tokenizer: Any, tmp_path: Path
 ) -> None:
     path = write_corpus(tmp_path / "c.jsonl", documents(20), column="content")
-    with pytest.raises(CorpusError, match=r"--text_column 'text' is not a column of .*c.jsonl; "
-                       r"its columns: id, content$"):
+    with pytest.raises(
+        CorpusError,
+        match=r"--text_column 'text' is not a column of .*c.jsonl; "
+        r"its columns: id, content$",
+    ):
         list(token_tasks(spec(path, tmp_path, streaming=streaming), tokenizer, 1, 5, 8))
 
 
@@ -230,8 +250,11 @@ def test_a_stream_failing_part_way_names_where(
     monkeypatch.setattr(corpus_module, "_load", lambda spec: FailingStream())
     tasks = token_tasks(CorpusSpec("some/corpus", streaming=True), tokenizer, 6, 60, 8)
     assert [next(tasks).index for _ in range(5)] == [0, 1, 2, 3, 4]  # documents 0-299
-    with pytest.raises(CorpusError, match=r"reading --data some/corpus failed after 300 "
-                       r"documents: connection reset by peer"):
+    with pytest.raises(
+        CorpusError,
+        match=r"reading --data some/corpus failed after 300 "
+        r"documents: connection reset by peer",
+    ):
         next(tasks)
 
 

@@ -60,7 +60,8 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     CountingEmbedder.calls = []
     real = lm_diversity.default_embedder
     monkeypatch.setattr(
-        lm_diversity, "default_embedder",
+        lm_diversity,
+        "default_embedder",
         lambda probe, settings, device: CountingEmbedder(real(probe, settings, device)),
     )
     return CountingEmbedder.calls
@@ -84,8 +85,9 @@ def test_bootstrap_resample_mean_matches_explicit_resampling() -> None:
         pairs = [matrix[i, j] for i, j in itertools.permutations(row, 2) if i != j]
         if pairs:
             means.append(float(torch.stack(pairs).mean()))
-    expected = torch.quantile(torch.tensor(means, dtype=torch.float64),
-                              torch.tensor([0.05, 0.95], dtype=torch.float64))
+    expected = torch.quantile(
+        torch.tensor(means, dtype=torch.float64), torch.tensor([0.05, 0.95], dtype=torch.float64)
+    )
     assert (low, high) == pytest.approx(expected.tolist(), rel=1e-12)
     cross = torch.rand(3, 4, generator=generator, dtype=torch.float64)
     c_low, c_high = bootstrap_interval(cross, 0.95, 2000, seed=1, cross=True)
@@ -123,30 +125,32 @@ def test_corpus_diversity_reports_the_artifacts_and_resumes(
     assert TaskEmbedding.load(task_file(out, 1)).hessian.equal(embeddings[1].hessian)
     # More tasks reuse the first ones (a task does not depend on how many are asked for).
     counted.clear()
-    corpus_diversity(f"lm:{lm_dir}", str(corpus), out,
-                     **options(lm_dir, tmp_path, num_tasks=5))
+    corpus_diversity(f"lm:{lm_dir}", str(corpus), out, **options(lm_dir, tmp_path, num_tasks=5))
     assert counted == [4]
     # Other settings in the same folder: refused, naming the file and the difference.
-    with pytest.raises(SettingsMismatchError, match=r"task_0000.safetensors was made with "
-                       r"other settings \(seed: 0 there, 1 here\)"):
+    with pytest.raises(
+        SettingsMismatchError,
+        match=r"task_0000.safetensors was made with "
+        r"other settings \(seed: 0 there, 1 here\)",
+    ):
         corpus_diversity(f"lm:{lm_dir}", str(corpus), out, **options(lm_dir, tmp_path, seed=1))
 
 
-def test_cross_diversity_and_bounds_from_python(
-    lm_dir: Path, corpus: Path, tmp_path: Path
-) -> None:
+def test_cross_diversity_and_bounds_from_python(lm_dir: Path, corpus: Path, tmp_path: Path) -> None:
     other = write_corpus(tmp_path / "other.csv", [d.upper() for d in documents(60, seed=5)])
     out = tmp_path / "tasks"
-    cross = corpus_diversity(f"lm:{lm_dir}", str(corpus), out, against=str(other),
-                             **options(lm_dir, tmp_path))
+    cross = corpus_diversity(
+        f"lm:{lm_dir}", str(corpus), out, against=str(other), **options(lm_dir, tmp_path)
+    )
     mine = [TaskEmbedding.load(task_file(out, k)) for k in range(4)]
     folders = list((out / "against").iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("other.csv-")
     theirs = [TaskEmbedding.load(task_file(folders[0], k)) for k in range(4)]
     assert cross.mean == pytest.approx(cross_diversity_coefficient(mine, theirs).mean)
     assert cross.num_pairs == 16
-    lower = corpus_diversity(f"lm:{lm_dir}", str(corpus), out, bound="lower",
-                             **options(lm_dir, tmp_path))
+    lower = corpus_diversity(
+        f"lm:{lm_dir}", str(corpus), out, bound="lower", **options(lm_dir, tmp_path)
+    )
     tasks = [TaskEmbedding.load(task_file(out / "lower_bound", k)) for k in range(4)]
     assert lower.mean == pytest.approx(diversity_coefficient(tasks).mean)
     assert tasks[0].meta["diversity_task"]["corpus"] == {"synthetic": "lower_bound"}
@@ -155,9 +159,24 @@ def test_cross_diversity_and_bounds_from_python(
 # ------------------------------------------------------------------------------ command line
 def cli_args(lm_dir: Path, corpus: Path, out: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [
-        "diversity", "--probe", f"lm:{lm_dir}", "--data", str(corpus), "--num_tasks", "4",
-        "--task_size", "6", "--max_length", "12", "--head_epochs", "1", "--output", str(out),
-        "--cache_dir", str(tmp_path / "hf_cache"), *extra,
+        "diversity",
+        "--probe",
+        f"lm:{lm_dir}",
+        "--data",
+        str(corpus),
+        "--num_tasks",
+        "4",
+        "--task_size",
+        "6",
+        "--max_length",
+        "12",
+        "--head_epochs",
+        "1",
+        "--output",
+        str(out),
+        "--cache_dir",
+        str(tmp_path / "hf_cache"),
+        *extra,
     ]
 
 
@@ -167,12 +186,31 @@ def test_cli_writes_json_figure_and_progress(
     other = write_corpus(tmp_path / "other.parquet", documents(40, seed=9))
     out, report = tmp_path / "tasks", tmp_path / "report.json"
     code, stdout, stderr = run_t2v(
-        cli_args(lm_dir, corpus, out, tmp_path, "--against", str(other), "--bounds",
-                 "--json", str(report), "--seed", "0"), capsys)
+        cli_args(
+            lm_dir,
+            corpus,
+            out,
+            tmp_path,
+            "--against",
+            str(other),
+            "--bounds",
+            "--json",
+            str(report),
+            "--seed",
+            "0",
+        ),
+        capsys,
+    )
     assert code == 0, stderr
     data = json.loads(report.read_text())
-    assert set(data) == {"diversity", "cross_diversity", "lower_bound", "upper_bound",
-                         "settings", "corpus_stats"}
+    assert set(data) == {
+        "diversity",
+        "cross_diversity",
+        "lower_bound",
+        "upper_bound",
+        "settings",
+        "corpus_stats",
+    }
     keys = {"mean", "ci_low", "ci_high", "bootstrap_low", "bootstrap_high", "num_tasks"}
     assert set(data["diversity"]) == keys
     assert set(data["cross_diversity"]) == {str(other)}
@@ -196,8 +234,19 @@ def test_cli_writes_json_figure_and_progress(
     assert "lower bound: " in stdout and f"cross-diversity with {other}" in stdout
     # A rerun resumes: every task skipped, same numbers.
     code, _, stderr = run_t2v(
-        cli_args(lm_dir, corpus, out, tmp_path, "--against", str(other), "--bounds",
-                 "--json", str(report)), capsys)
+        cli_args(
+            lm_dir,
+            corpus,
+            out,
+            tmp_path,
+            "--against",
+            str(other),
+            "--bounds",
+            "--json",
+            str(report),
+        ),
+        capsys,
+    )
     assert code == 0
     assert stderr.count("skipped (written before)") == 16
     assert json.loads(report.read_text())["diversity"] == data["diversity"]
@@ -211,23 +260,28 @@ def test_cli_bad_input_is_one_line_and_exit_2(
     code, _, stderr = run_t2v(cli_args(lm_dir, corpus, out, tmp_path), capsys)
     assert code == 2
     errors = [line for line in stderr.splitlines() if "error" in line]
-    assert errors == ["t2v: error: --text_column 'text' is not a column of "
-                      f"{corpus}; its columns: id, body"]
+    assert errors == [
+        f"t2v: error: --text_column 'text' is not a column of {corpus}; its columns: id, body"
+    ]
     code, _, stderr = run_t2v(cli_args(lm_dir, tmp_path / "none.jsonl", out, tmp_path), capsys)
     assert code == 2 and "none.jsonl does not exist" in stderr
-    code, _, stderr = run_t2v(cli_args(lm_dir, corpus, out, tmp_path, "--num_tasks", "0"),
-                              capsys)
+    code, _, stderr = run_t2v(cli_args(lm_dir, corpus, out, tmp_path, "--num_tasks", "0"), capsys)
     assert code == 2 and "--num_tasks must be a positive integer" in stderr
-    code, _, stderr = run_t2v(cli_args(lm_dir, corpus, out, tmp_path, "--text_column", "body",
-                                       "--num_tasks", "9"), capsys)
+    code, _, stderr = run_t2v(
+        cli_args(lm_dir, corpus, out, tmp_path, "--text_column", "body", "--num_tasks", "9"), capsys
+    )
     assert code == 2 and "too small: 9 tasks x 6 sequences need 54, it has 30" in stderr
     code, _, stderr = run_t2v(["diversity", "--data", str(corpus), "--output", str(out)], capsys)
     assert code == 2 and "the following arguments are required: --probe" in stderr
 
 
 def test_cli_stream_failing_part_way_keeps_tasks_and_resumes(
-    lm_dir: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch, counted: list[int],
+    lm_dir: Path,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    counted: list[int],
 ) -> None:
     out = tmp_path / "tasks"
     read = corpus_module.read_documents
@@ -280,8 +334,11 @@ def test_progress_on_a_terminal_rewrites_one_line() -> None:
 
 def test_against_takes_a_hub_configuration_after_a_colon(tmp_path: Path) -> None:
     spec = lm_diversity.against_spec("Salesforce/wikitext:wikitext-103-raw-v1", split="test")
-    assert (spec.data, spec.config, spec.split) == ("Salesforce/wikitext", "wikitext-103-raw-v1",
-                                                    "test")
+    assert (spec.data, spec.config, spec.split) == (
+        "Salesforce/wikitext",
+        "wikitext-103-raw-v1",
+        "test",
+    )
     odd = write_corpus(tmp_path / "a:b.jsonl", documents(3))
     assert lm_diversity.against_spec(str(odd)).data == str(odd)
     assert lm_diversity.against_spec("allenai/c4").config is None
@@ -295,8 +352,11 @@ def test_tasks_of_other_weights_at_the_same_path_are_not_reused(
     settings = options(lm_dir, tmp_path, num_tasks=2)
     corpus_diversity(f"lm:{lm_dir}", str(corpus), out, **settings)
     save_tiny_lm(lm_dir, seed=2)  # retrained in place
-    with pytest.raises(SettingsMismatchError, match=r"task_0000.safetensors was made with "
-                       r"other settings \(probe_fingerprint: "):
+    with pytest.raises(
+        SettingsMismatchError,
+        match=r"task_0000.safetensors was made with "
+        r"other settings \(probe_fingerprint: ",
+    ):
         corpus_diversity(f"lm:{lm_dir}", str(corpus), out, **settings)
 
 
@@ -308,15 +368,35 @@ def test_offline_example_runs(tmp_path: Path) -> None:
 
     script = Path(__file__).resolve().parents[1] / "examples" / "lm_corpus_diversity.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--folder", str(tmp_path / "example"), "--num-tasks", "3",
-         "--task-size", "4"],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1",
-             "PYTHONPATH": os.pathsep.join([str(script.parents[1]), os.environ.get("PYTHONPATH", "")])},
+        [
+            sys.executable,
+            str(script),
+            "--folder",
+            str(tmp_path / "example"),
+            "--num-tasks",
+            "3",
+            "--task-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join(
+                [str(script.parents[1]), os.environ.get("PYTHONPATH", "")]
+            ),
+        },
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "random weights: these numbers show the pipeline" in done.stdout
-    for name in ("varied diversity", "narrow diversity", "cross-diversity varied x narrow",
-                 "lower bound", "upper bound"):
+    for name in (
+        "varied diversity",
+        "narrow diversity",
+        "cross-diversity varied x narrow",
+        "lower bound",
+        "upper bound",
+    ):
         assert name in done.stdout
     assert len(list((tmp_path / "example" / "tasks_varied").glob("task_*.safetensors"))) == 3

@@ -26,17 +26,40 @@ pytest.importorskip("datasets")
 NUM_TASKS = 5  # odd: rank 0 embeds 3 tasks, rank 1 embeds 2
 
 
-def run_diversity(lm_dir: Path, corpus: Path, out: Path, cache: Path, *extra: str
-                  ) -> subprocess.CompletedProcess[str]:
+def run_diversity(
+    lm_dir: Path, corpus: Path, out: Path, cache: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
     command = [
-        sys.executable, "-m", "t2v_lightning.cli", "diversity", "--probe", f"lm:{lm_dir}",
-        "--data", str(corpus), "--num_tasks", str(NUM_TASKS), "--task_size", "4",
-        "--max_length", "10", "--head_epochs", "1", "--output", str(out), "--bounds",
-        "--json", str(out / "report.json"), "--cache_dir", str(cache),
-        "--trainer.accelerator", "cpu", *extra,
+        sys.executable,
+        "-m",
+        "t2v_lightning.cli",
+        "diversity",
+        "--probe",
+        f"lm:{lm_dir}",
+        "--data",
+        str(corpus),
+        "--num_tasks",
+        str(NUM_TASKS),
+        "--task_size",
+        "4",
+        "--max_length",
+        "10",
+        "--head_epochs",
+        "1",
+        "--output",
+        str(out),
+        "--bounds",
+        "--json",
+        str(out / "report.json"),
+        "--cache_dir",
+        str(cache),
+        "--trainer.accelerator",
+        "cpu",
+        *extra,
     ]
-    return subprocess.run(command, env=clean_env(), cwd=str(REPO), capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        command, env=clean_env(), cwd=str(REPO), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 def test_two_processes_write_the_one_process_artifacts(tmp_path: Path) -> None:
@@ -45,8 +68,16 @@ def test_two_processes_write_the_one_process_artifacts(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     single = run_diversity(lm_dir, corpus, one, tmp_path / "cache")
     assert single.returncode == 0, single.stderr[-3000:]
-    double = run_diversity(lm_dir, corpus, two, tmp_path / "cache", "--trainer.devices", "2",
-                           "--trainer.strategy", "ddp")
+    double = run_diversity(
+        lm_dir,
+        corpus,
+        two,
+        tmp_path / "cache",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    )
     assert double.returncode == 0, double.stderr[-3000:]
     groups = ["", "lower_bound/", "upper_bound/"]
     for group in groups:
@@ -68,9 +99,20 @@ def test_two_processes_write_the_one_process_artifacts(tmp_path: Path) -> None:
 def test_a_rank_failing_stops_every_rank_with_status_2(tmp_path: Path) -> None:
     lm_dir = save_tiny_lm(tmp_path / "lm")
     corpus = write_corpus(tmp_path / "corpus.jsonl", documents(40), column="body")
-    done = run_diversity(lm_dir, corpus, tmp_path / "out", tmp_path / "cache",
-                         "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    done = run_diversity(
+        lm_dir,
+        corpus,
+        tmp_path / "out",
+        tmp_path / "cache",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    )
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("t2v: error:")]
-    assert errors == ["t2v: error: --text_column 'text' is not a column of "
-                      f"{corpus}; its columns: id, body"] * 2
+    assert (
+        errors
+        == [f"t2v: error: --text_column 'text' is not a column of {corpus}; its columns: id, body"]
+        * 2
+    )

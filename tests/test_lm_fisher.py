@@ -54,7 +54,9 @@ INIT_STD = 0.3
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory: pytest.TempPathFactory) -> CausalLMProbe:
-    probe = get_probe(f"lm:{save_tiny_gpt2(tmp_path_factory.mktemp('gpt2'), vocab_size=40, init_std=INIT_STD)}")
+    probe = get_probe(
+        f"lm:{save_tiny_gpt2(tmp_path_factory.mktemp('gpt2'), vocab_size=40, init_std=INIT_STD)}"
+    )
     assert isinstance(probe, CausalLMProbe)
     return probe
 
@@ -96,7 +98,9 @@ def _draws(probe: CausalLMProbe, task: LMTask, seed: int, draw: int) -> list[tor
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_per_sequence_rows_equal_autograd(which: str, side: str, request: pytest.FixtureRequest) -> None:
+def test_per_sequence_rows_equal_autograd(
+    which: str, side: str, request: pytest.FixtureRequest
+) -> None:
     probe: CausalLMProbe = request.getfixturevalue(which)
     task = _small_task(probe, side)
     layers = sequence_layers(probe.body, probe.body_prefix)
@@ -186,8 +190,13 @@ def test_labels_drawn_one_position_late_are_caught(
     settings = LMSettings(head_epochs=0, seed=11, batch_size=2)
     sample: Callable[..., torch.Tensor] = TokenCategorical.sample
 
-    def late(self: TokenCategorical, predictions: Predictions, keys: torch.Tensor, seed: int,
-             draw: int = 0) -> torch.Tensor:
+    def late(
+        self: TokenCategorical,
+        predictions: Predictions,
+        keys: torch.Tensor,
+        seed: int,
+        draw: int = 0,
+    ) -> torch.Tensor:
         probs = predictions.probs
         later = probs.clone()
         same_sequence = (keys[1:] >> 32) == (keys[:-1] >> 32)
@@ -203,7 +212,9 @@ def test_labels_drawn_one_position_late_are_caught(
     for n, labels in enumerate(_draws(gpt2, task, settings.seed, 0)):  # drawn at t, scored at t
         score = _real(gpt2, task, n)[0].gather(1, labels.unsqueeze(1)).sum()
         grads = torch.autograd.grad(score, [layer.weight for layer in layers])
-        expected.append(torch.cat([g.double().reshape(g.shape[0], -1).square().sum(1) for g in grads]))
+        expected.append(
+            torch.cat([g.double().reshape(g.shape[0], -1).square().sum(1) for g in grads])
+        )
     truth = torch.stack(expected).sum(0)
     right, wrong = rows(sample), rows(late)
     assert _relative(right, truth) < 1e-5
@@ -219,24 +230,35 @@ def test_labels_come_from_the_distribution_at_their_own_position(
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     sample = TokenCategorical.sample
 
-    def spy(self: TokenCategorical, predictions: Predictions, keys: torch.Tensor, seed: int,
-            draw: int = 0) -> torch.Tensor:
+    def spy(
+        self: TokenCategorical,
+        predictions: Predictions,
+        keys: torch.Tensor,
+        seed: int,
+        draw: int = 0,
+    ) -> torch.Tensor:
         seen.append((predictions.probs.clone(), keys.clone()))
         return sample(self, predictions, keys, seed, draw)
 
     monkeypatch.setattr(TokenCategorical, "sample", spy)
     settings = LMSettings(head_epochs=0, batch_size=len(task))
     lm_fisher(gpt2, task, gpt2.lm_head.weight.detach(), None, settings, CPU)
-    (probs, keys), = seen
+    ((probs, keys),) = seen
     expected_probs = torch.cat([_real(gpt2, task, n)[0].detach().exp() for n in range(len(task))])
     lengths = task.attention_mask.sum(1).tolist()
-    expected_keys = torch.cat([token_draw_ids(torch.full((size,), n), torch.arange(size))
-                               for n, size in enumerate(lengths)])
+    expected_keys = torch.cat(
+        [
+            token_draw_ids(torch.full((size,), n), torch.arange(size))
+            for n, size in enumerate(lengths)
+        ]
+    )
     torch.testing.assert_close(probs, expected_probs, rtol=1e-5, atol=1e-7)
     assert torch.equal(keys, expected_keys)
     positions = position_ids_from_mask(task.attention_mask)
-    assert positions[task.attention_mask.bool()].tolist() == torch.cat(
-        [torch.arange(size) for size in lengths]).tolist()
+    assert (
+        positions[task.attention_mask.bool()].tolist()
+        == torch.cat([torch.arange(size) for size in lengths]).tolist()
+    )
 
 
 def test_token_table_sums_repeated_tokens_before_squaring() -> None:
@@ -269,10 +291,12 @@ def test_conv1d_rows_are_input_features() -> None:
     layer = Conv1D(5, 3)  # weight (in=3, out=5)
     x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(1))
     grad = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(2))
-    expected = torch.stack([
-        torch.autograd.grad((layer(x[n]) * grad[n]).sum(), layer.weight)[0].square().sum(1)
-        for n in range(2)
-    ])
+    expected = torch.stack(
+        [
+            torch.autograd.grad((layer(x[n]) * grad[n]).sum(), layer.weight)[0].square().sum(1)
+            for n in range(2)
+        ]
+    )
     torch.testing.assert_close(Conv1DRule().sq_norms(layer, x, grad), expected.detach())
 
 
@@ -281,8 +305,9 @@ def test_fisher_needs_no_path_dependence(tmp_path: Path) -> None:
     probe = get_probe(f"lm:{save_tiny_gpt2(tmp_path, vocab_size=16)}")
     assert isinstance(probe, CausalLMProbe)
     task = read_lm_task(token_task(num=4, length=5, vocab_size=16), probe.vocab_size)
-    sums, count, layers = lm_fisher(probe, task, probe.lm_head.weight.detach(), None,
-                                    LMSettings(head_epochs=0), CPU)
+    sums, count, layers = lm_fisher(
+        probe, task, probe.lm_head.weight.detach(), None, LMSettings(head_epochs=0), CPU
+    )
     assert count == 4 and all(float(sums[layer.name].sum()) > 0 for layer in layers)
 
 
@@ -297,13 +322,17 @@ def test_token_likelihood_object_predicts_over_real_positions_and_refuses_exact(
     keys = token_draw_ids(torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 2, 0, 1]))
     labels = TOKEN_LIKELIHOOD.sample(predictions, keys, seed=0, draw=0)
     assert labels.shape == (5,)
-    torch.testing.assert_close(TOKEN_LIKELIHOOD.log_likelihood(predictions, labels),
-                               predictions.scores[torch.arange(5), labels])
+    torch.testing.assert_close(
+        TOKEN_LIKELIHOOD.log_likelihood(predictions, labels),
+        predictions.scores[torch.arange(5), labels],
+    )
     weight = torch.randn(6, 3)
     hidden = torch.randn(5, 3, requires_grad=True)
     log_p = (hidden @ weight.T).log_softmax(-1)[torch.arange(5), labels].sum()
     (expected,) = torch.autograd.grad(log_p, hidden)
     probs = (hidden @ weight.T).softmax(-1).detach()
-    torch.testing.assert_close(TOKEN_LIKELIHOOD.hidden_score_gradient(probs, labels, weight), expected)
+    torch.testing.assert_close(
+        TOKEN_LIKELIHOOD.hidden_score_gradient(probs, labels, weight), expected
+    )
     with pytest.raises(FisherError, match="one backward pass per vocabulary entry"):
         TOKEN_LIKELIHOOD.exact_terms(predictions)

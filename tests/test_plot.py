@@ -48,9 +48,15 @@ def clustered_points(n: int, seed: int = 0) -> np.ndarray:
 def embeddings(n: int) -> list[TaskEmbedding]:
     generator = torch.Generator().manual_seed(0)
     hessians = torch.exp(torch.randn(n, 20, generator=generator))
-    return [TaskEmbedding(h, torch.ones(20), {"layer": (0, 20)},
-                          {"probe_fingerprint": "fp", "task_name": f"task{i}"})
-            for i, h in enumerate(hessians)]
+    return [
+        TaskEmbedding(
+            h,
+            torch.ones(20),
+            {"layer": (0, 20)},
+            {"probe_fingerprint": "fp", "task_name": f"task{i}"},
+        )
+        for i, h in enumerate(hessians)
+    ]
 
 
 def test_distance_matrix_from_embeddings() -> None:
@@ -59,8 +65,13 @@ def test_distance_matrix_from_embeddings() -> None:
     fig = plot_distance_matrix(tasks, distance="jsd", title="six tasks")
     render(fig)
     heat = fig.axes[0]
-    order = leaves_list(linkage(squareform(pdist(tasks, "jsd").numpy(), checks=False),
-                                method="complete", optimal_ordering=True))
+    order = leaves_list(
+        linkage(
+            squareform(pdist(tasks, "jsd").numpy(), checks=False),
+            method="complete",
+            optimal_ordering=True,
+        )
+    )
     expected = pdist(tasks, "jsd").numpy()[np.ix_(order, order)]
     np.testing.assert_allclose(heat.images[0].get_array(), expected)
     names = [f"task{i}" for i in order]
@@ -80,8 +91,9 @@ def test_distance_matrix_from_a_matrix_follows_the_clustering() -> None:
     order = leaves_list(linkage(scipy_pdist(points), method="complete", optimal_ordering=True))
     np.testing.assert_allclose(fig.axes[0].images[0].get_array(), matrix[np.ix_(order, order)])
     # the five clusters come out as contiguous blocks
-    clusters = [int(label[1:]) % 5 for label in
-                (t.get_text() for t in fig.axes[0].get_xticklabels())]
+    clusters = [
+        int(label[1:]) % 5 for label in (t.get_text() for t in fig.axes[0].get_xticklabels())
+    ]
     assert sum(a != b for a, b in itertools.pairwise(clusters)) == 4
 
 
@@ -123,12 +135,14 @@ def test_distance_matrix_errors() -> None:
 HIERARCHY = [("o1", "c1"), ("o1", "c1"), ("o2", "c1"), ("o3", "c2")]
 TAXONOMIC = np.array([[0, 0, 1, 2], [0, 0, 1, 2], [1, 1, 0, 2], [2, 2, 2, 0]])
 # Embedding distances: t0's nearest is t2 (a mistake), then t1, then t3.
-DISTANCE = np.array([
-    [0.0, 0.2, 0.1, 0.3],
-    [0.2, 0.0, 0.5, 0.4],
-    [0.1, 0.5, 0.0, 0.6],
-    [0.3, 0.4, 0.6, 0.0],
-])
+DISTANCE = np.array(
+    [
+        [0.0, 0.2, 0.1, 0.3],
+        [0.2, 0.0, 0.5, 0.4],
+        [0.1, 0.5, 0.0, 0.6],
+        [0.3, 0.4, 0.6, 0.0],
+    ]
+)
 # Neighbours by DISTANCE and their taxonomic distances, row by row:
 #   t0: t2, t1, t3 -> 1, 0, 2   running means 1, 1/2, 1
 #   t1: t0, t3, t2 -> 0, 2, 1                 0, 1,   1
@@ -144,13 +158,13 @@ def test_taxonomic_distances() -> None:
     np.testing.assert_array_equal(taxonomic_distances(HIERARCHY), TAXONOMIC)
     # an order name reused in another class is another order
     homonyms = [("Unknown", "Aves"), ("Unknown", "Insecta"), ("Unknown", "Aves")]
-    np.testing.assert_array_equal(taxonomic_distances(homonyms),
-                                  [[0, 2, 0], [2, 0, 2], [0, 2, 0]])
+    np.testing.assert_array_equal(taxonomic_distances(homonyms), [[0, 2, 0], [2, 0, 2], [0, 2, 0]])
     # four levels, and plain strings as one level
     deep = [("o1", "c1", "p1", "k1"), ("o2", "c2", "p1", "k1"), ("o3", "c3", "p2", "k2")]
     np.testing.assert_array_equal(taxonomic_distances(deep), [[0, 2, 4], [2, 0, 4], [4, 4, 0]])
-    np.testing.assert_array_equal(taxonomic_distances(["a", "b", "a"]),
-                                  [[0, 1, 0], [1, 0, 1], [0, 1, 0]])
+    np.testing.assert_array_equal(
+        taxonomic_distances(["a", "b", "a"]), [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
+    )
     with pytest.raises(ValueError, match="same non-zero number"):
         taxonomic_distances([("o1", "c1"), ("o2",)])
 
@@ -175,9 +189,15 @@ def test_chance_is_the_exact_mean_over_random_neighbourhoods() -> None:
     taxonomic = taxonomic_distances(hierarchy)
     for k in (1, 3, 6):
         # average over every k-subset of the other tasks, for every task: the exact expectation
-        per_task = [np.mean([taxonomic[i, list(c)].mean()
-                             for c in itertools.combinations([j for j in range(n) if j != i], k)])
-                    for i in range(n)]
+        per_task = [
+            np.mean(
+                [
+                    taxonomic[i, list(c)].mean()
+                    for c in itertools.combinations([j for j in range(n) if j != i], k)
+                ]
+            )
+            for i in range(n)
+        ]
         assert curves.chance[k - 1] == pytest.approx(np.mean(per_task), rel=1e-12)
     # the taxonomy's own curve is the best possible; all curves meet at k = n - 1
     assert np.all(curves.taxonomy <= curves.embedding + 1e-12)
@@ -187,14 +207,14 @@ def test_chance_is_the_exact_mean_over_random_neighbourhoods() -> None:
 
 def test_plot_taxonomy_agreement_returns_figure_and_numbers() -> None:
     open_figures = plt.get_fignums()
-    fig, curves = plot_taxonomy_agreement(torch.tensor(DISTANCE), HIERARCHY,
-                                          level_names=("order", "class"), title="toy")
+    fig, curves = plot_taxonomy_agreement(
+        torch.tensor(DISTANCE), HIERARCHY, level_names=("order", "class"), title="toy"
+    )
     render(fig)
     ax = fig.axes[0]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), EXPECTED_EMBEDDING)
     np.testing.assert_allclose(ax.lines[1].get_ydata(), EXPECTED_TAXONOMY)
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["same order", "same class",
-                                                            "unrelated"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["same order", "same class", "unrelated"]
     np.testing.assert_allclose(curves.embedding, EXPECTED_EMBEDDING)
     assert plt.get_fignums() == open_figures
     assert t2v_lightning.plot_taxonomy_agreement is plot_taxonomy_agreement

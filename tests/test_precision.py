@@ -52,10 +52,14 @@ def task() -> tuple[torch.nn.Module, ToyImages]:
 
 
 @pytest.mark.parametrize("estimator", ["per_sample", "exact"])
-def test_bf16_mixed_close_to_float32(estimator: str, task: tuple[torch.nn.Module, ToyImages]) -> None:
+def test_bf16_mixed_close_to_float32(
+    estimator: str, task: tuple[torch.nn.Module, ToyImages]
+) -> None:
     probe, data = task
     full = Task2Vec(probe, accelerator="cpu", **options(estimator)).embed(data)
-    mixed = Task2Vec(probe, accelerator="cpu", precision="bf16-mixed", **options(estimator)).embed(data)
+    mixed = Task2Vec(probe, accelerator="cpu", precision="bf16-mixed", **options(estimator)).embed(
+        data
+    )
     assert mixed.meta["precision"] == "bf16-mixed"
     assert cosine_distance(mixed.hessian, full.hessian) <= COSINE_TOL
     assert float(((mixed.hessian - full.hessian).abs() / full.hessian).max()) > BF16_MIN_CHANGE
@@ -105,7 +109,9 @@ def test_fp16_mixed_on_gpu_close_to_float32(
 ) -> None:
     probe, data = task
     full = Task2Vec(probe, accelerator="gpu", **options(estimator)).embed(data)
-    mixed = Task2Vec(probe, accelerator="gpu", precision="16-mixed", **options(estimator)).embed(data)
+    mixed = Task2Vec(probe, accelerator="gpu", precision="16-mixed", **options(estimator)).embed(
+        data
+    )
     assert mixed.meta["precision"] == "16-mixed"
     assert cosine_distance(mixed.hessian, full.hessian) <= COSINE_TOL
     assert float(((mixed.hessian - full.hessian).abs() / full.hessian).max()) > 0  # fp16 ran

@@ -114,7 +114,9 @@ def test_round_trip_and_atomic_write(tmp_path) -> None:
     embedding = make_embedding()
     path = embedding.save(tmp_path / "a.safetensors")
     loaded = TaskEmbedding.load(path)
-    assert torch.equal(loaded.hessian, embedding.hessian) and torch.equal(loaded.scale, embedding.scale)
+    assert torch.equal(loaded.hessian, embedding.hessian) and torch.equal(
+        loaded.scale, embedding.scale
+    )
     assert loaded.layers == embedding.layers and loaded.meta == embedding.meta
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
     with pytest.raises(FileExistsError):

@@ -17,19 +17,26 @@ from t2v_lightning.trainers import PhaseProgressBar, PhaseProgressLog, phase_pro
 
 def tiny_probe() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
 
 
 def ten_batches() -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(100, 3, 8, 8, generator=generator),
-                         torch.arange(100) % 3)
+    return TensorDataset(torch.randn(100, 3, 8, 8, generator=generator), torch.arange(100) % 3)
 
 
 def embed_with_progress() -> None:
-    t2v = Task2Vec(tiny_probe(), max_samples=100, batch_size=10, head_epochs=3,
-                   balanced_sampling=False, accelerator="cpu", progress_bar=True)
+    t2v = Task2Vec(
+        tiny_probe(),
+        max_samples=100,
+        batch_size=10,
+        head_epochs=3,
+        balanced_sampling=False,
+        accelerator="cpu",
+        progress_bar=True,
+    )
     t2v.embed(ten_batches())
 
 
@@ -81,9 +88,14 @@ def test_a_long_phase_adds_a_line_every_interval() -> None:
 
     stream = io.StringIO()
     progress = PhaseProgressLog("Fisher pass", interval=30.0, stream=stream, clock=clock)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[progress], logger=False,
-                         enable_checkpointing=False, enable_model_summary=False,
-                         accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[progress],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     data = DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=1)
     trainer.fit(_Steps(), data)
     lines = stream.getvalue().splitlines()

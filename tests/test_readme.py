@@ -27,8 +27,11 @@ def test_quick_start_runs_as_written(
     namespace: dict[str, object] = {}
     exec(compile(blocks[0], str(README), "exec"), namespace)
     written = sorted(p.name for p in tmp_path.glob("*.safetensors"))
-    assert written == ["digits_0_4.safetensors", "digits_5_9.safetensors",
-                       "mnist_subset_0_4.safetensors"]
+    assert written == [
+        "digits_0_4.safetensors",
+        "digits_5_9.safetensors",
+        "mnist_subset_0_4.safetensors",
+    ]
     # the printed distances show the related tasks closer, with the values quoted in the README
     # (the full-precision floats printed by the block, amid the progress bars' output)
     printed = re.findall(r"(?:^|[\r\n])(\d\.\d{6,})(?=\n)", capsys.readouterr().out)

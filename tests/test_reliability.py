@@ -116,12 +116,17 @@ def test_random_bytes_are_refused(tmp_path: Path, data: bytes) -> None:
 
 
 _LEAF = (
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
     | st.text(max_size=8)
 )
 _JSON = st.recursive(
     _LEAF,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 _SIZES = st.lists(st.integers(-3, 2**62), max_size=3)
@@ -148,7 +153,9 @@ _HEADER = st.fixed_dictionaries(
 
 
 @FUZZ
-@given(header=_HEADER, payload=st.binary(max_size=64), claimed=st.none() | st.integers(0, 2**64 - 1))
+@given(
+    header=_HEADER, payload=st.binary(max_size=64), claimed=st.none() | st.integers(0, 2**64 - 1)
+)
 def test_fuzzed_headers_give_an_embedding_file_error(
     tmp_path: Path, header: dict[str, Any], payload: bytes, claimed: int | None
 ) -> None:
@@ -161,8 +168,10 @@ def test_fuzzed_headers_give_an_embedding_file_error(
 
 
 @FUZZ
-@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
-       cut=st.none() | st.integers(0, 10**6))
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+    cut=st.none() | st.integers(0, 10**6),
+)
 def test_damaged_artifacts_are_refused_or_unchanged(
     tmp_path: Path, artifact: bytes, edits: list[tuple[int, int]], cut: int | None
 ) -> None:
@@ -195,14 +204,16 @@ def test_every_single_byte_change_is_refused(tmp_path: Path, artifact: bytes) ->
         path.write_bytes(bytes(damaged))
         loaded = load_outcome(path)
         if loaded is not None:
-            assert same_embedding(loaded, small_embedding()), f"byte {position} changed the embedding"
+            assert same_embedding(loaded, small_embedding()), (
+                f"byte {position} changed the embedding"
+            )
             harmless += 1
     assert harmless == 0  # padding spaces would flip to "!", and every key is required
 
 
 def test_checksum_catches_an_edited_value(tmp_path: Path, artifact: bytes) -> None:
     """A digit changed inside the meta JSON keeps the JSON valid; the checksum still refuses it."""
-    edited = artifact.replace(b"task_name\\\": \\\"t0", b"task_name\\\": \\\"t9")
+    edited = artifact.replace(b'task_name\\": \\"t0', b'task_name\\": \\"t9')
     assert edited != artifact
     path = tmp_path / "edited.safetensors"
     path.write_bytes(edited)
@@ -228,21 +239,34 @@ def test_version_1_artifacts_without_checksum_still_load(tmp_path: Path) -> None
 
 
 def test_absurd_sizes_are_refused_without_allocating(tmp_path: Path) -> None:
-    meta = {"format": FORMAT_NAME, "format_version": "1", "layers": "[]", "meta": "{}"}  # no checksum
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": "1",
+        "layers": "[]",
+        "meta": "{}",
+    }  # no checksum
     cases = {
         "header_beyond_file": struct.pack("<Q", 2**63) + b"{}",
         "header_over_cap": struct.pack("<Q", 64 * 1024 * 1024 + 1) + b"{" * 100,
         "tensor_of_a_trillion_entries": _file(
-            {"__metadata__": meta, "hessian": _entry([10**12], [0, 4 * 10**12]),
-             "scale": _entry([1], [0, 4])}, b"\0" * 8),
+            {
+                "__metadata__": meta,
+                "hessian": _entry([10**12], [0, 4 * 10**12]),
+                "scale": _entry([1], [0, 4]),
+            },
+            b"\0" * 8,
+        ),
         "negative_shape": _file(
-            {"__metadata__": meta, "hessian": _entry([-1], [0, 0]), "scale": _entry([0], [0, 0])}),
+            {"__metadata__": meta, "hessian": _entry([-1], [0, 0]), "scale": _entry([0], [0, 0])}
+        ),
         "reversed_offsets": _file(
             {"__metadata__": meta, "hessian": _entry([1], [4, 0]), "scale": _entry([1], [0, 4])},
-            b"\0" * 8),
+            b"\0" * 8,
+        ),
         "two_dimensional": _file(
             {"__metadata__": meta, "hessian": _entry([1, 1], [0, 4]), "scale": _entry([1], [4, 8])},
-            b"\0" * 8),
+            b"\0" * 8,
+        ),
         "deeply_nested_header": struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000,
         "deeply_nested_layers": _file({"__metadata__": {**meta, "layers": "[" * 100_000}}),
     }
@@ -368,8 +392,12 @@ def test_save_keeps_the_umask_mode_and_cleans_stale_temporaries(tmp_path: Path) 
     """Temporary files of dead writers of this host go; a live writer's and others' stay."""
     name = "a.safetensors"
     host = host_name()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stale = tmp_path / f".{name}.t2v-{host}-{int(dead.stdout)}-0123abcd.tmp"
     live = tmp_path / f".{name}.t2v-{host}-{os.getppid()}-0123abcd.tmp"
     foreign = tmp_path / f".{name}.t2v-otherhost-{int(dead.stdout)}-0123abcd.tmp"
@@ -521,7 +549,10 @@ def killed_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     (workdir / "driver.py").write_text(_DRIVER)
     done = subprocess.run(
         [sys.executable, str(workdir / "driver.py"), str(REPO), str(workdir), json.dumps(plan)],
-        capture_output=True, text=True, timeout=600, cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=workdir,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -529,7 +560,9 @@ def killed_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
 
 
 def _temporaries(left: dict[str, Any]) -> list[str]:
-    return [name for name in left if name.startswith(".out.safetensors.t2v-") and name.endswith(".tmp")]
+    return [
+        name for name in left if name.startswith(".out.safetensors.t2v-") and name.endswith(".tmp")
+    ]
 
 
 @pytest.mark.slow  # the killed_runs fixture runs five embedding processes
@@ -587,8 +620,13 @@ def test_rerun_after_a_kill_gives_the_uninterrupted_artifact(killed_runs) -> Non
 # Numerical faults
 # ============================================================================================
 
-TASK2VEC = {"max_samples": 12, "batch_size": 6, "head_epochs": 1, "progress_bar": False,
-            "accelerator": "cpu"}
+TASK2VEC = {
+    "max_samples": 12,
+    "batch_size": 6,
+    "head_epochs": 1,
+    "progress_bar": False,
+    "accelerator": "cpu",
+}
 
 
 def test_nan_weight_is_reported_with_its_layer_and_examples() -> None:
@@ -596,10 +634,16 @@ def test_nan_weight_is_reported_with_its_layer_and_examples() -> None:
     probe = randomise_batchnorm(TinyConvNet()).eval()
     with torch.no_grad():
         probe.conv2.weight[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ProbeError, match=r"dataset indices \[.*'conv2' \(Conv2d: its weight holds NaN"):
+    with pytest.raises(
+        ProbeError, match=r"dataset indices \[.*'conv2' \(Conv2d: its weight holds NaN"
+    ):
         Task2Vec(probe, **TASK2VEC).embed(ToyImages(24))
     chain = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(4, 3),
     ).eval()
     with torch.no_grad():  # in the skipped prefix: found while caching it
@@ -621,7 +665,9 @@ def test_head_weights_of_absurd_scale_are_reported() -> None:
         Task2Vec(probe, **options).embed(ToyImages(24))
     with torch.no_grad():  # finite logits, but squared gradients beyond float32
         probe.fc.weight.fill_(1e30)
-    with pytest.raises(FisherError, match=r"gradients \(NaN or inf\) at layer 'bn2'.*dataset indices"):
+    with pytest.raises(
+        FisherError, match=r"gradients \(NaN or inf\) at layer 'bn2'.*dataset indices"
+    ):
         Task2Vec(probe, **options).embed(ToyImages(24))
 
 
@@ -679,9 +725,15 @@ def _marked_task(where: str) -> tuple[nn.Module, ToyImages, int]:
     torch.manual_seed(0)
     marks = _Marks()
     probe = nn.Sequential(
-        _MarkInputs(marks), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        _Poison(marks, where), nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(4, 3),
+        _MarkInputs(marks),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        _Poison(marks, where),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     )
     data = ToyImages(24)
     data.images[13, 0, 0, 0] = 100.0  # finite, but marked
@@ -691,7 +743,10 @@ def _marked_task(where: str) -> tuple[nn.Module, ToyImages, int]:
 def test_nan_logits_in_the_fisher_pass_name_the_dataset_examples() -> None:
     probe, data, marked = _marked_task("forward")
     t2v = Task2Vec(probe, **{**TASK2VEC, "max_samples": 48, "seed": 1})
-    with pytest.raises(FisherError, match=rf"non-finite logits.*first non-finite layer: '4' \(_Poison: NaN from finite inputs\).*dataset indices \[{marked}") as info:
+    with pytest.raises(
+        FisherError,
+        match=rf"non-finite logits.*first non-finite layer: '4' \(_Poison: NaN from finite inputs\).*dataset indices \[{marked}",
+    ) as info:
         t2v.embed(data)
     labels = torch.as_tensor([data[i][1] for i in range(len(data))])
     selection = select_examples(labels, 48, balanced=True, seed=1)
@@ -703,9 +758,15 @@ def test_nan_logits_in_the_fisher_pass_name_the_dataset_examples() -> None:
 def test_infinite_gradients_name_the_layer_and_examples() -> None:
     probe, data, marked = _marked_task("backward")
     options = {**TASK2VEC, "max_samples": 48, "seed": 1}
-    with pytest.raises(FisherError, match=rf"gradients \(NaN or inf\) at layer '2'.*affected: \['1', '2'\].*dataset indices \[{marked}"):
+    with pytest.raises(
+        FisherError,
+        match=rf"gradients \(NaN or inf\) at layer '2'.*affected: \['1', '2'\].*dataset indices \[{marked}",
+    ):
         Task2Vec(probe, **options).embed(data)
-    with pytest.raises(FisherError, match=r"mini-batch gradient .* at layer '2'.*for the batch of example ids.*dataset indices"):
+    with pytest.raises(
+        FisherError,
+        match=r"mini-batch gradient .* at layer '2'.*for the batch of example ids.*dataset indices",
+    ):
         Task2Vec(probe, estimator="batch", **options).embed(data)
 
 
@@ -721,14 +782,24 @@ def _fp16_network() -> nn.Sequential:
     return net
 
 
-def _fp16_sums(net: nn.Module, inputs: torch.Tensor, grad_scale: float, autocast: bool) -> dict[str, torch.Tensor]:
+def _fp16_sums(
+    net: nn.Module, inputs: torch.Tensor, grad_scale: float, autocast: bool
+) -> dict[str, torch.Tensor]:
     def context() -> Any:
         return torch.autocast("cpu", dtype=torch.float16, enabled=autocast)
 
     ids = torch.arange(100, 100 + inputs.shape[0])
     with torch.enable_grad(), LayerFisherTaps(net, embedded_layers(net, "1"), grad_scale) as taps:
-        sums, _ = batch_filter_sums(net, taps, inputs, ids, torch.ones(len(ids), dtype=torch.bool),
-                                    "exact", 0, forward_context=context)
+        sums, _ = batch_filter_sums(
+            net,
+            taps,
+            inputs,
+            ids,
+            torch.ones(len(ids), dtype=torch.bool),
+            "exact",
+            0,
+            forward_context=context,
+        )
     return sums
 
 
@@ -738,7 +809,10 @@ def test_fp16_overflow_in_the_backward_pass_is_caught_and_explained() -> None:
     reference = _fp16_sums(net, inputs, 1.0, autocast=False)["0"]
     unscaled = _fp16_sums(net, inputs, 1.0, autocast=True)["0"]
     torch.testing.assert_close(unscaled, reference, rtol=5e-3, atol=0)  # fp16 itself is fine
-    with pytest.raises(FisherError, match=r"layer '0' for example ids \[100, 101, 102, 103, 104\] and 1 more.*float16.*bf16-mixed.*grad_scale than 1024") as info:
+    with pytest.raises(
+        FisherError,
+        match=r"layer '0' for example ids \[100, 101, 102, 103, 104\] and 1 more.*float16.*bf16-mixed.*grad_scale than 1024",
+    ) as info:
         _fp16_sums(net, inputs, 1024.0, autocast=True)
     assert info.value.example_ids == list(range(100, 106))
 
@@ -749,14 +823,23 @@ def test_fp16_overflow_of_the_logits_is_caught_and_explained() -> None:
         net[0].weight.fill_(100.0)
     inputs = torch.full((3, 4), 100.0)
     _fp16_sums(net, inputs / 1e4, 1.0, autocast=True)  # the same network in range: fine
-    with pytest.raises(FisherError, match=r"non-finite logits.*example ids \[100, 101, 102\].*float16.*65504.*first non-finite layer: '1' \(Linear: its output overflows\)"):
+    with pytest.raises(
+        FisherError,
+        match=r"non-finite logits.*example ids \[100, 101, 102\].*float16.*65504.*first non-finite layer: '1' \(Linear: its output overflows\)",
+    ):
         _fp16_sums(net, inputs, 1.0, autocast=True)
 
 
 def test_a_fisher_that_overflows_float32_is_not_turned_into_an_embedding() -> None:
     layers = [("a", nn.Linear(2, 2)), ("b", nn.Linear(2, 3))]
-    sums = {"a": torch.ones(2, dtype=torch.float64), "b": torch.tensor([1.0, 1e300, 1.0], dtype=torch.float64)}
-    with pytest.raises(FisherError, match=r"layer 'b' is not finite in float32 at 1 of its 3 filters \(first: filter 1\)"):
+    sums = {
+        "a": torch.ones(2, dtype=torch.float64),
+        "b": torch.tensor([1.0, 1e300, 1.0], dtype=torch.float64),
+    }
+    with pytest.raises(
+        FisherError,
+        match=r"layer 'b' is not finite in float32 at 1 of its 3 filters \(first: filter 1\)",
+    ):
         filter_values(sums, 1, layers)
 
 
@@ -764,8 +847,13 @@ def test_constant_images_have_an_exact_finite_fisher() -> None:
     """All-constant images (zero variance under GroupNorm / LayerNorm) against brute force."""
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.GroupNorm(2, 4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 3),
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.LayerNorm(16),
+        nn.Linear(16, 3),
     ).eval()
     inputs = torch.randn(5, 3, 6, 6)
     inputs[1] = 0.0
@@ -773,7 +861,9 @@ def test_constant_images_have_an_exact_finite_fisher() -> None:
     layers = embedded_layers(net, "6")
     ids = torch.arange(5)
     with torch.enable_grad(), LayerFisherTaps(net, layers) as taps:
-        sums, count = batch_filter_sums(net, taps, inputs, ids, torch.ones(5, dtype=torch.bool), "exact", 0)
+        sums, count = batch_filter_sums(
+            net, taps, inputs, ids, torch.ones(5, dtype=torch.bool), "exact", 0
+        )
     hessian, _ = filter_values(sums, count, layers)
     reference = torch.cat([v for v in brute_force_fisher(net, inputs, "6").values()]).float()
     assert torch.isfinite(hessian).all()

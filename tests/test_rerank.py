@@ -37,8 +37,9 @@ class Expert(nn.Module):
         super().__init__()
         self.informative = informative
         generator = torch.Generator().manual_seed(seed)
-        self.mix = nn.Parameter(torch.randn(3 if informative else 192, 5, generator=generator),
-                                requires_grad=False)
+        self.mix = nn.Parameter(
+            torch.randn(3 if informative else 192, 5, generator=generator), requires_grad=False
+        )
         self.fc = nn.Linear(5, 4)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,23 +52,35 @@ class Expert(nn.Module):
 
 
 def emb(values: list[float], name: str) -> TaskEmbedding:
-    return TaskEmbedding(torch.tensor(values), torch.ones(len(values)), {"l": (0, len(values))},
-                         {**META, "task_name": name})
+    return TaskEmbedding(
+        torch.tensor(values),
+        torch.ones(len(values)),
+        {"l": (0, len(values))},
+        {**META, "task_name": name},
+    )
 
 
 @pytest.fixture
 def zoo() -> tuple[TaskEmbedding, dict[str, TaskEmbedding], dict[str, nn.Module]]:
     torch.manual_seed(0)
     target = emb([1.0, 2.0, 3.0], "target")
-    experts = {"blind_a": emb([1.0, 2.0, 3.1], "blind_a"), "blind_b": emb([1.0, 2.2, 3.0], "blind_b"),
-               "useful": emb([1.3, 2.0, 3.0], "useful"), "far": emb([3.0, 2.0, 1.0], "far")}
-    models = {"blind_a": Expert(False, 1), "blind_b": Expert(False, 2),
-              "useful": Expert(True, 3), "far": Expert(True, 4)}
+    experts = {
+        "blind_a": emb([1.0, 2.0, 3.1], "blind_a"),
+        "blind_b": emb([1.0, 2.2, 3.0], "blind_b"),
+        "useful": emb([1.3, 2.0, 3.0], "useful"),
+        "far": emb([3.0, 2.0, 1.0], "far"),
+    }
+    models = {
+        "blind_a": Expert(False, 1),
+        "blind_b": Expert(False, 2),
+        "useful": Expert(True, 3),
+        "far": Expert(True, 4),
+    }
     return target, experts, models
 
 
 def test_model_outputs_are_the_head_input_and_the_logits(
-    zoo: tuple[TaskEmbedding, dict[str, TaskEmbedding], dict[str, nn.Module]]
+    zoo: tuple[TaskEmbedding, dict[str, TaskEmbedding], dict[str, nn.Module]],
 ) -> None:
     model = zoo[2]["useful"].train()
     data = ToyImages(n=25)
@@ -80,7 +93,7 @@ def test_model_outputs_are_the_head_input_and_the_logits(
 
 
 def test_rerank_orders_the_shortlist_by_the_estimator_and_keeps_the_rest(
-    zoo: tuple[TaskEmbedding, dict[str, TaskEmbedding], dict[str, nn.Module]]
+    zoo: tuple[TaskEmbedding, dict[str, TaskEmbedding], dict[str, nn.Module]],
 ) -> None:
     target, experts, models = zoo
     data = ToyImages(n=60)
@@ -111,7 +124,7 @@ def test_rerank_orders_the_shortlist_by_the_estimator_and_keeps_the_rest(
 
 
 def test_rerank_refuses_what_it_cannot_do(
-    zoo: tuple[TaskEmbedding, dict[str, TaskEmbedding], dict[str, nn.Module]]
+    zoo: tuple[TaskEmbedding, dict[str, TaskEmbedding], dict[str, nn.Module]],
 ) -> None:
     target, experts, models = zoo
     data = ToyImages(n=20)
@@ -148,15 +161,18 @@ def cli_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     names = ["alpha", "beta", "gamma", "delta"]
     for i, name in enumerate(names):
         values = np.exp(rng.normal(size=6) * (0.3 + 0.3 * i)).astype(np.float32)
-        TaskEmbedding(torch.tensor(values), torch.ones(6), {"a": (0, 6)},
-                      {**META, "task_name": name}).save(tmp_path / "experts" / f"{name}.safetensors")
+        TaskEmbedding(
+            torch.tensor(values), torch.ones(6), {"a": (0, 6)}, {**META, "task_name": name}
+        ).save(tmp_path / "experts" / f"{name}.safetensors")
         torch.manual_seed(i)
         model = get_probe(ARCH, num_classes=3 + i)
         save_file(model.state_dict(), str(tmp_path / "models" / f"{name}.safetensors"))
-    TaskEmbedding(torch.tensor(np.exp(rng.normal(size=6)).astype(np.float32)), torch.ones(6),
-                  {"a": (0, 6)}, {**META, "task_name": "target", "probe": ARCH,
-                                  "dataset": "digits", "input_size": 32}
-                  ).save(tmp_path / "target.safetensors")
+    TaskEmbedding(
+        torch.tensor(np.exp(rng.normal(size=6)).astype(np.float32)),
+        torch.ones(6),
+        {"a": (0, 6)},
+        {**META, "task_name": "target", "probe": ARCH, "dataset": "digits", "input_size": 32},
+    ).save(tmp_path / "target.safetensors")
     return names
 
 
@@ -173,8 +189,22 @@ def test_t2v_select_reranks_the_top_k_with_the_experts_checkpoints(
     code, out, err = run_t2v(base, capsys)
     assert code == 0, err
     plain = [line.split()[1] for line in out.splitlines()[2:]]
-    code, out, err = run_t2v([*base, "--rerank", "logme", "--top_k", "3", "--models", "models",
-                              "--max_samples", "90", "--csv", "ranking.csv"], capsys)
+    code, out, err = run_t2v(
+        [
+            *base,
+            "--rerank",
+            "logme",
+            "--top_k",
+            "3",
+            "--models",
+            "models",
+            "--max_samples",
+            "90",
+            "--csv",
+            "ranking.csv",
+        ],
+        capsys,
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert "first 3 reranked by logme" in lines[0] and lines[1].split()[-1] == "logme"
@@ -185,8 +215,9 @@ def test_t2v_select_reranks_the_top_k_with_the_experts_checkpoints(
     data = Subset(task.dataset, sorted(keep.tolist()))
     expected = {}
     for name in plain[:3]:
-        features, _, labels = model_outputs(get_probe(ARCH, weights=f"models/{name}.safetensors"),
-                                            data)
+        features, _, labels = model_outputs(
+            get_probe(ARCH, weights=f"models/{name}.safetensors"), data
+        )
         expected[name] = logme(features, labels)
     assert [r[1] for r in rows[:3]] == sorted(expected, key=lambda n: -expected[n])
     assert [r[1] for r in rows[3:]] == plain[3:] and rows[3][-1] == "nan"
@@ -200,8 +231,17 @@ def test_t2v_select_reranks_the_top_k_with_the_experts_checkpoints(
 def test_t2v_select_rerank_mistakes_are_one_line(
     cli_zoo: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = ["select", "--target", "target.safetensors", "--experts", "experts", "--alpha", "0",
-            "--rerank", "nce"]
+    base = [
+        "select",
+        "--target",
+        "target.safetensors",
+        "--experts",
+        "experts",
+        "--alpha",
+        "0",
+        "--rerank",
+        "nce",
+    ]
     code, _, err = run_t2v(base, capsys)
     assert code == 2 and "--rerank needs --models DIR" in err and "Traceback" not in err
     Path("models/alpha.safetensors").unlink()

@@ -62,8 +62,12 @@ def relative_error(a: TaskEmbedding, b: TaskEmbedding) -> float:
 
 
 def interrupted_run(
-    monkeypatch: pytest.MonkeyPatch, probe: torch.nn.Module, data: Any, folder: Path,
-    stop_at_batch: int, estimator: str = "per_sample",
+    monkeypatch: pytest.MonkeyPatch,
+    probe: torch.nn.Module,
+    data: Any,
+    folder: Path,
+    stop_at_batch: int,
+    estimator: str = "per_sample",
 ) -> None:
     """Run a Fisher pass that dies while processing batch ``stop_at_batch`` (0-based)."""
     accumulate = FisherCallback.accumulate
@@ -77,15 +81,20 @@ def interrupted_run(
 
     with monkeypatch.context() as patch:
         patch.setattr(FisherCallback, "accumulate", dying)
-        t2v = Task2Vec(probe, checkpoint_dir=str(folder), checkpoint_every_n_steps=2, **options(estimator))
+        t2v = Task2Vec(
+            probe, checkpoint_dir=str(folder), checkpoint_every_n_steps=2, **options(estimator)
+        )
         with pytest.raises(Interrupted):
             t2v.embed(data)
 
 
 @pytest.mark.parametrize("estimator", ["per_sample", "exact"])
 def test_killed_pass_resumes_to_the_uninterrupted_embedding(
-    estimator: str, task: tuple[torch.nn.Module, ToyImages], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, uninterrupted: dict[str, TaskEmbedding],
+    estimator: str,
+    task: tuple[torch.nn.Module, ToyImages],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    uninterrupted: dict[str, TaskEmbedding],
 ) -> None:
     probe, data = task
     reference = uninterrupted[estimator]
@@ -93,7 +102,10 @@ def test_killed_pass_resumes_to_the_uninterrupted_embedding(
     checkpoint = tmp_path / "fisher-pass.ckpt"
     assert checkpoint.is_file() and not list(tmp_path.glob(".*.tmp"))
     resumed = Task2Vec(
-        probe, checkpoint_dir=str(tmp_path), checkpoint_every_n_steps=2, resume_from="last",
+        probe,
+        checkpoint_dir=str(tmp_path),
+        checkpoint_every_n_steps=2,
+        resume_from="last",
         **options(estimator),
     ).embed(data)
     assert resumed.meta["num_samples"] == reference.meta["num_samples"] == NUM_EXAMPLES
@@ -148,12 +160,15 @@ def test_a_left_checkpoint_is_never_written_over_without_resuming(
 
 
 def test_resume_last_without_a_checkpoint_starts_afresh(
-    task: tuple[torch.nn.Module, ToyImages], tmp_path: Path,
+    task: tuple[torch.nn.Module, ToyImages],
+    tmp_path: Path,
     uninterrupted: dict[str, TaskEmbedding],
 ) -> None:
     probe, data = task
     reference = uninterrupted["per_sample"]
-    fresh = Task2Vec(probe, checkpoint_dir=str(tmp_path), resume_from="last", **options()).embed(data)
+    fresh = Task2Vec(probe, checkpoint_dir=str(tmp_path), resume_from="last", **options()).embed(
+        data
+    )
     assert relative_error(fresh, reference) == 0.0
 
 
@@ -176,9 +191,14 @@ class _IdsClassifier(pl.LightningModule):
 def _fit(tmp_path: Path, max_epochs: int, ckpt_path: str | None = None) -> FisherCallback:
     data = ToyImages(n=24, size=8)
     loader = DataLoader(TensorDataset(data.images, torch.arange(24)), batch_size=8, shuffle=True)
-    callback = FisherCallback(at="train_batch", estimator="exact", num_examples=24, head="fc", network="net")
+    callback = FisherCallback(
+        at="train_batch", estimator="exact", num_examples=24, head="fc", network="net"
+    )
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[callback, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
     )

@@ -30,8 +30,9 @@ def spec_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 - float(pa @ pb / np.sqrt((pa @ pa) * (pb @ pb)))
 
 
-def expected_rows(target: np.ndarray, experts: dict[str, np.ndarray],
-                  alpha: float) -> list[tuple[str, float, float, float]]:
+def expected_rows(
+    target: np.ndarray, experts: dict[str, np.ndarray], alpha: float
+) -> list[tuple[str, float, float, float]]:
     rows = []
     for name, h in experts.items():
         distance = spec_cosine(target, h)
@@ -41,8 +42,12 @@ def expected_rows(target: np.ndarray, experts: dict[str, np.ndarray],
 
 
 def artifact(values: np.ndarray, name: str) -> TaskEmbedding:
-    return TaskEmbedding(torch.tensor(values, dtype=torch.float32), torch.ones(len(values)),
-                         {"a": (0, 4), "b": (4, len(values))}, {**META, "task_name": name})
+    return TaskEmbedding(
+        torch.tensor(values, dtype=torch.float32),
+        torch.ones(len(values)),
+        {"a": (0, 4), "b": (4, len(values))},
+        {**META, "task_name": name},
+    )
 
 
 @pytest.fixture
@@ -50,8 +55,10 @@ def zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray
     """``experts/<name>.safetensors`` (five tasks) and ``target.safetensors`` in a fresh folder."""
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
-    values = {name: np.exp(rng.normal(size=10) * (0.3 + 0.4 * i)).astype(np.float32)
-              for i, name in enumerate(EXPERTS)}
+    values = {
+        name: np.exp(rng.normal(size=10) * (0.3 + 0.4 * i)).astype(np.float32)
+        for i, name in enumerate(EXPERTS)
+    }
     values["target"] = np.exp(rng.normal(size=10)).astype(np.float32)
     (tmp_path / "experts").mkdir()
     for name in EXPERTS:
@@ -79,16 +86,17 @@ def one_error_line(err: str) -> str:
 def test_select_prints_the_ranking_of_the_spec_formula(
     zoo: dict[str, np.ndarray], capsys: pytest.CaptureFixture[str], alpha: float
 ) -> None:
-    code, out, err = run_cli(["select", "--target", "target.safetensors", "--experts", "experts",
-                              "--alpha", str(alpha)], capsys)
+    code, out, err = run_cli(
+        ["select", "--target", "target.safetensors", "--experts", "experts", "--alpha", str(alpha)],
+        capsys,
+    )
     assert code == 0, err
     expected = expected_rows(zoo["target"], {n: zoo[n] for n in EXPERTS}, alpha)
     rows = printed_rows(out)
     assert [r[1] for r in rows] == [e[0] for e in expected]
     assert [r[0] for r in rows] == [str(i) for i in range(1, 6)]
     for row, (_, score, distance, complexity) in zip(rows, expected):
-        assert [float(v) for v in row[2:]] == pytest.approx([score, distance, complexity],
-                                                            abs=6e-5)
+        assert [float(v) for v in row[2:]] == pytest.approx([score, distance, complexity], abs=6e-5)
 
 
 def test_alpha_changes_the_pick_towards_complex_sources(
@@ -97,8 +105,10 @@ def test_alpha_changes_the_pick_towards_complex_sources(
     # the meta-task above is built so that α matters: check it does, and as the formula says
     picks = {}
     for alpha in ("0", "2"):
-        code, out, _ = run_cli(["select", "--target", "target.safetensors", "--experts",
-                                "experts", "--alpha", alpha], capsys)
+        code, out, _ = run_cli(
+            ["select", "--target", "target.safetensors", "--experts", "experts", "--alpha", alpha],
+            capsys,
+        )
         assert code == 0
         picks[alpha] = printed_rows(out)[0][1]
     experts = {n: zoo[n] for n in EXPERTS}
@@ -111,27 +121,43 @@ def test_csv_holds_the_ranking_and_is_never_silently_replaced(
     zoo: dict[str, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = [os.path.join("experts", f"{n}.safetensors") for n in ("digits", "mnist", "cifar")]
-    args = ["select", "--target", "target.safetensors", "--experts", *files, "--csv",
-            "out/ranking.csv"]
+    args = [
+        "select",
+        "--target",
+        "target.safetensors",
+        "--experts",
+        *files,
+        "--csv",
+        "out/ranking.csv",
+    ]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert out.strip().endswith("ranking: out/ranking.csv")
     with open("out/ranking.csv", newline="") as handle:
         table = list(csv.reader(handle))
-    assert table[0] == ["rank", "expert", "file", "asymmetric_distance", "distance",
-                        "distance_to_trivial"]
-    expected = expected_rows(zoo["target"], {n: zoo[n] for n in ("digits", "mnist", "cifar")},
-                             0.15)
+    assert table[0] == [
+        "rank",
+        "expert",
+        "file",
+        "asymmetric_distance",
+        "distance",
+        "distance_to_trivial",
+    ]
+    expected = expected_rows(zoo["target"], {n: zoo[n] for n in ("digits", "mnist", "cifar")}, 0.15)
     assert [row[1] for row in table[1:]] == [e[0] for e in expected]
-    assert [row[2] for row in table[1:]] == [os.path.join("experts", f"{e[0]}.safetensors")
-                                             for e in expected]
+    assert [row[2] for row in table[1:]] == [
+        os.path.join("experts", f"{e[0]}.safetensors") for e in expected
+    ]
     for row, e in zip(table[1:], expected):
         assert [float(v) for v in row[3:]] == pytest.approx(list(e[1:]), rel=RTOL, abs=1e-6)
     assert not [p for p in Path("out").iterdir() if p.name != "ranking.csv"]  # no temporaries
 
     before = Path("out/ranking.csv").read_bytes()
     code, _, err = run_cli([*args, "--alpha", "0"], capsys)
-    assert code == 2 and "--csv 'out/ranking.csv' already exists; pass --overwrite" in one_error_line(err)
+    assert (
+        code == 2
+        and "--csv 'out/ranking.csv' already exists; pass --overwrite" in one_error_line(err)
+    )
     assert Path("out/ranking.csv").read_bytes() == before
     code, _, err = run_cli([*args, "--alpha", "0", "--overwrite"], capsys)
     assert code == 0, err
@@ -146,8 +172,17 @@ def test_the_target_is_left_out_of_a_folder_of_experts(
     zoo: dict[str, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:
     os.replace("target.safetensors", "experts/target.safetensors")
-    code, out, err = run_cli(["select", "--target", "experts/target.safetensors", "--experts",
-                              "experts", "experts/mnist.safetensors"], capsys)
+    code, out, err = run_cli(
+        [
+            "select",
+            "--target",
+            "experts/target.safetensors",
+            "--experts",
+            "experts",
+            "experts/mnist.safetensors",
+        ],
+        capsys,
+    )
     assert code == 0, err
     names = [row[1] for row in printed_rows(out)]
     assert sorted(names) == sorted(EXPERTS)  # no target, no duplicate
@@ -158,31 +193,54 @@ def test_bad_inputs_fail_in_one_line_naming_the_file(
 ) -> None:
     Path("broken.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not json at all")
     Path("empty").mkdir()
-    TaskEmbedding(torch.ones(10), torch.ones(10), {"a": (0, 4), "b": (4, 10)},
-                  {"probe": "other", "probe_fingerprint": "fp2", "task_name": "alien"}
-                  ).save("alien.safetensors")
+    TaskEmbedding(
+        torch.ones(10),
+        torch.ones(10),
+        {"a": (0, 4), "b": (4, 10)},
+        {"probe": "other", "probe_fingerprint": "fp2", "task_name": "alien"},
+    ).save("alien.safetensors")
     cases = [
-        (["--target", "missing.safetensors", "--experts", "experts"],
-         "missing.safetensors does not exist"),
-        (["--target", "broken.safetensors", "--experts", "experts"],
-         "broken.safetensors is not a t2v-lightning embedding"),
-        (["--target", "target.safetensors", "--experts", "experts", "broken.safetensors"],
-         "broken.safetensors is not a t2v-lightning embedding"),
-        (["--target", "target.safetensors", "--experts", "nowhere"],
-         "expert artifact nowhere does not exist"),
-        (["--target", "target.safetensors", "--experts", "empty"],
-         "expert folder empty holds no .safetensors artifacts"),
-        (["--target", "target.safetensors", "--experts", "target.safetensors"],
-         "no expert artifacts besides the target"),
-        (["--target", "target.safetensors", "--experts", "experts", "alien.safetensors"],
-         "were made with different probe weights"),
+        (
+            ["--target", "missing.safetensors", "--experts", "experts"],
+            "missing.safetensors does not exist",
+        ),
+        (
+            ["--target", "broken.safetensors", "--experts", "experts"],
+            "broken.safetensors is not a t2v-lightning embedding",
+        ),
+        (
+            ["--target", "target.safetensors", "--experts", "experts", "broken.safetensors"],
+            "broken.safetensors is not a t2v-lightning embedding",
+        ),
+        (
+            ["--target", "target.safetensors", "--experts", "nowhere"],
+            "expert artifact nowhere does not exist",
+        ),
+        (
+            ["--target", "target.safetensors", "--experts", "empty"],
+            "expert folder empty holds no .safetensors artifacts",
+        ),
+        (
+            ["--target", "target.safetensors", "--experts", "target.safetensors"],
+            "no expert artifacts besides the target",
+        ),
+        (
+            ["--target", "target.safetensors", "--experts", "experts", "alien.safetensors"],
+            "were made with different probe weights",
+        ),
         (["--experts", "experts"], "the following arguments are required: --target"),
-        (["--target", "target.safetensors", "--experts", "experts", "--alpha", "abc"],
-         "argument --alpha: invalid float value: 'abc'"),
-        (["--target", "target.safetensors", "--experts", "experts", "--alpha", "nan"],
-         "alpha must be a finite number"),
-        (["--target", "target.safetensors", "--experts", "experts", "--distance", "l2"],
-         "argument --distance: invalid choice: 'l2'"),
+        (
+            ["--target", "target.safetensors", "--experts", "experts", "--alpha", "abc"],
+            "argument --alpha: invalid float value: 'abc'",
+        ),
+        (
+            ["--target", "target.safetensors", "--experts", "experts", "--alpha", "nan"],
+            "alpha must be a finite number",
+        ),
+        (
+            ["--target", "target.safetensors", "--experts", "experts", "--distance", "l2"],
+            "argument --distance: invalid choice: 'l2'",
+        ),
     ]
     for args, expected in cases:
         code, out, err = run_cli(["select", *args], capsys)
@@ -200,4 +258,3 @@ def test_ranked_experts_rows_follow_the_ranking(zoo: dict[str, np.ndarray]) -> N
     assert [r.index for r in rows] == ranking.order
     for r in rows:
         assert r.score == pytest.approx(r.distance - 0.15 * r.complexity, abs=1e-12)
-

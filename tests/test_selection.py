@@ -26,8 +26,9 @@ META = {"probe": "toy", "probe_fingerprint": "fp"}
 
 def embedding(values: list[float], name: str, scale: list[float] | None = None) -> TaskEmbedding:
     scale_t = torch.ones(len(values)) if scale is None else torch.tensor(scale)
-    return TaskEmbedding(torch.tensor(values), scale_t, {"layer": (0, len(values))},
-                         {**META, "task_name": name})
+    return TaskEmbedding(
+        torch.tensor(values), scale_t, {"layer": (0, len(values))}, {**META, "task_name": name}
+    )
 
 
 def hand_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -37,8 +38,12 @@ def hand_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_trivial_embedding_is_the_prior() -> None:
-    source = TaskEmbedding(torch.tensor([0.5, 2.0, 3.0]), torch.tensor([1.0, 1.0, 4.0]),
-                           {"a": (0, 2), "b": (2, 3)}, {**META, "task_name": "cub"})
+    source = TaskEmbedding(
+        torch.tensor([0.5, 2.0, 3.0]),
+        torch.tensor([1.0, 1.0, 4.0]),
+        {"a": (0, 2), "b": (2, 3)},
+        {**META, "task_name": "cub"},
+    )
     trivial = trivial_embedding(source)
     assert torch.equal(trivial.hessian, source.scale)
     assert torch.equal(trivial.scale, source.scale)
@@ -91,12 +96,15 @@ def test_asymmetric_distance_formula() -> None:
     expected = EXPECTED_DISTANCE["complex-far"] - 0.15 * EXPECTED_COMPLEXITY["complex-far"]
     assert asymmetric_distance(target, source) == pytest.approx(expected, rel=RTOL)
     assert asymmetric_distance(target, source, alpha=0.0) == pytest.approx(
-        task_distance(target, source), rel=1e-12)
+        task_distance(target, source), rel=1e-12
+    )
     # the complexity term is the source's, not the target's
     assert asymmetric_distance(target, source, alpha=1.0) == pytest.approx(
-        task_distance(target, source) - complexity(source), rel=1e-12)
+        task_distance(target, source) - complexity(source), rel=1e-12
+    )
     assert asymmetric_distance(target, source, alpha=1.0) != pytest.approx(
-        task_distance(target, source) - complexity(target), rel=1e-3)
+        task_distance(target, source) - complexity(target), rel=1e-3
+    )
 
 
 def test_alpha_makes_the_complex_expert_win() -> None:
@@ -109,12 +117,16 @@ def test_alpha_makes_the_complex_expert_win() -> None:
     assert isinstance(ranking, ExpertRanking)
     assert ranking.order == [1, 0] and ranking.best == 1
     assert ranking.ranked_names == ["complex-far", "simple-near"]
-    expected_scores = [EXPECTED_DISTANCE[n] - 0.15 * EXPECTED_COMPLEXITY[n]
-                       for n in ("simple-near", "complex-far")]
+    expected_scores = [
+        EXPECTED_DISTANCE[n] - 0.15 * EXPECTED_COMPLEXITY[n] for n in ("simple-near", "complex-far")
+    ]
     np.testing.assert_allclose(ranking.scores.numpy(), expected_scores, rtol=RTOL, atol=1e-7)
-    np.testing.assert_allclose(ranking.complexities.numpy(),
-                               [EXPECTED_COMPLEXITY[n] for n in ("simple-near", "complex-far")],
-                               rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(
+        ranking.complexities.numpy(),
+        [EXPECTED_COMPLEXITY[n] for n in ("simple-near", "complex-far")],
+        rtol=RTOL,
+        atol=1e-7,
+    )
     assert t2v_lightning.select_expert is select_expert
     assert t2v_lightning.trivial_embedding is trivial_embedding
     assert t2v_lightning.asymmetric_distance is asymmetric_distance
@@ -123,8 +135,10 @@ def test_alpha_makes_the_complex_expert_win() -> None:
 def test_select_expert_matches_pairwise_scores_on_random_tasks() -> None:
     generator = torch.Generator().manual_seed(0)
     hessians = torch.exp(torch.randn(8, 40, generator=generator))
-    experts = {f"expert{i}": TaskEmbedding(h, torch.ones(40), {"layer": (0, 40)}, META)
-               for i, h in enumerate(hessians[1:])}
+    experts = {
+        f"expert{i}": TaskEmbedding(h, torch.ones(40), {"layer": (0, 40)}, META)
+        for i, h in enumerate(hessians[1:])
+    }
     target = TaskEmbedding(hessians[0], torch.ones(40), {"layer": (0, 40)}, META)
     for name in ("cosine", "jsd"):
         ranking = select_expert(target, experts, alpha=0.3, distance=name)
@@ -154,7 +168,11 @@ def test_errors() -> None:
         select_expert(None, [expert])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="distance"):
         select_expert(target, [expert], distance="l2")  # type: ignore[arg-type]
-    other_probe = TaskEmbedding(torch.ones(2), torch.ones(2), {"layer": (0, 2)},
-                                {"probe_fingerprint": "other", "task_name": "x"})
+    other_probe = TaskEmbedding(
+        torch.ones(2),
+        torch.ones(2),
+        {"layer": (0, 2)},
+        {"probe_fingerprint": "other", "task_name": "x"},
+    )
     with pytest.raises(IncompatibleEmbeddingsError, match=r"'target'.*'x'"):
         select_expert(target, [other_probe])

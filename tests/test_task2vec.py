@@ -73,8 +73,13 @@ def test_model_as_it_is_equals_brute_force_fisher() -> None:
     probe = sequential_cnn()
     data = ToyImages(n=12, classes=3, size=6)
     embedding = Task2Vec(
-        probe, estimator="exact", reset_head=False, head_epochs=0, max_samples=None,
-        balanced_sampling=False, **FAST,
+        probe,
+        estimator="exact",
+        reset_head=False,
+        head_epochs=0,
+        max_samples=None,
+        balanced_sampling=False,
+        **FAST,
     ).embed(data)
     reference = brute_force_fisher(probe, data.images, "fc")
     layers = embedded_layers(probe, "fc")
@@ -194,7 +199,15 @@ class Items(torch.utils.data.Dataset):
         ([("not a tensor", 0), ("still not", 1)], "must be tensors"),
         ([torch.zeros(3), torch.zeros(3)], r"\(input, label\) pairs"),
     ],
-    ids=["empty", "single-class", "float-labels", "negative", "non-finite", "not-tensor", "no-label"],
+    ids=[
+        "empty",
+        "single-class",
+        "float-labels",
+        "negative",
+        "non-finite",
+        "not-tensor",
+        "no-label",
+    ],
 )
 def test_bad_datasets_are_refused_clearly(items: list, message: str) -> None:
     t2v = Task2Vec(sequential_cnn(), max_samples=4, head_epochs=0, **FAST)
@@ -267,7 +280,9 @@ def test_without_head_fitting_no_feature_pass_and_one_trainer_run(
     monkeypatch.setattr(pl.Trainer, "__init__", counting)
     monkeypatch.setattr(prepare, "head_inputs", no_features)
     data = ToyImages(n=12, classes=3, size=8)
-    Task2Vec(sequential_cnn(), reset_head=False, head_epochs=0, max_samples=None, **FAST).embed(data)
+    Task2Vec(sequential_cnn(), reset_head=False, head_epochs=0, max_samples=None, **FAST).embed(
+        data
+    )
     assert len(built) == 1  # the Fisher pass
     monkeypatch.undo()
     built.clear()

@@ -78,8 +78,13 @@ def _closed_form(network: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.T
     rows = inputs["input_ids"].shape[0]
     with LayerFisherTaps(network, layers) as taps:
         sums, count = batch_filter_sums(
-            network, taps, inputs, torch.arange(rows), torch.ones(rows, dtype=torch.bool),
-            "exact", 0,
+            network,
+            taps,
+            inputs,
+            torch.arange(rows),
+            torch.ones(rows, dtype=torch.bool),
+            "exact",
+            0,
         )
     return filter_values(sums, count, layers)[0].double()
 
@@ -94,7 +99,9 @@ def test_probe_reproduces_the_sentence_encoder(probe: nn.Module, sentiment: Text
     assert isinstance(probe, TextProbe)
     with torch.no_grad():
         hidden = probe.encoder(**sentiment.inputs).last_hidden_state
-        pooled = nn.functional.normalize(probe.pool(hidden, sentiment.inputs["attention_mask"]), dim=-1)
+        pooled = nn.functional.normalize(
+            probe.pool(hidden, sentiment.inputs["attention_mask"]), dim=-1
+        )
     torch.testing.assert_close(pooled, reference.cpu(), rtol=0, atol=1e-5)
 
 
@@ -102,29 +109,40 @@ def test_embedded_layers_are_the_encoders_linear_and_norm_layers(probe: nn.Modul
     layers = embedded_layers(probe, "head")
     kinds = {type(module) for _, module in layers}
     assert kinds == {nn.Linear, nn.LayerNorm}
-    assert len(layers) == 1 + 6 * 8  # embeddings' LayerNorm; per block q, k, v, out, norm, ff1, ff2, norm
+    assert (
+        len(layers) == 1 + 6 * 8
+    )  # embeddings' LayerNorm; per block q, k, v, out, norm, ff1, ff2, norm
     assert sum(module.weight.shape[0] for _, module in layers) == 25728
     # token / position / type tables are frozen buffers, outside the embedding
     assert not any(isinstance(module, nn.Embedding) for _, module in layers)
     assert probe.encoder.embeddings.word_embeddings.weight.shape == (30522, 384)
 
 
-def test_exact_fisher_matches_brute_force_over_tokens(probe: nn.Module, sentiment: TextDataset) -> None:
+def test_exact_fisher_matches_brute_force_over_tokens(
+    probe: nn.Module, sentiment: TextDataset
+) -> None:
     torch.manual_seed(0)
     network = TextProbe(probe.encoder, 384, 2).eval()  # a random head: non-trivial probabilities
     network.requires_grad_(False)
     inputs = _rows(sentiment.inputs, slice(0, 3))
     got = _closed_form(network, inputs)
-    reference = as_vector(brute_force_fisher(network, inputs, "head"), embedded_layers(network, "head"))
+    reference = as_vector(
+        brute_force_fisher(network, inputs, "head"), embedded_layers(network, "head")
+    )
     torch.testing.assert_close(got, reference, rtol=EXACT_RTOL, atol=1e-12)
 
 
-def test_padding_does_not_change_an_examples_fisher(probe: nn.Module, sentiment: TextDataset) -> None:
+def test_padding_does_not_change_an_examples_fisher(
+    probe: nn.Module, sentiment: TextDataset
+) -> None:
     torch.manual_seed(0)
     network = TextProbe(probe.encoder, 384, 2).eval()
     network.requires_grad_(False)
     one = _rows(sentiment.inputs, slice(3, 4))
-    padded = {key: torch.cat([value, torch.zeros(1, 7, dtype=value.dtype)], 1) for key, value in one.items()}
+    padded = {
+        key: torch.cat([value, torch.zeros(1, 7, dtype=value.dtype)], 1)
+        for key, value in one.items()
+    }
     assert padded["input_ids"].shape[1] == one["input_ids"].shape[1] + 7
     reference = _closed_form(network, one)
     got = _closed_form(network, padded)
@@ -150,18 +168,27 @@ def test_task2vec_multi_label_text_task(probe: nn.Module) -> None:
     texts = POSITIVE + NEGATIVE
     # outputs: positive sentiment, mentions acting / cast, mentions "film"
     labels = [
-        [float(i < 6), float("act" in t or "cast" in t), float("film" in t)] for i, t in enumerate(texts)
+        [float(i < 6), float("act" in t or "cast" in t), float("film" in t)]
+        for i, t in enumerate(texts)
     ]
     data = TextDataset(texts, labels)
     embedding = Task2Vec(
-        probe, likelihood="bernoulli", estimator="exact", max_samples=None,
-        balanced_sampling=False, head_epochs=1, head_lr=1e-2, **FAST,
+        probe,
+        likelihood="bernoulli",
+        estimator="exact",
+        max_samples=None,
+        balanced_sampling=False,
+        head_epochs=1,
+        head_lr=1e-2,
+        **FAST,
     ).embed(data)
     assert embedding.meta["likelihood"] == "bernoulli" and embedding.meta["num_classes"] == 3
     assert torch.isfinite(embedding.hessian).all()
 
 
-def test_skip_layers_with_mapping_inputs_is_refused(probe: nn.Module, sentiment: TextDataset) -> None:
+def test_skip_layers_with_mapping_inputs_is_refused(
+    probe: nn.Module, sentiment: TextDataset
+) -> None:
     t2v = Task2Vec(probe, skip_layers=1, balanced_sampling=False, head_epochs=0, **FAST)
     with pytest.raises(DatasetError, match=r"mappings .* keyword arguments"):
         t2v.embed(sentiment)
@@ -278,8 +305,13 @@ def test_fisher_callback_fit_end_reads_mapping_batches(tmp_path: Path) -> None:
     mapping, _ = _keyword_data()
     callback = FisherCallback(estimator="exact", head="net.fc", at="fit_end")
     trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
         default_root_dir=tmp_path,  # where the callback writes its artifact without a logger
     )
     trainer.fit(module, DataLoader(mapping, batch_size=5))

@@ -25,8 +25,11 @@ from t2v_lightning.fisher.layers.table import embedded_layers, row_size
 
 VOCAB, WIDTH, LENGTH, CLASSES = 11, 8, 5, 3
 QUIET = {
-    "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
-    "enable_checkpointing": False, "logger": False,
+    "accelerator": "cpu",
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "logger": False,
 }
 
 
@@ -83,7 +86,9 @@ def brute_force(network: nn.Module, ids: torch.Tensor, head: str) -> dict[str, t
             for log_p in log_probs:
                 grads = torch.autograd.grad(log_p, params, retain_graph=True)
                 for total, grad in zip(sums, grads):
-                    total += float(log_p.detach().exp()) * grad.double().reshape(grad.shape[0], -1).square().mean(-1)
+                    total += float(log_p.detach().exp()) * grad.double().reshape(
+                        grad.shape[0], -1
+                    ).square().mean(-1)
     finally:
         for p, flag in zip(network.parameters(), flags):
             p.requires_grad_(flag)
@@ -153,9 +158,14 @@ def test_attention_with_a_causal_mask_per_example(batch_first: bool) -> None:
 def test_a_table_looked_up_once_for_the_batch_is_refused() -> None:
     class Shared(TokenClassifier):
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.head((self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))).mean(1))
+            return self.head(
+                (self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))).mean(1)
+            )
 
-    with pytest.raises(UnsupportedLayerError, match=r"'positions' \(Embedding\) returned shape \(5, 8\) for a batch of 9"):
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"'positions' \(Embedding\) returned shape \(5, 8\) for a batch of 9",
+    ):
         closed_form(Shared(), token_ids(), "head")
 
 
@@ -168,7 +178,9 @@ def test_embedding_rule_keeps_memory_per_pair_not_per_table() -> None:
     out = table_sq_norms(ids, grad, 100_000)
     assert out.shape == (2, 100_000)
     expected_first = (grad[0, 0] + grad[0, 1]).square().sum()
-    assert float(out[0, 1]) == float(expected_first) and float(out[1, 3]) == float((grad[1, 1] + grad[1, 2]).square().sum())
+    assert float(out[0, 1]) == float(expected_first) and float(out[1, 3]) == float(
+        (grad[1, 1] + grad[1, 2]).square().sum()
+    )
 
 
 class TransformerProject(pl.LightningModule):
@@ -179,7 +191,9 @@ class TransformerProject(pl.LightningModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.net(ids)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         ids, labels = batch
         return F.cross_entropy(self(ids), labels)
 
@@ -193,8 +207,9 @@ def test_transformer_classifier_project(tmp_path: Path) -> None:
     ids = token_ids(12)
     labels = torch.arange(12) % CLASSES
     model = TransformerProject()
-    callback = FisherCallback(estimator="exact", head="head", network="net",
-                              exclude=["encoder.norm*"])
+    callback = FisherCallback(
+        estimator="exact", head="head", network="net", exclude=["encoder.norm*"]
+    )
     pl.Trainer(max_epochs=2, callbacks=[callback], default_root_dir=tmp_path, **QUIET).fit(
         model, DataLoader(TensorDataset(ids, labels), batch_size=5, shuffle=True)
     )
@@ -203,12 +218,23 @@ def test_transformer_classifier_project(tmp_path: Path) -> None:
     assert "encoder.norm1" not in embedding.layers and "encoder.self_attn" in embedding.layers
     expected = brute_force(model.net, ids, "head")
     expected = {name: expected[name] for name in embedding.layers}
-    got = {name: embedding.hessian[start:end].double() for name, (start, end) in embedding.layers.items()}
+    got = {
+        name: embedding.hessian[start:end].double()
+        for name, (start, end) in embedding.layers.items()
+    }
     assert_matches(got, {k: v / 1 for k, v in expected.items()})
     t2v = Task2Vec(
-        model.net, head="head", exclude=["encoder.norm*"], estimator="exact", reset_head=False,
-        head_epochs=0, balanced_sampling=False, max_samples=None, batch_size=5,
-        progress_bar=False, accelerator="cpu",
+        model.net,
+        head="head",
+        exclude=["encoder.norm*"],
+        estimator="exact",
+        reset_head=False,
+        head_epochs=0,
+        balanced_sampling=False,
+        max_samples=None,
+        batch_size=5,
+        progress_bar=False,
+        accelerator="cpu",
     ).embed(TensorDataset(ids, labels))
     assert list(t2v.layers) == list(embedding.layers)
     torch.testing.assert_close(t2v.hessian, embedding.hessian, rtol=1e-5, atol=1e-12)

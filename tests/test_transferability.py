@@ -32,8 +32,9 @@ from t2v_lightning.similarity.transferability import (
 )
 
 
-def _data(n: int, d: int, k: int, seed: int = 0, signal: float = 1.0) -> tuple[torch.Tensor,
-                                                                                 torch.Tensor]:
+def _data(
+    n: int, d: int, k: int, seed: int = 0, signal: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % k
     centres = rng.normal(size=(k, d)) * signal
@@ -69,8 +70,12 @@ def test_logme_is_the_evidence_maximised_over_alpha_and_beta(n: int, d: int, k: 
 
         grid = [(a, b) for a in np.linspace(-6, 6, 9) for b in np.linspace(-6, 6, 9)]
         start = min(grid, key=lambda ab: negative(np.array(ab)))
-        found = minimize(negative, np.array(start), method="Nelder-Mead",
-                         options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 20000})
+        found = minimize(
+            negative,
+            np.array(start),
+            method="Nelder-Mead",
+            options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 20000},
+        )
         best_per_class.append(-found.fun)
     assert logme(features, labels) == pytest.approx(float(np.mean(best_per_class)), abs=1e-8)
 

@@ -50,8 +50,11 @@ def make_classifier(package: ModuleType, returns: str = "logits") -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.backbone = nn.Sequential(
-                nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Conv2d(3, 4, 3, padding=1),
+                nn.BatchNorm2d(4),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
             )
             self.classifier = nn.Linear(4, 3)
 
@@ -82,8 +85,13 @@ def images(n: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
 
 def trainer_for(package: ModuleType, callbacks: list[Any], **extra: Any) -> Any:
     options = {
-        "accelerator": "cpu", "max_epochs": 1, "logger": False, "enable_checkpointing": False,
-        "enable_progress_bar": False, "enable_model_summary": False, **extra,
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        **extra,
     }
     return package.Trainer(callbacks=callbacks, **options)
 
@@ -173,7 +181,9 @@ def test_logits_fn() -> None:
     package, FisherCallback = namespace("lightning.pytorch")
     model = make_classifier(package, returns="dict")
     callback = FisherCallback(
-        estimator="exact", at="fit_end", head="classifier",
+        estimator="exact",
+        at="fit_end",
+        head="classifier",
         logits_fn=lambda module, batch: module(batch["image"])["logits"],
     )
     trainer_for(package, [callback]).fit(model, DataLoader(DictImages(), batch_size=4))

@@ -106,9 +106,13 @@ def test_initial_values_follow_spec() -> None:
     variance = FilterVariance(conv.weight)
     rows = conv.weight.detach().double().reshape(6, -1)
     expected = (0.05 * rows.var(dim=1) + 1e-8).log()
-    torch.testing.assert_close(variance.logvar.detach().double().reshape(-1), expected, rtol=FLOAT32_RTOL, atol=0)
+    torch.testing.assert_close(
+        variance.logvar.detach().double().reshape(-1), expected, rtol=FLOAT32_RTOL, atol=0
+    )
     assert variance.logvar.shape == (6, 1, 1, 1)
-    assert float(variance.loglambda2) == pytest.approx(float((rows.square().mean() + 1e-8).log()), rel=FLOAT32_RTOL)
+    assert float(variance.loglambda2) == pytest.approx(
+        float((rows.square().mean() + 1e-8).log()), rel=FLOAT32_RTOL
+    )
 
 
 def _variance_cases() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
@@ -118,7 +122,11 @@ def _variance_cases() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
         ("linear_sequence", nn.Linear(5, 3), (4, 7, 5)),
         ("conv1d", nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 11)),
         ("conv2d", nn.Conv2d(4, 6, 3, padding=1), (2, 4, 7, 6)),
-        ("conv2d_groups", nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2), (2, 4, 9, 9)),
+        (
+            "conv2d_groups",
+            nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2),
+            (2, 4, 9, 9),
+        ),
         ("conv2d_depthwise", nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), (2, 6, 5, 5)),
         ("conv2d_reflect", nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (2, 3, 6, 6)),
         ("conv2d_same", nn.Conv2d(3, 4, (3, 2), padding="same"), (2, 3, 6, 5)),
@@ -132,7 +140,9 @@ def _variance_cases() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("case", _variance_cases(), ids=lambda case: case[0])
-def test_output_variance_is_the_layer_on_squared_inputs(case: tuple[str, nn.Module, tuple[int, ...]]) -> None:
+def test_output_variance_is_the_layer_on_squared_inputs(
+    case: tuple[str, nn.Module, tuple[int, ...]],
+) -> None:
     """layer(x² + 0.01; σ²) run through the layer's own forward with the weights swapped, and
     the noisy output built from it."""
     _, layer, shape = case
@@ -150,7 +160,9 @@ def test_output_variance_is_the_layer_on_squared_inputs(case: tuple[str, nn.Modu
     output = layer(inputs)
     noise = torch.randn(output.shape, generator=generator)
     noisy = add_weight_noise(layer, inputs, output, variance.log(), noise)
-    torch.testing.assert_close(noisy, output + expected.sqrt() * noise, rtol=FLOAT32_RTOL, atol=1e-5)
+    torch.testing.assert_close(
+        noisy, output + expected.sqrt() * noise, rtol=FLOAT32_RTOL, atol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,6 +482,7 @@ def test_variational_hessian_ranks_filters_like_the_exact_fisher() -> None:
     assert rho > SPEARMAN_MIN, f"Spearman's rho {rho:.3f}"
     for name, (start, stop) in variational.layers.items():
         layer_rho = spearmanr(
-            exact.hessian[slice(*exact.layers[name])].numpy(), variational.hessian[start:stop].numpy()
+            exact.hessian[slice(*exact.layers[name])].numpy(),
+            variational.hessian[start:stop].numpy(),
         ).statistic
         assert layer_rho > 0, f"layer {name}: Spearman's rho {layer_rho:.3f}"

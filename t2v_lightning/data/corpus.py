@@ -209,7 +209,7 @@ def _mix64(values: np.ndarray) -> np.ndarray:
 
 def _round_keys(seed: int, rounds: int) -> list[np.uint64]:
     digest = hashlib.sha256(f"t2v-corpus-permutation:{seed}".encode()).digest()
-    return [np.uint64(int.from_bytes(digest[4 * r:4 * r + 8], "little")) for r in range(rounds)]
+    return [np.uint64(int.from_bytes(digest[4 * r : 4 * r + 8], "little")) for r in range(rounds)]
 
 
 def permuted_indices(size: int, seed: int, start: int, stop: int) -> np.ndarray:
@@ -288,9 +288,13 @@ def local_builder(path: Path) -> tuple[str, list[str]]:
 def _looks_like_path(data: str) -> bool:
     lowered = data.lower()
     return (
-        data.startswith(("/", "./", "../", "~")) or os.sep in data.strip("/").split("/", 1)[-1]
-        or any(lowered.endswith(ext) or lowered.endswith(ext + c)
-               for ext in _BUILDERS for c in ("", *_COMPRESSIONS))
+        data.startswith(("/", "./", "../", "~"))
+        or os.sep in data.strip("/").split("/", 1)[-1]
+        or any(
+            lowered.endswith(ext) or lowered.endswith(ext + c)
+            for ext in _BUILDERS
+            for c in ("", *_COMPRESSIONS)
+        )
     )
 
 
@@ -329,13 +333,19 @@ def _load(spec: CorpusSpec) -> Any:
             if not os.access(files[0], os.R_OK):
                 raise CorpusError(f"--data {files[0]} is not readable (permissions)")
             return datasets.load_dataset(
-                builder, data_files=files, split=spec.split, streaming=spec.streaming,
+                builder,
+                data_files=files,
+                split=spec.split,
+                streaming=spec.streaming,
                 cache_dir=spec.cache_dir,
             )
         if _looks_like_path(spec.data):
             raise CorpusError(f"--data {spec.data} does not exist")
         return datasets.load_dataset(
-            spec.data, spec.config, split=spec.split, streaming=spec.streaming,
+            spec.data,
+            spec.config,
+            split=spec.split,
+            streaming=spec.streaming,
             cache_dir=spec.cache_dir,
         )
     except CorpusError:
@@ -423,8 +433,12 @@ def _eos_id(tokenizer: Any) -> int:
 
 
 def _sequences(
-    documents: Iterator[str | None], tokenizer: Any, max_length: int, packing: bool,
-    stats: CorpusStats, chunk: int = 256,
+    documents: Iterator[str | None],
+    tokenizer: Any,
+    max_length: int,
+    packing: bool,
+    stats: CorpusStats,
+    chunk: int = 256,
 ) -> Iterator[list[int]]:
     """Token sequences in the order of ``documents``; ``stats`` counts the documents consumed
     (texts are tokenised ``chunk`` at a time, but counted as their sequences are taken)."""
@@ -436,8 +450,14 @@ def _sequences(
         nonlocal pending
         texts = [t for t in batch if isinstance(t, str) and t.strip()]
         encoded = iter(
-            tokenizer(texts, truncation=not packing, max_length=None if packing else max_length,
-                      verbose=False)["input_ids"] if texts else []
+            tokenizer(
+                texts,
+                truncation=not packing,
+                max_length=None if packing else max_length,
+                verbose=False,
+            )["input_ids"]
+            if texts
+            else []
         )
         for text in batch:
             stats.documents += 1
@@ -465,21 +485,24 @@ def _sequences(
         yield from flush()
 
 
-def _task_tensors(sequences: list[list[int]], max_length: int, pad_id: int) -> tuple[
-    torch.Tensor, torch.Tensor
-]:
+def _task_tensors(
+    sequences: list[list[int]], max_length: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(sequences), max_length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), max_length), dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, :len(sequence)] = 1
+        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
     return ids, mask
 
 
 def check_task_shape(num_tasks: int, task_size: int, max_length: int) -> None:
     """Refuse non-positive task counts and sizes (the message names the option)."""
-    for name, value in (("num_tasks", num_tasks), ("task_size", task_size),
-                        ("max_length", max_length)):
+    for name, value in (
+        ("num_tasks", num_tasks),
+        ("task_size", task_size),
+        ("max_length", max_length),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CorpusError(f"--{name} must be a positive integer, got {value!r}")
 
@@ -525,8 +548,9 @@ def token_tasks(
             raise _too_small(spec, num_tasks, task_size, size, None)
     pad_id = _pad_id(tokenizer)
     # Tokenised a task at a time at most: a stream that fails part way has written what it could.
-    sequences = _sequences(read_documents(spec, seed), tokenizer, max_length, packing, stats,
-                           chunk=min(256, task_size))
+    sequences = _sequences(
+        read_documents(spec, seed), tokenizer, max_length, packing, stats, chunk=min(256, task_size)
+    )
     current: list[list[int]] = []
     index = 0
     for sequence in sequences:
@@ -545,8 +569,9 @@ def _too_small(
     spec: CorpusSpec, num_tasks: int, task_size: int, found: int, stats: CorpusStats | None
 ) -> CorpusError:
     counted = (
-        f"{found} documents" if stats is None else
-        f"{found} sequences from {stats.documents} documents ({stats.empty_documents} empty, "
+        f"{found} documents"
+        if stats is None
+        else f"{found} sequences from {stats.documents} documents ({stats.empty_documents} empty, "
         "skipped)"
     )
     return CorpusError(
@@ -557,8 +582,14 @@ def _too_small(
 
 # ------------------------------------------------------------------------------ bounds
 def synthetic_task(
-    kind: Literal["lower", "upper"], index: int, task_size: int, max_length: int,
-    vocab_size: int, eos_id: int | None, seed: int, pad_id: int = 0,
+    kind: Literal["lower", "upper"],
+    index: int,
+    task_size: int,
+    max_length: int,
+    vocab_size: int,
+    eos_id: int | None,
+    seed: int,
+    pad_id: int = 0,
 ) -> TokenTask:
     """Task ``index`` of a bound of SPEC section 8 (see :class:`SyntheticCorpus`).
 
@@ -572,8 +603,9 @@ def synthetic_task(
     if kind == "upper":
         ids = torch.from_numpy(rng.integers(0, vocab_size, size=(task_size, max_length)))
         return TokenTask(ids, torch.ones_like(ids), index)
-    tokens = rng.integers(0, vocab_size - (eos_id is not None and 0 <= eos_id < vocab_size),
-                          size=task_size)
+    tokens = rng.integers(
+        0, vocab_size - (eos_id is not None and 0 <= eos_id < vocab_size), size=task_size
+    )
     if eos_id is not None and 0 <= eos_id < vocab_size:
         tokens = tokens + (tokens >= eos_id)  # skip the end-of-sequence token
     # Each position after the first ends the sequence with probability 1/V: the length is

@@ -322,8 +322,10 @@ def _cub_index(cub_dir: str, stamp: tuple[int, int]) -> _CubIndex:
     d = Path(cub_dir)
     if not (d / "images").is_dir():
         raise DatasetNotFoundError(f"missing folder {d / 'images'}. {CUB_HINT}")
-    images = {key: contained_path(value, d / "images.txt", "images/")
-              for key, value in _read_pairs(d / "images.txt", CUB_HINT)}
+    images = {
+        key: contained_path(value, d / "images.txt", "images/")
+        for key, value in _read_pairs(d / "images.txt", CUB_HINT)
+    }
     labels = {k: int(v) for k, v in _read_pairs(d / "image_class_labels.txt", CUB_HINT)}
     split = {k: v == "1" for k, v in _read_pairs(d / "train_test_split.txt", CUB_HINT)}
     names = dict(_read_pairs(d / "classes.txt", CUB_HINT))
@@ -426,8 +428,9 @@ def _inat_index(path: str, stamp: tuple[int, int]) -> _InatIndex:
     for key in ("images", "annotations"):
         if key not in data:
             raise ValueError(f"{path} has no {key!r} list (expected COCO-style iNat 2018)")
-    file_of = {int(img["id"]): contained_path(str(img["file_name"]), Path(path))
-               for img in data["images"]}
+    file_of = {
+        int(img["id"]): contained_path(str(img["file_name"]), Path(path)) for img in data["images"]
+    }
     names, cats = [], []
     for ann in data["annotations"]:
         image_id = int(ann["image_id"])

@@ -127,8 +127,9 @@ class TaskDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         entry = get_entry(name)  # unknown name: ValueError listing the known ones
-        self.source = DataSource.of(path, config, split, data_files, image_column, text_column,
-                                    label_column, streaming)
+        self.source = DataSource.of(
+            path, config, split, data_files, image_column, text_column, label_column, streaming
+        )
         check_source(name, self.source)
         check_input_size(input_size)
         check_normalize(normalize)
@@ -157,8 +158,9 @@ class TaskDataModule(pl.LightningDataModule):
         if entry.build_source is not None:
             # Your own data: its labels are read to know the classes; read it once.
             self._task = self._build(train)
-            self._info = TaskInfo(self._task.name, self._task.num_classes,
-                                  dict(self._task.metadata))
+            self._info = TaskInfo(
+                self._task.name, self._task.num_classes, dict(self._task.metadata)
+            )
         else:
             self._info = describe_task(name, root, task_id, self.classes)
         self._val_task: Task | None = None

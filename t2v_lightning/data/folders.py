@@ -53,7 +53,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
 )
 """File extensions read as images (torchvision's ``IMG_EXTENSIONS``, compared in lower case)."""
 
@@ -78,8 +87,11 @@ def open_image(source: str | os.PathLike[str] | bytes, name: str | None = None) 
     """
     from PIL import Image
 
-    label = name if name is not None else (
-        "image bytes" if isinstance(source, bytes) else os.fspath(source))
+    label = (
+        name
+        if name is not None
+        else ("image bytes" if isinstance(source, bytes) else os.fspath(source))
+    )
     handle: Any = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         image = Image.open(handle)
@@ -88,7 +100,8 @@ def open_image(source: str | os.PathLike[str] | bytes, name: str | None = None) 
     except Image.DecompressionBombError as err:
         raise DataSourceError(
             f"image {label} is larger than the limit of {MAX_IMAGE_PIXELS:,} pixels "
-            f"(t2v_lightning.safety.MAX_IMAGE_PIXELS): {err}") from None
+            f"(t2v_lightning.safety.MAX_IMAGE_PIXELS): {err}"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
         raise DataSourceError(f"{label} is not an image that can be read ({_reason(err)})") from err
     with image:
@@ -100,7 +113,8 @@ def open_image(source: str | os.PathLike[str] | bytes, name: str | None = None) 
             return image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as err:  # truncated or damaged data
             raise DataSourceError(
-                f"{label} is not an image that can be read ({_reason(err)})") from err
+                f"{label} is not an image that can be read ({_reason(err)})"
+            ) from err
 
 
 def _reason(err: BaseException) -> str:
@@ -133,8 +147,11 @@ class ImageSourceDataset(LabelledDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         source = self.sources[index]
-        name = self.names[index] if self.names is not None else (
-            source if isinstance(source, str) else f"example {index}")
+        name = (
+            self.names[index]
+            if self.names is not None
+            else (source if isinstance(source, str) else f"example {index}")
+        )
         return self.transform(open_image(source, name=name)), self._targets[index]
 
 
@@ -206,8 +223,11 @@ def scan_image_folder(root: str | os.PathLike[str], train: bool = True) -> Folde
     class_dirs = [e for e in entries if e.is_dir() and not _is_hidden(e.name)]
     if not class_dirs:
         files = [e.name for e in entries if e.is_file() and not _is_hidden(e.name)]
-        what = (f"no class folders, only files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
-                if files else "nothing")
+        what = (
+            f"no class folders, only files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
+            if files
+            else "nothing"
+        )
         raise DataSourceError(
             f"image folder {folder} holds {what}: put each class's images in a subfolder "
             "named after the class (DIR/cat/1.jpg, DIR/dog/2.jpg)"
@@ -239,8 +259,11 @@ def scan_image_folder(root: str | os.PathLike[str], train: bool = True) -> Folde
         )
     if skipped:
         log.warning(
-            "%s: skipped %d file(s) without an image extension (%s%s)", folder, len(skipped),
-            ", ".join(skipped[:_SKIPPED_EXAMPLES]), ", ..." if len(skipped) > _SKIPPED_EXAMPLES else "",
+            "%s: skipped %d file(s) without an image extension (%s%s)",
+            folder,
+            len(skipped),
+            ", ".join(skipped[:_SKIPPED_EXAMPLES]),
+            ", ..." if len(skipped) > _SKIPPED_EXAMPLES else "",
         )
     return FolderScan(
         folder=folder,
@@ -271,7 +294,8 @@ def task_folders(root: str | os.PathLike[str], patterns: Sequence[str]) -> list[
     found: dict[str, Path] = {}
     for pattern in patterns:
         matches = sorted(
-            Path(match) for match in glob.glob(os.path.join(glob.escape(str(base)), pattern))
+            Path(match)
+            for match in glob.glob(os.path.join(glob.escape(str(base)), pattern))
             if os.path.isdir(match) and not _is_hidden(os.path.basename(match))
         )
         if not matches:

@@ -50,8 +50,9 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def describe_source(path: str, config: str | None, split: str,
-                    data_files: str | Sequence[str] | None) -> str:
+def describe_source(
+    path: str, config: str | None, split: str, data_files: str | Sequence[str] | None
+) -> str:
     """How messages name a dataset: ``'csv' (files a.csv, b.csv), split 'train'``."""
     text = repr(path)
     if config:
@@ -90,11 +91,16 @@ def load_hf_dataset(
     """
     datasets = _import_datasets()
     if not isinstance(path, str) or not path:
-        raise DataSourceError(f"the Hugging Face dataset path must be a non-empty string, got {path!r}")
+        raise DataSourceError(
+            f"the Hugging Face dataset path must be a non-empty string, got {path!r}"
+        )
     files = [data_files] if isinstance(data_files, str) else list(data_files or [])
     for file in files:
-        if "://" not in str(file) and not any(c in str(file) for c in "*?[") \
-                and not os.path.exists(file):
+        if (
+            "://" not in str(file)
+            and not any(c in str(file) for c in "*?[")
+            and not os.path.exists(file)
+        ):
             raise DatasetNotFoundError(f"data file {file} does not exist")
     where = describe_source(path, config, split, data_files)
     # Off a terminal, datasets' progress bars would print every redrawn frame into the log.
@@ -103,13 +109,18 @@ def load_hf_dataset(
         datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(
-            path, name=config, split=split, data_files=data_files or None, streaming=streaming,
+            path,
+            name=config,
+            split=split,
+            data_files=data_files or None,
+            streaming=streaming,
         )
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as err:  # a third-party loader: any failure is a line about the data
         raise DataSourceError(
-            f"cannot load Hugging Face dataset {where}: {_first_line(err)}") from err
+            f"cannot load Hugging Face dataset {where}: {_first_line(err)}"
+        ) from err
     finally:
         if quiet:
             datasets.enable_progress_bars()

@@ -41,7 +41,9 @@ from t2v_lightning.data.task import (
 from t2v_lightning.safety import is_int
 
 _REGISTRY: dict[str, DatasetEntry] = {
-    **small.dataset_entries(), **cub_inat.dataset_entries(), **sources.dataset_entries()
+    **small.dataset_entries(),
+    **cub_inat.dataset_entries(),
+    **sources.dataset_entries(),
 }
 
 
@@ -269,14 +271,16 @@ def get_task(
     task_id = _check_task_id(name, entry, task_id)
     check_input_size(input_size)
     check_normalize(normalize)
-    source = DataSource.of(path, config, split, data_files, image_column, text_column,
-                           label_column, streaming)
+    source = DataSource.of(
+        path, config, split, data_files, image_column, text_column, label_column, streaming
+    )
     check_source(name, source)
     if not train and not entry.has_test_split:
         raise ValueError(f"dataset {name!r} has no test split; use train=True")
     if entry.build_source is not None:
-        task = entry.build_source(str(root), source, bool(train), input_size, normalize,
-                                  max_samples)
+        task = entry.build_source(
+            str(root), source, bool(train), input_size, normalize, max_samples
+        )
     else:
         task = entry.build(str(root), task_id, bool(train), input_size, bool(download), normalize)
     if classes is not None:

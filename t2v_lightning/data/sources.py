@@ -101,10 +101,13 @@ class DataSource:
         """Build one from plain arguments (``data_files`` a string or a list)."""
         files: tuple[str, ...] | None = None
         if data_files is not None:
-            files = (data_files,) if isinstance(data_files, (str, os.PathLike)) else tuple(data_files)
+            files = (
+                (data_files,) if isinstance(data_files, (str, os.PathLike)) else tuple(data_files)
+            )
             files = tuple(os.fspath(f) for f in files)
-        return cls(path, config, split, files, image_column, text_column, label_column,
-                   bool(streaming))
+        return cls(
+            path, config, split, files, image_column, text_column, label_column, bool(streaming)
+        )
 
 
 # Which options each dataset reads; any other option that differs from its default is refused.
@@ -135,8 +138,10 @@ def check_source(name: str, source: DataSource) -> None:
             f"dataset {name!r}; it applies to: {', '.join(takers)}"
         )
     if name == "hf" and not source.path:
-        raise ValueError("dataset 'hf' needs path= (--data.path): a Hugging Face dataset name, "
-                         "a local folder, or a builder such as parquet/json/csv with data_files")
+        raise ValueError(
+            "dataset 'hf' needs path= (--data.path): a Hugging Face dataset name, "
+            "a local folder, or a builder such as parquet/json/csv with data_files"
+        )
 
 
 def _safe(text: str) -> str:
@@ -170,13 +175,15 @@ def source_label(name: str, root: str, source: DataSource) -> str:
 def _label_error(where: str, column: str, row: int, value: Any) -> DataSourceError:
     kind = "empty" if value is None or value == "" else f"{type(value).__name__} {value!r}"
     return DataSourceError(
-        f"column {column!r} of {where}, row {row}: label {kind}; labels must be integers or "
-        "strings"
+        f"column {column!r} of {where}, row {row}: label {kind}; labels must be integers or strings"
     )
 
 
 def label_ids(
-    values: Sequence[Any], column: str, where: str, names: Sequence[str] | None = None,
+    values: Sequence[Any],
+    column: str,
+    where: str,
+    names: Sequence[str] | None = None,
     from_text: bool = False,
 ) -> tuple[list[int], list[str], str]:
     """Number the labels of a column ``0 .. C - 1`` in sorted order.
@@ -247,8 +254,9 @@ def _text_file(root: str, kind: str) -> Path:
     if not path.exists():
         raise DatasetNotFoundError(f"{kind} file {path} does not exist")
     if path.is_dir():
-        raise DataSourceError(f"{path} is a folder; --data.name {kind} reads one {kind} file "
-                              "(--data.root FILE)")
+        raise DataSourceError(
+            f"{path} is a folder; --data.name {kind} reads one {kind} file (--data.root FILE)"
+        )
     return path
 
 
@@ -265,7 +273,9 @@ def _read_csv(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
                 for column in columns:
                     out[column].append(row.get(column))
     except UnicodeDecodeError as err:
-        raise DataSourceError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise DataSourceError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from err
     except csv.Error as err:
         raise DataSourceError(f"{path} is not a valid CSV file ({err})") from err
     return out
@@ -298,7 +308,9 @@ def _read_jsonl(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
                 for column in columns:
                     out[column].append(record[column])
     except UnicodeDecodeError as err:
-        raise DataSourceError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise DataSourceError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from err
     if not seen:
         raise DataSourceError(f"{path} has no rows")
     return out
@@ -330,51 +342,86 @@ def _text_task(texts: list[str], ids: list[int], name: str, meta: dict[str, Any]
 
 
 def _file_task(kind: str) -> Callable[..., Task]:
-    def build(root: str, source: DataSource, train: bool, input_size: int | None,
-              normalize: Normalize, max_samples: int | None) -> Task:
+    def build(
+        root: str,
+        source: DataSource,
+        train: bool,
+        input_size: int | None,
+        normalize: Normalize,
+        max_samples: int | None,
+    ) -> Task:
         if not train:
             raise ValueError(f"dataset {kind!r} has no test split; use train=True")
         path = _text_file(root, kind)
         text_column = source.text_column or "text"
         columns = [text_column, source.label_column]
         table = _read_csv(path, columns) if kind == "csv" else _read_jsonl(path, columns)
-        ids, names, label_kind = label_ids(table[source.label_column], source.label_column,
-                                           str(path), from_text=kind == "csv")
+        ids, names, label_kind = label_ids(
+            table[source.label_column], source.label_column, str(path), from_text=kind == "csv"
+        )
         texts = _texts(table[text_column], text_column, str(path))
-        meta = {"dataset": kind, "task_id": None, "split": "train", "file": str(path),
-                "text_column": text_column, "label_column": source.label_column,
-                "class_names": names, "label_kind": label_kind, "num_examples": len(texts)}
+        meta = {
+            "dataset": kind,
+            "task_id": None,
+            "split": "train",
+            "file": str(path),
+            "text_column": text_column,
+            "label_column": source.label_column,
+            "class_names": names,
+            "label_kind": label_kind,
+            "num_examples": len(texts),
+        }
         return _text_task(texts, ids, source_label(kind, root, source), meta)
 
     return build
 
 
 # ------------------------------------------------------------------------------ image folders
-def _folder_task(root: str, source: DataSource, train: bool, input_size: int | None,
-                 normalize: Normalize, max_samples: int | None) -> Task:
+def _folder_task(
+    root: str,
+    source: DataSource,
+    train: bool,
+    input_size: int | None,
+    normalize: Normalize,
+    max_samples: int | None,
+) -> Task:
     from t2v_lightning.data.cub_inat import imagenet_eval_transform
     from t2v_lightning.data.folders import ImageSourceDataset, scan_image_folder
 
     transform = imagenet_eval_transform(input_size, normalize)
     scan = scan_image_folder(root, train)
     dataset = ImageSourceDataset(scan.paths, scan.targets, transform)
-    meta = {"dataset": "imagefolder", "task_id": None, "split": "train" if train else "test",
-            "modality": "image", **scan.metadata()}
+    meta = {
+        "dataset": "imagefolder",
+        "task_id": None,
+        "split": "train" if train else "test",
+        "modality": "image",
+        **scan.metadata(),
+    }
     return Task(dataset, len(scan.class_names), source_label("imagefolder", root, source), meta)
 
 
 # --------------------------------------------------------------------------- Hugging Face
-def _hf_columns(columns: Sequence[str], dataset: Any, source: DataSource, where: str
-                ) -> tuple[str, str]:
+def _hf_columns(
+    columns: Sequence[str], dataset: Any, source: DataSource, where: str
+) -> tuple[str, str]:
     """``(modality, column)``: the image or text column the task reads."""
     from t2v_lightning.data.hf import is_image_column, require_columns
 
     if source.image_column and source.text_column:
-        raise ValueError("give image_column or text_column (--data.image_column / "
-                         "--data.text_column), not both: a task is images or sentences")
-    require_columns(columns, {"image_column": source.image_column,
-                              "text_column": source.text_column,
-                              "label_column": source.label_column}, where)
+        raise ValueError(
+            "give image_column or text_column (--data.image_column / "
+            "--data.text_column), not both: a task is images or sentences"
+        )
+    require_columns(
+        columns,
+        {
+            "image_column": source.image_column,
+            "text_column": source.text_column,
+            "label_column": source.label_column,
+        },
+        where,
+    )
     if source.image_column:
         return "image", source.image_column
     if source.text_column:
@@ -392,8 +439,14 @@ def _hf_columns(columns: Sequence[str], dataset: Any, source: DataSource, where:
     )
 
 
-def _hf_task(root: str, source: DataSource, train: bool, input_size: int | None,
-             normalize: Normalize, max_samples: int | None) -> Task:
+def _hf_task(
+    root: str,
+    source: DataSource,
+    train: bool,
+    input_size: int | None,
+    normalize: Normalize,
+    max_samples: int | None,
+) -> Task:
     from t2v_lightning.data.cub_inat import imagenet_eval_transform
     from t2v_lightning.data.folders import ImageSourceDataset
     from t2v_lightning.data.hf import (
@@ -409,17 +462,25 @@ def _hf_task(root: str, source: DataSource, train: bool, input_size: int | None,
     )
 
     if not train:
-        raise ValueError("dataset 'hf' has no test split; use train=True (choose the split "
-                         "with split= / --data.split)")
+        raise ValueError(
+            "dataset 'hf' has no test split; use train=True (choose the split "
+            "with split= / --data.split)"
+        )
     if not source.path:
         raise ValueError("dataset 'hf' needs path= (--data.path)")
     if source.streaming and max_samples is None:
-        raise ValueError("streaming=True (--data.streaming) reads the first max_samples rows: "
-                         "set max_samples (--data.max_samples)")
+        raise ValueError(
+            "streaming=True (--data.streaming) reads the first max_samples rows: "
+            "set max_samples (--data.max_samples)"
+        )
     where = describe_source(source.path, source.config, source.split, source.data_files)
-    dataset = load_hf_dataset(source.path, source.config, source.split,
-                              list(source.data_files) if source.data_files else None,
-                              source.streaming)
+    dataset = load_hf_dataset(
+        source.path,
+        source.config,
+        source.split,
+        list(source.data_files) if source.data_files else None,
+        source.streaming,
+    )
     rows: list[dict[str, Any]] = []
     columns = column_names(dataset)
     if source.streaming:
@@ -436,15 +497,26 @@ def _hf_task(root: str, source: DataSource, train: bool, input_size: int | None,
     if source.streaming:
         where = f"{where} (its first {len(rows)} rows, streamed)"
     names = class_label_names(dataset, source.label_column)
-    labels = ([row[source.label_column] for row in rows] if source.streaming
-              else dataset[source.label_column])
+    labels = (
+        [row[source.label_column] for row in rows]
+        if source.streaming
+        else dataset[source.label_column]
+    )
     ids, class_names, label_kind = label_ids(labels, source.label_column, where, names)
     meta: dict[str, Any] = {
-        "dataset": "hf", "task_id": None, "split": source.split, "path": source.path,
-        "config": source.config, "data_files": list(source.data_files or []) or None,
-        "streaming": source.streaming, "modality": modality, f"{modality}_column": column,
-        "label_column": source.label_column, "class_names": class_names,
-        "label_kind": label_kind, "num_examples": len(ids),
+        "dataset": "hf",
+        "task_id": None,
+        "split": source.split,
+        "path": source.path,
+        "config": source.config,
+        "data_files": list(source.data_files or []) or None,
+        "streaming": source.streaming,
+        "modality": modality,
+        f"{modality}_column": column,
+        "label_column": source.label_column,
+        "class_names": class_names,
+        "label_kind": label_kind,
+        "num_examples": len(ids),
     }
     name = source_label("hf", root, source)
     if modality == "text":
@@ -452,10 +524,13 @@ def _hf_task(root: str, source: DataSource, train: bool, input_size: int | None,
         return _text_task(_texts(values, column, where), ids, name, meta)
     transform = imagenet_eval_transform(input_size, normalize)
     if source.streaming:
-        found = [image_source(row[column], f"row {i} of column {column!r} of {where}")
-                 for i, row in enumerate(rows)]
-        image_data: Any = ImageSourceDataset([s for s, _ in found], ids, transform,
-                                             names=[n for _, n in found])
+        found = [
+            image_source(row[column], f"row {i} of column {column!r} of {where}")
+            for i, row in enumerate(rows)
+        ]
+        image_data: Any = ImageSourceDataset(
+            [s for s, _ in found], ids, transform, names=[n for _, n in found]
+        )
     else:
         if not is_image_column(dataset, column):
             feature = dataset.features.get(column)
@@ -463,8 +538,9 @@ def _hf_task(root: str, source: DataSource, train: bool, input_size: int | None,
                 f"column {column!r} of {where} is not an image column (its type is "
                 f"{getattr(feature, 'dtype', None) or type(feature).__name__})"
             )
-        image_data = ImageColumnDataset(undecoded_images(dataset, column), column, ids,
-                                        transform, where)
+        image_data = ImageColumnDataset(
+            undecoded_images(dataset, column), column, ids, transform, where
+        )
     return Task(image_data, len(class_names), name, meta)
 
 
@@ -480,18 +556,25 @@ def check_probe_fits(probe: str, metadata: dict[str, Any], task: str) -> None:
     text_probe = str(probe).startswith("text:")
     modality = metadata.get("modality")
     if modality == "text" and not text_probe:
-        raise ValueError(f"task {task!r} is a text task: embed it with a text probe "
-                         f"({TEXT_PROBE_HINT}), not {probe!r}")
+        raise ValueError(
+            f"task {task!r} is a text task: embed it with a text probe "
+            f"({TEXT_PROBE_HINT}), not {probe!r}"
+        )
     if modality == "image" and text_probe:
-        raise ValueError(f"task {task!r} holds images, but {probe!r} is a text probe: use an "
-                         "image probe (e.g. --model.probe resnet18)")
+        raise ValueError(
+            f"task {task!r} holds images, but {probe!r} is a text probe: use an "
+            "image probe (e.g. --model.probe resnet18)"
+        )
 
 
 def dataset_entries() -> dict[str, DatasetEntry]:
     """The registry entries of ``imagefolder``, ``hf``, ``csv`` and ``jsonl``."""
     builders: dict[str, tuple[Callable[..., Task], bool, str]] = {
-        "imagefolder": (_folder_task, True,
-                        "your images, one subfolder per class (root=DIR; DIR/train if present)"),
+        "imagefolder": (
+            _folder_task,
+            True,
+            "your images, one subfolder per class (root=DIR; DIR/train if present)",
+        ),
         "hf": (_hf_task, False, "a Hugging Face dataset (path=, split=, data_files=, columns)"),
         "csv": (_file_task("csv"), False, "a CSV file of sentences and labels (root=FILE)"),
         "jsonl": (_file_task("jsonl"), False, "a JSON-lines file of sentences and labels"),
@@ -499,11 +582,18 @@ def dataset_entries() -> dict[str, DatasetEntry]:
     entries: dict[str, DatasetEntry] = {}
     for name, (build_source, has_test, summary) in builders.items():
 
-        def build(root: str, task_id: int | None, train: bool, input_size: int | None,
-                  download: bool, normalize: Normalize,
-                  _build: Callable[..., Task] = build_source) -> Task:
+        def build(
+            root: str,
+            task_id: int | None,
+            train: bool,
+            input_size: int | None,
+            download: bool,
+            normalize: Normalize,
+            _build: Callable[..., Task] = build_source,
+        ) -> Task:
             return _build(root, DataSource(), train, input_size, normalize, None)
 
-        entries[name] = DatasetEntry(build=build, build_source=build_source,
-                                     has_test_split=has_test, summary=summary)
+        entries[name] = DatasetEntry(
+            build=build, build_source=build_source, has_test_split=has_test, summary=summary
+        )
     return entries

@@ -206,11 +206,10 @@ def check_input_size(input_size: int | None) -> None:
         TypeError: ``input_size`` is not an int (``"32"``, ``32.5``, ``True``).
         ValueError: it is not in 1..4096.
     """
-    if input_size is not None and (not hasattr(input_size, "__index__")
-                                   or isinstance(input_size, bool)):
-        raise TypeError(
-            f"input_size must be an int (pixels per side) or None, got {input_size!r}"
-        )
+    if input_size is not None and (
+        not hasattr(input_size, "__index__") or isinstance(input_size, bool)
+    ):
+        raise TypeError(f"input_size must be an int (pixels per side) or None, got {input_size!r}")
     if input_size is not None and input_size < 1:
         raise ValueError(f"input_size must be a positive int or None, got {input_size!r}")
     if input_size is not None and input_size > MAX_INPUT_SIZE:

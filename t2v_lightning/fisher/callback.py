@@ -88,6 +88,7 @@ Weights = Literal["last", "best"]
 DEFAULT_OUTPUT = "task_embedding.safetensors"
 """File name of the ``"fit_end"`` artifact in ``trainer.log_dir`` when no ``output`` is given."""
 
+
 class FisherCallback(Callback):
     """Embed ``pl_module`` (or one of its submodules) by its filter-wise Fisher.
 
@@ -162,9 +163,19 @@ class FisherCallback(Callback):
     ) -> None:
         super().__init__()
         check_arguments(
-            estimator=estimator, mc_samples=mc_samples, seed=seed, num_examples=num_examples,
-            head=head, network=network, overwrite=overwrite, grad_scale=grad_scale, at=at,
-            batch_size=batch_size, logits_fn=logits_fn, likelihood=likelihood, weights=weights,
+            estimator=estimator,
+            mc_samples=mc_samples,
+            seed=seed,
+            num_examples=num_examples,
+            head=head,
+            network=network,
+            overwrite=overwrite,
+            grad_scale=grad_scale,
+            at=at,
+            batch_size=batch_size,
+            logits_fn=logits_fn,
+            likelihood=likelihood,
+            weights=weights,
         )
         self._estimator: Estimator = estimator
         self._mc_samples = mc_samples
@@ -206,7 +217,9 @@ class FisherCallback(Callback):
         # What makes two instances in one Trainer differ. Task2Vec's per-batch callback keeps the
         # key of earlier versions (its checkpoints resume by it).
         key: dict[str, Any] = {
-            "estimator": self._estimator, "seed": self._seed, "mc_samples": self._mc_samples
+            "estimator": self._estimator,
+            "seed": self._seed,
+            "mc_samples": self._mc_samples,
         }
         if self._likelihood != "categorical":
             key["likelihood"] = self._likelihood
@@ -305,7 +318,9 @@ class FisherCallback(Callback):
             self._check_first_batch(trainer, pl_module, batch)
         self._checked = True
 
-    def _check_first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+    def _check_first_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any
+    ) -> None:
         """One Fisher step on the fit's first batch (already through Lightning's pipeline).
 
         Runs what the end-of-fit pass will run (forward or ``logits_fn``, logits shape, every
@@ -328,7 +343,9 @@ class FisherCallback(Callback):
                 inputs = batch_inputs(batch, rows, pl_module.device, self._logits_fn)
                 self._accumulate(trainer, forward, network, inputs, ids)
             except (FisherError, UnsupportedLayerError, ProbeError) as err:
-                raise type(err)(f"{err} (checked on the first training batch, before training)") from None
+                raise type(err)(
+                    f"{err} (checked on the first training batch, before training)"
+                ) from None
             finally:
                 self._start(trainer, network, None)
 
@@ -384,9 +401,17 @@ class FisherCallback(Callback):
         if not bool(valid.any()):
             return
         sums, count = eval_filter_sums(
-            forward, self._layers, grad_scale_for(trainer, self._grad_scale), inputs, ids, valid,
-            self._estimator, self._seed, self._mc_samples,
-            trainer.precision_plugin.forward_context, self._likelihood,
+            forward,
+            self._layers,
+            grad_scale_for(trainer, self._grad_scale),
+            inputs,
+            ids,
+            valid,
+            self._estimator,
+            self._seed,
+            self._mc_samples,
+            trainer.precision_plugin.forward_context,
+            self._likelihood,
         )
         self._sums.update(sums, count, ids, valid)
 
@@ -477,7 +502,9 @@ class FisherCallback(Callback):
             return
         with checkpoint_weights(trainer, pl_module, self._weights) as facts:
             self._meta_extra = facts
-            embedding = self._run_pass(trainer, pl_module, trainer.train_dataloader, self._fit_output)
+            embedding = self._run_pass(
+                trainer, pl_module, trainer.train_dataloader, self._fit_output
+            )
         self._meta_extra = {}
         self._handoff.leave(trainer, embedding)
 
@@ -494,9 +521,20 @@ class FisherCallback(Callback):
             warn_missing = self._at == "train_batch" and trainer.is_global_zero
             check_counted(counts, self._sums.counted(counts) if warn_missing else None)
         embedding = fisher_embedding(
-            trainer, network, sums, total, self._layers, meta=self._meta, extra=self._meta_extra,
-            estimator=self._estimator, mc_samples=self._mc_samples, likelihood=self._likelihood,
-            seed=self._seed, at=self._at, head=self._head, exclude=self._exclude,
+            trainer,
+            network,
+            sums,
+            total,
+            self._layers,
+            meta=self._meta,
+            extra=self._meta_extra,
+            estimator=self._estimator,
+            mc_samples=self._mc_samples,
+            likelihood=self._likelihood,
+            seed=self._seed,
+            at=self._at,
+            head=self._head,
+            exclude=self._exclude,
         )
         self.embedding = embedding
         if output is not None and trainer.is_global_zero:
@@ -518,7 +556,9 @@ class FisherCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """The global state (summed over ranks). Under DDP, every rank must call it together."""
         state: dict[str, Any] = {
-            **self._settings(), "at": self._at, "identity": dict(self._identity)
+            **self._settings(),
+            "at": self._at,
+            "identity": dict(self._identity),
         }
         if self._at != "train_batch" or self._sums is None:
             return state
@@ -535,4 +575,3 @@ class FisherCallback(Callback):
             self._sums.restore(state_dict, self._rank)
         else:
             self._restored = state_dict
-

@@ -109,8 +109,7 @@ def pick_layers(
         layers = embedded_layers(network, head, exclude)
     except UnsupportedLayerError as err:
         raise UnsupportedLayerError(
-            f"FisherCallback: {err}; leave it out with "
-            f"FisherCallback(exclude=[{err.layer!r}])",
+            f"FisherCallback: {err}; leave it out with FisherCallback(exclude=[{err.layer!r}])",
             layer=err.layer,
         ) from None
     except ValueError as err:  # an exclude pattern that matches nothing

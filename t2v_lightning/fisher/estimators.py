@@ -122,7 +122,8 @@ def _check_logits(
         row = nonfinite_ids(logits, None)[:1]
         one = (
             {key: value[row] for key, value in inputs.items()}
-            if isinstance(inputs, Mapping) else inputs[row]
+            if isinstance(inputs, Mapping)
+            else inputs[row]
         )
         with taps.paused(), forward_context():
             layer = find_nonfinite_layer(network, one)
@@ -239,9 +240,7 @@ def batch_filter_sums(
     form = likelihood_object(likelihood)
     step = ESTIMATOR_STEPS[check_choice("estimator", estimator, ESTIMATORS)]
     taps.start_batch(int(ids.shape[0]))
-    return step(
-        _Batch(network, taps, inputs, ids, valid, form, seed, mc_samples, forward_context)
-    )
+    return step(_Batch(network, taps, inputs, ids, valid, form, seed, mc_samples, forward_context))
 
 
 def eval_filter_sums(

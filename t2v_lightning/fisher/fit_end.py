@@ -130,6 +130,7 @@ def pass_batches(
         return sharded, num_examples
     return running_ids(loader, rank, world), None
 
+
 def batch_inputs(
     batch: Any,
     rows: int,
@@ -141,11 +142,7 @@ def batch_inputs(
         return torch.empty(rows, 0, device=device)  # logits_fn reads the batch itself
     if isinstance(batch, torch.Tensor):
         return batch
-    if (
-        isinstance(batch, (tuple, list))
-        and batch
-        and isinstance(batch[0], (torch.Tensor, Mapping))
-    ):
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, Mapping)):
         return batch[0]
     raise FisherError(
         "FisherCallback cannot find the inputs in a training batch of type "
@@ -196,7 +193,9 @@ class SpawnHandoff:
 
     def leave(self, trainer: pl.Trainer, embedding: TaskEmbedding) -> None:
         """Rank 0 of spawned processes: write ``embedding`` for the parent process."""
-        if trainer.is_global_zero and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        if trainer.is_global_zero and isinstance(
+            trainer.strategy.launcher, _MultiProcessingLauncher
+        ):
             embedding.save(self.path, overwrite=True)
 
     def take(self) -> TaskEmbedding | None:
@@ -223,7 +222,11 @@ def check_same_network(trainer: pl.Trainer, network: nn.Module) -> None:
     if int(trainer.world_size) <= 1:
         return
     checksum = torch.stack(
-        [t.detach().to(torch.float64).sum() for t in network.state_dict().values() if t.is_floating_point()]
+        [
+            t.detach().to(torch.float64).sum()
+            for t in network.state_dict().values()
+            if t.is_floating_point()
+        ]
     )
     # One all-reduce of (c, -c) with max gives the largest and the smallest of each entry.
     both = torch.cat([checksum, -checksum]).to(trainer.strategy.root_device)

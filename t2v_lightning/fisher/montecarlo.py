@@ -323,7 +323,10 @@ def embed_montecarlo(
     # Ties a Fisher-pass checkpoint to the task it was made for.
     labels_fingerprint = hashlib.sha256(prepared.labels.numpy().tobytes()).hexdigest()[:16]
     meta = artifact_meta(
-        prepared.meta, "montecarlo", batch_size=task.batch_size, labels_fingerprint=labels_fingerprint
+        prepared.meta,
+        "montecarlo",
+        batch_size=task.batch_size,
+        labels_fingerprint=labels_fingerprint,
     )
     callback = FisherCallback(
         at="train_batch",

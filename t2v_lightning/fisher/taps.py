@@ -22,7 +22,6 @@ from t2v_lightning.fisher.layers.table import layer_rule
 __all__ = ["LayerFisherTaps"]
 
 
-
 def freeze_parameters(network: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     """Turn off every parameter's ``requires_grad`` (only input gradients are needed) and
     return the flags as they were, for :func:`release`."""
@@ -42,6 +41,7 @@ def release(
     for param, flag in saved_flags:
         param.requires_grad_(flag)
     saved_flags.clear()
+
 
 class LayerFisherTaps:
     """Hooks on the embedded layers of a network that turn output gradients into Fisher sums.
@@ -123,7 +123,9 @@ class LayerFisherTaps:
         return hook
 
     def _pre_output_hook(self, name: str) -> Callable[..., tuple[torch.Tensor, ...] | None]:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        def hook(
+            module: nn.Module, args: tuple[torch.Tensor, ...]
+        ) -> tuple[torch.Tensor, ...] | None:
             if not self._active:
                 return None
             tapped = self._tap(name, args[0])
@@ -132,7 +134,9 @@ class LayerFisherTaps:
         return hook
 
     def _forward_hook(self, name: str) -> Callable[..., torch.Tensor | None]:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+        def hook(
+            module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> torch.Tensor | None:
             if not self._active:
                 return None
             self._record_call(name)
@@ -146,7 +150,9 @@ class LayerFisherTaps:
     def _call_hook(self, name: str) -> Callable[..., Any]:
         """A layer whose rule needs its whole call: keep ``(args, kwargs)``, tap ``output[0]``."""
 
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> Any:
             if not self._active:
                 return None
             self._record_call(name)
@@ -165,8 +171,10 @@ class LayerFisherTaps:
 
     def _check_batch_first(self, name: str, output: torch.Tensor) -> None:
         rows = self._rows
-        if rows is not None and isinstance(output, torch.Tensor) and (
-            output.ndim == 0 or output.shape[0] != rows
+        if (
+            rows is not None
+            and isinstance(output, torch.Tensor)
+            and (output.ndim == 0 or output.shape[0] != rows)
         ):
             raise UnsupportedLayerError(
                 f"layer {name!r} ({type(dict(self._layers)[name]).__name__}) returned shape "

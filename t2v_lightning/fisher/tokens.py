@@ -156,7 +156,9 @@ class TokenCategorical(OutputLikelihood):
     ) -> Predictions:
         if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
-            raise FisherError(f"a language model returns logits (batch, positions, vocabulary), got {shape}")
+            raise FisherError(
+                f"a language model returns logits (batch, positions, vocabulary), got {shape}"
+            )
         if not isinstance(inputs, Mapping) or "attention_mask" not in inputs:
             raise FisherError("the token likelihood needs the batch's attention_mask")
         real = inputs["attention_mask"].to(logits.device).bool()
@@ -178,7 +180,9 @@ class TokenCategorical(OutputLikelihood):
 
     @staticmethod
     def hidden_score_gradient(
-        probs: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        weight: torch.Tensor,
         expected_row: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:math:`\nabla_h \\log p_t(y_t) = W_{y_t} - \\sum_k p_t(k) W_k` for each real position (M × D).

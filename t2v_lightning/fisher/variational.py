@@ -154,7 +154,9 @@ class VariationalFisherModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.network.eval()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         inputs, labels = batch
         noise = GlobalBatchNoise(
             self._seed,
@@ -186,7 +188,9 @@ class VariationalFisherModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups: list[dict[str, Any]] = [{"params": list(self.variational.parameters()), "lr": self._lr}]
+        groups: list[dict[str, Any]] = [
+            {"params": list(self.variational.parameters()), "lr": self._lr}
+        ]
         if self._head_params:
             groups.append({"params": self._head_params, "lr": self._head_lr})
         return torch.optim.Adam(groups, lr=self._lr, betas=(0.9, 0.999))

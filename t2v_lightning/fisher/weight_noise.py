@@ -51,7 +51,6 @@ generator seeded by ``(seed, epoch, step, layer)`` and keeps its own rows, so tr
 processes with batch ``B`` each follows the same path as one process with batch ``W·B``.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -183,7 +182,9 @@ def receptive_field_sums(module: nn.Module, inputs: torch.Tensor) -> torch.Tenso
     return _rule(module).receptive_field_sums(module, inputs)
 
 
-def output_variance(module: nn.Module, inputs: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+def output_variance(
+    module: nn.Module, inputs: torch.Tensor, variance: torch.Tensor
+) -> torch.Tensor:
     r""":math:`\text{layer}(x^2 + 0.01;\ \sigma^2)`: the variance of the layer's output under weight noise.
 
     Args:
@@ -434,7 +435,11 @@ def _noise_hook(
 ) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         run.calls[name] += 1
-        if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+        if (
+            not isinstance(output, torch.Tensor)
+            or not args
+            or not isinstance(args[0], torch.Tensor)
+        ):
             raise UnsupportedLayerError(f"layer {name!r} must take and return a tensor")
         with torch.autocast(device_type=output.device.type, enabled=False):
             noisy = add_weight_noise(
@@ -448,6 +453,7 @@ def _noise_hook(
 # --------------------------------------------------------------------------------------------
 # Noise per global batch
 # --------------------------------------------------------------------------------------------
+
 
 class GlobalBatchNoise:
     """Noise of one training step: rows ``rank::world_size`` of the global batch's noise.
@@ -483,6 +489,9 @@ class GlobalBatchNoise:
             )
         rows = output.shape[0] * self._world_size
         full = torch.randn(
-            (rows, *output.shape[1:]), generator=generator, dtype=torch.float32, device=output.device
+            (rows, *output.shape[1:]),
+            generator=generator,
+            dtype=torch.float32,
+            device=output.device,
         )
         return full[self._rank :: self._world_size]

@@ -94,9 +94,13 @@ def _check_distance(distance: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _bad_entries_message(values: torch.Tensor, label: str, what: str,
-                         layers: dict[str, tuple[int, int]] | None,
-                         allow_zero: bool = False) -> str:
+def _bad_entries_message(
+    values: torch.Tensor,
+    label: str,
+    what: str,
+    layers: dict[str, tuple[int, int]] | None,
+    allow_zero: bool = False,
+) -> str:
     finite = torch.isfinite(values)
     negative = values < 0 if allow_zero else values <= 0
     bad = ~finite | negative
@@ -124,9 +128,13 @@ def _bad_entries_message(values: torch.Tensor, label: str, what: str,
     )
 
 
-def _check_positive(values: torch.Tensor, labels: Sequence[str], what: str,
-                    layers: Sequence[dict[str, tuple[int, int]] | None] | None = None,
-                    allow_zero: bool = False) -> None:
+def _check_positive(
+    values: torch.Tensor,
+    labels: Sequence[str],
+    what: str,
+    layers: Sequence[dict[str, tuple[int, int]] | None] | None = None,
+    allow_zero: bool = False,
+) -> None:
     """Raise ``ValueError`` naming the first row of ``values`` with a non-finite or ≤ 0 entry.
 
     With ``allow_zero`` only negative entries are refused: the cosine and entropy distances
@@ -137,9 +145,7 @@ def _check_positive(values: torch.Tensor, labels: Sequence[str], what: str,
         return
     row = int(torch.nonzero(~ok.all(dim=1))[0, 0])
     row_layers = layers[row] if layers is not None else None
-    raise ValueError(
-        _bad_entries_message(values[row], labels[row], what, row_layers, allow_zero)
-    )
+    raise ValueError(_bad_entries_message(values[row], labels[row], what, row_layers, allow_zero))
 
 
 _ZERO_TOLERANT = ("cosine", "entropy")
@@ -173,8 +179,9 @@ def check_distance_defined(embedding: TaskEmbedding, distance: str, label: str) 
     """
     _check_distance(distance)
     hessian = embedding.hessian.to(torch.float64)[None, :]
-    _check_positive(hessian, [label], "hessian", [embedding.layers],
-                    allow_zero=distance in _ZERO_TOLERANT)
+    _check_positive(
+        hessian, [label], "hessian", [embedding.layers], allow_zero=distance in _ZERO_TOLERANT
+    )
     _check_not_all_zero(hessian, [label], distance)
 
 
@@ -184,7 +191,8 @@ def _label(embedding: TaskEmbedding, argument: str, index: int | None) -> str:
 
 
 def check_embeddings(
-    embeddings: Sequence[TaskEmbedding], argument: str = "embeddings",
+    embeddings: Sequence[TaskEmbedding],
+    argument: str = "embeddings",
     assume_comparable: bool = False,
 ) -> list[TaskEmbedding]:
     """Check that ``embeddings`` is a non-empty sequence of mutually comparable embeddings.
@@ -223,14 +231,21 @@ def check_embeddings(
                 f"{argument}[{index}] must be a TaskEmbedding, got {type(item).__name__}"
             )
         if len(item) == 0:
-            raise ValueError(f"{_label(item, argument, index)} has no entries; there is nothing "
-                             "to compare")
+            raise ValueError(
+                f"{_label(item, argument, index)} has no entries; there is nothing to compare"
+            )
     warned = False  # one scale warning per call is enough
     for index in range(1, len(items)):
-        warned = check_comparable(
-            items[0], items[index], names=(f"{argument}[0]", f"{argument}[{index}]"),
-            warn_scale=not warned, assume_comparable=assume_comparable,
-        ) or warned
+        warned = (
+            check_comparable(
+                items[0],
+                items[index],
+                names=(f"{argument}[0]", f"{argument}[{index}]"),
+                warn_scale=not warned,
+                assume_comparable=assume_comparable,
+            )
+            or warned
+        )
     return items
 
 
@@ -266,8 +281,15 @@ def _centered_rows(v: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
     return centered
 
 
-def _separable(distance: str, ha: torch.Tensor, sa: torch.Tensor, hb: torch.Tensor,
-               sb: torch.Tensor, labels_a: Sequence[str], labels_b: Sequence[str]) -> torch.Tensor:
+def _separable(
+    distance: str,
+    ha: torch.Tensor,
+    sa: torch.Tensor,
+    hb: torch.Tensor,
+    sb: torch.Tensor,
+    labels_a: Sequence[str],
+    labels_b: Sequence[str],
+) -> torch.Tensor:
     if distance == "normalized_cosine":
         return _cosine_matrix(sa / ha, sb / hb)
     if distance == "correlation":
@@ -302,8 +324,9 @@ def _cosine_kernel(row: _Side, cols: _Side, buffer: torch.Tensor, _: torch.Tenso
     return 1.0 - dot.double() / (norm_a.double() * norm_b.double()).sqrt()
 
 
-def _entropy_kernel(row: _Side, cols: _Side, buffer: torch.Tensor,
-                    spare: torch.Tensor) -> torch.Tensor:
+def _entropy_kernel(
+    row: _Side, cols: _Side, buffer: torch.Tensor, spare: torch.Tensor
+) -> torch.Tensor:
     # mean H = mean(log S - (h_a log h_a) / S - ((h_b + ε) log(h_b + ε)) / S), S = h_a + h_b + ε.
     total = torch.add(cols["h_eps"], row["h"], out=buffer)
     log_total = torch.log(total, out=spare).sum(dim=1)
@@ -339,8 +362,9 @@ _KERNELS: dict[str, _Kernel] = {
 }
 
 
-def _tile_inputs(distance: str, ha: torch.Tensor, hb: torch.Tensor,
-                 same: bool) -> tuple[_Side, _Side]:
+def _tile_inputs(
+    distance: str, ha: torch.Tensor, hb: torch.Tensor, same: bool
+) -> tuple[_Side, _Side]:
     """The per-row quantities each kernel reads, rescaled entrywise, in the working precision.
 
     Each dimension is divided by the geometric mean of its positive entries; exact zeros (which
@@ -468,11 +492,17 @@ def pairwise_distances(
             raise ValueError("other_scales must be given with other_hessians")
         hb = other_hessians.detach().cpu().to(torch.float64)
         sb = other_scales.detach().cpu().to(torch.float64)
-    for name, value in (("hessians", ha), ("scales", sa), ("other_hessians", hb),
-                        ("other_scales", sb)):
+    for name, value in (
+        ("hessians", ha),
+        ("scales", sa),
+        ("other_hessians", hb),
+        ("other_scales", sb),
+    ):
         if value.ndim != 2:
-            raise ValueError(f"{name} must be a 2-D (embeddings × entries) tensor, got shape "
-                             f"{tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a 2-D (embeddings × entries) tensor, got shape "
+                f"{tuple(value.shape)}"
+            )
     if sa.shape != ha.shape or sb.shape != hb.shape or ha.shape[1] != hb.shape[1]:
         raise ValueError(
             f"shapes do not match: hessians {tuple(ha.shape)}, scales {tuple(sa.shape)}, "
@@ -495,9 +525,16 @@ def pairwise_distances(
     return _distances(distance, ha, sa, hb, sb, same, labels_a, labels_b)
 
 
-def _distances(distance: str, ha: torch.Tensor, sa: torch.Tensor, hb: torch.Tensor,
-               sb: torch.Tensor, same: bool, labels_a: Sequence[str],
-               labels_b: Sequence[str]) -> torch.Tensor:
+def _distances(
+    distance: str,
+    ha: torch.Tensor,
+    sa: torch.Tensor,
+    hb: torch.Tensor,
+    sb: torch.Tensor,
+    same: bool,
+    labels_a: Sequence[str],
+    labels_b: Sequence[str],
+) -> torch.Tensor:
     symmetric = same and distance in SYMMETRIC_DISTANCES
     if distance in _TILED:
         matrix = _tiled(distance, ha, hb, upper_only=symmetric)
@@ -512,8 +549,9 @@ def _distances(distance: str, ha: torch.Tensor, sa: torch.Tensor, hb: torch.Tens
     return matrix
 
 
-def _validated(items: Sequence[TaskEmbedding], labels: Sequence[str],
-               distance: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _validated(
+    items: Sequence[TaskEmbedding], labels: Sequence[str], distance: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     hessians, scales = _stack(items)
     layers = [e.layers for e in items]
     _check_positive(hessians, labels, "hessian", layers, allow_zero=distance in _ZERO_TOLERANT)
@@ -524,7 +562,8 @@ def _validated(items: Sequence[TaskEmbedding], labels: Sequence[str],
 
 
 def pdist(
-    embeddings: Sequence[TaskEmbedding], distance: Distance = "cosine",
+    embeddings: Sequence[TaskEmbedding],
+    distance: Distance = "cosine",
     assume_comparable: bool = False,
 ) -> torch.Tensor:
     """All pairwise distances between ``embeddings`` (SPEC section 4).
@@ -584,8 +623,12 @@ def cdist(
     _check_distance(distance)
     items_a = check_embeddings(from_embeddings, "from_embeddings", assume_comparable)
     items_b = check_embeddings(to_embeddings, "to_embeddings", assume_comparable)
-    check_comparable(items_a[0], items_b[0], names=("from_embeddings[0]", "to_embeddings[0]"),
-                     assume_comparable=assume_comparable)
+    check_comparable(
+        items_a[0],
+        items_b[0],
+        names=("from_embeddings[0]", "to_embeddings[0]"),
+        assume_comparable=assume_comparable,
+    )
     labels_a = [_label(e, "from_embeddings", i) for i, e in enumerate(items_a)]
     labels_b = [_label(e, "to_embeddings", i) for i, e in enumerate(items_b)]
     ha, sa = _validated(items_a, labels_a, distance)
@@ -594,7 +637,9 @@ def cdist(
 
 
 def task_distance(
-    a: TaskEmbedding, b: TaskEmbedding, distance: Distance = "cosine",
+    a: TaskEmbedding,
+    b: TaskEmbedding,
+    distance: Distance = "cosine",
     assume_comparable: bool = False,
 ) -> float:
     """The distance ``d(a, b)`` between two task embeddings (SPEC section 4).

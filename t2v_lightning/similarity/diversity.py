@@ -154,8 +154,10 @@ def bootstrap_interval(
 
 
 def _check_confidence(confidence: float) -> None:
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (
-        0.0 < confidence < 1.0
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, (int, float))
+        or not (0.0 < confidence < 1.0)
     ):
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
 
@@ -247,7 +249,9 @@ def cross_diversity_coefficient(
     matrix = cdist(a_embeddings, b_embeddings, distance, assume_comparable)
     low, high = bootstrap_interval(matrix, confidence, num_resamples, bootstrap_seed, cross=True)
     return replace(
-        _summarise(matrix.flatten(), confidence), bootstrap_low=low, bootstrap_high=high,
+        _summarise(matrix.flatten(), confidence),
+        bootstrap_low=low,
+        bootstrap_high=high,
         num_tasks=int(matrix.shape[0]),
     )
 
@@ -315,14 +319,19 @@ def embed_batches(
     generator = torch.Generator().manual_seed(seed)
     overlapping = batch_size * num_batches > size
     if overlapping:
-        batches = [torch.randperm(size, generator=generator)[:batch_size] for _ in range(num_batches)]
+        batches = [
+            torch.randperm(size, generator=generator)[:batch_size] for _ in range(num_batches)
+        ]
         log.info(
             "%d batches of %d need more than the %d examples of the dataset; batches are drawn "
-            "independently and may overlap", num_batches, batch_size, size,
+            "independently and may overlap",
+            num_batches,
+            batch_size,
+            size,
         )
     else:
         order = torch.randperm(size, generator=generator)
-        batches = [order[k * batch_size:(k + 1) * batch_size] for k in range(num_batches)]
+        batches = [order[k * batch_size : (k + 1) * batch_size] for k in range(num_batches)]
 
     embeddings = []
     for k, indices in enumerate(batches):

@@ -18,7 +18,9 @@ __all__ = ["nearest_tasks", "write_csv", "write_distance_csv"]
 
 
 def write_csv(
-    path: str | os.PathLike[str], rows: Iterable[Sequence[Any]], overwrite: bool = False,
+    path: str | os.PathLike[str],
+    rows: Iterable[Sequence[Any]],
+    overwrite: bool = False,
     what: str = "--csv",
 ) -> None:
     """Write ``rows`` (the header first) as CSV, creating the folder, atomically.

@@ -132,8 +132,9 @@ def asymmetric_distance(
         The score as a Python float.
     """
     _check_alpha(alpha)
-    return (task_distance(target, source, distance, assume_comparable)
-            - alpha * complexity(source, distance))
+    return task_distance(target, source, distance, assume_comparable) - alpha * complexity(
+        source, distance
+    )
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,10 @@ def select_expert(
             raise ValueError("models and data are only used with rerank=<method>")
         return ranking
     if models is None or data is None:
-        raise ValueError(f"rerank={rerank!r} needs the experts' models (models=...) and the "
-                         "target's labelled examples (data=...)")
+        raise ValueError(
+            f"rerank={rerank!r} needs the experts' models (models=...) and the "
+            "target's labelled examples (data=...)"
+        )
     return rerank_experts(ranking, models, data, rerank, top_k)
 
 
@@ -319,22 +322,26 @@ def rerank_experts(
         ValueError: unknown method, ``top_k`` below 1, or a shortlisted expert without a model.
     """
     if method not in TRANSFERABILITY_METHODS:
-        raise ValueError(f"rerank must be one of {', '.join(TRANSFERABILITY_METHODS)}, got "
-                         f"{method!r}")
+        raise ValueError(
+            f"rerank must be one of {', '.join(TRANSFERABILITY_METHODS)}, got {method!r}"
+        )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     shortlist = ranking.order[:top_k]
     missing = [ranking.names[i] for i in shortlist if ranking.names[i] not in models]
     if missing:
-        raise ValueError(f"no model for the shortlisted expert(s) {', '.join(missing)} (models "
-                         f"has {', '.join(sorted(models)) or 'none'})")
+        raise ValueError(
+            f"no model for the shortlisted expert(s) {', '.join(missing)} (models "
+            f"has {', '.join(sorted(models)) or 'none'})"
+        )
     values = torch.full((len(ranking.names),), float("nan"), dtype=torch.float64)
     for index in shortlist:
         features, logits, labels = model_outputs(models[ranking.names[index]], data)
         values[index] = transferability(method, labels, features=features, logits=logits)
     reordered = sorted(shortlist, key=lambda i: -float(values[i]))  # stable: ties keep order
-    return replace(ranking, order=reordered + ranking.order[top_k:], rerank=method,
-                   transferability=values)
+    return replace(
+        ranking, order=reordered + ranking.order[top_k:], rerank=method, transferability=values
+    )
 
 
 @dataclass(frozen=True)
@@ -383,7 +390,8 @@ def ranked_experts(ranking: ExpertRanking) -> list[RankedExpert]:
             score=float(ranking.scores[index]),
             distance=float(ranking.distances[index]),
             complexity=float(ranking.complexities[index]),
-            transferability=None if ranking.transferability is None
+            transferability=None
+            if ranking.transferability is None
             else float(ranking.transferability[index]),
         )
         for position, index in enumerate(ranking.order)

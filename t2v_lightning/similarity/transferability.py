@@ -75,8 +75,10 @@ def _labels(labels: torch.Tensor, n: int | None, name: str = "labels") -> torch.
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
     if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be a 1-D integer tensor, got {labels.dtype} of shape "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"{name} must be a 1-D integer tensor, got {labels.dtype} of shape "
+            f"{tuple(labels.shape)}"
+        )
     if n is not None and labels.shape[0] != n:
         raise ValueError(f"{name} has {labels.shape[0]} entries for {n} examples")
     if labels.numel() < 2:
@@ -97,8 +99,10 @@ def _matrix(values: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(values).__name__}")
     if values.dim() != 2 or values.shape[0] < 2 or values.shape[1] < 1:
-        raise ValueError(f"{name} must be an (examples x dims) matrix with at least two rows, "
-                         f"got shape {tuple(values.shape)}")
+        raise ValueError(
+            f"{name} must be an (examples x dims) matrix with at least two rows, "
+            f"got shape {tuple(values.shape)}"
+        )
     out = values.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(out).all()):
         raise ValueError(f"{name} holds NaN or infinite values")
@@ -136,15 +140,25 @@ def logme_evidence(
     a = alpha * torch.eye(d, dtype=torch.float64) + beta * f.T @ f
     m = beta * torch.linalg.solve(a, f.T @ y)
     logdet = torch.linalg.slogdet(a).logabsdet
-    value = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - n / 2 * math.log(2 * math.pi)
-             - beta / 2 * float(((f @ m - y) ** 2).sum()) - alpha / 2 * float(m @ m)
-             - 0.5 * float(logdet))
+    value = (
+        d / 2 * math.log(alpha)
+        + n / 2 * math.log(beta)
+        - n / 2 * math.log(2 * math.pi)
+        - beta / 2 * float(((f @ m - y) ** 2).sum())
+        - alpha / 2 * float(m @ m)
+        - 0.5 * float(logdet)
+    )
     return value / n
 
 
 def _logme_one(
-    s: torch.Tensor, z: torch.Tensor, y_norm2: float, n: int, d: int,
-    max_iterations: int, tolerance: float,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    y_norm2: float,
+    n: int,
+    d: int,
+    max_iterations: int,
+    tolerance: float,
 ) -> tuple[float, float, float]:
     alpha, beta = 1.0, 1.0
     z2 = z * z
@@ -164,8 +178,14 @@ def _logme_one(
     m2 = float((beta * beta * s * z2 / denominator**2).sum())
     residual = float(((alpha / denominator) ** 2 * z2).sum()) + out_of_span
     logdet = float(torch.log(denominator).sum()) + (d - len(s)) * math.log(alpha)
-    evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - n / 2 * math.log(2 * math.pi)
-                - beta / 2 * residual - alpha / 2 * m2 - 0.5 * logdet)
+    evidence = (
+        d / 2 * math.log(alpha)
+        + n / 2 * math.log(beta)
+        - n / 2 * math.log(2 * math.pi)
+        - beta / 2 * residual
+        - alpha / 2 * m2
+        - 0.5 * logdet
+    )
     return evidence / n, alpha, beta
 
 
@@ -198,7 +218,11 @@ def logme(
     """
     f = _matrix(features, "features")
     y = _one_hot(_labels(labels, f.shape[0]))
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+    if (
+        isinstance(max_iterations, bool)
+        or not isinstance(max_iterations, int)
+        or max_iterations < 1
+    ):
         raise ValueError(f"max_iterations must be a positive int, got {max_iterations!r}")
     n, d = f.shape
     u, sigma, _ = torch.linalg.svd(f, full_matrices=False)
@@ -225,11 +249,13 @@ def leep(source_probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     """
     theta = _matrix(source_probabilities, "source_probabilities")
     y = _one_hot(_labels(labels, theta.shape[0]))
-    if bool((theta < 0).any()) or not torch.allclose(theta.sum(1), torch.ones(len(theta),
-                                                                             dtype=torch.float64),
-                                                     atol=1e-4):
-        raise ValueError("source_probabilities must be non-negative rows that sum to one "
-                         "(a softmax over the source classes)")
+    if bool((theta < 0).any()) or not torch.allclose(
+        theta.sum(1), torch.ones(len(theta), dtype=torch.float64), atol=1e-4
+    ):
+        raise ValueError(
+            "source_probabilities must be non-negative rows that sum to one "
+            "(a softmax over the source classes)"
+        )
     joint = y.T @ theta / theta.shape[0]  # (K, Z): P(y, z)
     marginal = joint.sum(0, keepdim=True)  # P(z)
     conditional = joint / marginal.clamp_min(1e-300)  # P(y | z); columns of unused z are 0
@@ -258,8 +284,7 @@ def nce(source_labels: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------ H-score
-def _class_projection_terms(f: torch.Tensor, y: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _class_projection_terms(f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For centred features ``f = U diag(σ) Vᵀ`` (thin SVD): ``σ²`` and ``diag(Uᵀ P U)``, P the
     n × n matrix that replaces each row by its class mean (so ``E[f | y] = P f``)."""
     u, sigma, _ = torch.linalg.svd(f, full_matrices=False)
@@ -358,8 +383,9 @@ def transferability(
         ValueError: unknown method, or the input it needs is missing.
     """
     if method not in TRANSFERABILITY_METHODS:
-        raise ValueError(f"method must be one of {', '.join(TRANSFERABILITY_METHODS)}, "
-                         f"got {method!r}")
+        raise ValueError(
+            f"method must be one of {', '.join(TRANSFERABILITY_METHODS)}, got {method!r}"
+        )
     if method in _NEEDS_PREDICTIONS:
         if logits is None:
             raise ValueError(f"{method} needs the candidate's source-class logits (logits=...)")

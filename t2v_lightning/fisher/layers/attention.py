@@ -76,7 +76,10 @@ class MultiheadAttentionRule(LayerRule):
         per_example_mask = mask is not None and mask.dim() == 3
         if per_example_mask:
             mask = mask.reshape(batch, attention.num_heads, *mask.shape[1:])
-        weights = (attention.in_proj_weight.detach().float(), attention.out_proj.weight.detach().float())
+        weights = (
+            attention.in_proj_weight.detach().float(),
+            attention.out_proj.weight.detach().float(),
+        )
         fixed = {
             "in_proj_bias": _float(attention.in_proj_bias),
             "bias_k": _float(attention.bias_k),
@@ -84,15 +87,34 @@ class MultiheadAttentionRule(LayerRule):
             "out_proj_bias": _float(attention.out_proj.bias),
         }
 
-        def rows_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: torch.Tensor,
-                    pad: torch.Tensor | None, attn: torch.Tensor | None) -> torch.Tensor:
+        def rows_of(
+            q: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+            d: torch.Tensor,
+            pad: torch.Tensor | None,
+            attn: torch.Tensor | None,
+        ) -> torch.Tensor:
             def output(w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
                 out, _ = F.multi_head_attention_forward(
-                    q, k, v, attention.embed_dim, attention.num_heads, w_in,
-                    fixed["in_proj_bias"], fixed["bias_k"], fixed["bias_v"],
-                    attention.add_zero_attn, 0.0, w_out, fixed["out_proj_bias"],
-                    training=False, key_padding_mask=pad, need_weights=False,
-                    attn_mask=attn, is_causal=bool(given["is_causal"]),
+                    q,
+                    k,
+                    v,
+                    attention.embed_dim,
+                    attention.num_heads,
+                    w_in,
+                    fixed["in_proj_bias"],
+                    fixed["bias_k"],
+                    fixed["bias_v"],
+                    attention.add_zero_attn,
+                    0.0,
+                    w_out,
+                    fixed["out_proj_bias"],
+                    training=False,
+                    key_padding_mask=pad,
+                    need_weights=False,
+                    attn_mask=attn,
+                    is_causal=bool(given["is_causal"]),
                 )
                 return out
 
@@ -105,10 +127,22 @@ class MultiheadAttentionRule(LayerRule):
         for part in chunks(batch, per_example):
             out[part] = torch.func.vmap(
                 rows_of,
-                in_dims=(0, 0, 0, 0, None if padding is None else 0, 0 if per_example_mask else None),
-            )(query[part], key[part], value[part], delta[part],
-              None if padding is None else padding[part],
-              mask[part] if per_example_mask else mask)
+                in_dims=(
+                    0,
+                    0,
+                    0,
+                    0,
+                    None if padding is None else 0,
+                    0 if per_example_mask else None,
+                ),
+            )(
+                query[part],
+                key[part],
+                value[part],
+                delta[part],
+                None if padding is None else padding[part],
+                mask[part] if per_example_mask else mask,
+            )
         return out
 
 

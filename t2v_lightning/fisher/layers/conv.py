@@ -127,7 +127,12 @@ class ConvGeometry:
 
     def pad(self, inputs: torch.Tensor) -> torch.Tensor:
         """The input with the convolution's padding applied (zeros, reflect, "same"...)."""
-        kernel, stride, dilation, padding = self.kernel_size, self.stride, self.dilation, self.padding
+        kernel, stride, dilation, padding = (
+            self.kernel_size,
+            self.stride,
+            self.dilation,
+            self.padding,
+        )
         if self.tf_same:
             return F.pad(inputs, tf_same_pads(inputs.shape[-2:], kernel, stride, dilation))
         if padding == "same":
@@ -179,7 +184,9 @@ def im2col(
 def conv_patches(geometry: ConvGeometry, inputs: torch.Tensor) -> torch.Tensor:
     """Input patches of a 2-D convolution: B × (C_in·k_h·k_w) × L, padding applied."""
     padded = geometry.pad(inputs)
-    return im2col(padded, tuple(geometry.kernel_size), tuple(geometry.dilation), tuple(geometry.stride))
+    return im2col(
+        padded, tuple(geometry.kernel_size), tuple(geometry.dilation), tuple(geometry.stride)
+    )
 
 
 def depthwise_sq_norms(
@@ -301,7 +308,9 @@ def prefers_padded_gram(geometry: ConvGeometry, inputs: torch.Tensor, grad: torc
     fan_in = inputs.shape[1] // groups * kernel_area
     per_group_out = grad.shape[1] // groups
     copy_weight = 16 * max(1, 8 // min(out_h, out_w))
-    patches = min(positions * per_group_out * fan_in, positions * positions * (fan_in + per_group_out))
+    patches = min(
+        positions * per_group_out * fan_in, positions * positions * (fan_in + per_group_out)
+    )
     patches += copy_weight * fan_in * positions
     padded = padded_h * padded_w
     gram = padded * padded * (inputs.shape[1] // groups) + positions * positions * per_group_out
@@ -309,7 +318,9 @@ def prefers_padded_gram(geometry: ConvGeometry, inputs: torch.Tensor, grad: torc
     return gram <= patches
 
 
-def padded_gram_sq_norms(geometry: ConvGeometry, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def padded_gram_sq_norms(
+    geometry: ConvGeometry, inputs: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
     r"""Per-example squared rows of a convolution through the Gram matrix of its padded input.
 
     The patch Gram :math:`\langle a_n(p), a_n(q) \rangle` is the sum over kernel offsets
@@ -328,7 +339,9 @@ def padded_gram_sq_norms(geometry: ConvGeometry, inputs: torch.Tensor, grad: tor
     deltas = grad.reshape(batch, groups, per_group_out, out_h * out_w)
     out = torch.empty(batch, groups, per_group_out, dtype=grad.dtype, device=grad.device)
     span_h, span_w = stride[0] * (out_h - 1) + 1, stride[1] * (out_w - 1) + 1
-    per_example = groups * ((height * width) ** 2 + (out_h * out_w) ** 2 + per_group_out * out_h * out_w)
+    per_example = groups * (
+        (height * width) ** 2 + (out_h * out_w) ** 2 + per_group_out * out_h * out_w
+    )
     for part in chunks(batch, per_example):
         rows = x[part]
         full = torch.matmul(rows.transpose(-1, -2), rows)

@@ -43,7 +43,9 @@ def table_sq_norms(
         vectors = torch.where((flat_ids.reshape(-1, 1) == padding_idx), 0.0, vectors)
     keys = (torch.arange(batch, device=ids.device).unsqueeze(1) * num_rows + flat_ids).reshape(-1)
     pairs, which = torch.unique(keys, return_inverse=True)
-    summed = torch.zeros(pairs.numel(), vectors.shape[-1], dtype=vectors.dtype, device=vectors.device)
+    summed = torch.zeros(
+        pairs.numel(), vectors.shape[-1], dtype=vectors.dtype, device=vectors.device
+    )
     summed.index_add_(0, which, vectors)
     out = torch.zeros(batch * num_rows, dtype=vectors.dtype, device=vectors.device)
     out[pairs] = sq_norms_of_rows(summed)

@@ -18,7 +18,11 @@ from t2v_lightning.choices import UnsupportedLayerError
 from t2v_lightning.fisher.layers.rule import LayerRule, sq_norms_of_rows
 
 __all__ = [
-    "BatchNormActRule", "BatchNormRule", "GroupNormRule", "LayerNormRule", "RMSNormRule",
+    "BatchNormActRule",
+    "BatchNormRule",
+    "GroupNormRule",
+    "LayerNormRule",
+    "RMSNormRule",
     "rms_normalise",
 ]
 
@@ -112,7 +116,9 @@ class RMSNormRule(LayerRule):
     def check(self, name: str, module: nn.Module) -> None:
         weight = module._parameters.get("weight")
         if weight is None or weight.ndim != 1:
-            raise UnsupportedLayerError(f"layer {name!r} ({type(module).__name__}): not a 1-D scale")
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({type(module).__name__}): not a 1-D scale"
+            )
         self._eps(module)
 
     @staticmethod

@@ -22,7 +22,14 @@ from torch import Size, Tensor, nn
 
 from t2v_lightning.choices import UnsupportedLayerError
 
-__all__ = ["Grouped", "INPUT_NOISE_FLOOR", "LayerRule", "chunks", "sq_norms_of_rows", "layer_weight"]
+__all__ = [
+    "Grouped",
+    "INPUT_NOISE_FLOOR",
+    "LayerRule",
+    "chunks",
+    "sq_norms_of_rows",
+    "layer_weight",
+]
 
 INPUT_NOISE_FLOOR = 0.01
 """Added to :math:`x^2` in the variance pass (the reference's ``input ** 2 + 1e-2``)."""

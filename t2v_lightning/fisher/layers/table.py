@@ -79,9 +79,17 @@ _CONV = ConvRule()
 _BATCH_NORM_ACT = BatchNormActRule()
 _RMS_NORM = RMSNormRule()
 _RMS_NORM_FAMILIES = (
-    ("llama", "Llama"), ("mistral", "Mistral"), ("mixtral", "Mixtral"), ("qwen2", "Qwen2"),
-    ("qwen3", "Qwen3"), ("gemma", "Gemma"), ("gemma2", "Gemma2"), ("phi3", "Phi3"),
-    ("olmo2", "Olmo2"), ("smollm3", "SmolLM3"), ("granite", "Granite"),
+    ("llama", "Llama"),
+    ("mistral", "Mistral"),
+    ("mixtral", "Mixtral"),
+    ("qwen2", "Qwen2"),
+    ("qwen3", "Qwen3"),
+    ("gemma", "Gemma"),
+    ("gemma2", "Gemma2"),
+    ("phi3", "Phi3"),
+    ("olmo2", "Olmo2"),
+    ("smollm3", "SmolLM3"),
+    ("granite", "Granite"),
 )
 
 RULES: dict[type | str, LayerRule] = {
@@ -103,8 +111,10 @@ RULES: dict[type | str, LayerRule] = {
     nn.MultiheadAttention: MultiheadAttentionRule(),
     "transformers.pytorch_utils.Conv1D": Conv1DRule(),
     # Language models' RMSNorm classes (transformers): one per model family.
-    **{f"transformers.models.{family}.modeling_{family}.{name}RMSNorm": _RMS_NORM
-       for family, name in _RMS_NORM_FAMILIES},
+    **{
+        f"transformers.models.{family}.modeling_{family}.{name}RMSNorm": _RMS_NORM
+        for family, name in _RMS_NORM_FAMILIES
+    },
 }
 """Module type (or ``"package.module.Class"``) → the rule that embeds it."""
 
@@ -230,7 +240,9 @@ def row_size(module: nn.Module) -> int:
     return (rule_for(module) or _PLAIN).row_size(module)
 
 
-def per_example_sq_norms(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def per_example_sq_norms(
+    module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
     """``(B, rows)``: squared norms of the per-example weight-gradient rows of ``module``.
 
     The rule of ``module``'s type (:meth:`LayerRule.sq_norms`), looked up in the table.
