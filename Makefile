@@ -25,13 +25,11 @@ $(STAMP_DEMO): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e ".[demo]"
 	touch $@
 
-# CI (.ci/run) runs `make test` and nothing else, so `make test` also runs the static checks,
-# after the tests. It runs `ruff check` and mypy but not yet `ruff format --check`: the tree is
-# formatted once, in a commit of its own, and from then on `make test` runs all of `make lint`
-# (replace `lint-check` by `lint` below).
+# CI (.ci/run) runs `make test` and nothing else, so `make test` also runs all of `make lint`
+# (ruff check, ruff format --check, mypy) after the tests.
 test: $(STAMP_TEST)
 	$(TEST_ENV) $(PY) -m pytest -q
-	$(MAKE) --no-print-directory lint-check
+	$(MAKE) --no-print-directory lint
 
 test-all: $(STAMP_TEST)
 	$(TEST_ENV) $(PY) -m pytest -q -m "slow or not slow"

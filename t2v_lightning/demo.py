@@ -268,8 +268,8 @@ def run_demo(
             len(names),
             task.name,
             task.num_classes,
-            len(task.dataset),
-        )  # type: ignore[arg-type]
+            len(task.dataset),  # type: ignore[arg-type]
+        )
         embedding = task2vec.embed(Normalized(task.dataset, mean, std), task_name=task.name)
         embedding.meta.update(
             dataset=name,

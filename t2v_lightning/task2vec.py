@@ -396,11 +396,11 @@ class Task2Vec:
                 "tasks are spread over devices by running several of them (t2v diversity)"
             )
         return embed_lm(
-            self.probe,
+            self.probe,  # type: ignore[arg-type]
             dataset,
             self.lm,
             trainer.strategy.root_device,
-            task_name,  # type: ignore[arg-type]
+            task_name,
         )
 
     def _pass_trainer(self) -> pl.Trainer:
