@@ -238,3 +238,19 @@ def test_transformer_classifier_project(tmp_path: Path) -> None:
     ).embed(TensorDataset(ids, labels))
     assert list(t2v.layers) == list(embedding.layers)
     torch.testing.assert_close(t2v.hessian, embedding.hessian, rtol=1e-5, atol=1e-12)
+
+
+def test_the_batch_estimator_names_a_layer_without_one_weight() -> None:
+    """Attention keeps its input projections in ``in_proj_weight``: ``batch`` (one weight per
+    layer) is refused naming the layer and the two ways out, not with a bare attribute error."""
+    ids = token_ids()
+    labels = torch.arange(len(ids)) % CLASSES
+    options = dict(head="head", reset_head=False, head_epochs=0, progress_bar=False)
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"estimator='batch'.*'encoder\.self_attn'.*"
+        r"estimator='per_sample'.*exclude=\['encoder\.self_attn'\]",
+    ):
+        Task2Vec(TokenClassifier(), estimator="batch", accelerator="cpu", **options).embed(
+            TensorDataset(ids, labels)
+        )

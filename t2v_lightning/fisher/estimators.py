@@ -283,10 +283,23 @@ def eval_filter_sums(
             module.training = training
 
 
+def _batch_weight(name: str, module: nn.Module) -> nn.Parameter:
+    """The one weight whose mini-batch gradient the ``batch`` estimator squares."""
+    try:
+        return layer_weight(module)
+    except UnsupportedLayerError:
+        raise UnsupportedLayerError(
+            f"estimator='batch' squares the gradient of one weight per layer, and {name!r} "
+            f"({type(module).__name__}) has several: use estimator='per_sample' or "
+            f"leave it out with exclude=[{name!r}]",
+            layer=name,
+        ) from None
+
+
 def _batch_gradient_sums(batch: _Batch) -> dict[str, torch.Tensor]:
     taps, ids, valid, likelihood = batch.taps, batch.ids, batch.valid, batch.likelihood
     layers = taps.layers
-    weights = [layer_weight(module) for _, module in layers]
+    weights = [_batch_weight(name, module) for name, module in layers]
     # Each weight's gradient is reduced to its per-filter sums as soon as backward has it and
     # then released (the hook hands autograd a zero-stride stand-in), so the step never holds
     # every layer's gradient at once. A weight shared by several layers is hooked once.
