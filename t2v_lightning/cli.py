@@ -597,23 +597,22 @@ class T2VCLI(LightningCLI):
         # the user's (they choose how to measure the fitted model, not what it is).
         # Every checkpoint is a local file read with weights_only=True before Lightning sees it
         # (Lightning loads URLs with weights_only=False).
+        # Whatever the subcommand, the checkpoint's task and probe must be the ones asked for.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         checkpoint = check_checkpoint_path(ckpt_path) if ckpt_path else None
+        if checkpoint is not None:
+            check_checkpoint_identity(
+                checkpoint,
+                self.config[subcommand]["model"],
+                self.config[subcommand]["data"],
+                f"--ckpt_path {ckpt_path!r}",
+                argument_defaults(ProbeClassifier.__init__),
+            )
         if subcommand != "embed":
             if ckpt_path and "weights_only" in self.config[subcommand]:
                 self.config[subcommand]["weights_only"] = True
             super()._parse_ckpt_path()
-            return
-        if checkpoint is None:
-            return
-        check_checkpoint_identity(
-            checkpoint,
-            self.config["embed"]["model"],
-            self.config["embed"]["data"],
-            f"--ckpt_path {ckpt_path!r}",
-            argument_defaults(ProbeClassifier.__init__),
-        )
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -205,6 +205,14 @@ def test_a_checkpoint_of_another_task_or_probe_is_refused_naming_both(
     assert code == 2, err
     line = one_line_error(err)
     assert "--model.probe='timm:test_efficientnet'" in line and "'resnet34' was asked" in line
+    # validate (and fit) read the same checkpoint through the same check
+    code, err = run_cli(
+        ["validate", *PROBE, *TINY, "--data.name", "digits_5_9", "--ckpt_path", str(checkpoint)],
+        capsys,
+    )
+    assert code == 2, err
+    line = one_line_error(err)
+    assert "fitted on --data.name='digits_0_4'" in line and "'digits_5_9' was asked" in line
 
 
 @pytest.mark.parametrize(
