@@ -42,7 +42,8 @@ Label draws are keyed by ``(seed, sequence index in the task, real position, dra
 artifact depends on its sequences and ``seed`` only, not on the batch size, the padding or the
 process that computes it (a driver giving every task its own seed gives tasks independent
 draws). ``precision="bf16-mixed"`` runs the model under bfloat16 autocast; head fitting, the
-likelihood and the sums stay float32 / float64. ``estimator="exact"`` and
+likelihood and the sums stay float32 / float64; ``"16-mixed"`` runs it under float16 with the
+image path's loss scale (``grad_scale``, undone in float32 before squaring). ``estimator="exact"`` and
 ``method="variational"`` are refused with a message saying why.
 
 The gradient of :math:`\log p(y_t)` with respect to the final hidden state is
@@ -54,9 +55,10 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import lightning
@@ -105,7 +107,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LM_ESTIMATORS: tuple[str, ...] = ("per_sample", "batch")
-LM_PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed")
+LM_PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed")
+# The autocast type of each mixed precision.
+_AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+# The loss scale of float16 when ``grad_scale`` is not given (the image path's default).
+FP16_GRAD_SCALE = 1024.0
 
 # Estimators and methods of the image path that language models do not offer, and why.
 _REFUSED_ESTIMATORS: dict[str, str] = {"exact": EXACT_REFUSED}
@@ -135,7 +141,12 @@ class LMSettings:
         head_weight_decay: AdamW weight decay.
         max_samples: the first ``max_samples`` sequences are used (``None``: all).
         seed: seed of the label draws.
-        precision: ``"32-true"`` or ``"bf16-mixed"`` (autocast; sums stay float32 / float64).
+        precision: ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"`` (autocast; head fitting,
+            the likelihood and the sums stay float32 / float64). ``"16-mixed"`` scales the
+            backward by ``grad_scale`` and divides the gradients by it in float32 before
+            squaring, as the image path does; on a CPU it runs as ``"bf16-mixed"`` (a warning
+            says so), as Lightning does.
+        grad_scale: the float16 loss scale (``None``: 1024 under ``"16-mixed"``, else 1).
     """
 
     estimator: Literal["per_sample", "batch"] = "per_sample"
@@ -148,6 +159,7 @@ class LMSettings:
     max_samples: int | None = None
     seed: int = 0
     precision: str = "32-true"
+    grad_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.estimator in _REFUSED_ESTIMATORS:
@@ -177,8 +189,33 @@ class LMSettings:
         if self.precision not in LM_PRECISIONS:
             raise ValueError(
                 f"precision={self.precision!r} is not offered for language-model probes; use one of "
-                f"{LM_PRECISIONS} (float16 needs a loss scale, which the image path has)"
+                f"{LM_PRECISIONS}"
             )
+        if self.grad_scale is not None and (
+            isinstance(self.grad_scale, bool)
+            or not isinstance(self.grad_scale, (int, float))
+            or not 0 < self.grad_scale < math.inf
+        ):
+            raise ValueError(f"grad_scale must be a positive number, got {self.grad_scale!r}")
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor on the backward: ``grad_scale``, or 1024 under float16 and 1 otherwise."""
+        if self.grad_scale is not None:
+            return float(self.grad_scale)
+        return FP16_GRAD_SCALE if self.precision == "16-mixed" else 1.0
+
+    def for_device(self, device: torch.device) -> LMSettings:
+        """These settings as they run on ``device``: float16 autocast becomes bfloat16 on a CPU,
+        with a warning (Lightning does the same for ``Trainer(precision="16-mixed")``)."""
+        if self.precision != "16-mixed" or device.type != "cpu":
+            return self
+        warnings.warn(
+            "precision='16-mixed' is not supported on a CPU: running with 'bf16-mixed' instead "
+            "(recorded so in the artifact)",
+            stacklevel=3,
+        )
+        return replace(self, precision="bf16-mixed", grad_scale=None)
 
 
 def lm_settings(
@@ -354,8 +391,9 @@ def read_lm_task(dataset: Any, vocab_size: int, max_samples: int | None = None) 
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
+    dtype = _AUTOCAST_DTYPES.get(precision)
     return torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"
+        device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
     )
 
 
@@ -374,6 +412,37 @@ def _cached_targets(
         has_next = (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
         cached.append((hidden[:, :-1][has_next].float(), ids[:, 1:][has_next]))
     return cached
+
+
+# Devices whose AdamW has a fused kernel (one pass over the head per step instead of several).
+_FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
+
+
+@torch.no_grad()
+def _head_gradient(
+    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[float, torch.Tensor, torch.Tensor | None]:
+    """The token-mean next-token cross-entropy of one batch and its gradient, in closed form.
+
+    ``d loss / d logits = (softmax(logits) - onehot(targets)) / M``, formed in place in the
+    logits' buffer: the same values as autograd through ``F.cross_entropy`` (float32
+    rounding apart) without its three M × V temporaries, which dominate head fitting's cost
+    with a 50k-token vocabulary.
+
+    Returns:
+        ``(summed loss over the M tokens, weight gradient, bias gradient or None)``.
+    """
+    count = targets.numel()
+    logits = F.linear(hidden, weight, bias)  # M × V
+    target_logits = logits.gather(1, targets[:, None])
+    peak = logits.amax(1, keepdim=True)
+    probs = logits.sub_(peak).exp_()
+    normaliser = probs.sum(1, keepdim=True)
+    loss_sum = float((normaliser.log() + peak - target_logits).sum())
+    grad_logits = probs.div_(normaliser.mul_(count))
+    grad_logits[torch.arange(count, device=targets.device), targets] -= 1.0 / count
+    grad_bias = None if bias is None else grad_logits.sum(0)
+    return loss_sum, grad_logits.t() @ hidden, grad_bias
 
 
 def fit_lm_head(
@@ -399,22 +468,27 @@ def fit_lm_head(
             "no sequence of the task has two real tokens: there is no next token to fit the head "
             "on (use head_epochs=0)"
         )
-    params = [weight.requires_grad_()] + ([] if bias is None else [bias.requires_grad_()])
+    params = [weight] + ([] if bias is None else [bias])
     optimizer = torch.optim.AdamW(
-        params, lr=settings.head_lr, eps=settings.head_eps, weight_decay=settings.head_weight_decay
+        params,
+        lr=settings.head_lr,
+        eps=settings.head_eps,
+        weight_decay=settings.head_weight_decay,
+        fused=device.type in _FUSED_ADAMW_DEVICES,
     )
     last = 0.0
-    with torch.enable_grad():
-        for _ in range(settings.head_epochs):
-            total, count = 0.0, 0
-            for hidden, targets in cached:
-                loss = F.cross_entropy(F.linear(hidden, weight, bias), targets)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                total += float(loss.detach()) * targets.numel()
-                count += targets.numel()
-            last = total / count
+    for _ in range(settings.head_epochs):
+        total, count = 0.0, 0
+        for hidden, targets in cached:
+            loss_sum, weight.grad, grad_bias = _head_gradient(hidden, targets, weight, bias)
+            if bias is not None:
+                bias.grad = grad_bias
+            optimizer.step()
+            for param in params:
+                param.grad = None
+            total += loss_sum
+            count += targets.numel()
+        last = total / count
     if not math.isfinite(last):
         raise FisherError(f"head fitting diverged (loss {last}); lower head_lr")
     weight = weight.detach()
@@ -456,7 +530,7 @@ def lm_fisher(
     weight = head_weight.to(device, torch.float32)
     bias = None if head_bias is None else head_bias.to(device, torch.float32)
     try:
-        with SequenceTaps(probe, layers) as taps:
+        with SequenceTaps(probe, layers, grad_scale=settings.loss_scale) as taps:
             for part in task.batches(settings.batch_size):
                 ids = task.input_ids[part].to(device)
                 mask = task.attention_mask[part].to(device)
@@ -477,6 +551,7 @@ def lm_fisher(
                 scale = (1.0 / mc) ** 0.5
                 if facts.per_batch:
                     scale = 1.0 / states.shape[0]  # token mean of the mini-batch
+                scale *= settings.loss_scale  # divided out again, in float32, by the taps
                 for draw in range(mc):
                     labels = TOKEN_LIKELIHOOD.sample(predictions, keys, settings.seed, draw)
                     with torch.no_grad():
@@ -495,7 +570,8 @@ def lm_fisher(
                 if taps.nonfinite:
                     raise FisherError(
                         f"non-finite per-sequence gradients (NaN or inf) at layers "
-                        f"{sorted(taps.nonfinite)[:5]} for sequences {ids_of[part].tolist()[:5]}",
+                        f"{sorted(taps.nonfinite)[:5]} for sequences {ids_of[part].tolist()[:5]}"
+                        + _overflow_hint(settings),
                         example_ids=ids_of[part].tolist(),
                     )
                 count += 1 if facts.per_batch else int(ids.shape[0])
@@ -503,6 +579,15 @@ def lm_fisher(
     finally:
         probe.train(was_training)
     return sums, count, layers
+
+
+def _overflow_hint(settings: LMSettings) -> str:
+    if settings.precision != "16-mixed":
+        return ""
+    return (
+        f"; under float16 with the loss scale {settings.loss_scale:g} this is an overflow: "
+        "use a smaller grad_scale, precision='bf16-mixed' or '32-true'"
+    )
 
 
 def _filter_values(
@@ -565,6 +650,7 @@ def embed_lm(
         )
     settings = LMSettings() if settings is None else settings
     device = torch.device(device)
+    settings = settings.for_device(device)
     task = read_lm_task(dataset, probe.vocab_size, settings.max_samples)
     fingerprint = _fingerprint(probe)
     probe.model.to(device)
@@ -603,6 +689,8 @@ def embed_lm(
         "num_tokens": int(task.attention_mask.sum()),
         "max_length": int(task.input_ids.shape[1]),
     }
+    if settings.precision == "16-mixed":
+        meta["grad_scale"] = settings.loss_scale
     if facts.per_batch:
         meta["num_batches"] = count
         meta["num_samples"] = len(task)

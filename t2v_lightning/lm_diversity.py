@@ -92,7 +92,8 @@ class DiversitySettings:
             ``"batch"`` (the published code's squared mini-batch gradients).
         head_epochs: epochs of fitting the untied copy of the LM head (SPEC section 8: 5).
         batch_size: sequences per step (8, as in the published code).
-        precision: ``"32-true"`` or ``"bf16-mixed"``.
+        precision: ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"`` (float16 with a loss
+            scale on a GPU; ``"bf16-mixed"`` on a CPU).
     """
 
     num_tasks: int = 200

@@ -246,10 +246,15 @@ class SequenceTaps:
     Args:
         network: the model whose layers are tapped.
         layers: from :func:`sequence_layers`.
+        grad_scale: the factor the backward was scaled by (float16); gradients are divided by
+            it in float32 before squaring.
     """
 
-    def __init__(self, network: nn.Module, layers: Sequence[SequenceLayer]) -> None:
+    def __init__(
+        self, network: nn.Module, layers: Sequence[SequenceLayer], grad_scale: float = 1.0
+    ) -> None:
         self._network = network
+        self._grad_scale = float(grad_scale)
         self._layers = list(layers)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._inputs: dict[str, torch.Tensor] = {}
@@ -323,6 +328,8 @@ class SequenceTaps:
             mask = self._mask
             with torch.autocast(device_type=grad.device.type, enabled=False):
                 grad32 = grad.float()
+                if self._grad_scale != 1.0:
+                    grad32 = grad32 / self._grad_scale
                 if mask is not None:
                     keep = mask.reshape(*mask.shape, *([1] * (grad32.ndim - mask.ndim)))
                     grad32 = torch.where(keep, grad32, 0.0)
