@@ -101,6 +101,7 @@ __all__ = [
     "lm_fisher",
     "lm_probe",
     "lm_settings",
+    "LM_TASK2VEC_OPTIONS",
     "read_lm_task",
 ]
 
@@ -218,75 +219,100 @@ class LMSettings:
         return replace(self, precision="bf16-mixed", grad_scale=None)
 
 
-def lm_settings(
-    method: str = "montecarlo",
-    estimator: str | None = None,
-    mc_samples: int | None = None,
-    likelihood: str = "categorical",
-    max_samples: int | None = None,
-    skip_layers: int = 0,
-    balanced_sampling: bool | None = None,
-    batch_size: int | None = None,
-    reset_head: bool | None = None,
-    head_epochs: int | None = None,
-    head_lr: float | None = None,
-    head_weight_decay: float = 1e-4,
-    head_optimizer: str | None = None,
-    seed: int = 0,
-    precision: str = "32-true",
-    checkpoint_dir: str | None = None,
-    resume_from: str | None = None,
-    variational: Sequence[Any] = (),
-) -> LMSettings:
-    """:class:`LMSettings` from :class:`~t2v_lightning.Task2Vec`'s arguments (``None``: SPEC
-    section 8's value); an argument that does not apply to a language model is refused with a
-    ``ValueError`` that names it and says why."""
+# Task2Vec's options that a language model reads, with the value that means "not given".
+_TASK2VEC_DEFAULTS: dict[str, Any] = {
+    "method": "montecarlo",
+    "estimator": None,
+    "mc_samples": None,
+    "likelihood": "categorical",
+    "max_samples": None,
+    "skip_layers": 0,
+    "balanced_sampling": None,
+    "batch_size": None,
+    "reset_head": None,
+    "head_epochs": None,
+    "head_lr": None,
+    "head_weight_decay": 1e-4,
+    "head_optimizer": None,
+    "seed": 0,
+    "precision": "32-true",
+    "checkpoint_dir": None,
+    "checkpoint_every_n_steps": None,
+    "resume_from": None,
+    "variational_epochs": None,
+    "variational_lr": None,
+    "variational_head_lr": None,
+    "variational_beta": None,
+}
+LM_TASK2VEC_OPTIONS: tuple[str, ...] = tuple(_TASK2VEC_DEFAULTS)
+"""The :class:`~t2v_lightning.Task2Vec` arguments that :func:`lm_settings` reads."""
+
+
+def lm_settings(**options: Any) -> LMSettings:
+    """:class:`LMSettings` from :class:`~t2v_lightning.Task2Vec`'s arguments, by name (an
+    argument left out or ``None``: SPEC section 8's value). An argument that does not apply to a language model is
+    refused with a ``ValueError`` that names it and says why; an unknown name with a
+    ``TypeError``."""
+    unknown = sorted(set(options) - set(_TASK2VEC_DEFAULTS))
+    if unknown:
+        raise TypeError(f"lm_settings() got unknown arguments {unknown}")
+    given = {**_TASK2VEC_DEFAULTS, **options}
+    method, estimator = given["method"], given["estimator"]
     if estimator in _REFUSED_ESTIMATORS:
         raise ValueError(_REFUSED_ESTIMATORS[estimator])
-    if any(value is not None for value in variational):
+    if any(given[name] is not None for name in given if name.startswith("variational_")):
         method = "variational"  # its options were given
     if method in _REFUSED_METHODS:
         raise ValueError(_REFUSED_METHODS[method])
     check_choice("method", method, ("montecarlo",))
     refused = {
         "likelihood": (
-            likelihood != "categorical",
+            given["likelihood"] != "categorical",
             "a language model's likelihood is the next-token distribution",
         ),
-        "skip_layers": (skip_layers != 0, "a language model has no prefix to skip"),
-        "balanced_sampling": (bool(balanced_sampling), "a language-model task has no classes"),
+        "skip_layers": (given["skip_layers"] != 0, "a language model has no prefix to skip"),
+        "balanced_sampling": (
+            bool(given["balanced_sampling"]),
+            "a language-model task has no classes",
+        ),
         "reset_head": (
-            bool(reset_head),
+            bool(given["reset_head"]),
             "the head is always a copy of the model's LM head, fitted (head_epochs)",
         ),
         "head_optimizer": (
-            head_optimizer not in (None, "adamw"),
+            given["head_optimizer"] not in (None, "adamw"),
             "the LM head is fitted with AdamW, as in the published code",
         ),
         "checkpoint_dir": (
-            checkpoint_dir is not None,
+            given["checkpoint_dir"] is not None,
+            "a task's pass is short; runs of many tasks resume task by task",
+        ),
+        "checkpoint_every_n_steps": (
+            given["checkpoint_every_n_steps"] is not None,
             "a task's pass is short; runs of many tasks resume task by task",
         ),
         "resume_from": (
-            resume_from is not None,
+            given["resume_from"] is not None,
             "a task's pass is short; runs of many tasks resume task by task",
         ),
     }
     for name, (bad, why) in refused.items():
         if bad:
-            value = locals()[name]
-            raise ValueError(f"{name}={value!r} does not apply to a language-model probe: {why}")
-    defaults = LMSettings.__dataclass_fields__
+            raise ValueError(
+                f"{name}={given[name]!r} does not apply to a language-model probe: {why}"
+            )
+    defaults = LMSettings()
+    filled = {
+        name: getattr(defaults, name) if given[name] is None else given[name]
+        for name in ("mc_samples", "batch_size", "head_epochs", "head_lr")
+    }
     return LMSettings(
         estimator=estimator or LM_ESTIMATORS[0],  # type: ignore[arg-type]
-        mc_samples=defaults["mc_samples"].default if mc_samples is None else mc_samples,  # type: ignore[arg-type]
-        batch_size=defaults["batch_size"].default if batch_size is None else batch_size,  # type: ignore[arg-type]
-        head_epochs=defaults["head_epochs"].default if head_epochs is None else head_epochs,  # type: ignore[arg-type]
-        head_lr=defaults["head_lr"].default if head_lr is None else head_lr,  # type: ignore[arg-type]
-        head_weight_decay=head_weight_decay,
-        max_samples=max_samples,
-        seed=seed,
-        precision=precision,
+        head_weight_decay=given["head_weight_decay"],
+        max_samples=given["max_samples"],
+        seed=given["seed"],
+        precision=given["precision"],
+        **filled,
     )
 
 

@@ -41,7 +41,13 @@ from t2v_lightning.fisher.variational import (
     check_variational_probe,
     embed_variational,
 )
-from t2v_lightning.lm import LMSettings, embed_lm, is_language_model, lm_settings
+from t2v_lightning.lm import (
+    LM_TASK2VEC_OPTIONS,
+    LMSettings,
+    embed_lm,
+    is_language_model,
+    lm_settings,
+)
 from t2v_lightning.prepare import PreparedTask, TaskSettings, check_probe, prepare_task
 from t2v_lightning.probe import uncompiled
 from t2v_lightning.safety import is_int, keyboard_interrupts_kept
@@ -221,52 +227,23 @@ class Task2Vec:
         resume_from: str | None = None,
         exclude: Sequence[str] | None = None,
     ) -> None:
+        arguments = dict(locals())  # the arguments as given, by name
         if not isinstance(probe, nn.Module):
             raise TypeError(f"probe must be a torch.nn.Module, got {type(probe).__name__}")
         runner = _METHODS[check_choice("method", method, METHODS)]
         # A language model (get_probe("lm:...")) is embedded by its own pass (SPEC section 8).
         self.lm: LMSettings | None = None
         if is_language_model(probe):
-            self.lm = lm_settings(
-                method=method,
-                estimator=estimator,
-                mc_samples=mc_samples,
-                likelihood=likelihood,
-                max_samples=max_samples,
-                skip_layers=skip_layers,
-                balanced_sampling=balanced_sampling,
-                batch_size=batch_size,
-                reset_head=reset_head,
-                head_epochs=head_epochs,
-                head_lr=head_lr,
-                head_weight_decay=head_weight_decay,
-                head_optimizer=head_optimizer,
-                seed=seed,
-                precision=precision,
-                checkpoint_dir=checkpoint_dir,
-                resume_from=resume_from,
-                variational=(
-                    variational_epochs,
-                    variational_lr,
-                    variational_head_lr,
-                    variational_beta,
-                ),
-            )
-            estimator = None
+            self.lm = lm_settings(**{name: arguments[name] for name in LM_TASK2VEC_OPTIONS})
+            arguments.update(estimator=None, mc_samples=None)  # read by the LM pass only
             method = "montecarlo"
             runner = _METHODS[method]
-        chosen: dict[str, Any] = {
-            "estimator": estimator,
-            "mc_samples": mc_samples,
-            "checkpoint_dir": checkpoint_dir,
-            "checkpoint_every_n_steps": checkpoint_every_n_steps,
-            "resume_from": resume_from,
-            "variational_epochs": variational_epochs,
-            "variational_lr": variational_lr,
-            "variational_head_lr": variational_head_lr,
-            "variational_beta": variational_beta,
+        given = {
+            name: arguments[name]
+            for other in _METHODS.values()
+            for name in other.options
+            if arguments[name] is not None
         }
-        given = {name: value for name, value in chosen.items() if value is not None}
         for other, other_runner in _METHODS.items():
             ignored = [name for name in other_runner.options if other != method and name in given]
             if ignored:

@@ -29,6 +29,7 @@ from t2v_lightning.lm import (
     embed_lm,
     fit_lm_head,
     lm_fisher,
+    lm_settings,
     read_lm_task,
 )
 from t2v_lightning.probe import ProbeError, probe_fingerprint
@@ -276,6 +277,12 @@ def test_lm_options_that_do_not_apply_are_refused(gpt2_dir: Path) -> None:
         Task2Vec(probe, method="variational")
     with pytest.raises(ValueError, match="reset_head=True does not apply"):
         Task2Vec(probe, reset_head=True)
+    with pytest.raises(ValueError, match="checkpoint_every_n_steps=5 does not apply"):
+        Task2Vec(probe, checkpoint_every_n_steps=5)
+    with pytest.raises(ValueError, match="variational.*not offered for language models"):
+        Task2Vec(probe, variational_beta=0.5)
+    with pytest.raises(TypeError, match=r"unknown arguments \['devices'\]"):
+        lm_settings(devices=2)
     with pytest.raises(ValueError, match="precision='64-true'"):
         Task2Vec(probe, precision="64-true")
     with pytest.raises(ValueError, match="grad_scale must be a positive number"):
