@@ -39,6 +39,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from t2v_lightning.choices import FisherError
+from t2v_lightning.fisher.sharding import check_counted
+
 __all__ = ["FisherSums", "ReducedSums"]
 
 
@@ -132,6 +135,28 @@ class FisherSums:
         total = int(round(float(flat[position])))
         counts = None if self.seen is None else flat[position + 1 :].clone()
         return ReducedSums(sums, total, counts)
+
+    def totals(
+        self, strategy: Any = None, warn_missing: bool = False
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """The sums over ranks and their count, for an embedding (:meth:`reduce`, checked).
+
+        Args:
+            strategy: as for :meth:`reduce`.
+            warn_missing: warn about ids that no rank counted (a per-batch pass).
+
+        Raises:
+            FisherError: nothing was counted, or an id was counted on more than one rank.
+        """
+        sums, total, counts = self.reduce(strategy)
+        if total == 0:
+            raise FisherError(
+                "FisherCallback: no example reached the Fisher pass, so there is nothing to embed "
+                "(an empty dataset, or every id was padding or already counted)"
+            )
+        if counts is not None:
+            check_counted(counts, self.counted(counts) if warn_missing else None)
+        return sums, total
 
     def counted(self, counts: torch.Tensor) -> torch.Tensor:
         """Ids counted on some rank, before or since a restore (``counts`` from :meth:`reduce`)."""

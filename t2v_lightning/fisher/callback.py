@@ -41,14 +41,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from t2v_lightning.allocator import settle_thresholds
-from t2v_lightning.choices import Estimator, FisherError, Likelihood, UnsupportedLayerError
+from t2v_lightning.choices import Estimator, FisherError, Likelihood
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.accumulator import FisherSums
 from t2v_lightning.fisher.checks import (
@@ -66,18 +65,22 @@ from t2v_lightning.fisher.fit_end import (
     batch_inputs,
     check_loader,
     check_same_network,
+    check_weights_source,
     checkpoint_weights,
+    first_batch_checked,
     fit_output,
     grad_scale_for,
     log_summary,
     pass_batches,
     rank_zero_weights,
+    skips_pass,
     through_pipeline,
+    where_trained,
 )
 from t2v_lightning.fisher.layers.table import check_exclude, num_filters
 from t2v_lightning.fisher.record import fisher_embedding
-from t2v_lightning.fisher.sharding import check_counted, check_id_batch
-from t2v_lightning.probe import ProbeError, batch_rows
+from t2v_lightning.fisher.sharding import check_id_batch
+from t2v_lightning.probe import batch_rows
 
 __all__ = ["FisherCallback", "FisherError", "At", "AT_CHOICES", "Weights", "DEFAULT_OUTPUT"]
 
@@ -161,25 +164,14 @@ class FisherCallback(Callback):
         exclude: Sequence[str] | None = None,
         weights: Weights = "last",
     ) -> None:
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        check_arguments(
-            estimator=estimator,
-            mc_samples=mc_samples,
-            seed=seed,
-            num_examples=num_examples,
-            head=head,
-            network=network,
-            overwrite=overwrite,
-            grad_scale=grad_scale,
-            at=at,
-            batch_size=batch_size,
-            logits_fn=logits_fn,
-            likelihood=likelihood,
-            weights=weights,
-        )
+        check_arguments(**arguments)
         self._estimator: Estimator = estimator
         self._mc_samples = mc_samples
         self._likelihood: Likelihood = likelihood
+        # A categorical over one class has zero Fisher: refuse it rather than write zeros.
+        self._min_classes = 2 if likelihood == "categorical" else 1
         self._seed = seed
         self._num_examples = num_examples
         self._head = head
@@ -216,13 +208,9 @@ class FisherCallback(Callback):
     def state_key(self) -> str:
         # What makes two instances in one Trainer differ. Task2Vec's per-batch callback keeps the
         # key of earlier versions (its checkpoints resume by it).
-        key: dict[str, Any] = {
-            "estimator": self._estimator,
-            "seed": self._seed,
-            "mc_samples": self._mc_samples,
-        }
-        if self._likelihood != "categorical":
-            key["likelihood"] = self._likelihood
+        key = self._settings()
+        if self._likelihood == "categorical":
+            del key["likelihood"]
         if self._at == "fit_end":
             optional = {
                 "network": self._network_path,
@@ -272,12 +260,9 @@ class FisherCallback(Callback):
     def _network(self, pl_module: nn.Module) -> nn.Module:
         return network_of(pl_module, self._network_path)
 
-    def _pick_layers(self, network: nn.Module) -> list[tuple[str, nn.Module]]:
-        return pick_layers(network, self._head, self._exclude)
-
     def _start(self, trainer: pl.Trainer, network: nn.Module, num_examples: int | None) -> None:
         """Find the layers and zero the statistics (then apply a pending restore)."""
-        self._layers = self._pick_layers(network)
+        self._layers = pick_layers(network, self._head, self._exclude)
         # Steps whose memory fits under glibc's raised trim threshold are then not given back to
         # the system and faulted in again at every step (t2v_lightning.allocator).
         settle_thresholds()
@@ -300,12 +285,8 @@ class FisherCallback(Callback):
             self._start(trainer, self._network(pl_module), self._num_examples)
             return
         # Wrong names, unsupported layers and an existing output stop fit here, before training.
-        self._pick_layers(self._network(pl_module))
-        if self._weights == "best" and trainer.checkpoint_callback is None:
-            raise ValueError(
-                "FisherCallback(weights='best') needs a ModelCheckpoint among the Trainer's "
-                "callbacks (its best model is the one embedded)"
-            )
+        pick_layers(self._network(pl_module), self._head, self._exclude)
+        check_weights_source(trainer, self._weights)
         self._fit_output = fit_output(trainer, self._output, DEFAULT_OUTPUT, self._overwrite)
 
     @override
@@ -327,32 +308,17 @@ class FisherCallback(Callback):
         embedded layer reached by the logits), and forgets the result; any problem stops ``fit``
         before its first training step. The random number generators are left as they were.
         """
-        check_loader(
-            trainer.train_dataloader,
-            " (checked before training). Pass one DataLoader, or embed later with "
-            "callback.compute(trainer, module, dataloader=...)",
-        )
         network = self._network(pl_module)
-        rows = batch_rows(batch)
-        ids = torch.arange(rows, dtype=torch.int64)
-        with isolate_rng():
+        with first_batch_checked(trainer):
+            rows = batch_rows(batch)
             self._start(trainer, network, rows)
             try:
                 forward = BatchLogits(pl_module, self._logits_fn, self._min_classes)
                 forward.batch = batch
                 inputs = batch_inputs(batch, rows, pl_module.device, self._logits_fn)
-                self._accumulate(trainer, forward, network, inputs, ids)
-            except (FisherError, UnsupportedLayerError, ProbeError) as err:
-                raise type(err)(
-                    f"{err} (checked on the first training batch, before training)"
-                ) from None
+                self._accumulate(trainer, forward, network, inputs, torch.arange(rows))
             finally:
                 self._start(trainer, network, None)
-
-    @property
-    def _min_classes(self) -> int:
-        # A categorical over one class has zero Fisher: refuse it rather than write zeros.
-        return 2 if self._likelihood == "categorical" else 1
 
     # ------------------------------------------------------------------ accumulation
     @override
@@ -483,22 +449,12 @@ class FisherCallback(Callback):
                 "callback.compute(trainer, module, dataloader) to embed on a DataLoader"
             )
             return
-        # The strategy's teardown has moved the module to the CPU; the pass runs where training
-        # ran and leaves the module where it found it.
-        device = pl_module.device
-        pl_module.to(trainer.strategy.root_device)
-        try:
+        with where_trained(trainer, pl_module):
             self._embed_fit(trainer, pl_module)
-        finally:
-            pl_module.to(device)
 
     def _embed_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._embedded = True
-        if getattr(trainer, "fast_dev_run", False):
-            rank_zero_info(
-                "FisherCallback: fast_dev_run is on, so the Fisher pass is skipped (no embedding, "
-                "no file)"
-            )
+        if skips_pass(trainer):
             return
         with checkpoint_weights(trainer, pl_module, self._weights) as facts:
             self._meta_extra = facts
@@ -511,15 +467,8 @@ class FisherCallback(Callback):
     def _finish(self, trainer: pl.Trainer, network: nn.Module, output: Any) -> TaskEmbedding:
         check_same_network(trainer, network)
         assert self._sums is not None
-        sums, total, counts = self._sums.reduce(self._strategy)
-        if total == 0:
-            raise FisherError(
-                "FisherCallback: no example reached the Fisher pass, so there is nothing to embed "
-                "(an empty dataset, or every id was padding or already counted)"
-            )
-        if counts is not None:
-            warn_missing = self._at == "train_batch" and trainer.is_global_zero
-            check_counted(counts, self._sums.counted(counts) if warn_missing else None)
+        warn_missing = self._at == "train_batch" and trainer.is_global_zero
+        sums, total = self._sums.totals(self._strategy, warn_missing)
         embedding = fisher_embedding(
             trainer,
             network,
@@ -528,13 +477,10 @@ class FisherCallback(Callback):
             self._layers,
             meta=self._meta,
             extra=self._meta_extra,
-            estimator=self._estimator,
-            mc_samples=self._mc_samples,
-            likelihood=self._likelihood,
-            seed=self._seed,
             at=self._at,
             head=self._head,
             exclude=self._exclude,
+            **self._settings(),
         )
         self.embedding = embedding
         if output is not None and trainer.is_global_zero:

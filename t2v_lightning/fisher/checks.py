@@ -44,8 +44,10 @@ def check_arguments(
     logits_fn: object,
     likelihood: str,
     weights: str,
+    **checked_elsewhere: Any,
 ) -> None:
-    """Refuse a bad argument of ``FisherCallback`` (``ValueError`` / ``TypeError`` naming it)."""
+    """Refuse a bad argument of ``FisherCallback`` (``ValueError`` / ``TypeError`` naming it);
+    ``exclude`` and the artifact's arguments are checked where they are used."""
     check_choice("likelihood", likelihood, LIKELIHOODS)
     check_choice("estimator", estimator, ESTIMATORS)
     _check_count("mc_samples", mc_samples)

@@ -21,14 +21,15 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from t2v_lightning.choices import FisherError
+from t2v_lightning.choices import FisherError, UnsupportedLayerError
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.sharding import CollateWithIds, IdsDataset, ShardSampler
-from t2v_lightning.probe import batch_rows, call_probe
+from t2v_lightning.probe import ProbeError, batch_rows, call_probe
 from t2v_lightning.safety import check_checkpoint_path
 
 __all__ = [
@@ -290,6 +291,56 @@ def running_ids(loader: Iterable[Any], rank: int, world: int) -> Iterator[tuple[
         ids = torch.arange(position, position + rows, dtype=torch.int64) * world + rank
         position += rows
         yield batch, ids
+
+
+def check_weights_source(trainer: pl.Trainer, weights: str) -> None:
+    """At setup: ``weights="best"`` needs a ``ModelCheckpoint`` to take the best model from."""
+    if weights == "best" and trainer.checkpoint_callback is None:
+        raise ValueError(
+            "FisherCallback(weights='best') needs a ModelCheckpoint among the Trainer's "
+            "callbacks (its best model is the one embedded)"
+        )
+
+
+@contextmanager
+def first_batch_checked(trainer: pl.Trainer) -> Iterator[None]:
+    """Around the one Fisher step on the fit's first batch: the training data must be one
+    loader, the random number generators are left as they were, and an error says it was found
+    before training."""
+    check_loader(
+        trainer.train_dataloader,
+        " (checked before training). Pass one DataLoader, or embed later with "
+        "callback.compute(trainer, module, dataloader=...)",
+    )
+    with isolate_rng():
+        try:
+            yield
+        except (FisherError, UnsupportedLayerError, ProbeError) as err:
+            raise type(err)(
+                f"{err} (checked on the first training batch, before training)"
+            ) from None
+
+
+def skips_pass(trainer: pl.Trainer) -> bool:
+    """``fast_dev_run`` skips the end-of-fit pass (said once, on rank 0)."""
+    if not getattr(trainer, "fast_dev_run", False):
+        return False
+    rank_zero_info(
+        "FisherCallback: fast_dev_run is on, so the Fisher pass is skipped (no embedding, no file)"
+    )
+    return True
+
+
+@contextmanager
+def where_trained(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """After ``fit``, the strategy's teardown has moved the module to the CPU: the pass runs
+    where training ran and the module is left where it was found."""
+    device = pl_module.device
+    pl_module.to(trainer.strategy.root_device)
+    try:
+        yield
+    finally:
+        pl_module.to(device)
 
 
 @contextmanager
