@@ -88,6 +88,18 @@ def test_logme_is_invariant_to_label_values_and_ranks_separable_above_noise() ->
 
 
 # ------------------------------------------------------------------------------ LEEP, NCE
+def test_logme_does_not_depend_on_the_scale_of_the_features() -> None:
+    """The prior precision absorbs a scale: the maximised evidence is the same, also for scales
+    where the unnormalised fixed point rounds gamma to n and fails (fewer examples than
+    features)."""
+    torch.manual_seed(0)
+    features = torch.randn(10, 50, dtype=torch.float64)
+    labels = torch.arange(10) % 3
+    values = [logme(features * scale, labels) for scale in (1e-6, 1.0, 1e4, 1e9)]
+    assert all(math.isfinite(v) for v in values)
+    assert max(values) - min(values) < 1e-6
+
+
 def test_leep_matches_the_empirical_conditional_written_as_loops() -> None:
     rng = np.random.default_rng(1)
     n, z_classes = 25, 4

@@ -170,6 +170,10 @@ def _logme_one(
         residual = float(((alpha / denominator) ** 2 * z2).sum()) + out_of_span
         new_alpha = gamma / max(m2, 1e-300)
         new_beta = (n - gamma) / max(residual, 1e-300)
+        if not (0.0 < new_alpha < math.inf and 0.0 < new_beta < math.inf):
+            # gamma rounded to n in float64 (features of extreme scale fit every target
+            # exactly): the step leaves the domain; keep the last (alpha, beta), both positive.
+            break
         change = max(abs(new_alpha - alpha) / alpha, abs(new_beta - beta) / beta)
         alpha, beta = new_alpha, new_beta
         if change < tolerance:
@@ -227,6 +231,10 @@ def logme(
     n, d = f.shape
     u, sigma, _ = torch.linalg.svd(f, full_matrices=False)
     s = sigma**2
+    if float(s.mean()) > 0:
+        # The maximised evidence does not change when F is scaled (alpha absorbs it); the fixed
+        # point converges in far fewer steps, and stays in float64's range, at unit mean scale.
+        s = s / s.mean()
     z = u.T @ y  # (r, K)
     values = [
         _logme_one(s, z[:, k], float(y[:, k] @ y[:, k]), n, d, max_iterations, tolerance)[0]
