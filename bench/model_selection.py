@@ -196,6 +196,9 @@ class Settings:
     embed_head_epochs: int = 10
     linear_c: float = 1.0
     seed: int = 0
+    # Each expert's new classifier is initialised from a seed of (seed, source name); results
+    # cached before this field existed came from the global random state.
+    seeded_expert_heads: bool = True
     sources: tuple[str, ...] = field(default_factory=tuple)
     targets: tuple[str, ...] = field(default_factory=tuple)
 
@@ -281,7 +284,7 @@ def task_splits(
     )
     labels = np.asarray(get_targets(task.dataset))
     counts = np.bincount(labels, minlength=spec.num_classes())
-    seed = int(hashlib.sha256(f"{settings.seed}:{spec.name}".encode()).hexdigest()[:8], 16)
+    seed = _spec_seed(settings, spec.name)
     if spec.train:
         share = settings.source_images // spec.num_classes()
         picked = _balanced_pick(
@@ -307,21 +310,31 @@ def frozen_prefix(model: nn.Module) -> nn.Sequential:
     return nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:FROZEN_STAGES])
 
 
+def _spec_seed(settings: Settings, name: str) -> int:
+    """The seed of one task's image choice and of its expert's new head."""
+    return int(hashlib.sha256(f"{settings.seed}:{name}".encode()).hexdigest()[:8], 16)
+
+
 class ExpertTail(nn.Module):
     """The fine-tuned part of an expert: the last stages, ``conv_head``, ``bn2``, pooling, head.
 
     Args:
         model: an EfficientNet-Lite0 (timm); its last stages are copied.
         num_classes: outputs of the new classifier (0: none, features only).
+        seed: seed of the new classifier's initial weights.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int) -> None:
+    def __init__(self, model: nn.Module, num_classes: int, seed: int = 0) -> None:
         super().__init__()
         self.blocks = copy.deepcopy(nn.Sequential(*model.blocks[FROZEN_STAGES:]))
         self.conv_head = copy.deepcopy(model.conv_head)
         self.bn2 = copy.deepcopy(model.bn2)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(model.num_features, num_classes) if num_classes else None
+        self.classifier = None
+        if num_classes:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.classifier = nn.Linear(model.num_features, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.bn2(self.conv_head(self.blocks(x)))).flatten(1)
@@ -493,7 +506,7 @@ def run(
     tails: dict[str, ExpertTail] = {IMAGENET: ExpertTail(probe, 0).eval()}
     for spec in sources:
         path = folder / "experts" / f"{spec.name}.safetensors"
-        tail = ExpertTail(probe, spec.num_classes())
+        tail = ExpertTail(probe, spec.num_classes(), _spec_seed(settings, spec.name))
         if path.exists():
             tail.load_state_dict(_load_tensors(path))
         else:
