@@ -279,7 +279,7 @@ def test_lm_options_that_do_not_apply_are_refused(gpt2_dir: Path) -> None:
         Task2Vec(probe, reset_head=True)
     with pytest.raises(ValueError, match="checkpoint_every_n_steps=5 does not apply"):
         Task2Vec(probe, checkpoint_every_n_steps=5)
-    with pytest.raises(ValueError, match="variational.*not offered for language models"):
+    with pytest.raises(ValueError, match=r"variational.*not offered for language models"):
         Task2Vec(probe, variational_beta=0.5)
     with pytest.raises(TypeError, match=r"unknown arguments \['devices'\]"):
         lm_settings(devices=2)
