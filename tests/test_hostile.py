@@ -470,6 +470,15 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(
 # ============================================================================================
 
 
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """Python's own SIGINT handler, as under a terminal: a shell that starts pytest in the
+    background ignores SIGINT, and Python then installs no handler (Ctrl-C would do nothing)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _press_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGINT to this process after the first Fisher-pass batch (Lightning catches it)."""
 
@@ -479,6 +488,7 @@ def _press_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(FisherCallback, "on_train_batch_end", interrupt)
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_during_embed_exits_130_and_writes_nothing(
     workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -490,6 +500,7 @@ def test_ctrl_c_during_embed_exits_130_and_writes_nothing(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_in_the_api_raises_keyboard_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
     _press_ctrl_c(monkeypatch)
     torch.manual_seed(0)
