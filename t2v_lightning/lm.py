@@ -444,31 +444,58 @@ def _cached_targets(
 _FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
 
 
-@torch.no_grad()
-def _head_gradient(
-    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[float, torch.Tensor, torch.Tensor | None]:
+class _HeadGradient:
     """The token-mean next-token cross-entropy of one batch and its gradient, in closed form.
 
     ``d loss / d logits = (softmax(logits) - onehot(targets)) / M``, formed in place in the
-    logits' buffer: the same values as autograd through ``F.cross_entropy`` (float32
-    rounding apart) without its three M × V temporaries, which dominate head fitting's cost
-    with a 50k-token vocabulary.
+    logits' buffer: the same values as autograd through ``F.cross_entropy`` (float32 rounding
+    apart) without its three M × V temporaries, which dominate head fitting's cost with a
+    50k-token vocabulary. The M × V logits and the V × D gradient live in buffers reused from
+    step to step: a fresh 200 MB tensor per step is given back to the system and faulted in
+    again each time.
 
-    Returns:
-        ``(summed loss over the M tokens, weight gradient, bias gradient or None)``.
+    Args:
+        weight: the head's weight (V × D), for the buffers' shape, type and device.
+        max_tokens: the most tokens of one batch.
     """
-    count = targets.numel()
-    logits = F.linear(hidden, weight, bias)  # M × V
-    target_logits = logits.gather(1, targets[:, None])
-    peak = logits.amax(1, keepdim=True)
-    probs = logits.sub_(peak).exp_()
-    normaliser = probs.sum(1, keepdim=True)
-    loss_sum = float((normaliser.log() + peak - target_logits).sum())
-    grad_logits = probs.div_(normaliser.mul_(count))
-    grad_logits[torch.arange(count, device=targets.device), targets] -= 1.0 / count
-    grad_bias = None if bias is None else grad_logits.sum(0)
-    return loss_sum, grad_logits.t() @ hidden, grad_bias
+
+    def __init__(self, weight: torch.Tensor, max_tokens: int) -> None:
+        self._logits = weight.new_empty(max_tokens, weight.shape[0])
+        self._grad = torch.empty_like(weight)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> tuple[float, torch.Tensor, torch.Tensor | None]:
+        """``(summed loss over the M tokens, weight gradient, bias gradient or None)``; the
+        weight gradient is the object's buffer, overwritten by the next call."""
+        count = targets.numel()
+        logits = self._logits[:count]  # M × V
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=logits)
+        target_logits = logits.gather(1, targets[:, None])
+        peak = logits.amax(1, keepdim=True)
+        probs = logits.sub_(peak).exp_()
+        normaliser = probs.sum(1, keepdim=True)
+        loss_sum = float((normaliser.log() + peak - target_logits).sum())
+        grad_logits = probs.div_(normaliser.mul_(count))
+        grad_logits[torch.arange(count, device=targets.device), targets] -= 1.0 / count
+        grad_bias = None if bias is None else grad_logits.sum(0)
+        torch.mm(grad_logits.t(), hidden, out=self._grad)
+        return loss_sum, self._grad, grad_bias
+
+
+def _head_gradient(
+    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[float, torch.Tensor, torch.Tensor | None]:
+    """One :class:`_HeadGradient` step with buffers of its own."""
+    return _HeadGradient(weight, targets.numel())(hidden, targets, weight, bias)
 
 
 def fit_lm_head(
@@ -502,11 +529,12 @@ def fit_lm_head(
         weight_decay=settings.head_weight_decay,
         fused=device.type in _FUSED_ADAMW_DEVICES,
     )
+    gradient = _HeadGradient(weight, max(targets.numel() for _, targets in cached))
     last = 0.0
     for _ in range(settings.head_epochs):
         total, count = 0.0, 0
         for hidden, targets in cached:
-            loss_sum, weight.grad, grad_bias = _head_gradient(hidden, targets, weight, bias)
+            loss_sum, weight.grad, grad_bias = gradient(hidden, targets, weight, bias)
             if bias is not None:
                 bias.grad = grad_bias
             optimizer.step()
