@@ -943,7 +943,12 @@ def diversity_parser() -> argparse.ArgumentParser:
         help="ddp or ddp_spawn with several devices",
     )
     add("--trainer.num_nodes", dest="num_nodes", type=int, default=1)
-    add("--trainer.precision", dest="precision", default="32-true")
+    add(
+        "--trainer.precision",
+        dest="precision",
+        default="32-true",
+        help="32-true, bf16-mixed or 16-mixed (float16 with a loss scale; bf16-mixed on a CPU)",
+    )
     return parser
 
 
