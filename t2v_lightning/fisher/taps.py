@@ -43,6 +43,30 @@ def release(
     saved_flags.clear()
 
 
+def tap_output(
+    name: str, output: Any, hook: Callable[[torch.Tensor], None], roots: list[torch.Tensor]
+) -> torch.Tensor:
+    """Register ``hook`` on the gradient of layer ``name``'s ``output``.
+
+    Returns the tensor the network continues with: ``output`` itself, or, when nothing before
+    the layer needs a gradient (a frozen prefix, a lookup table), a clone of a new leaf that
+    starts the backward graph there (appended to ``roots``); the clone keeps in-place
+    operations downstream (``ReLU(inplace=True)``) off the leaf.
+
+    Raises:
+        UnsupportedLayerError: the layer does not return a tensor.
+    """
+    if not isinstance(output, torch.Tensor):
+        raise UnsupportedLayerError(f"layer {name!r} does not return a tensor")
+    if output.requires_grad:
+        output.register_hook(hook)
+        return output
+    root = output.detach().requires_grad_()
+    root.register_hook(hook)
+    roots.append(root)
+    return root.clone()
+
+
 class LayerFisherTaps:
     """Hooks on the embedded layers of a network that turn output gradients into Fisher sums.
 
@@ -194,17 +218,7 @@ class LayerFisherTaps:
 
     def _tap(self, name: str, output: torch.Tensor) -> torch.Tensor:
         """Hook the gradient of ``output``; returns the tensor the network should continue with."""
-        if not isinstance(output, torch.Tensor):
-            raise UnsupportedLayerError(f"layer {name!r} does not return a tensor")
-        if output.requires_grad:
-            output.register_hook(self._grad_hook(name))
-            return output
-        # Nothing before this layer needs a gradient: start the backward graph here. The clone
-        # keeps in-place activations (ReLU(inplace=True)) off the leaf.
-        root = output.detach().requires_grad_()
-        root.register_hook(self._grad_hook(name))
-        self._roots.append(root)
-        return root.clone()
+        return tap_output(name, output, self._grad_hook(name), self._roots)
 
     def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         module = dict(self._layers)[name]

@@ -44,7 +44,7 @@ from t2v_lightning.fisher.layers.rule import LayerRule
 from t2v_lightning.fisher.layers.table import layer_rule
 from t2v_lightning.fisher.likelihoods import OutputLikelihood, Predictions
 from t2v_lightning.fisher.sampling import uniform_by_id
-from t2v_lightning.fisher.taps import freeze_parameters, release
+from t2v_lightning.fisher.taps import freeze_parameters, release, tap_output
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -306,17 +306,8 @@ class SequenceTaps:
                     f"layer {layer.name!r} runs more than once per forward pass (shared weights); "
                     "its per-sequence gradient is not a single closed form"
                 )
-            if not isinstance(output, torch.Tensor):
-                raise UnsupportedLayerError(f"layer {layer.name!r} does not return a tensor")
             self._inputs[layer.name] = args[0].detach()
-            if output.requires_grad:
-                output.register_hook(self._grad_hook(layer))
-                return None
-            # Nothing before this layer needs a gradient (a lookup table): start the graph here.
-            root = output.detach().requires_grad_()
-            root.register_hook(self._grad_hook(layer))
-            self.roots.append(root)
-            return root.clone()  # keeps in-place operations downstream off the leaf
+            return tap_output(layer.name, output, self._grad_hook(layer), self.roots)
 
         return hook
 
