@@ -43,8 +43,8 @@ artifact depends on its sequences and ``seed`` only, not on the batch size, the 
 process that computes it (a driver giving every task its own seed gives tasks independent
 draws). ``precision="bf16-mixed"`` runs the model under bfloat16 autocast; head fitting, the
 likelihood and the sums stay float32 / float64; ``"16-mixed"`` runs it under float16 with the
-image path's loss scale (``grad_scale``, undone in float32 before squaring). ``estimator="exact"`` and
-``method="variational"`` are refused with a message saying why.
+image path's loss scale (``grad_scale``, undone in float32 before squaring).
+``estimator="exact"`` and ``method="variational"`` are refused with a message saying why.
 
 The gradient of :math:`\log p(y_t)` with respect to the final hidden state is
 :math:`W_{y_t} - \sum_k p_t(k) W_k` (:math:`W` the fitted head), so the pass backpropagates
@@ -75,7 +75,9 @@ from t2v_lightning.causal_lm import (
 from t2v_lightning.choices import ESTIMATOR_FACTS, METHODS, FisherError, check_choice
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
+from t2v_lightning.fisher.faults import precision_hint
 from t2v_lightning.fisher.likelihoods import Predictions
+from t2v_lightning.fisher.taps import FP16_GRAD_SCALE
 from t2v_lightning.fisher.tokens import (
     EXACT_REFUSED,
     TOKEN_LIKELIHOOD,
@@ -111,8 +113,6 @@ LM_ESTIMATORS: tuple[str, ...] = ("per_sample", "batch")
 LM_PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed")
 # The autocast type of each mixed precision.
 _AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-# The loss scale of float16 when ``grad_scale`` is not given (the image path's default).
-FP16_GRAD_SCALE = 1024.0
 
 # Estimators and methods of the image path that language models do not offer, and why.
 _REFUSED_ESTIMATORS: dict[str, str] = {"exact": EXACT_REFUSED}
@@ -250,9 +250,9 @@ LM_TASK2VEC_OPTIONS: tuple[str, ...] = tuple(_TASK2VEC_DEFAULTS)
 
 def lm_settings(**options: Any) -> LMSettings:
     """:class:`LMSettings` from :class:`~t2v_lightning.Task2Vec`'s arguments, by name (an
-    argument left out or ``None``: SPEC section 8's value). An argument that does not apply to a language model is
-    refused with a ``ValueError`` that names it and says why; an unknown name with a
-    ``TypeError``."""
+    argument left out or ``None``: SPEC section 8's value). An argument that does not apply to
+    a language model is refused with a ``ValueError`` that names it and says why; an unknown
+    name with a ``TypeError``."""
     unknown = sorted(set(options) - set(_TASK2VEC_DEFAULTS))
     if unknown:
         raise TypeError(f"lm_settings() got unknown arguments {unknown}")
@@ -423,6 +423,11 @@ def _autocast(device: torch.device, precision: str) -> Any:
     )
 
 
+def _autocast_dtype(settings: LMSettings) -> torch.dtype:
+    """The type the model's gradients have under ``settings.precision``."""
+    return _AUTOCAST_DTYPES.get(settings.precision, torch.float32)
+
+
 @torch.no_grad()
 def _cached_targets(
     probe: CausalLMProbe, task: LMTask, settings: LMSettings, device: torch.device
@@ -489,13 +494,6 @@ class _HeadGradient:
         grad_bias = None if bias is None else grad_logits.sum(0)
         torch.mm(grad_logits.t(), hidden, out=self._grad)
         return loss_sum, self._grad, grad_bias
-
-
-def _head_gradient(
-    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[float, torch.Tensor, torch.Tensor | None]:
-    """One :class:`_HeadGradient` step with buffers of its own."""
-    return _HeadGradient(weight, targets.numel())(hidden, targets, weight, bias)
 
 
 def fit_lm_head(
@@ -625,7 +623,7 @@ def lm_fisher(
                     raise FisherError(
                         f"non-finite per-sequence gradients (NaN or inf) at layers "
                         f"{sorted(taps.nonfinite)[:5]} for sequences {ids_of[part].tolist()[:5]}"
-                        + _overflow_hint(settings),
+                        + precision_hint(_autocast_dtype(settings), settings.loss_scale),
                         example_ids=ids_of[part].tolist(),
                     )
                 count += 1 if facts.per_batch else int(ids.shape[0])
@@ -633,15 +631,6 @@ def lm_fisher(
     finally:
         probe.train(was_training)
     return sums, count, layers
-
-
-def _overflow_hint(settings: LMSettings) -> str:
-    if settings.precision != "16-mixed":
-        return ""
-    return (
-        f"; under float16 with the loss scale {settings.loss_scale:g} this is an overflow: "
-        "use a smaller grad_scale, precision='bf16-mixed' or '32-true'"
-    )
 
 
 def _filter_values(

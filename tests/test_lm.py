@@ -25,7 +25,7 @@ from t2v_lightning.fisher.tokens import sequence_layers
 from t2v_lightning.lm import (
     CausalLMProbe,
     LMSettings,
-    _head_gradient,
+    _HeadGradient,
     embed_lm,
     fit_lm_head,
     lm_fisher,
@@ -261,7 +261,7 @@ def test_head_gradient_with_a_bias_equals_autograd() -> None:
     bias = torch.randn(9, requires_grad=True)
     loss = F.cross_entropy(F.linear(hidden, weight, bias), targets)
     loss.backward()
-    loss_sum, grad_weight, grad_bias = _head_gradient(
+    loss_sum, grad_weight, grad_bias = _HeadGradient(weight, 12)(
         hidden, targets, weight.detach(), bias.detach()
     )
     assert loss_sum == pytest.approx(12 * float(loss.detach()), rel=1e-6)

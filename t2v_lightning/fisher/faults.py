@@ -10,14 +10,18 @@ from t2v_lightning.probe import nonfinite_rows
 __all__ = ["check_finite_logits", "ids_text", "nonfinite_ids", "precision_hint"]
 
 
-def precision_hint(dtype: torch.dtype) -> str:
-    """What to change when values of ``dtype`` overflow (float16), else nothing."""
-    if dtype == torch.float16:
-        return (
-            "; under float16 this is an overflow (values beyond 65504): use precision="
-            "'bf16-mixed' or '32-true'"
-        )
-    return ""
+def precision_hint(dtype: torch.dtype, grad_scale: float = 1.0) -> str:
+    """What to change when values of ``dtype`` overflow (float16), else nothing; with the loss
+    scale ``grad_scale`` of the backward that overflowed."""
+    if dtype != torch.float16:
+        return ""
+    hint = (
+        "; under float16 this is an overflow (values beyond 65504): use precision="
+        "'bf16-mixed' or '32-true'"
+    )
+    if grad_scale != 1.0:
+        hint += f" (or a smaller grad_scale than {grad_scale:g})"
+    return hint
 
 
 def nonfinite_ids(values: torch.Tensor, ids: torch.Tensor | None) -> list[int]:

@@ -29,6 +29,7 @@ from typing_extensions import override
 from t2v_lightning.choices import FisherError, UnsupportedLayerError
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.sharding import CollateWithIds, IdsDataset, ShardSampler
+from t2v_lightning.fisher.taps import FP16_GRAD_SCALE
 from t2v_lightning.probe import ProbeError, batch_rows, call_probe
 from t2v_lightning.safety import check_checkpoint_path
 
@@ -178,7 +179,7 @@ def grad_scale_for(trainer: pl.Trainer, grad_scale: float | None) -> float:
     if grad_scale is not None:
         return grad_scale
     precision = str(getattr(trainer, "precision", "32-true"))
-    return 1024.0 if precision.startswith("16") else 1.0
+    return FP16_GRAD_SCALE if precision.startswith("16") else 1.0
 
 
 class SpawnHandoff:

@@ -43,6 +43,16 @@ def release(
     saved_flags.clear()
 
 
+FP16_GRAD_SCALE = 1024.0
+"""The loss scale of a float16 backward when none is given."""
+
+
+def unscaled(grad: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """``grad`` in float32, divided by the loss scale of the backward that made it."""
+    grad32 = grad.float()
+    return grad32 / grad_scale if grad_scale != 1.0 else grad32
+
+
 def tap_output(
     name: str, output: Any, hook: Callable[[torch.Tensor], None], roots: list[torch.Tensor]
 ) -> torch.Tensor:
@@ -227,9 +237,7 @@ class LayerFisherTaps:
         def hook(grad: torch.Tensor) -> None:
             inputs = self._inputs[name]
             with torch.autocast(device_type=grad.device.type, enabled=False):
-                grad32 = grad.float()
-                if self._grad_scale != 1.0:
-                    grad32 = grad32 / self._grad_scale
+                grad32 = unscaled(grad, self._grad_scale)
                 per_example = rule.sq_norms(module, inputs, grad32)
                 values = per_example.sum(0)
             bad = ~torch.isfinite(per_example).all(-1)
@@ -315,11 +323,6 @@ class LayerFisherTaps:
             f"non-finite per-example gradients (NaN or inf) at layer {broken[-1]!r} for "
             f"{ids_text(bad, ids)}; {len(broken)} layer(s) affected: {broken[:5]}. The squared "
             "gradients overflow, or the probe's weights or activations hold NaN / inf"
-            + precision_hint(self._grad_dtype)
-            + (
-                f" (or a smaller grad_scale than {self._grad_scale:g})"
-                if self._grad_dtype == torch.float16 and self._grad_scale != 1.0
-                else ""
-            ),
+            + precision_hint(self._grad_dtype, self._grad_scale),
             example_ids=bad if ids is not None else None,
         )

@@ -44,7 +44,7 @@ from t2v_lightning.fisher.layers.rule import LayerRule
 from t2v_lightning.fisher.layers.table import layer_rule
 from t2v_lightning.fisher.likelihoods import OutputLikelihood, Predictions
 from t2v_lightning.fisher.sampling import uniform_by_id
-from t2v_lightning.fisher.taps import freeze_parameters, release, tap_output
+from t2v_lightning.fisher.taps import freeze_parameters, release, tap_output, unscaled
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -318,9 +318,7 @@ class SequenceTaps:
             inputs = self._inputs[layer.name]
             mask = self._mask
             with torch.autocast(device_type=grad.device.type, enabled=False):
-                grad32 = grad.float()
-                if self._grad_scale != 1.0:
-                    grad32 = grad32 / self._grad_scale
+                grad32 = unscaled(grad, self._grad_scale)
                 if mask is not None:
                     keep = mask.reshape(*mask.shape, *([1] * (grad32.ndim - mask.ndim)))
                     grad32 = torch.where(keep, grad32, 0.0)
