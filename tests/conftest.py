@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from t2v_lightning.embedding import TaskEmbedding
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -119,3 +121,17 @@ class ToyImages(torch.utils.data.Dataset):
 @pytest.fixture
 def toy_images() -> ToyImages:
     return ToyImages()
+
+
+TOY_PROBE_META = {"probe": "toy", "probe_fingerprint": "fp"}
+"""The probe facts of hand-made embeddings compared with one another."""
+
+
+def toy_embedding(values: list[float], name: str) -> TaskEmbedding:
+    """A one-layer embedding of ``values`` (scale 1) named ``name``, of the toy probe."""
+    return TaskEmbedding(
+        torch.tensor(values),
+        torch.ones(len(values)),
+        {"l": (0, len(values))},
+        {**TOY_PROBE_META, "task_name": name},
+    )

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.similarity.selection import select_expert
+from tests.conftest import toy_embedding as emb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,16 +35,6 @@ def _bench_module():  # type: ignore[no-untyped-def]
 
 
 bench = _bench_module()
-META = {"probe": "toy", "probe_fingerprint": "fp"}
-
-
-def emb(values: list[float], name: str) -> TaskEmbedding:
-    return TaskEmbedding(
-        torch.tensor(values),
-        torch.ones(len(values)),
-        {"l": (0, len(values))},
-        {**META, "task_name": name},
-    )
 
 
 def test_evaluate_reports_pick_imagenet_chance_oracle_and_spearman() -> None:

@@ -25,9 +25,9 @@ from t2v_lightning.similarity.selection import (
 )
 from t2v_lightning.similarity.transferability import leep, logme
 from tests.cli_runner import run_t2v
+from tests.conftest import TOY_PROBE_META as META
 from tests.conftest import ToyImages
-
-META = {"probe": "toy", "probe_fingerprint": "fp"}
+from tests.conftest import toy_embedding as emb
 
 
 class Expert(nn.Module):
@@ -49,15 +49,6 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
-
-
-def emb(values: list[float], name: str) -> TaskEmbedding:
-    return TaskEmbedding(
-        torch.tensor(values),
-        torch.ones(len(values)),
-        {"l": (0, len(values))},
-        {**META, "task_name": name},
-    )
 
 
 @pytest.fixture
