@@ -637,6 +637,19 @@ class _Images(torch.utils.data.Dataset):
         return self.images[index], index % 2
 
 
+def _every_input_task2vec() -> Task2Vec:
+    """A Task2Vec that reads every input in order (no class balancing, no sample cap)."""
+    return Task2Vec(
+        TinyConvNet(),
+        max_samples=None,
+        balanced_sampling=False,
+        batch_size=4,
+        head_epochs=0,
+        progress_bar=False,
+        accelerator="cpu",
+    )
+
+
 @pytest.mark.parametrize(
     ("image", "expected"),
     [
@@ -657,15 +670,7 @@ class _Images(torch.utils.data.Dataset):
 def test_inputs_of_the_wrong_shape_name_the_index_and_the_expected_shape(
     image: torch.Tensor, expected: str
 ) -> None:
-    t2v = Task2Vec(
-        TinyConvNet(),
-        max_samples=None,
-        balanced_sampling=False,
-        batch_size=4,
-        head_epochs=0,
-        progress_bar=False,
-        accelerator="cpu",
-    )
+    t2v = _every_input_task2vec()
     with pytest.raises(DatasetError, match="dataset index 0: the input " + "(.|\n)*" + expected):
         t2v.embed(_Images([image.clone() for _ in range(8)]))
 
@@ -704,15 +709,7 @@ def test_integer_inputs_of_a_probe_that_starts_with_a_lookup_table_are_accepted(
 def test_one_input_of_another_shape_is_named() -> None:
     images = [torch.rand(3, 8, 8) for _ in range(8)]
     images[5] = torch.rand(3, 6, 6)
-    t2v = Task2Vec(
-        TinyConvNet(),
-        max_samples=None,
-        balanced_sampling=False,
-        batch_size=4,
-        head_epochs=0,
-        progress_bar=False,
-        accelerator="cpu",
-    )
+    t2v = _every_input_task2vec()
     with pytest.raises(DatasetError, match=r"dataset index 5: the input has shape \(3, 6, 6\)"):
         t2v.embed(_Images(images))
 
