@@ -200,3 +200,15 @@ def test_lm_diversity_times_ours_against_plain_and_the_published_procedure(tmp_p
     assert all(len(report["seconds"][name]) == 2 for name in names)
     assert report["ratio"]["plain"] == 1.0 and report["ratio"]["reference"] > 0
     assert "vs the published procedure" in text and "target task <= 2.5x plain" in text
+
+
+def test_lm_head_step_times_the_four_ways_against_autograd() -> None:
+    text = _run("lm_head_step.py", "--threads", "1", "--repeats", "1", "--tokens", "16")
+    rows = [line.split() for line in text.splitlines()[1:]]
+    assert [row[0] for row in rows] == [
+        "autograd",
+        "autograd_fused",
+        "closed_form",
+        "closed_form_fused",
+    ]
+    assert rows[0][3] == "1.00x"
