@@ -277,6 +277,7 @@ def default_embedder(probe: nn.Module, settings: DiversitySettings, device: torc
 
 
 # ------------------------------------------------------------------------------ progress
+@dataclass
 class Progress:
     """``done/total`` tasks with the time left: a rewritten line on a terminal, else one line
     per task.
@@ -287,14 +288,17 @@ class Progress:
         stream: where to write (``None``: nothing is written).
     """
 
-    def __init__(self, label: str, total: int, stream: TextIO | None) -> None:
-        self.label = label
-        self.total = total
-        self.stream = stream
-        self.done = 0
-        self.skipped = 0
-        self.seconds = 0.0
-        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+    label: str
+    total: int
+    stream: TextIO | None
+    done: int = field(default=0, init=False)
+    skipped: int = field(default=0, init=False)
+    seconds: float = field(default=0.0, init=False)
+
+    @property
+    def tty(self) -> bool:
+        """Whether ``stream`` is a terminal (the line is rewritten in place)."""
+        return bool(getattr(self.stream, "isatty", lambda: False)())
 
     def update(self, index: int, seconds: float | None) -> None:
         """Task ``index`` is done: embedded in ``seconds``, or ``None`` when skipped."""

@@ -182,14 +182,7 @@ class PhaseProgressLog(ProgressBar):
         self._begin()
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         self._batches += 1
         epochs = trainer.max_epochs or 1
         total = self.total_train_batches
@@ -214,15 +207,7 @@ class PhaseProgressLog(ProgressBar):
             self._begin()
 
     @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def on_validation_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         if trainer.state.fn == "validate":
             self._batches += 1
             self._tick(self._batches, self.total_val_batches)
