@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from t2v_lightning.data.registry import describe_task, download_dataset, get_entry, get_task
-from t2v_lightning.data.sources import DataSource, check_source
+from t2v_lightning.data.sources import DataSource, check_source, data_files_tuple
 from t2v_lightning.data.task import (
     DatasetNotFoundError,
     Normalize,
@@ -127,8 +127,9 @@ class TaskDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         entry = get_entry(name)  # unknown name: ValueError listing the known ones
-        self.source = DataSource.of(
-            path, config, split, data_files, image_column, text_column, label_column, streaming
+        files = data_files_tuple(data_files)
+        self.source = DataSource(
+            path, config, split, files, image_column, text_column, label_column, bool(streaming)
         )
         check_source(name, self.source)
         check_input_size(input_size)

@@ -24,13 +24,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from t2v_lightning.data import cub_inat, small, sources
-from t2v_lightning.data.sources import DataSource, check_source
+from t2v_lightning.data.sources import DataSource, check_source, data_files_tuple
 from t2v_lightning.data.task import (
     BuildTask,
     ClassSubset,
     DatasetEntry,
     DatasetNotFoundError,
     Normalize,
+    SourceRequest,
     Task,
     TaskInfo,
     check_input_size,
@@ -199,7 +200,7 @@ def describe_task(
     source = source if source is not None else DataSource()
     check_source(name, source)
     if entry.build_source is not None:
-        task = entry.build_source(str(root), source, True, None, "imagenet", max_samples)
+        task = entry.build_source(SourceRequest(str(root), source, max_samples=max_samples))
         info = TaskInfo(task.name, task.num_classes, dict(task.metadata))
     elif entry.describe is not None:
         info = entry.describe(str(root), task_id)
@@ -271,15 +272,16 @@ def get_task(
     task_id = _check_task_id(name, entry, task_id)
     check_input_size(input_size)
     check_normalize(normalize)
-    source = DataSource.of(
-        path, config, split, data_files, image_column, text_column, label_column, streaming
+    files = data_files_tuple(data_files)
+    source = DataSource(
+        path, config, split, files, image_column, text_column, label_column, bool(streaming)
     )
     check_source(name, source)
     if not train and not entry.has_test_split:
         raise ValueError(f"dataset {name!r} has no test split; use train=True")
     if entry.build_source is not None:
         task = entry.build_source(
-            str(root), source, bool(train), input_size, normalize, max_samples
+            SourceRequest(str(root), source, bool(train), input_size, normalize, max_samples)
         )
     else:
         task = entry.build(str(root), task_id, bool(train), input_size, bool(download), normalize)

@@ -31,16 +31,17 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from t2v_lightning.data.task import (
+    BuildSourceTask,
     DatasetEntry,
     DatasetNotFoundError,
     DataSourceError,
-    Normalize,
+    SourceRequest,
     Task,
 )
 
@@ -86,28 +87,13 @@ class DataSource:
     label_column: str = "label"
     streaming: bool = False
 
-    @classmethod
-    def of(
-        cls,
-        path: str | None = None,
-        config: str | None = None,
-        split: str = "train",
-        data_files: str | Sequence[str] | None = None,
-        image_column: str | None = None,
-        text_column: str | None = None,
-        label_column: str = "label",
-        streaming: bool = False,
-    ) -> DataSource:
-        """Build one from plain arguments (``data_files`` a string or a list)."""
-        files: tuple[str, ...] | None = None
-        if data_files is not None:
-            files = (
-                (data_files,) if isinstance(data_files, (str, os.PathLike)) else tuple(data_files)
-            )
-            files = tuple(os.fspath(f) for f in files)
-        return cls(
-            path, config, split, files, image_column, text_column, label_column, bool(streaming)
-        )
+
+def data_files_tuple(data_files: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``data_files`` as :class:`DataSource` holds it: a tuple of paths (one path alone, too)."""
+    if data_files is None:
+        return None
+    files = (data_files,) if isinstance(data_files, (str, os.PathLike)) else tuple(data_files)
+    return tuple(os.fspath(f) for f in files)
 
 
 # Which options each dataset reads; any other option that differs from its default is refused.
@@ -341,16 +327,10 @@ def _text_task(texts: list[str], ids: list[int], name: str, meta: dict[str, Any]
     return Task(dataset, len(meta["class_names"]), name, {"modality": "text", **meta})  # type: ignore[arg-type]
 
 
-def _file_task(kind: str) -> Callable[..., Task]:
-    def build(
-        root: str,
-        source: DataSource,
-        train: bool,
-        input_size: int | None,
-        normalize: Normalize,
-        max_samples: int | None,
-    ) -> Task:
-        if not train:
+def _file_task(kind: str) -> BuildSourceTask:
+    def build(request: SourceRequest) -> Task:
+        root, source = request.root, request.source
+        if not request.train:
             raise ValueError(f"dataset {kind!r} has no test split; use train=True")
         path = _text_file(root, kind)
         text_column = source.text_column or "text"
@@ -377,17 +357,12 @@ def _file_task(kind: str) -> Callable[..., Task]:
 
 
 # ------------------------------------------------------------------------------ image folders
-def _folder_task(
-    root: str,
-    source: DataSource,
-    train: bool,
-    input_size: int | None,
-    normalize: Normalize,
-    max_samples: int | None,
-) -> Task:
+def _folder_task(request: SourceRequest) -> Task:
     from t2v_lightning.data.cub_inat import imagenet_eval_transform
     from t2v_lightning.data.folders import ImageSourceDataset, scan_image_folder
 
+    root, source, train = request.root, request.source, request.train
+    input_size, normalize = request.input_size, request.normalize
     transform = imagenet_eval_transform(input_size, normalize)
     scan = scan_image_folder(root, train)
     dataset = ImageSourceDataset(scan.paths, scan.targets, transform)
@@ -439,14 +414,7 @@ def _hf_columns(
     )
 
 
-def _hf_task(
-    root: str,
-    source: DataSource,
-    train: bool,
-    input_size: int | None,
-    normalize: Normalize,
-    max_samples: int | None,
-) -> Task:
+def _hf_task(request: SourceRequest) -> Task:
     from t2v_lightning.data.cub_inat import imagenet_eval_transform
     from t2v_lightning.data.folders import ImageSourceDataset
     from t2v_lightning.data.hf import (
@@ -461,6 +429,9 @@ def _hf_task(
         undecoded_images,
     )
 
+    root, source, train = request.root, request.source, request.train
+    max_samples = request.max_samples
+    input_size, normalize = request.input_size, request.normalize
     if not train:
         raise ValueError(
             "dataset 'hf' has no test split; use train=True (choose the split "
@@ -569,7 +540,7 @@ def check_probe_fits(probe: str, metadata: dict[str, Any], task: str) -> None:
 
 def dataset_entries() -> dict[str, DatasetEntry]:
     """The registry entries of ``imagefolder``, ``hf``, ``csv`` and ``jsonl``."""
-    builders: dict[str, tuple[Callable[..., Task], bool, str]] = {
+    builders: dict[str, tuple[BuildSourceTask, bool, str]] = {
         "imagefolder": (
             _folder_task,
             True,
@@ -583,15 +554,10 @@ def dataset_entries() -> dict[str, DatasetEntry]:
     for name, (build_source, has_test, summary) in builders.items():
 
         def build(
-            root: str,
-            task_id: int | None,
-            train: bool,
-            input_size: int | None,
-            download: bool,
-            normalize: Normalize,
-            _build: Callable[..., Task] = build_source,
+            root: str, task_id: int | None, *options: Any, _build: BuildSourceTask = build_source
         ) -> Task:
-            return _build(root, DataSource(), train, input_size, normalize, None)
+            train, input_size, _download, normalize = options  # in BuildTask's order
+            return _build(SourceRequest(root, DataSource(), train, input_size, normalize))
 
         entries[name] = DatasetEntry(
             build=build, build_source=build_source, has_test_split=has_test, summary=summary

@@ -80,22 +80,34 @@ class TaskInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-class BuildSourceTask(Protocol):
-    """Builds the task of a dataset that reads a user's data (see :class:`DatasetEntry`)."""
+@dataclass(frozen=True)
+class SourceRequest:
+    """What a dataset that reads a user's data is asked to build (see :class:`DatasetEntry`).
 
-    def __call__(
-        self,
-        root: str,
-        source: Any,
-        train: bool,
-        input_size: int | None,
-        normalize: Normalize,
-        max_samples: int | None,
-    ) -> Task: ...
+    Args:
+        root: the task folder (``imagefolder``) or file (``csv`` / ``jsonl``); unused by ``hf``.
+        source: the :class:`~t2v_lightning.data.sources.DataSource` (dataset, split, columns).
+        train: the training split (``False``: the held-out one, where the dataset has one).
+        input_size: image side in pixels (``None``: the probe's default).
+        normalize: the image normalisation.
+        max_samples: rows read by a streamed ``hf`` dataset.
+    """
+
+    root: str
+    source: Any
+    train: bool = True
+    input_size: int | None = None
+    normalize: Normalize = "imagenet"
+    max_samples: int | None = None
+
+
+BuildSourceTask = Callable[[SourceRequest], "Task"]
+"""Builds the task of a dataset that reads a user's data: ``build_source(request) -> Task``."""
 
 
 class BuildTask(Protocol):
-    """Builds one task of a registered dataset (see :class:`DatasetEntry`)."""
+    """Builds one task of a registered dataset (see :class:`DatasetEntry`); called with its
+    arguments in this order."""
 
     def __call__(
         self,
@@ -105,6 +117,7 @@ class BuildTask(Protocol):
         input_size: int | None,
         download: bool,
         normalize: Normalize,
+        /,
     ) -> Task: ...
 
 
@@ -126,9 +139,8 @@ class DatasetEntry:
         has_test_split: whether ``train=False`` gives a held-out split.
         summary: one line for listings.
         build_source: for the datasets that read a user's data (``imagefolder``, ``hf``,
-            ``csv``, ``jsonl``): ``build_source(root, source, train, input_size, normalize,
-            max_samples) -> Task`` with ``source`` a
-            :class:`~t2v_lightning.data.sources.DataSource`; used instead of ``build``.
+            ``csv``, ``jsonl``): ``build_source(request) -> Task`` with ``request`` a
+            :class:`SourceRequest`; used instead of ``build``.
     """
 
     build: BuildTask
@@ -163,15 +175,9 @@ def facts_entry(facts: Callable[[str, int | None], TaskFacts], **fields: Any) ->
         fields: the entry's other fields (``max_tasks``, ``download``, ``summary``, ...).
     """
 
-    def build(
-        root: str,
-        task_id: int | None,
-        train: bool,
-        input_size: int | None,
-        download: bool,
-        normalize: Normalize,
-    ) -> Task:
-        return facts(root, task_id).build(root, train, input_size, download, normalize)
+    def build(root: str, task_id: int | None, *options: Any) -> Task:
+        # options: train, input_size, download, normalize, in BuildTask's order.
+        return facts(root, task_id).build(root, *options)
 
     def describe(root: str, task_id: int | None) -> TaskInfo:
         return facts(root, task_id).info()
