@@ -25,6 +25,7 @@ batch norm, in about 20 s).
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 import time
@@ -311,31 +312,36 @@ OWN_DATA_COMMANDS: tuple[str, ...] = (
 """What the demo suggests at its end: the same on your own data (README, "Your own data")."""
 
 
+# The command line's options: name, type, help; their defaults are run_demo's.
+_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("output", str, "output folder"),
+    ("data_root", str, "data folder"),
+    ("input_size", int, "image side (pixels)"),
+    ("max_samples", int, "examples per task"),
+    ("skip_layers", int, "top-level children of the probe cached and left out"),
+    ("head_epochs", int, "epochs of head fitting"),
+    ("seed", int, "seed"),
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m t2v_lightning.demo",
         description="Offline Task2Vec demo: EfficientNet-Lite0 (ImageNet) on digits, MNIST and "
         "Fashion-MNIST tasks.",
     )
-    parser.add_argument("--output", default="demo_output", help="output folder")
+    defaults = inspect.signature(run_demo).parameters
+    for name, kind, text in _OPTIONS:
+        parser.add_argument(f"--{name}", type=kind, default=defaults[name].default, help=text)
     parser.add_argument(
-        "--tasks",
-        nargs="+",
-        default=None,
-        help="registered dataset names (default: the demo's 10-12 tasks)",
+        "--tasks", nargs="+", help="registered dataset names (default: the demo's 10-12 tasks)"
     )
-    parser.add_argument("--data_root", default="data", help="data folder")
-    parser.add_argument("--input_size", type=int, default=64, help="image side (pixels)")
-    parser.add_argument("--max_samples", type=int, default=500, help="examples per task")
     parser.add_argument(
-        "--skip_layers",
-        type=int,
-        default=2,
-        help="top-level children of the probe cached and left out",
+        "--no_progress_bar",
+        dest="progress_bar",
+        action="store_false",
+        help="hide the progress bars",
     )
-    parser.add_argument("--head_epochs", type=int, default=10, help="epochs of head fitting")
-    parser.add_argument("--seed", type=int, default=0, help="seed")
-    parser.add_argument("--no_progress_bar", action="store_true", help="hide the progress bars")
     return parser
 
 
@@ -351,17 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("t2v_lightning.features").setLevel(logging.WARNING)
     try:
-        result = run_demo(
-            output=options.output,
-            tasks=options.tasks,
-            data_root=options.data_root,
-            input_size=options.input_size,
-            max_samples=options.max_samples,
-            skip_layers=options.skip_layers,
-            head_epochs=options.head_epochs,
-            seed=options.seed,
-            progress_bar=not options.no_progress_bar,
-        )
+        result = run_demo(**vars(options))
     except (ImportError, ValueError, FileNotFoundError) as err:
         sys.stderr.write(f"demo: error: {err}\n")
         raise SystemExit(2) from None
