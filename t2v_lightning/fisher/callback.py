@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -58,7 +58,7 @@ from t2v_lightning.fisher.checks import (
     network_of,
     pick_layers,
 )
-from t2v_lightning.fisher.estimators import eval_filter_sums
+from t2v_lightning.fisher.estimators import Inputs, eval_filter_sums
 from t2v_lightning.fisher.fit_end import (
     BatchLogits,
     SpawnHandoff,
@@ -323,12 +323,7 @@ class FisherCallback(Callback):
     # ------------------------------------------------------------------ accumulation
     @override
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, *_: Any
     ) -> None:
         if self._at != "train_batch":
             return
@@ -337,11 +332,7 @@ class FisherCallback(Callback):
         self.accumulate(trainer, pl_module, inputs, ids)
 
     def accumulate(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        inputs: torch.Tensor | Mapping[str, torch.Tensor],
-        ids: torch.Tensor,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Inputs, ids: torch.Tensor
     ) -> None:
         """One Fisher step on a batch of inputs with their example ids.
 
@@ -359,25 +350,17 @@ class FisherCallback(Callback):
         trainer: pl.Trainer,
         forward: nn.Module,
         network: nn.Module,
-        inputs: torch.Tensor | Mapping[str, torch.Tensor],
+        inputs: Inputs,
         ids: torch.Tensor,
     ) -> None:
         assert self._sums is not None, "setup() finds the layers first"
         valid = self._sums.valid(ids)
         if not bool(valid.any()):
             return
+        scale = grad_scale_for(trainer, self._grad_scale)
+        context = trainer.precision_plugin.forward_context
         sums, count = eval_filter_sums(
-            forward,
-            self._layers,
-            grad_scale_for(trainer, self._grad_scale),
-            inputs,
-            ids,
-            valid,
-            self._estimator,
-            self._seed,
-            self._mc_samples,
-            trainer.precision_plugin.forward_context,
-            self._likelihood,
+            forward, self._layers, scale, inputs, ids, valid, context, **self._settings()
         )
         self._sums.update(sums, count, ids, valid)
 
@@ -469,18 +452,9 @@ class FisherCallback(Callback):
         assert self._sums is not None
         warn_missing = self._at == "train_batch" and trainer.is_global_zero
         sums, total = self._sums.totals(self._strategy, warn_missing)
+        facts = {"at": self._at, "head": self._head, "exclude": self._exclude, **self._settings()}
         embedding = fisher_embedding(
-            trainer,
-            network,
-            sums,
-            total,
-            self._layers,
-            meta=self._meta,
-            extra=self._meta_extra,
-            at=self._at,
-            head=self._head,
-            exclude=self._exclude,
-            **self._settings(),
+            trainer, network, sums, total, self._layers, self._meta, self._meta_extra, **facts
         )
         self.embedding = embedding
         if output is not None and trainer.is_global_zero:

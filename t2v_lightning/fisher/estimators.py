@@ -250,10 +250,11 @@ def eval_filter_sums(
     inputs: Inputs,
     ids: torch.Tensor,
     valid: torch.Tensor,
+    forward_context: Callable[[], AbstractContextManager[object]],
+    *,
     estimator: Estimator,
     seed: int,
     mc_samples: int,
-    forward_context: Callable[[], AbstractContextManager[object]],
     likelihood: Likelihood,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """:func:`batch_filter_sums` with ``layers`` tapped and ``forward`` in eval mode meanwhile.
