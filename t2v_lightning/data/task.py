@@ -88,7 +88,7 @@ class SourceRequest:
         root: the task folder (``imagefolder``) or file (``csv`` / ``jsonl``); unused by ``hf``.
         source: the :class:`~t2v_lightning.data.sources.DataSource` (dataset, split, columns).
         train: the training split (``False``: the held-out one, where the dataset has one).
-        input_size: image side in pixels (``None``: the probe's default).
+        input_size: image side in pixels (``None``: 224 for images).
         normalize: the image normalisation.
         max_samples: rows read by a streamed ``hf`` dataset.
     """
