@@ -30,7 +30,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from t2v_lightning.choices import check_choice
 from t2v_lightning.embedding import TaskEmbedding
+from t2v_lightning.safety import is_int
 from t2v_lightning.similarity.distance import (
     Distance,
     _check_distance,
@@ -230,6 +232,13 @@ def select_expert(
         raise TypeError(f"target must be a TaskEmbedding, got {type(target).__name__}")
     _check_alpha(alpha)
     _check_distance(distance)
+    if rerank is None and (models is not None or data is not None):
+        raise ValueError("models and data are only used with rerank=<method>")
+    if rerank is not None and (models is None or data is None):
+        raise ValueError(
+            f"rerank={rerank!r} needs the experts' models (models=...) and the "
+            "target's labelled examples (data=...)"
+        )
     if isinstance(experts, Mapping):
         names = [str(name) for name in experts]
         candidates = check_embeddings(list(experts.values()), "experts", assume_comparable)
@@ -244,14 +253,8 @@ def select_expert(
     order = torch.sort(scores, stable=True).indices.tolist()
     ranking = ExpertRanking(order, scores, names, distances, complexities)
     if rerank is None:
-        if models is not None or data is not None:
-            raise ValueError("models and data are only used with rerank=<method>")
         return ranking
-    if models is None or data is None:
-        raise ValueError(
-            f"rerank={rerank!r} needs the experts' models (models=...) and the "
-            "target's labelled examples (data=...)"
-        )
+    assert models is not None and data is not None  # checked above
     return rerank_experts(ranking, models, data, rerank, top_k)
 
 
@@ -321,11 +324,8 @@ def rerank_experts(
     Raises:
         ValueError: unknown method, ``top_k`` below 1, or a shortlisted expert without a model.
     """
-    if method not in TRANSFERABILITY_METHODS:
-        raise ValueError(
-            f"rerank must be one of {', '.join(TRANSFERABILITY_METHODS)}, got {method!r}"
-        )
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    check_choice("rerank", method, TRANSFERABILITY_METHODS)
+    if not is_int(top_k) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     shortlist = ranking.order[:top_k]
     missing = [ranking.names[i] for i in shortlist if ranking.names[i] not in models]

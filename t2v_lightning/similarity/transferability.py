@@ -50,6 +50,9 @@ from typing import Literal, get_args
 
 import torch
 
+from t2v_lightning.choices import check_choice
+from t2v_lightning.safety import is_int
+
 __all__ = [
     "TRANSFERABILITY_METHODS",
     "TransferabilityMethod",
@@ -222,11 +225,7 @@ def logme(
     """
     f = _matrix(features, "features")
     y = _one_hot(_labels(labels, f.shape[0]))
-    if (
-        isinstance(max_iterations, bool)
-        or not isinstance(max_iterations, int)
-        or max_iterations < 1
-    ):
+    if not is_int(max_iterations) or max_iterations < 1:
         raise ValueError(f"max_iterations must be a positive int, got {max_iterations!r}")
     n, d = f.shape
     u, sigma, _ = torch.linalg.svd(f, full_matrices=False)
@@ -390,10 +389,7 @@ def transferability(
     Raises:
         ValueError: unknown method, or the input it needs is missing.
     """
-    if method not in TRANSFERABILITY_METHODS:
-        raise ValueError(
-            f"method must be one of {', '.join(TRANSFERABILITY_METHODS)}, got {method!r}"
-        )
+    check_choice("method", method, TRANSFERABILITY_METHODS)
     if method in _NEEDS_PREDICTIONS:
         if logits is None:
             raise ValueError(f"{method} needs the candidate's source-class logits (logits=...)")
