@@ -57,7 +57,7 @@ import logging
 import math
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -75,6 +75,7 @@ from t2v_lightning.causal_lm import (
 from t2v_lightning.choices import ESTIMATOR_FACTS, METHODS, FisherError, check_choice
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
+from t2v_lightning.fisher.estimators import filter_values
 from t2v_lightning.fisher.faults import precision_hint
 from t2v_lightning.fisher.likelihoods import Predictions
 from t2v_lightning.fisher.taps import FP16_GRAD_SCALE
@@ -633,23 +634,6 @@ def lm_fisher(
     return sums, count, layers
 
 
-def _filter_values(
-    sums: dict[str, torch.Tensor], count: int, layers: Sequence[SequenceLayer]
-) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:
-    pieces: list[torch.Tensor] = []
-    offsets: dict[str, tuple[int, int]] = {}
-    position = 0
-    for layer in layers:
-        value = sums[layer.name].detach().to("cpu", torch.float64) / (count * layer.row_size)
-        pieces.append(value)
-        offsets[layer.name] = (position, position + value.numel())
-        position += value.numel()
-    hessian = torch.cat(pieces).to(torch.float32)
-    if not bool(torch.isfinite(hessian).all()):
-        raise FisherError("the Fisher is not finite in float32; no embedding is made")
-    return hessian, offsets
-
-
 # Fingerprints of probes, kept while their parameters are the same tensors at the same versions
 # (an in-place change bumps a tensor's version): hashing GPT-2's weights takes a second.
 _FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], str]] = (
@@ -657,7 +641,9 @@ _FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], str]]
 )
 
 
-def _fingerprint(probe: CausalLMProbe) -> str:
+def cached_fingerprint(probe: CausalLMProbe) -> str:
+    """:func:`~t2v_lightning.probe.probe_fingerprint` of the probe's model, hashed again only
+    when a parameter or buffer changed (another tensor, or an in-place write)."""
     state = tuple(
         (name, tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
         for name, tensor in probe.model.state_dict(keep_vars=True).items()
@@ -695,11 +681,11 @@ def embed_lm(
     device = torch.device(device)
     settings = settings.for_device(device)
     task = read_lm_task(dataset, probe.vocab_size, settings.max_samples)
-    fingerprint = _fingerprint(probe)
-    probe.model.to(device)
+    probe.model.to(device)  # first: a move gives the tensors new addresses (hashed again)
+    fingerprint = cached_fingerprint(probe)
     weight, bias, loss = fit_lm_head(probe, task, settings, device)
     sums, count, layers = lm_fisher(probe, task, weight, bias, settings, device)
-    hessian, offsets = _filter_values(sums, count, layers)
+    hessian, offsets = filter_values(sums, count, [(layer.name, layer.module) for layer in layers])
     facts = ESTIMATOR_FACTS[settings.estimator]
     meta: dict[str, Any] = {
         "probe": f"lm:{probe.source}",

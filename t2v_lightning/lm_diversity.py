@@ -48,11 +48,12 @@ from t2v_lightning.data.corpus import (
     TokenTask,
     check_task_shape,
     corpus_label,
+    pad_token_id,
     synthetic_task,
     token_tasks,
 )
 from t2v_lightning.embedding import EmbeddingFileError, TaskEmbedding
-from t2v_lightning.safety import check_seed
+from t2v_lightning.safety import check_seed, is_int
 from t2v_lightning.similarity.diversity import (
     DiversityCoefficient,
     cross_diversity_coefficient,
@@ -109,17 +110,9 @@ class DiversitySettings:
     def __post_init__(self) -> None:
         check_task_shape(self.num_tasks, self.task_size, self.max_length)
         check_seed(self.seed)
-        if (
-            isinstance(self.batch_size, bool)
-            or not isinstance(self.batch_size, int)
-            or (self.batch_size < 1)
-        ):
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"--batch_size must be a positive integer, got {self.batch_size!r}")
-        if (
-            isinstance(self.head_epochs, bool)
-            or not isinstance(self.head_epochs, int)
-            or (self.head_epochs < 0)
-        ):
+        if not is_int(self.head_epochs) or self.head_epochs < 0:
             raise ValueError(
                 f"--head_epochs must be a non-negative integer, got {self.head_epochs!r}"
             )
@@ -225,8 +218,11 @@ def probe_tokenizer(probe: nn.Module) -> Any:
 
 def weights_fingerprint(probe: nn.Module) -> str:
     """The fingerprint of the probe's weights, as its artifacts record it."""
+    from t2v_lightning.lm import CausalLMProbe, cached_fingerprint
     from t2v_lightning.probe import probe_fingerprint
 
+    if isinstance(probe, CausalLMProbe):  # kept for embed_lm, which asks again per task
+        return cached_fingerprint(probe)
     model = getattr(probe, "model", probe)
     return probe_fingerprint(model if isinstance(model, nn.Module) else probe)
 
@@ -350,8 +346,7 @@ def _tasks(
     if isinstance(corpus, SyntheticCorpus):
         vocab = _vocabulary(probe, tokenizer)
         eos = getattr(tokenizer, "eos_token_id", None)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad_id = pad if isinstance(pad, int) else eos if isinstance(eos, int) else 0
+        pad_id = pad_token_id(tokenizer)
         for index in range(settings.num_tasks):
             stats.sequences += settings.task_size
             yield synthetic_task(

@@ -286,8 +286,8 @@ def test_cli_stream_failing_part_way_keeps_tasks_and_resumes(
     out = tmp_path / "tasks"
     read = corpus_module.read_documents
 
-    def failing(spec: Any, seed: int) -> Any:
-        for number, text in enumerate(read(spec, seed)):
+    def failing(spec: Any, seed: int, dataset: Any = None) -> Any:
+        for number, text in enumerate(read(spec, seed, dataset)):
             if number == 20:
                 raise corpus_module.CorpusError(
                     f"reading --data {spec.data} failed after 20 documents: connection reset"

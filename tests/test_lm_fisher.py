@@ -23,6 +23,7 @@ pytest.importorskip("transformers")
 
 from t2v_lightning import get_probe
 from t2v_lightning.causal_lm import position_ids_from_mask
+from t2v_lightning.fisher.estimators import filter_values
 from t2v_lightning.fisher.likelihoods import Predictions
 from t2v_lightning.fisher.tokens import (
     TokenCategorical,
@@ -34,7 +35,6 @@ from t2v_lightning.lm import (
     CausalLMProbe,
     LMSettings,
     LMTask,
-    _filter_values,
     lm_fisher,
     read_lm_task,
 )
@@ -158,7 +158,7 @@ def closed_expectation(gpt2: CausalLMProbe) -> tuple[LMTask, torch.Tensor]:
 def _estimate(probe: CausalLMProbe, task: LMTask, draws: int) -> torch.Tensor:
     settings = LMSettings(head_epochs=0, mc_samples=draws, seed=0)
     sums, count, layers = lm_fisher(probe, task, probe.lm_head.weight.detach(), None, settings, CPU)
-    return _filter_values(sums, count, layers)[0]
+    return filter_values(sums, count, [(layer.name, layer.module) for layer in layers])[0]
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from t2v_lightning.safety import is_int
+
 __all__ = [
     "CorpusError",
     "CorpusSpec",
@@ -50,6 +52,7 @@ __all__ = [
     "TokenTask",
     "corpus_label",
     "local_builder",
+    "pad_token_id",
     "permuted_indices",
     "read_documents",
     "synthetic_task",
@@ -361,19 +364,20 @@ def _missing_column(spec: CorpusSpec, columns: Sequence[str]) -> CorpusError:
     )
 
 
-def read_documents(spec: CorpusSpec, seed: int) -> Iterator[str | None]:
+def read_documents(spec: CorpusSpec, seed: int, dataset: Any = None) -> Iterator[str | None]:
     """The documents' texts in the shuffled order of the pass (``None`` for a missing text).
 
     Args:
         spec: the corpus.
         seed: the shuffle's seed.
+        dataset: the corpus already opened (``None``: opened here).
 
     Raises:
         CorpusError: the corpus cannot be opened, the text column is unknown (the message lists
             the existing ones), or reading fails part way (the message says after how many
             documents).
     """
-    dataset = _load(spec)
+    dataset = _load(spec) if dataset is None else dataset
     column = spec.text_column
     columns = getattr(dataset, "column_names", None)
     if columns is not None and column not in columns:
@@ -406,15 +410,9 @@ def read_documents(spec: CorpusSpec, seed: int) -> Iterator[str | None]:
         ) from err
 
 
-def corpus_size(spec: CorpusSpec) -> int | None:
-    """The number of documents of a corpus when known without reading it (not streamed)."""
-    if spec.streaming:
-        return None
-    return len(_load(spec))
-
-
 # ------------------------------------------------------------------------------ tokenising
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id: ``pad_token_id``, else ``eos_token_id``, else 0."""
     for name in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)
         if isinstance(value, int):
@@ -503,7 +501,7 @@ def check_task_shape(num_tasks: int, task_size: int, max_length: int) -> None:
         ("task_size", task_size),
         ("max_length", max_length),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise CorpusError(f"--{name} must be a positive integer, got {value!r}")
 
 
@@ -542,14 +540,15 @@ def token_tasks(
     check_task_shape(num_tasks, task_size, max_length)
     stats = stats if stats is not None else CorpusStats()
     needed = num_tasks * task_size
-    if not packing:
-        size = corpus_size(spec)
-        if size is not None and size < needed:
-            raise _too_small(spec, num_tasks, task_size, size, None)
-    pad_id = _pad_id(tokenizer)
+    # Unpacked and not streamed, the size is known: a corpus too small is refused up front.
+    dataset = None if packing or spec.streaming else _load(spec)
+    if dataset is not None and len(dataset) < needed:
+        raise _too_small(spec, num_tasks, task_size, len(dataset), None)
+    pad_id = pad_token_id(tokenizer)
     # Tokenised a task at a time at most: a stream that fails part way has written what it could.
+    documents = read_documents(spec, seed, dataset)
     sequences = _sequences(
-        read_documents(spec, seed), tokenizer, max_length, packing, stats, chunk=min(256, task_size)
+        documents, tokenizer, max_length, packing, stats, chunk=min(256, task_size)
     )
     current: list[list[int]] = []
     index = 0
