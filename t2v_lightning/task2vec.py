@@ -271,21 +271,25 @@ class Task2Vec:
             excluded_modules(self.probe, patterns)
         except ValueError as err:
             raise ValueError(f"Task2Vec(exclude={list(patterns)}): {err}") from None
+        # None (the default of these, whose language-model defaults differ): TaskSettings' own.
+        given_task: dict[str, Any] = {
+            "balanced_sampling": balanced_sampling,
+            "batch_size": batch_size,
+            "reset_head": reset_head,
+            "head_epochs": head_epochs,
+            "head_lr": head_lr,
+            "head_optimizer": head_optimizer,
+        }
         self.task = TaskSettings(
             head=self.head,
             likelihood=likelihood,
             max_samples=max_samples,
             skip_layers=skip_layers,
-            balanced_sampling=True if balanced_sampling is None else balanced_sampling,
-            batch_size=100 if batch_size is None else batch_size,
-            reset_head=True if reset_head is None else reset_head,
-            head_epochs=10 if head_epochs is None else head_epochs,
-            head_lr=4e-4 if head_lr is None else head_lr,
             head_weight_decay=head_weight_decay,
-            head_optimizer="adam" if head_optimizer is None else head_optimizer,  # type: ignore[arg-type]
             seed=seed,
             num_workers=num_workers,
             exclude=patterns,
+            **{name: value for name, value in given_task.items() if value is not None},
         )
         self.settings: MonteCarloSettings | VariationalSettings = runner.settings(
             {name: given[name] for name in runner.options if name in given}
@@ -366,7 +370,7 @@ class Task2Vec:
     def _embed_lm(self, dataset: Dataset, task_name: str | None) -> TaskEmbedding:
         assert self.lm is not None
         with quiet_lightning():
-            trainer = self.trainer_spec.build("Fisher pass", 1)
+            trainer = self._pass_trainer()  # a language model's method is "montecarlo"
         if trainer.world_size > 1:
             raise ValueError(
                 "a language-model task is embedded on one device (devices=1, num_nodes=1); "

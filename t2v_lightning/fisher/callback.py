@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -52,7 +52,6 @@ from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.fisher.accumulator import FisherSums
 from t2v_lightning.fisher.checks import (
     AT_CHOICES,
-    WEIGHTS_CHOICES,  # noqa: F401  (still importable from here)
     check_arguments,
     check_resume,
     network_of,
@@ -201,7 +200,6 @@ class FisherCallback(Callback):
         # process, whose own copy of the callback never sees a hook (see `embedding`).
         self._handoff = SpawnHandoff()
         self._embedding: TaskEmbedding | None = None
-        self._meta_extra: dict[str, Any] = {}
 
     @property
     @override
@@ -390,7 +388,12 @@ class FisherCallback(Callback):
         return self._run_pass(trainer, pl_module, loader, output)
 
     def _run_pass(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any, output: str | None
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loader: Any,
+        output: str | None,
+        extra: Mapping[str, Any] | None = None,
     ) -> TaskEmbedding:
         check_loader(loader, ". Call callback.compute(trainer, module, dataloader=...)")
         network = self._network(pl_module)
@@ -406,7 +409,7 @@ class FisherCallback(Callback):
                 inputs = batch_inputs(batch, int(ids.numel()), device, self._logits_fn)
                 self._accumulate(trainer, forward, network, inputs, ids)
             forward.batch = None
-            embedding = self._finish(trainer, network, output)
+            embedding = self._finish(trainer, network, output, extra)
         if trainer.is_global_zero:
             log_summary(trainer, embedding, output, time.perf_counter() - started)
         return embedding
@@ -440,21 +443,25 @@ class FisherCallback(Callback):
         if skips_pass(trainer):
             return
         with checkpoint_weights(trainer, pl_module, self._weights) as facts:
-            self._meta_extra = facts
-            embedding = self._run_pass(
-                trainer, pl_module, trainer.train_dataloader, self._fit_output
-            )
-        self._meta_extra = {}
+            loader = trainer.train_dataloader
+            embedding = self._run_pass(trainer, pl_module, loader, self._fit_output, facts)
         self._handoff.leave(trainer, embedding)
 
-    def _finish(self, trainer: pl.Trainer, network: nn.Module, output: Any) -> TaskEmbedding:
+    def _finish(
+        self,
+        trainer: pl.Trainer,
+        network: nn.Module,
+        output: Any,
+        extra: Mapping[str, Any] | None = None,
+    ) -> TaskEmbedding:
+        """Reduce, record (``extra``: facts of this pass, e.g. the checkpoint), write on rank 0."""
         check_same_network(trainer, network)
         assert self._sums is not None
         warn_missing = self._at == "train_batch" and trainer.is_global_zero
         sums, total = self._sums.totals(self._strategy, warn_missing)
         facts = {"at": self._at, "head": self._head, "exclude": self._exclude, **self._settings()}
         embedding = fisher_embedding(
-            trainer, network, sums, total, self._layers, self._meta, self._meta_extra, **facts
+            trainer, network, sums, total, self._layers, self._meta, extra or {}, **facts
         )
         self.embedding = embedding
         if output is not None and trainer.is_global_zero:

@@ -12,7 +12,13 @@ from typing import Any
 
 from torch import nn
 
-from t2v_lightning.choices import ESTIMATORS, LIKELIHOODS, UnsupportedLayerError, check_choice
+from t2v_lightning.choices import (
+    ESTIMATORS,
+    LIKELIHOODS,
+    UnsupportedLayerError,
+    check_choice,
+    check_positive,
+)
 from t2v_lightning.fisher.layers.table import embedded_layers
 from t2v_lightning.safety import is_int
 
@@ -54,8 +60,8 @@ def check_arguments(
     _check_count("num_examples", num_examples, optional=True)
     if not is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    if grad_scale is not None and not grad_scale > 0:
-        raise ValueError(f"grad_scale must be positive, got {grad_scale!r}")
+    if grad_scale is not None:
+        check_positive("grad_scale", grad_scale)
     check_choice("at", at, AT_CHOICES)
     check_choice("weights", weights, WEIGHTS_CHOICES)
     if at == "train_batch" and num_examples is None:
