@@ -418,7 +418,8 @@ class FisherCallback(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._at == "train_batch":
-            self._finish(trainer, self._network(pl_module), self._output)
+            embedding = self._finish(trainer, self._network(pl_module), self._output)
+            self._handoff.leave(trainer, embedding)
         else:
             self._embed_fit(trainer, pl_module)
 

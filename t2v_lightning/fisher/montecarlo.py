@@ -29,7 +29,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -360,18 +358,8 @@ def embed_montecarlo(
     add_callbacks(trainer, callback)
     if checkpoint is not None:
         add_callbacks(trainer, FisherPassCheckpoint(checkpoint, settings.checkpoint_every_n_steps))
-    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-        # Spawned workers (ddp_spawn) return nothing to this process: rank 0 writes the
-        # artifact to a temporary file that is read back here.
-        with tempfile.TemporaryDirectory(prefix="t2v-fisher-") as folder:
-            callback.output = os.path.join(folder, "embedding.safetensors")
-            trainer.fit(module)
-            embedding = (
-                TaskEmbedding.load(callback.output) if os.path.isfile(callback.output) else None
-            )
-    else:
-        trainer.fit(module)
-        embedding = callback.embedding
+    trainer.fit(module)
+    embedding = callback.embedding  # after ddp_spawn: the one rank 0 handed over
     if embedding is None:
         raise RuntimeError("the Fisher pass ended without producing an embedding")
     if checkpoint is not None and trainer.is_global_zero and os.path.isfile(checkpoint):
