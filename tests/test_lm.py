@@ -16,6 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from t2v_lightning import Task2Vec, get_probe
+from t2v_lightning.choices import FisherError
 from t2v_lightning.embedding import TaskEmbedding
 from t2v_lightning.features import DatasetError
 from t2v_lightning.fisher.layers.embedding import EmbeddingRule
@@ -178,6 +179,16 @@ def test_loss_scale_is_undone_before_squaring(gpt2_dir: Path) -> None:
     scaled = embed_lm(probe, task, LMSettings(head_epochs=0, grad_scale=1024.0))
     torch.testing.assert_close(scaled.hessian, plain.hessian, rtol=1e-6, atol=0)
     assert "grad_scale" not in scaled.meta  # recorded under float16 only
+
+
+def test_overflowing_gradients_name_the_layers_and_sequences(gpt2_dir: Path) -> None:
+    """A loss scale that overflows float32 gradients: the pass names where, and stops."""
+    probe = get_probe(f"lm:{gpt2_dir}")
+    with pytest.raises(FisherError, match=r"non-finite per-sequence gradients") as caught:
+        embed_lm(probe, token_task(num=8), LMSettings(head_epochs=0, grad_scale=1e38))
+    message = str(caught.value)
+    assert "'transformer.h.0.attn.c_attn'" in message and "for sequences [0, 1" in message
+    assert caught.value.example_ids == list(range(8))
 
 
 def test_fp16_with_loss_scale_is_close_to_float32(gpt2_dir: Path) -> None:

@@ -64,7 +64,7 @@ from t2v_lightning.fisher.sampling import (
     sample_multilabels,
     uniform_by_id,
 )
-from t2v_lightning.fisher.taps import LayerFisherTaps
+from t2v_lightning.fisher.taps import LayerFisherTaps, unscaled
 from t2v_lightning.probe import call_probe, find_nonfinite_layer
 
 __all__ = [
@@ -312,7 +312,7 @@ def _batch_gradient_sums(batch: _Batch) -> dict[str, torch.Tensor]:
 
     def reducer(names: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            grad32 = grad.float() / scale if scale != 1.0 else grad.float()
+            grad32 = unscaled(grad, scale)
             value = sq_norms_of_rows(grad32.reshape(grad32.shape[0], -1))
             for name in names:
                 sums[name] = value

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["hash_seed", "sample_labels", "sample_multilabels", "uniform_by_id"]
+__all__ = ["hash_seed", "inverse_cdf", "sample_labels", "sample_multilabels", "uniform_by_id"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -60,10 +60,17 @@ def sample_labels(probs: torch.Tensor, ids: torch.Tensor, seed: int, draw: int =
     predicted distribution, its id, ``seed`` and ``draw``, never on the batch it came in.
     """
     u = uniform_by_id(ids, seed, draw).to(probs.device)
+    return inverse_cdf(probs, u).clamp_(max=probs.shape[-1] - 1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs`` (B × C), the first class whose float64 CDF exceeds ``u`` of the total.
+
+    Unclamped: rounding can give ``C`` for ``u`` next to 1 (callers clamp).
+    """
     cdf = probs.detach().to(torch.float64).cumsum(-1)
     target = (u * cdf[:, -1]).unsqueeze(-1)
-    labels = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return labels.clamp_(max=probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def sample_multilabels(

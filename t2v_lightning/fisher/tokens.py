@@ -40,10 +40,10 @@ from torch import nn
 
 from t2v_lightning.causal_lm import position_ids_from_mask
 from t2v_lightning.choices import FisherError, UnsupportedLayerError
-from t2v_lightning.fisher.layers.rule import LayerRule
+from t2v_lightning.fisher.layers.rule import LayerRule, layer_weight
 from t2v_lightning.fisher.layers.table import layer_rule
-from t2v_lightning.fisher.likelihoods import OutputLikelihood, Predictions
-from t2v_lightning.fisher.sampling import uniform_by_id
+from t2v_lightning.fisher.likelihoods import CategoricalLikelihood, OutputLikelihood, Predictions
+from t2v_lightning.fisher.sampling import inverse_cdf, uniform_by_id
 from t2v_lightning.fisher.taps import freeze_parameters, release, tap_output, unscaled
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
@@ -73,10 +73,7 @@ class SequenceLayer:
     @property
     def weight(self) -> torch.Tensor:
         """The layer's weight parameter."""
-        weight = self.module._parameters.get("weight")
-        if weight is None:  # sequence_layers keeps modules with a weight only
-            raise UnsupportedLayerError(f"layer {self.name!r} has no weight")
-        return weight
+        return layer_weight(self.module)
 
     @property
     def num_rows(self) -> int:
@@ -171,9 +168,8 @@ class TokenCategorical(OutputLikelihood):
         """One token per real position (``ids``: :func:`token_draw_ids` of those positions)."""
         return sample_tokens(predictions.probs, ids, seed, draw)
 
-    def log_likelihood(self, predictions: Predictions, labels: torch.Tensor) -> torch.Tensor:
-        r""":math:`\log p_t(y_t)` per real position (M); a sequence's :math:`\ell_n` sums its own."""
-        return predictions.scores.gather(1, labels.unsqueeze(1)).squeeze(1)
+    # log p_t(y_t) per real position (M), as one categorical per row; a sequence's l_n sums its own.
+    log_likelihood = CategoricalLikelihood.log_likelihood
 
     def exact_terms(self, predictions: Predictions) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
         raise FisherError(EXACT_REFUSED)
@@ -224,9 +220,7 @@ def sample_tokens(
     labels = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
     for start in range(0, probs.shape[0], rows_per_chunk):
         part = slice(start, start + rows_per_chunk)
-        cdf = probs[part].detach().to(torch.float64).cumsum(-1)
-        target = (u[part] * cdf[:, -1]).unsqueeze(-1)
-        labels[part] = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+        labels[part] = inverse_cdf(probs[part], u[part])
     return labels.clamp_(max=probs.shape[-1] - 1)
 
 
@@ -265,7 +259,18 @@ class SequenceTaps:
         self._fired: set[str] = set()
         self.roots: list[torch.Tensor] = []
         self.sums: dict[str, torch.Tensor] = {}
-        self.nonfinite: set[str] = set()
+        # Per layer, whether a value was NaN / inf: kept on the device (no wait for it in the
+        # backward pass), read together by `nonfinite`.
+        self._nonfinite: dict[str, torch.Tensor] = {}
+
+    @property
+    def nonfinite(self) -> set[str]:
+        """The layers whose values held NaN or inf so far (one device sync for all)."""
+        if not self._nonfinite:
+            return set()
+        names = list(self._nonfinite)
+        flags = torch.stack([self._nonfinite[name] for name in names]).cpu().tolist()
+        return {name for name, flag in zip(names, flags) if flag}
 
     def __enter__(self) -> SequenceTaps:
         self._saved_flags = freeze_parameters(self._network)
@@ -325,8 +330,9 @@ class SequenceTaps:
                 if self._one_sequence:
                     grad32, inputs = as_one_sequence(grad32), as_one_sequence(inputs)
                 values = rule.sq_norms(module, inputs, grad32).sum(0).to(torch.float64)
-            if not bool(torch.isfinite(values).all()):
-                self.nonfinite.add(layer.name)
+            bad = ~torch.isfinite(values).all()
+            seen = self._nonfinite.get(layer.name)
+            self._nonfinite[layer.name] = bad if seen is None else seen | bad
             self._fired.add(layer.name)
             total = self.sums.get(layer.name)
             self.sums[layer.name] = values if total is None else total + values
