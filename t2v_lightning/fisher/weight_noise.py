@@ -62,7 +62,7 @@ from torch import nn
 
 from t2v_lightning.choices import FisherError, UnsupportedLayerError
 from t2v_lightning.fisher.layers.rule import INPUT_NOISE_FLOOR, LayerRule
-from t2v_lightning.fisher.layers.table import rule_for
+from t2v_lightning.fisher.layers.table import rule_for, within
 from t2v_lightning.fisher.sampling import hash_seed
 from t2v_lightning.probe import ProbeError
 
@@ -96,10 +96,6 @@ NoiseSampler = Callable[[int, torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------
 
 
-def _within(name: str, parent: str) -> bool:
-    return name == parent or name.startswith(parent + ".")
-
-
 def variational_layers(
     network: nn.Module, head: str | None, exclude: Sequence[str] = ()
 ) -> list[tuple[str, nn.Module]]:
@@ -121,9 +117,9 @@ def variational_layers(
     """
     layers: list[tuple[str, nn.Module]] = []
     for name, module in network.named_modules():
-        if head is not None and _within(name, head):
+        if head is not None and within(name, head):
             continue
-        if any(_within(name, skipped) for skipped in exclude):
+        if any(within(name, skipped) for skipped in exclude):
             continue
         if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
             raise UnsupportedLayerError(

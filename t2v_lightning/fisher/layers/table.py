@@ -72,6 +72,7 @@ __all__ = [
     "plain_name",
     "row_size",
     "rule_for",
+    "within",
 ]
 
 _LINEAR = LinearRule()
@@ -210,21 +211,24 @@ def embedded_layers(
     layers: list[tuple[str, nn.Module]] = []
     for raw_name, module in network.named_modules():
         name = plain_name(raw_name)
-        if any(name == out or name.startswith(out + ".") for out in left_out):
+        if any(within(name, out) for out in left_out):
             continue
         if any(name.startswith(parent + ".") for parent in covered):
             continue
-        whole = rule_for(module)
-        if whole is not None and whole.whole_call:
-            layer_rule(name, module)
-            layers.append((name, module))
-            covered.append(name)
-            continue
-        if module._parameters.get("weight") is None:
+        rule = rule_for(module)
+        whole = rule is not None and rule.whole_call
+        if not whole and module._parameters.get("weight") is None:
             continue
         layer_rule(name, module)
         layers.append((name, module))
+        if whole:
+            covered.append(name)
     return layers
+
+
+def within(name: str, parent: str) -> bool:
+    """Whether the module ``name`` is ``parent`` or one of its submodules."""
+    return name == parent or name.startswith(parent + ".")
 
 
 _PLAIN = LayerRule()
