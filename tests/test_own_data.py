@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -588,6 +589,16 @@ def test_csv_and_jsonl_text_tasks_match_a_text_dataset(tmp_path: Path) -> None:
         for key, value in reference.inputs.items():
             assert torch.equal(task.dataset.inputs[key], value)  # type: ignore[attr-defined]
         assert task.dataset.targets.tolist() == [1, 0, 1]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("name", "text"), [("empty.csv", "text,label\n"), ("empty.jsonl", "\n\n")], ids=["csv", "jsonl"]
+)
+def test_a_text_file_without_rows_is_named(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataSourceError, match=f"^{re.escape(str(path))} has no rows$"):
+        get_task(path.suffix[1:], str(path))
 
 
 def test_text_tasks_through_the_command_line_and_yaml(

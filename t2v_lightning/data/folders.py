@@ -31,6 +31,7 @@ import glob
 import io
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,8 @@ class FolderScan:
 
     def metadata(self) -> dict[str, Any]:
         """JSON facts for the task's metadata: folder, classes, counts, skipped files."""
-        counts = [self.targets.count(label) for label in range(len(self.class_names))]
+        per_class = Counter(self.targets)
+        counts = [per_class[label] for label in range(len(self.class_names))]
         return {
             "folder": str(self.folder),
             "class_names": list(self.class_names),

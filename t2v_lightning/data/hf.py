@@ -138,15 +138,12 @@ def _features(dataset: Any) -> Any:
     return getattr(dataset, "features", None)
 
 
-def column_names(dataset: Any, rows: Sequence[dict[str, Any]] = ()) -> list[str]:
-    """The columns of a dataset (from its features, or from already read rows)."""
+def column_names(dataset: Any) -> list[str]:
+    """The columns of a dataset, from its features (empty when unknown: a JSON stream)."""
     features = _features(dataset)
     if features is not None:
         return list(features)
-    names = getattr(dataset, "column_names", None)
-    if names:
-        return list(names)
-    return list(rows[0]) if rows else []
+    return list(getattr(dataset, "column_names", None) or [])
 
 
 def require_columns(columns: Sequence[str], wanted: dict[str, str | None], where: str) -> None:

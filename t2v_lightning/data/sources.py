@@ -269,7 +269,6 @@ def _read_csv(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
 
 def _read_jsonl(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {column: [] for column in columns}
-    seen: dict[str, None] = {}
     try:
         with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
@@ -284,7 +283,6 @@ def _read_jsonl(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
                         f"{path}, line {number}: a JSON object is expected on every line, got "
                         f"{type(record).__name__}"
                     )
-                seen.update(dict.fromkeys(record))
                 missing = [c for c in columns if c not in record]
                 if missing:
                     raise DataSourceError(
@@ -297,9 +295,7 @@ def _read_jsonl(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
         raise DataSourceError(
             f"{path} is not UTF-8 text ({err.reason} at byte {err.start})"
         ) from err
-    if not seen:
-        raise DataSourceError(f"{path} has no rows")
-    return out
+    return out  # no rows: label_ids says so, as for CSV
 
 
 def _require(columns: Sequence[str], wanted: Sequence[str], where: str) -> None:
@@ -453,6 +449,7 @@ def _hf_task(request: SourceRequest) -> Task:
         source.streaming,
     )
     rows: list[dict[str, Any]] = []
+    chosen: tuple[str, str] | None = None
     columns = column_names(dataset)
     if source.streaming:
         # With a known schema the column is chosen first, so that an image column is read
@@ -464,7 +461,9 @@ def _hf_task(request: SourceRequest) -> Task:
         if not rows:
             raise DataSourceError(f"{where} has no rows")
         columns = columns or list(rows[0])
-    modality, column = _hf_columns(columns, dataset, source, where)
+    modality, column = (
+        chosen if chosen is not None else _hf_columns(columns, dataset, source, where)
+    )
     if source.streaming:
         where = f"{where} (its first {len(rows)} rows, streamed)"
     names = class_label_names(dataset, source.label_column)
