@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from t2v_lightning.data.registry import describe_task, download_dataset, get_entry, get_task
+from t2v_lightning.data.registry import build_task, describe_task, download_dataset, get_entry
 from t2v_lightning.data.sources import DataSource, check_source, data_files_tuple
 from t2v_lightning.data.task import (
     DatasetNotFoundError,
@@ -189,24 +189,17 @@ class TaskDataModule(pl.LightningDataModule):
     def _build(self, train: bool) -> Task:
         # With download=True the files are normally fetched in prepare_data (rank 0); passing the
         # flag on covers use without a Trainer, and is a no-op once the files are there.
-        return get_task(
+        return build_task(
             self.dataset_name,
             self.root,
             self.task_id,
-            train=train,
-            input_size=self.input_size,
-            download=self.download,
-            normalize=self.normalize,
-            classes=self.classes,
-            path=self.source.path,
-            config=self.source.config,
-            split=self.source.split,
-            data_files=list(self.source.data_files) if self.source.data_files else None,
-            image_column=self.source.image_column,
-            text_column=self.source.text_column,
-            label_column=self.source.label_column,
-            streaming=self.source.streaming,
-            max_samples=self.max_samples,
+            train,
+            self.input_size,
+            self.download,
+            self.normalize,
+            self.classes,
+            self.source,
+            self.max_samples,
         )
 
     @property

@@ -268,8 +268,7 @@ def get_task(
             for your own data that cannot be used, naming the file, folder or column.
         DatasetNotFoundError: files missing (names the path and how to obtain them).
     """
-    entry = get_entry(name)
-    task_id = _check_task_id(name, entry, task_id)
+    get_entry(name)  # an unknown name is the first error
     check_input_size(input_size)
     check_normalize(normalize)
     files = data_files_tuple(data_files)
@@ -277,6 +276,26 @@ def get_task(
         path, config, split, files, image_column, text_column, label_column, bool(streaming)
     )
     check_source(name, source)
+    return build_task(
+        name, root, task_id, train, input_size, download, normalize, classes, source, max_samples
+    )
+
+
+def build_task(
+    name: str,
+    root: str,
+    task_id: int | None,
+    train: bool,
+    input_size: int | None,
+    download: bool,
+    normalize: Normalize,
+    classes: Sequence[int] | Mapping[int, int] | None,
+    source: DataSource,
+    max_samples: int | None,
+) -> Task:
+    """:func:`get_task` with the own-data options already checked as one ``source``."""
+    entry = get_entry(name)
+    task_id = _check_task_id(name, entry, task_id)
     if not train and not entry.has_test_split:
         raise ValueError(f"dataset {name!r} has no test split; use train=True")
     if entry.build_source is not None:
