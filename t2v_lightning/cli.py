@@ -298,6 +298,22 @@ def _sibling(datamodule: TaskDataModule, job: EmbeddingJob) -> TaskDataModule:
     return type(datamodule)(**settings)
 
 
+def _task_data(
+    datamodule: TaskDataModule, job: EmbeddingJob, built: dict[EmbeddingJob, TaskDataModule]
+) -> TaskDataModule:
+    """The data module of ``job``: ``datamodule`` for its own task, else a sibling built once
+    (kept in ``built`` until the caller drops it)."""
+    if (
+        job.dataset == datamodule.dataset_name
+        and job.task_id == datamodule.task_id
+        and job.root in (None, datamodule.root)
+    ):
+        return datamodule
+    if job not in built:
+        built[job] = _sibling(datamodule, job)
+    return built[job]
+
+
 def _check_writable(path: Path) -> None:
     """Raise unless ``path``'s folder exists and is writable, or can be created."""
     existing = Path(os.path.abspath(path.parent))
@@ -406,6 +422,7 @@ class EmbeddingTrainer(pl.Trainer):
         if smoke:
             jobs = jobs[:1]
         todo: list[EmbeddingJob] = []
+        built: dict[EmbeddingJob, TaskDataModule] = {}  # the other tasks' data modules
         damaged: set[Path] = set()  # existing artifacts to replace: unreadable, or other settings
         for job in jobs:
             check_output_path(job.output, "--output")  # a device, FIFO or folder; too long a name
@@ -422,10 +439,12 @@ class EmbeddingTrainer(pl.Trainer):
                 label = job.name
                 damage = artifact_damage(job.output)
                 if damage is None:
-                    difference = self._resume_difference(
-                        model, datamodule, job, int(head_epochs or 0), ckpt_path
+                    data = _task_data(datamodule, job, built)
+                    difference = _resume_difference(
+                        model, data, job, int(head_epochs or 0), ckpt_path
                     )
                     if difference is None:
+                        built.pop(job, None)
                         rank_zero_info(f"skipping {label}: {job.output} exists")
                         continue
                     if resume_mismatch == "stop":
@@ -444,8 +463,8 @@ class EmbeddingTrainer(pl.Trainer):
             _check_writable(job.output)  # before any work, not after an hour of it
             todo.append(job)
         # Task folders are read before any work: a bad one stops the sweep before the first.
-        ready = {job: _sibling(datamodule, job) for job in todo if job.root is not None}
-        for data in [datamodule, *ready.values()]:
+        folders = [_task_data(datamodule, job, built) for job in todo if job.root is not None]
+        for data in {id(data): data for data in [datamodule, *folders]}.values():
             check_probe_fits(model.hparams["probe"], data.task_metadata, data.task_name)
         if smoke:
             rank_zero_info(
@@ -458,12 +477,8 @@ class EmbeddingTrainer(pl.Trainer):
             logger.log_hyperparams({"model": _public(model.hparams), "data": _public(hp)})
         written: list[Path] = []
         for number, job in enumerate(todo):
-            same = (
-                job.dataset == datamodule.dataset_name
-                and job.task_id == datamodule.task_id
-                and job.root in (None, datamodule.root)
-            )
-            data = datamodule if same else ready.get(job) or _sibling(datamodule, job)
+            data = _task_data(datamodule, job, built)
+            built.pop(job, None)  # not held once embedded
             check_probe_fits(model.hparams["probe"], data.task_metadata, data.task_name)
             data.prepare_data()
             data.setup("fit")
@@ -516,27 +531,21 @@ class EmbeddingTrainer(pl.Trainer):
             logger.save()
         return written
 
-    def _resume_difference(
-        self,
-        model: ProbeClassifier,
-        datamodule: TaskDataModule,
-        job: EmbeddingJob,
-        head_epochs: int,
-        ckpt_path: str | None,
-    ) -> str | None:
-        """How the artifact at ``job.output`` differs from what this run would write."""
-        from t2v_lightning.embedding import TaskEmbedding
 
-        same = (
-            job.dataset == datamodule.dataset_name
-            and job.task_id == datamodule.task_id
-            and job.root in (None, datamodule.root)
-        )
-        data = datamodule if same else _sibling(datamodule, job)
-        expected = expected_settings(
-            model, data, head_epochs, None if ckpt_path is None else os.fspath(ckpt_path)
-        )
-        return settings_difference(TaskEmbedding.load(job.output).meta, expected)
+def _resume_difference(
+    model: ProbeClassifier,
+    data: TaskDataModule,
+    job: EmbeddingJob,
+    head_epochs: int,
+    ckpt_path: str | None,
+) -> str | None:
+    """How the artifact at ``job.output`` differs from what this run would write on ``data``."""
+    from t2v_lightning.embedding import TaskEmbedding
+
+    expected = expected_settings(
+        model, data, head_epochs, None if ckpt_path is None else os.fspath(ckpt_path)
+    )
+    return settings_difference(TaskEmbedding.load(job.output).meta, expected)
 
 
 # No abbreviated options (a typo such as --model.skip_layer must fail, not match a longer name);

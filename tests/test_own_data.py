@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,26 @@ def test_folder_sweep_writes_one_artifact_per_task_and_resumes(
         if path.name != "boats-1.safetensors":
             assert path.stat().st_mtime_ns == stamp  # skipped, left alone
     assert TaskEmbedding.load(workdir / "out" / "boats-1.safetensors").name == "boats"
+
+
+def test_a_sweep_reads_each_task_folder_once(
+    workdir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    tasks = workdir / "tasks"
+    for name in ("birds", "cars"):
+        (image_task(tasks / name) / "cat" / "notes.txt").write_text("not an image")
+    caplog.set_level(logging.WARNING, logger="t2v_lightning.data.folders")
+    code, _, err = run_t2v(
+        [
+            *("embed", "--data.name", "imagefolder", "--data.root", str(tasks)),
+            *("--datasets", "*", "--output", "out/", *FAST),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    skipped = [r.getMessage() for r in caplog.records if "skipped 1 file(s)" in r.getMessage()]
+    folders = sorted(Path(message.split(": skipped")[0]).name for message in skipped)
+    assert folders == ["birds", "cars"], skipped
 
 
 def test_a_bad_task_folder_stops_the_sweep_before_any_work(
