@@ -829,10 +829,16 @@ METHOD_LABELS = {
 }
 
 
+def _two_stage(method: str) -> str | None:
+    """The estimator of a two-stage key (``task2vec+logme@3`` → ``logme``), else None."""
+    return method.split("+")[1].split("@")[0] if "@" in method else None
+
+
 def _method_label(method: str, top_k: int) -> str:
     """``task2vec+logme@3`` → ``Task2Vec top 3 → LogME``."""
-    if "@" in method:
-        return f"Task2Vec top {top_k} → {METHOD_LABELS[method.split('+')[1].split('@')[0]]}"
+    estimator = _two_stage(method)
+    if estimator is not None:
+        return f"Task2Vec top {top_k} → {METHOD_LABELS[estimator]}"
     return METHOD_LABELS[method]
 
 
@@ -868,7 +874,9 @@ def evaluate_methods(
         row_errors = errors[target]
         oracle = row["oracle"]
         cost = transfer[target]
-        candidates = list(cost["scores"])
+        # In name order, as the cache stores them: a fresh build and a rerun from the cache then
+        # break exact ties alike (H-score saturates at classes - 1 on these small targets).
+        candidates = sorted(cost["scores"])
         experts = [e for e in sources if e in row_errors]
         passes = {c: cost["prefix_seconds"] + cost["tail_seconds"][c] for c in candidates}
         ranked = row["ranked"]
@@ -925,9 +933,10 @@ def evaluate_methods(
                 entry(pick, scores, len(candidates), total, 0.0, total / len(candidates))
             )
             shortlist = ranked[:top_k]
-            pick = max(shortlist, key=lambda c: scores[c])  # ties: Task2Vec's order
-            # the reranked ranking: the shortlist by the estimator, the rest in Task2Vec's order
+            # the reranked ranking: the shortlist by the estimator (stable: ties keep Task2Vec's
+            # order), the rest in Task2Vec's order; the pick is its first
             order = sorted(shortlist, key=lambda c: -scores[c]) + ranked[top_k:]
+            pick = order[0]
             combined = {c: float(len(order) - i) for i, c in enumerate(order)}
             rerank = float(sum(spent[c] for c in shortlist))
             per_target[f"task2vec+{method}@{top_k}"].append(
@@ -982,7 +991,7 @@ def methods_table(methods: Mapping[str, Any]) -> str:
                 f"{m['fixed_seconds']:.1f} s + N × {1000 * m['per_candidate_seconds']:.2f} ms"
                 f" (+ {m['per_expert_once_seconds']:.1f} s per expert, once)"
             )
-        elif "@" in method:
+        elif _two_stage(method) is not None:
             passes = f"1 probe embed + {m['forward_passes']:.0f}"
             growth = (
                 f"{m['fixed_seconds']:.1f} s + N × {1000 * m['per_candidate_seconds']:.2f} ms"
@@ -1018,8 +1027,8 @@ def plot_regret_vs_cost(
         "hscore_shrinkage": "tab:orange",
     }
     for method, m in methods["mean"].items():
-        base = method.split("+")[-1].split("@")[0]
-        two_stage = "@" in method
+        estimator = _two_stage(method)
+        base, two_stage = estimator or method, estimator is not None
         label = _method_label(method, methods["top_k"])
         axis.scatter(
             [m["seconds"]],
