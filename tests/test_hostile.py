@@ -175,20 +175,19 @@ def test_malicious_checkpoints_are_refused_in_one_line(
     assert not marker.exists()
 
 
+def _small_task2vec(**options: Any) -> Task2Vec:
+    """Task2Vec on a seeded tiny network: 8 examples in batches of 4, no head fitting, CPU."""
+    torch.manual_seed(0)
+    settings: dict[str, Any] = {"max_samples": 8, "batch_size": 4, "head_epochs": 0}
+    probe = randomise_batchnorm(TinyConvNet()).eval()
+    return Task2Vec(probe, progress_bar=False, accelerator="cpu", **{**settings, **options})
+
+
 def test_malicious_resume_checkpoint_is_refused_with_the_same_words(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     _System.command = f"touch {marker}"
     torch.save({"callbacks": _System()}, tmp_path / "evil.ckpt")
-    torch.manual_seed(0)
-    t2v = Task2Vec(
-        randomise_batchnorm(TinyConvNet()).eval(),
-        max_samples=8,
-        batch_size=4,
-        head_epochs=0,
-        progress_bar=False,
-        accelerator="cpu",
-        resume_from=str(tmp_path / "evil.ckpt"),
-    )
+    t2v = _small_task2vec(resume_from=str(tmp_path / "evil.ckpt"))
     with pytest.raises(ValueError, match=r"evil.ckpt' cannot be read safely") as caught:
         t2v.embed(ToyImages(n=12))
     assert "\n" not in str(caught.value)
@@ -503,15 +502,7 @@ def test_ctrl_c_during_embed_exits_130_and_writes_nothing(
 @pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_in_the_api_raises_keyboard_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
     _press_ctrl_c(monkeypatch)
-    torch.manual_seed(0)
-    t2v = Task2Vec(
-        randomise_batchnorm(TinyConvNet()).eval(),
-        max_samples=8,
-        batch_size=4,
-        head_epochs=0,
-        progress_bar=False,
-        accelerator="cpu",
-    )
+    t2v = _small_task2vec()
     with pytest.raises(KeyboardInterrupt):
         t2v.embed(ToyImages(n=12))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -594,15 +585,7 @@ class _Relabelled(ToyImages):
 
 
 def test_huge_label_values_are_counted_by_class_not_by_value() -> None:
-    torch.manual_seed(0)
-    t2v = Task2Vec(
-        randomise_batchnorm(TinyConvNet()).eval(),
-        max_samples=8,
-        batch_size=4,
-        head_epochs=1,
-        progress_bar=False,
-        accelerator="cpu",
-    )
+    t2v = _small_task2vec(head_epochs=1)
     embedding = t2v.embed(_Relabelled())
     assert embedding.meta["num_classes"] == 2 and torch.isfinite(embedding.hessian).all()
     drawn = sample_indices([0, 2**40] * 4, max_samples=6, balanced=True, seed=0)
