@@ -136,6 +136,26 @@ def test_corpus_diversity_reports_the_artifacts_and_resumes(
         corpus_diversity(f"lm:{lm_dir}", str(corpus), out, **options(lm_dir, tmp_path, seed=1))
 
 
+def test_the_probe_is_hashed_once_per_run(
+    lm_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's fingerprint and each task's (embed_lm) come from one hash of the weights."""
+    import t2v_lightning.lm as lm_module
+    import t2v_lightning.probe as probe_module
+
+    hashed: list[str] = []
+    real = probe_module.probe_fingerprint
+
+    def counting(model: torch.nn.Module, *args: Any, **kwargs: Any) -> str:
+        hashed.append(type(model).__name__)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "probe_fingerprint", counting)
+    monkeypatch.setattr(lm_module, "probe_fingerprint", counting)
+    corpus_diversity(f"lm:{lm_dir}", str(corpus), tmp_path / "tasks", **options(lm_dir, tmp_path))
+    assert len(hashed) == 1, hashed
+
+
 def test_cross_diversity_and_bounds_from_python(lm_dir: Path, corpus: Path, tmp_path: Path) -> None:
     other = write_corpus(tmp_path / "other.csv", [d.upper() for d in documents(60, seed=5)])
     out = tmp_path / "tasks"
